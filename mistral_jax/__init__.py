@@ -1,0 +1,21 @@
+"""mistral-jax: Mistral, Mixtral and Llama 2 in JAX/Flax."""
+
+from mistral_jax.checkpoints import load
+from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.config import ModelConfig, list_presets
+from mistral_jax.model.transformer import forward, init_params, logical_axes, logits
+from mistral_jax.rolling_cache import init_cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ModelConfig",
+    "forward",
+    "init_cache",
+    "init_params",
+    "list_presets",
+    "load",
+    "logical_axes",
+    "logits",
+]

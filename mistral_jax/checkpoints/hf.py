@@ -1,0 +1,113 @@
+"""Hugging Face model directories: config.json plus model.safetensors or sharded safetensors with index."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.checkpoints.safetensors_files import SafetensorsFiles, open_safetensors_dir
+from mistral_jax.config import ModelConfig
+
+MODEL_TYPES = ("llama", "mistral", "mixtral")
+
+
+def rope_theta(hf: dict[str, Any]) -> float:
+    """Classic `rope_theta`, or the newer `rope_parameters` dict; scaled RoPE variants are refused."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for rope in (params, scaling):
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", None):
+            raise CheckpointError(f"rope type {kind!r} is not supported (only plain RoPE with a theta)")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    return float(theta) if theta is not None else 10000.0
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """ModelConfig from a transformers config.json dict (model_type llama, mistral or mixtral)."""
+    model_type = hf.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    try:
+        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+        values = dict(
+            family=model_type,
+            vocab_size=hf["vocab_size"],
+            dim=dim,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or None,
+            hidden_dim=hf["intermediate_size"],
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{source}: required field {err.args[0]!r} is missing") from err
+    eos = hf.get("eos_token_id")
+    values.update(
+        norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rope_theta=rope_theta(hf),
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        sliding_window=hf.get("sliding_window") if model_type != "llama" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
+        eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
+    )
+    if model_type == "mixtral":
+        values.update(
+            n_experts=hf.get("num_local_experts", 8),
+            n_experts_per_tok=hf.get("num_experts_per_tok", 2),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.02)),
+        )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(f"{source}: attention_bias / mlp_bias checkpoints are not supported")
+    return ModelConfig(**values)
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A transformers config.json dict for `config` (inverse of config_from_hf)."""
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}[config.family]
+    hf = {
+        "architectures": [arch],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "intermediate_size": config.hidden_dim,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": config.bos_id,
+        "eos_token_id": config.eos_id,
+        "torch_dtype": config.param_dtype,
+    }
+    if config.family != "llama":
+        hf["sliding_window"] = config.sliding_window
+    if config.is_moe:
+        hf.update(num_local_experts=config.n_experts, num_experts_per_tok=config.n_experts_per_tok,
+                  router_aux_loss_coef=config.router_aux_loss_coef)
+    return hf
+
+
+def is_hf_dir(path: pathlib.Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def read(path: pathlib.Path) -> tuple[ModelConfig, SafetensorsFiles]:
+    """(config, lazily read transformers-named tensors) of a Hugging Face model directory."""
+    config_file = path / "config.json"
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
+    config = config_from_hf(hf, source=str(config_file))
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)" if any(path.glob("*.bin")) else ""
+        raise CheckpointError(f"no safetensors weights in {path}{hint}")
+    return config, open_safetensors_dir(path)

@@ -1,0 +1,35 @@
+"""`load(path)`: pick the reader for a checkpoint path and build the parameter pytree."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from mistral_jax.checkpoints import hf, hf_layout
+from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.config import DTYPES, ModelConfig
+
+
+def read(path) -> tuple[ModelConfig, dict]:
+    """(config, transformers-named tensors) for any supported checkpoint path."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    if hf.is_hf_dir(path):
+        return hf.read(path)
+    raise CheckpointError(
+        f"{path} is not a checkpoint this version reads: expected a Hugging Face model directory (config.json + *.safetensors)"
+    )
+
+
+def load(path, dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, dict]:
+    """(config, params) from a checkpoint. Parameters are stored in `dtype`, which is also the compute
+    dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config, tensors = read(path)
+    config = config.replace(**{"dtype": dtype, "param_dtype": dtype, **config_overrides})
+    params = hf_layout.to_params(config, tensors, dtype, source=str(path))
+    return config, jax.tree.map(jnp.asarray, params)

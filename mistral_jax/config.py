@@ -1,0 +1,150 @@
+"""ModelConfig: the one frozen description of a model, and the named presets in `configs/models/`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Family = Literal["llama", "mistral", "mixtral"]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _presets_dir() -> pathlib.Path:
+    """Presets ship inside the wheel as `mistral_jax/_configs`; a source checkout has `configs/` beside."""
+    here = pathlib.Path(__file__).resolve().parent
+    for candidate in (here / "_configs" / "models", here.parent / "configs" / "models"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"model presets not found next to {here}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a Llama / Mistral / Mixtral decoder.
+
+    The field names follow Mistral's reference code (dim, n_layers, hidden_dim, ...). `n_experts == 0`
+    means a dense SwiGLU MLP; otherwise every layer is a top-`n_experts_per_tok` mixture of experts.
+    """
+
+    family: Family = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None: dim // n_heads
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    sliding_window: int | None = None  # a query sees itself and the window-1 tokens before it
+    tie_embeddings: bool = False
+    # Mixture of experts.
+    n_experts: int = 0
+    n_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.02
+    moe_dispatch: Literal["ragged", "capacity"] = "ragged"
+    moe_capacity_factor: float = 2.0  # only for moe_dispatch="capacity": tokens past it are dropped
+    # Special tokens (informational: tokenizers are authoritative).
+    bos_id: int = 1
+    eos_id: int = 2
+    # Numerics: parameters are stored in param_dtype, matmuls run in dtype; softmax and norms in float32.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        problems = []
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
+            problems.append(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.head_dim is None and self.dim % self.n_heads:
+            problems.append(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); set head_dim")
+        if self.head_dim is not None and self.head_dim % 2:
+            problems.append(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.n_experts < 0 or (self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts):
+            problems.append(f"need 0 < n_experts_per_tok ({self.n_experts_per_tok}) <= n_experts ({self.n_experts})")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                problems.append(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    # Derived quantities --------------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weights_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def cache_size(self, max_seq_len: int) -> int:
+        """Slots of the rolling KV cache: the window bounds it, however long the generation."""
+        return min(max_seq_len, self.sliding_window) if self.sliding_window else max_seq_len
+
+    def param_counts(self) -> dict[str, int]:
+        """Total parameters, and those a single token uses (fewer for a mixture of experts)."""
+        d, hd = self.dim, self.resolved_head_dim
+        attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        expert = 3 * d * self.hidden_dim
+        experts_total = expert * max(self.n_experts, 1) + (d * self.n_experts if self.is_moe else 0)
+        experts_active = expert * (self.n_experts_per_tok if self.is_moe else 1) + (d * self.n_experts if self.is_moe else 0)
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        norms = self.n_layers * 2 * d + d
+        return {
+            "total": embed + norms + self.n_layers * (attn + experts_total),
+            "active": embed + norms + self.n_layers * (attn + experts_active),
+        }
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # Presets -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        path = _presets_dir() / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+        values = json.loads(path.read_text())
+        values.pop("description", None)
+        values.pop("reference_params", None)
+        return cls.from_dict({**values, **overrides})
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in _presets_dir().glob("*.json"))
+
+
+def preset_reference_params(name: str) -> dict[str, float]:
+    """The published parameter counts a preset file records (billions), for checks and docs."""
+    values = json.loads((_presets_dir() / f"{name}.json").read_text())
+    return values.get("reference_params", {})

@@ -1,0 +1,90 @@
+"""Grouped-query attention with an optional sliding window, reading and writing the rolling cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mistral_jax import rolling_cache
+from mistral_jax.config import ModelConfig
+from mistral_jax.model.layers import param_init, rotary_embedding
+
+
+def attention_mask(q_pos, k_pos, window: int | None, q_segments=None, k_segments=None):
+    """Which keys each query sees: bool [B, T, S].
+
+    Causal by position, keys at negative positions (empty cache slots, padding) are hidden, a window W
+    keeps a query and the W-1 positions before it, and segments (packed examples) never mix.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= q - k < window
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    return mask
+
+
+def attend(q, k, v, mask):
+    """Softmax attention with query heads grouped over shared KV heads.
+
+    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S] -> [B, T, H, D]. Scores in float32.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, layer_cache=None, cache_pos=None, new_cache_pos=None):
+        """x: [B, T, D]; positions: int [B, T] (negative = padding).
+
+        With a cache (layer_cache = {"k", "v"} of [B, S, K, D]; cache_pos / new_cache_pos: [B, S] before
+        and after this step), the new keys are written to it and the updated layer cache is returned.
+        """
+        cfg = self.config
+        dt, pdt, hd = cfg.compute_dtype, cfg.weights_dtype, cfg.resolved_head_dim
+        init = param_init(cfg.init_std)
+        d = x.shape[-1]
+        wq = self.param("wq", nn.with_logical_partitioning(init, ("embed", "q_heads", "head_dim")), (d, cfg.n_heads, hd), pdt)
+        wk = self.param("wk", nn.with_logical_partitioning(init, ("embed", "kv_heads", "head_dim")), (d, cfg.n_kv_heads, hd), pdt)
+        wv = self.param("wv", nn.with_logical_partitioning(init, ("embed", "kv_heads", "head_dim")), (d, cfg.n_kv_heads, hd), pdt)
+        wo = self.param("wo", nn.with_logical_partitioning(init, ("q_heads", "head_dim", "embed")), (cfg.n_heads, hd, d), pdt)
+
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))  # [B, T, H, hd]
+        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))  # [B, T, K, hd]
+        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q = nn.with_logical_constraint(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
+        k = nn.with_logical_constraint(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
+
+        new_layer_cache = None
+        if layer_cache is None:
+            mask = attention_mask(positions, positions, cfg.sliding_window, segment_ids, segment_ids)
+            out = attend(q, k, v, mask)
+        else:
+            cache_k = rolling_cache.write(layer_cache["k"], positions, k)
+            cache_v = rolling_cache.write(layer_cache["v"], positions, v)
+            new_layer_cache = {"k": cache_k, "v": cache_v}
+            if q.shape[1] == 1:
+                # One new token: its slot held a position at least `size` back, outside the window, so
+                # writing first and reading the cache alone is exact and saves a copy of the cache.
+                mask = attention_mask(positions, new_cache_pos, cfg.sliding_window)
+                out = attend(q, cache_k.astype(dt), cache_v.astype(dt), mask)
+            else:
+                # A chunk may overwrite slots its own first queries still need: read old cache + chunk.
+                keys = jnp.concatenate([layer_cache["k"].astype(dt), k], axis=1)
+                values = jnp.concatenate([layer_cache["v"].astype(dt), v], axis=1)
+                mask = attention_mask(positions, jnp.concatenate([cache_pos, positions], axis=1), cfg.sliding_window)
+                out = attend(q, keys, values, mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), new_layer_cache

@@ -1,0 +1,63 @@
+"""RMSNorm, rotary position embedding and the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def param_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, computed in float32."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_embedding(x, positions, theta: float):
+    """Rotate pairs (i, i + d/2) of the last axis by position * theta^(-2i/d) (transformers' layout).
+
+    x: [B, T, H, D]; positions: int [B, T]. Returned in x's dtype; the rotation runs in float32.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))  # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, D/2]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(x @ gate) * (x @ up))."""
+
+    hidden_dim: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    init_std: float
+
+    @nn.compact
+    def __call__(self, x):  # [B, T, D]
+        d = x.shape[-1]
+        init = param_init(self.init_std)
+        w_gate = self.param("w_gate", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, self.hidden_dim), self.param_dtype)
+        w_up = self.param("w_up", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, self.hidden_dim), self.param_dtype)
+        w_down = self.param("w_down", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.hidden_dim, d), self.param_dtype)
+        x = x.astype(self.dtype)
+        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
+        up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", h, w_down.astype(self.dtype))

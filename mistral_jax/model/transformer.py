@@ -1,0 +1,140 @@
+"""The decoder: embed, a stack of blocks under nn.scan, final norm and LM head; `forward` and `logits`.
+
+Parameters are one pytree for training, decoding and export alike: every block's weights are stacked
+on a leading `layers` axis (nn.scan), so compile time does not grow with depth and nothing converts
+between a scanned and an unscanned layout.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mistral_jax import rolling_cache
+from mistral_jax.config import ModelConfig
+from mistral_jax.model.attention import Attention
+from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
+from mistral_jax.model.moe import MoE, load_balancing_loss
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention, then a SwiGLU MLP or a mixture of experts."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, ctx):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
+        attn_out, new_layer_cache = Attention(cfg, name="attention")(
+            norm("attention_norm")(x), ctx["positions"], ctx["segment_ids"], layer_cache, ctx["cache_pos"], ctx["new_cache_pos"]
+        )
+        h = x + attn_out
+        if cfg.is_moe:
+            mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), ctx["positions"] >= 0)
+        else:
+            mlp_out, stats = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, name="mlp")(norm("ffn_norm")(h)), None
+        out = nn.with_logical_constraint(h + mlp_out, ("batch", "length", "act_embed"))
+        return out, (new_layer_cache, stats)
+
+
+class Transformer(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False):
+        """tokens, positions: int [B, T] -> (logits float32 [B, T, V], new cache or None, aux dict).
+
+        last_only: logits for the last column only ([B, 1, V]), as prefill needs.
+        """
+        cfg = self.config
+        dt, pdt = cfg.compute_dtype, cfg.weights_dtype
+        embedding = self.param(
+            "embedding", nn.with_logical_partitioning(param_init(cfg.init_std), ("vocab", "embed")), (cfg.vocab_size, cfg.dim), pdt
+        )
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+        ctx = {"positions": positions, "segment_ids": segment_ids, "cache_pos": None, "new_cache_pos": None}
+        layer_caches = None
+        if cache is not None:
+            ctx["cache_pos"] = cache["pos"]
+            ctx["new_cache_pos"] = rolling_cache.advance_positions(cache["pos"], positions)
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, (new_layer_caches, stats) = blocks(cfg, name="layers")(x, layer_caches, ctx)
+
+        if last_only:
+            x = x[:, -1:]
+        x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            head = embedding.T
+        else:
+            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")), (cfg.dim, cfg.vocab_size), pdt)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": ctx["new_cache_pos"]}
+        aux = {}
+        if cfg.is_moe:
+            aux["load_balancing_loss"] = load_balancing_loss(stats, cfg.n_experts)
+        return logits, new_cache, aux
+
+
+def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, last_only=False):
+    """Pure forward pass: (logits float32 [B, T, V], new cache or None, aux dict)."""
+    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only)
+
+
+def default_positions(tokens):
+    return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
+
+
+def logits(config: ModelConfig, params, tokens):
+    """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab]."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    return _logits_jit(config, params, tokens)
+
+
+@jax.jit(static_argnums=0)
+def _logits_jit(config, params, tokens):
+    return forward(config, params, tokens, default_positions(tokens))[0]
+
+
+def _boxed_init(config: ModelConfig, rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(rng, tokens, default_positions(tokens))["params"]
+
+
+def init_params(config: ModelConfig, rng):
+    """Random parameters (a plain pytree of arrays in config.param_dtype)."""
+    return nn.meta.unbox(jax.jit(_boxed_init, static_argnums=0)(config, rng))
+
+
+def logical_axes(config: ModelConfig):
+    """The logical axis names of every parameter, as a pytree of PartitionSpec (no memory used)."""
+    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def param_shapes(config: ModelConfig):
+    """Shapes and dtypes of every parameter (jax.ShapeDtypeStruct pytree), without allocating."""
+    return nn.meta.unbox(jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0)))
