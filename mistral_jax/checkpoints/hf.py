@@ -39,7 +39,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             n_layers=hf["num_hidden_layers"],
             n_heads=heads,
             n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or None,
+            # None when it is the default dim // heads, so equal architectures give equal configs.
+            head_dim=hf["head_dim"] if hf.get("head_dim") and hf["head_dim"] * heads != dim else None,
             hidden_dim=hf["intermediate_size"],
         )
     except KeyError as err:

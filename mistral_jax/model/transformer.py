@@ -12,6 +12,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mistral_jax import rolling_cache
 from mistral_jax.config import ModelConfig
@@ -108,10 +109,12 @@ def default_positions(tokens):
 
 def logits(config: ModelConfig, params, tokens):
     """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab]."""
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    return _logits_jit(config, params, tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    return _logits_jit(config, params, jnp.asarray(tokens, jnp.int32))
 
 
 @jax.jit(static_argnums=0)

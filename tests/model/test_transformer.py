@@ -1,0 +1,102 @@
+"""The decoder as a whole: scan over layers, remat, dtypes, logical axes, masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from mistral_jax.model.attention import attention_mask
+from mistral_jax.model.transformer import forward, param_shapes
+
+
+def _tokens(config, batch=2, length=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 0, config.vocab_size)
+
+
+def test_sliding_window_sees_itself_and_window_minus_one_before():
+    pos = jnp.arange(6)[None]
+    mask = np.asarray(attention_mask(pos, pos, window=3))[0]
+    for q in range(6):
+        assert [k for k in range(6) if mask[q, k]] == [k for k in range(max(0, q - 2), q + 1)]
+
+
+def test_padding_and_segments_are_hidden():
+    pos = jnp.array([[-1, 0, 1, 0, 1]])
+    seg = jnp.array([[0, 1, 1, 2, 2]])
+    mask = np.asarray(attention_mask(pos, pos, None, seg, seg))[0]
+    assert not mask[:, 0].any()  # padding is seen by no one
+    assert mask[2, 1] and not mask[3, 1] and not mask[4, 2] and mask[4, 3]
+
+
+def test_remat_changes_nothing_but_memory():
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = _tokens(config)
+
+    def loss(p, cfg):
+        return jnp.mean(mj.logits(cfg, p, tokens) ** 2)
+
+    plain, grads = jax.value_and_grad(loss)(params, config)
+    remat, remat_grads = jax.value_and_grad(loss)(params, config.replace(remat=True))
+    assert float(plain) == pytest.approx(float(remat), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """Layers run under one scan: the traced program of 2 and 16 layers has the same number of ops."""
+
+    def n_ops(n_layers):
+        config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=n_layers)
+        shapes = param_shapes(config)
+        tokens = jnp.zeros((1, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda p: forward(config, p, tokens, jnp.arange(8)[None])[0])(shapes)
+        return len(jaxpr.jaxpr.eqns)
+
+    assert n_ops(2) == n_ops(16)
+
+
+def test_every_parameter_has_logical_axes_of_its_rank():
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    axes = mj.logical_axes(config)
+    shapes = param_shapes(config)
+    flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat_shapes = jax.tree.leaves(shapes)
+    assert len(flat_axes) == len(flat_shapes)
+    for spec, shape in zip(flat_axes, flat_shapes):
+        assert len(spec) == len(shape.shape)
+        assert spec[0] in ("layers", "vocab", "embed", "norm")
+    moe = axes["layers"]["moe"]
+    assert tuple(moe["w_gate"]) == ("layers", "expert", "embed", "mlp")
+    assert tuple(axes["layers"]["attention"]["wq"]) == ("layers", "embed", "q_heads", "head_dim")
+
+
+def test_bfloat16_compute_with_float32_params():
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = _tokens(config)
+    full = np.asarray(mj.logits(config, params, tokens))
+    mixed = mj.logits(config.replace(dtype="bfloat16"), params, tokens)
+    assert mixed.dtype == jnp.float32
+    assert np.max(np.abs(np.asarray(mixed) - full)) < 0.05 * np.max(np.abs(full))
+    bf16 = mj.ModelConfig.from_preset("tiny-llama", dtype="bfloat16", param_dtype="bfloat16")
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(mj.init_params(bf16, jax.random.key(0))))
+
+
+def test_mixtral_forward_returns_load_balancing_loss():
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = _tokens(config)
+    _, _, aux = forward(config, params, tokens, jnp.broadcast_to(jnp.arange(12), tokens.shape))
+    # E * sum f_e P_e is 1 for perfectly balanced routing and at most E.
+    assert 0.5 < float(aux["load_balancing_loss"]) < config.n_experts
+
+
+def test_logits_refuse_bad_token_shapes():
+    config = mj.ModelConfig.from_preset("tiny-llama")
+    params = mj.init_params(config, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        mj.logits(config, params, jnp.zeros((5,), jnp.int32))
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        mj.logits(config, params, jnp.full((1, 3), 256, jnp.int32))
