@@ -3,6 +3,7 @@
 from mistral_jax.checkpoints import load
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig, list_presets
+from mistral_jax.decoding import generate, generate_stream
 from mistral_jax.model.transformer import forward, init_params, logical_axes, logits
 from mistral_jax.rolling_cache import init_cache
 
@@ -12,6 +13,8 @@ __all__ = [
     "CheckpointError",
     "ModelConfig",
     "forward",
+    "generate",
+    "generate_stream",
     "init_cache",
     "init_params",
     "list_presets",

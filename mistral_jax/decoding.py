@@ -84,7 +84,7 @@ def _step_key(seed_key, step):
     return jax.random.fold_in(seed_key, step)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode_loop(config: ModelConfig, sampling: Sampling, max_new_tokens: int, params, cache, logits, positions, seed_key, eos_ids):
     """Sample the first token from the prefill logits, then decode on device until every row hit eos."""
     batch = logits.shape[0]
