@@ -33,11 +33,12 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
     """Write prompt tokens [B, T] at `positions` [B, T] (-1 = padding) into the cache, chunk by chunk.
 
     Returns (float32 logits after the last column [B, V], cache). Chunks are at most the cache size (so
-    a chunk never overwrites itself); every chunk has the same shape, so this compiles once.
+    a chunk never overwrites itself); every chunk has the same shape, so this compiles once, and short
+    prompts round up to a power of two so that prompts of similar length share one compilation.
     """
     tokens, positions = jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)
     batch, length = tokens.shape
-    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size(cache), length)
+    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size(cache), _round_up_pow2(length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length  # padded on the left, so the last column stays the last real token
     tokens = jnp.pad(tokens, ((0, 0), (pad, 0)))
@@ -54,6 +55,15 @@ def decode_step(config: ModelConfig, params, cache, tokens, positions):
     """One token per row: tokens, positions int32 [B] -> (float32 logits [B, V], cache). Cache donated."""
     logits, cache, _ = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
     return logits[:, 0], cache
+
+
+def _round_up_pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << (n - 1).bit_length())
+
+
+def cache_length(config: ModelConfig, needed: int, multiple: int = 256) -> int:
+    """Cache length for `needed` tokens, rounded up so that nearby requests share compiled programs."""
+    return max(needed, min(-(-needed // multiple) * multiple, config.max_seq_len))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
@@ -130,7 +140,7 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
 def _start(config, params, prompts, max_new_tokens, prefill_chunk):
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
-    cache = init_cache(config, tokens.shape[0], tokens.shape[1] + max_new_tokens)
+    cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens))
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk)
     return logits, cache, jnp.asarray(lengths)
 
