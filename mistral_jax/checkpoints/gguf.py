@@ -62,12 +62,6 @@ def is_gguf(path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of convert_hf_to_gguf's q/k row permutation: [heads * head_dim, in] back to HF order."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 class GGUFTensors(Mapping):
     """Read-only mapping transformers name -> float32 numpy array; a tensor is dequantized when asked for."""
 
@@ -83,7 +77,7 @@ class GGUFTensors(Mapping):
         except (ValueError, NotImplementedError) as err:
             raise CheckpointError(f"{self._path}: cannot dequantize {source.tensor.name!r}: {err}") from err
         if source.unpermute_heads:
-            w = unpermute(w, source.unpermute_heads)
+            w = hf_layout.interleaved_to_half_split(w, source.unpermute_heads)
         return np.array(w, dtype=np.float32)  # a copy: nothing keeps the memory-mapped file alive
 
     def __iter__(self) -> Iterator[str]:

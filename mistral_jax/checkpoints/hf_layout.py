@@ -122,6 +122,13 @@ def layout(config: ModelConfig, fused_experts: bool = False) -> list[Leaf]:
     return leaves
 
 
+def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """q/k rows [heads * head_dim, in] from the reference's interleaved RoPE pairs (2i, 2i+1), as Mistral's
+    consolidated files and llama.cpp store them, to transformers' half-split pairs (i, i + head_dim/2)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def has_fused_experts(names) -> bool:
     return any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
 

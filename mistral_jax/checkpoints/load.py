@@ -7,7 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.checkpoints import gguf, hf, hf_layout
+from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
 
@@ -19,11 +19,14 @@ def read(path) -> tuple[ModelConfig, dict]:
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if hf.is_hf_dir(path):
         return hf.read(path)
+    if consolidated.is_consolidated_dir(path):
+        return consolidated.read(path)
     if path.suffix == ".gguf" or gguf.is_gguf(path):
         return gguf.read(path)
     raise CheckpointError(
         f"{path} is not a checkpoint this version reads: expected a Hugging Face model directory "
-        "(config.json + *.safetensors) or a llama.cpp .gguf file"
+        "(config.json + *.safetensors), a Mistral consolidated directory (params.json + consolidated.safetensors) "
+        "or a llama.cpp .gguf file"
     )
 
 
