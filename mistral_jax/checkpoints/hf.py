@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.checkpoints.safetensors_files import SafetensorsFiles, open_safetensors_dir
 from mistral_jax.config import ModelConfig
@@ -112,3 +121,69 @@ def read(path: pathlib.Path) -> tuple[ModelConfig, SafetensorsFiles]:
         hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)" if any(path.glob("*.bin")) else ""
         raise CheckpointError(f"no safetensors weights in {path}{hint}")
     return config, open_safetensors_dir(path)
+
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def write(config: ModelConfig, params, out_dir, extra_files: Iterable[pathlib.Path] = (),
+          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> pathlib.Path:
+    """Write an HF model directory: config.json, safetensors shards (+ index when more than one), and
+    `extra_files` (tokenizer files) copied beside them.
+
+    Everything goes to a temporary directory beside `out_dir`, renamed at the end: an interrupted
+    export leaves no half-written model. `out_dir` must not exist yet (or be empty).
+    """
+    out_dir = pathlib.Path(out_dir).expanduser()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        shard_names = _write_shards(config, params, tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+        for file in extra_files:
+            shutil.copy(file, tmp / pathlib.Path(file).name)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_shards(config: ModelConfig, params, directory: pathlib.Path, max_shard_bytes: int) -> list[str]:
+    """Save tensors in shards of at most max_shard_bytes (a bigger tensor gets a shard of its own)."""
+    shards: list[dict[str, np.ndarray]] = []
+    files: list[pathlib.Path] = []
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            files.append(directory / f"shard-{len(files)}.tmp")
+            save_file(current, files[-1], metadata={"format": "pt"})
+            shards.append({name: None for name in current})
+        current, size = {}, 0
+
+    for name, tensor in tqdm(hf_layout.iter_hf_tensors(config, params), desc="saving", unit="tensor", leave=False, disable=None):
+        if size and size + tensor.nbytes > max_shard_bytes:
+            flush()
+        current[name] = tensor
+        size += tensor.nbytes
+        total += tensor.nbytes
+    flush()
+    if len(files) == 1:
+        files[0].rename(directory / "model.safetensors")
+        return ["model.safetensors"]
+    names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    weight_map = {}
+    for file, name, shard in zip(files, names, shards):
+        file.rename(directory / name)
+        weight_map.update({tensor: name for tensor in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names

@@ -189,13 +189,17 @@ def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str
     return params
 
 
-def from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
-    """transformers-named tensors from our parameters (classic per-expert layout for Mixtral)."""
-    out = {}
+def iter_hf_tensors(config: ModelConfig, params):
+    """(transformers name, numpy array) pairs from our parameters, one leaf on the host at a time
+    (classic per-expert layout for Mixtral)."""
     for leaf in layout(config, fused_experts=False):
         array = np.asarray(jax.device_get(_get(params, leaf.path)))
         for i in range(config.n_layers) if leaf.per_layer else [None]:
             per_layer = array[i] if leaf.per_layer else array
             for name, tensor in zip(leaf.names(i), leaf.to_hf(per_layer)):
-                out[name] = np.ascontiguousarray(tensor)
-    return out
+                yield name, np.ascontiguousarray(tensor)
+
+
+def from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
+    """transformers-named tensors from our parameters."""
+    return dict(iter_hf_tensors(config, params))

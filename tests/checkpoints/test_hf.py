@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -179,3 +180,52 @@ def test_pickle_weights_are_never_loaded(llama_copy):
     (llama_copy / "model.safetensors").rename(llama_copy / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickles are never loaded"):
         mj.load(llama_copy)
+
+
+# Export -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["mixtral_top2_fused_layout", "llama_tied_head_dim", "mistral_gqa_window"])
+def test_hf_to_ours_to_hf_is_exact(case, tmp_path):
+    config, params = mj.load(FIXTURES / case)
+    out = hf.write(config, params, tmp_path / "export")
+    original = load_file(FIXTURES / case.removesuffix("_fused_layout") / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        np.testing.assert_array_equal(exported[name], tensor, err_msg=name)
+    written = json.loads((out / "config.json").read_text())
+    assert hf.config_from_hf(written) == config
+
+
+def test_export_shards_with_an_index_and_reloads(tmp_path):
+    config, params = mj.load(FIXTURES / "mixtral_top1")
+    out = hf.write(config, params, tmp_path / "export", extra_files=[FIXTURES / "mixtral_top1" / "reference.npz"],
+                   max_shard_bytes=40_000)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert (out / "reference.npz").is_file()
+    _, again = mj.load(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_export_never_leaves_a_half_written_directory(tmp_path, monkeypatch):
+    config, params = mj.load(FIXTURES / "llama_mha")
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hf, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        hf.write(config, params, tmp_path / "export", max_shard_bytes=10_000)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        hf.write(config, params, tmp_path / "taken")
