@@ -165,27 +165,30 @@ def leaf_arrays(config: ModelConfig, tensors: Mapping[str, np.ndarray], leaf: Le
     return one(None, shape)
 
 
-def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32", source: str = "checkpoint"):
-    """Our parameter pytree (numpy arrays of `dtype`) from transformers-named tensors.
+def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32", source: str = "checkpoint",
+              place: Callable[[tuple[str, ...], np.ndarray], object] | None = None):
+    """Our parameter pytree from transformers-named tensors, built one leaf at a time.
 
-    Raises CheckpointError for a missing tensor, an unexpected one, or a shape that does not fit.
+    `place(path, array)` turns each finished host array into what the tree holds (a device array with
+    its sharding, say) before the next leaf is read, so host memory holds one leaf, never the model
+    twice; without it the tree holds numpy arrays of `dtype`. Raises CheckpointError for a missing
+    tensor, an unexpected one, or a shape that does not fit, before reading any weights.
     """
     np_dtype = np.dtype(DTYPES[dtype])
     shapes = param_shapes(config)
     leaves = layout(config, fused_experts=has_fused_experts(tensors))
-    used = set()
-    params: dict = {}
-    for leaf in tqdm(leaves, desc="loading", unit="tensor", leave=False, disable=None):
-        shape = _get(shapes, leaf.path).shape
-        _set(params, leaf.path, leaf_arrays(config, tensors, leaf, shape, np_dtype, source))
-        for i in range(config.n_layers) if leaf.per_layer else [None]:
-            used.update(leaf.names(i))
+    used = {name for leaf in leaves for i in (range(config.n_layers) if leaf.per_layer else [None]) for name in leaf.names(i)}
     extra = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if config.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(f"{source}: unexpected tensor(s) {extra[:5]}{more}: does the config match the weights?")
+    params: dict = {}
+    for leaf in tqdm(leaves, desc="loading", unit="tensor", leave=False, disable=None):
+        array = leaf_arrays(config, tensors, leaf, _get(shapes, leaf.path).shape, np_dtype, source)
+        _set(params, leaf.path, place(leaf.path, array) if place else array)
+        del array
     return params
 
 

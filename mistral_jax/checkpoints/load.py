@@ -7,7 +7,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout
+from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout, orbax
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
 
@@ -32,10 +32,17 @@ def read(path) -> tuple[ModelConfig, dict]:
 
 def load(path, dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, dict]:
     """(config, params) from a checkpoint. Parameters are stored in `dtype`, which is also the compute
-    dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16)."""
+    dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16).
+
+    Weights stream leaf by leaf onto the device: host memory stays near one copy of the model."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
+    path = pathlib.Path(path).expanduser()
+    if orbax.is_orbax_dir(path):
+        config = orbax.read_config(path).replace(**overrides)
+        return config, orbax.restore(path, orbax.abstract_params(config))
     config, tensors = read(path)
-    config = config.replace(**{"dtype": dtype, "param_dtype": dtype, **config_overrides})
-    params = hf_layout.to_params(config, tensors, dtype, source=str(path))
-    return config, jax.tree.map(jnp.asarray, params)
+    config = config.replace(**overrides)
+    params = hf_layout.to_params(config, tensors, dtype, source=str(path), place=lambda _, array: jnp.asarray(array))
+    return config, params
