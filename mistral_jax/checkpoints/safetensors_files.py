@@ -52,7 +52,9 @@ class SafetensorsFiles(Mapping):
             raise KeyError(name)
         file = self._weight_map[name]
         try:
-            return self._handle(file).get_tensor(name)
+            # A fresh handle per tensor, dropped right after: the file's memory map (whose touched pages
+            # count as resident memory) never outlives one tensor's read.
+            return _open(file).get_tensor(name)
         except SafetensorError as err:
             raise CheckpointError(f"cannot read tensor {name!r} from {file}: {err}") from err
 
