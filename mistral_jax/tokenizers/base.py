@@ -1,0 +1,97 @@
+"""`Tokenizer`: one interface over every backend for encoding prompts, chat formatting and streaming decode."""
+
+from collections.abc import Callable, Iterable, Sequence
+
+from mistral_jax.tokenizers.chat_templates import ROLES, ChatFormat, Message
+from mistral_jax.tokenizers.vocab import Vocab
+
+# Special tokens that end an assistant turn in common chat formats; those in the vocabulary join EOS as stop ids.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+class DecodeStream:
+    """Turns token ids, fed one at a time, into text pieces whose concatenation is the decoded text.
+
+    Each step decodes a short window that starts at the previous piece boundary, so sentencepiece's
+    leading-space handling sees a real preceding token, and holds text back while it ends in an incomplete
+    UTF-8 sequence (decoded as U+FFFD).
+    """
+
+    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window decoded for context
+        self._read = 0  # end of the ids whose text has been returned
+
+    def step(self, token_id: int) -> str:
+        """The new text that `token_id` completes ("" while a character is still incomplete)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(prefix_text) :]
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint, with its chat format and the ids that end generation."""
+
+    def __init__(self, vocab: Vocab, chat_format: ChatFormat | None, source: str) -> None:
+        """`source` names where the tokenizer came from, for error messages."""
+        self.vocab = vocab
+        self.chat_format = chat_format
+        self.source = source
+        stops = [] if vocab.eos_id is None else [vocab.eos_id]
+        stops += [vocab.special_tokens[t] for t in END_OF_TURN_TOKENS if t in vocab.special_tokens]
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(stops))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab.vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.vocab.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.vocab.eos_id
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids of `text`; special-token strings in it stay text.
+
+        `bos` prepends BOS where the tokenizer's convention uses one (sentencepiece models, GGUF
+        `add_bos_token`, tokenizer_config `add_bos_token` or the tokenizer.json post-processor); `eos` appends EOS.
+        """
+        ids = self.vocab.encode_text(text)
+        if bos and self.vocab.add_bos and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        if eos:
+            if self.eos_id is None:
+                raise ValueError(f"{self.source}: the tokenizer has no EOS token")
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special/control tokens left out."""
+        return self.vocab.decode([int(i) for i in ids])
+
+    def decode_stream(self) -> DecodeStream:
+        """A fresh incremental decoder for one generated sequence."""
+        return DecodeStream(self.vocab.decode)
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of a conversation of {"role": "system"|"user"|"assistant", "content": str} messages.
+
+        Message text never becomes a control token, whatever it spells.
+        """
+        if self.chat_format is None:
+            raise ValueError(
+                f"{self.source}: the checkpoint carries no chat template; "
+                "pass family='mistral', 'mixtral' or 'llama' to load_tokenizer to pick a default one"
+            )
+        for message in messages:
+            if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+                raise ValueError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
+        return self.chat_format.encode(self.vocab, messages, add_generation_prompt)

@@ -1,0 +1,109 @@
+"""`load_tokenizer`: find and load the tokenizer of a file or checkpoint directory, with its chat format."""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+
+from mistral_jax.tokenizers.base import Tokenizer
+from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, default_chat_format
+from mistral_jax.tokenizers.gguf_vocab import load_gguf_vocab
+from mistral_jax.tokenizers.hf import HFVocab
+from mistral_jax.tokenizers.spm import SentencePieceVocab
+from mistral_jax.tokenizers.vocab import Vocab
+
+FAMILIES = ("llama", "mistral", "mixtral")
+# mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...
+_MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)$")
+
+
+def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> Tokenizer:
+    """Load a sentencepiece `tokenizer.model`, an HF `tokenizer.json`, a GGUF file or a checkpoint directory.
+
+    A directory is searched for tokenizer.json, then tokenizer.model, then mistral-common's tokenizer.model.vN
+    (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file supplies the chat
+    template, BOS/EOS tokens and `add_bos_token`. `family` ("llama", "mistral", "mixtral") picks the chat format
+    used when the checkpoint carries no template; when None it is read from config.json's `model_type`, or taken
+    as "mistral" for a mistral-common file name.
+    """
+    if family not in (None, *FAMILIES):
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
+    file = _find_tokenizer_file(path) if path.is_dir() else path
+    if family is None and path.is_dir():
+        family = _family_from_config(path / "config.json")
+    if family is None and _MISTRAL_COMMON_NAME.search(file.name):
+        family = "mistral"
+    vocab, template = _load_vocab(file)
+    chat_format: ChatFormat | None = JinjaTemplate(template) if template else default_chat_format(family)
+    return Tokenizer(vocab, chat_format, source=str(file))
+
+
+def _find_tokenizer_file(directory: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (directory / name).is_file():
+            return directory / name
+    versioned = [
+        (int(match.group(1)), file)
+        for file in directory.glob("tokenizer.model.v*")
+        if (match := _MISTRAL_COMMON_NAME.search(file.name)) and file.is_file()
+    ]
+    if versioned:
+        return max(versioned)[1]
+    raise ValueError(f"no tokenizer in {directory}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+
+
+def _family_from_config(config_file: Path) -> str | None:
+    if not config_file.is_file():
+        return None
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    return model_type if model_type in FAMILIES else None
+
+
+def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
+    """The vocabulary of one tokenizer file and the chat template that goes with it."""
+    with file.open("rb") as handle:
+        magic = handle.read(4)
+    if magic == b"GGUF":
+        return load_gguf_vocab(file)
+    config = _read_tokenizer_config(file.parent)
+    if file.suffix == ".json":
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as error:  # the library raises a bare Exception for malformed files
+            raise ValueError(f"{file}: not a valid tokenizer.json ({error})") from error
+        bos_id, eos_id = (_token_id(tokenizer, config.get(key)) for key in ("bos_token", "eos_token"))
+        vocab: Vocab = HFVocab(tokenizer, bos_id=bos_id, eos_id=eos_id, add_bos=config.get("add_bos_token"))
+    else:
+        try:
+            vocab = SentencePieceVocab(file.read_bytes(), add_bos=config.get("add_bos_token", True))
+        except RuntimeError as error:
+            raise ValueError(f"{file}: not a sentencepiece model, tokenizer.json or GGUF file ({error})") from error
+    return vocab, _chat_template(config, file.parent)
+
+
+def _read_tokenizer_config(directory: Path) -> dict[str, Any]:
+    config_file = directory / "tokenizer_config.json"
+    return json.loads(config_file.read_text()) if config_file.is_file() else {}
+
+
+def _token_id(tokenizer: tokenizers.Tokenizer, token: str | dict[str, Any] | None) -> int | None:
+    """The id of a tokenizer_config token entry (a string or an AddedToken dict)."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return None if token is None else tokenizer.token_to_id(token)
+
+
+def _chat_template(config: dict[str, Any], directory: Path) -> str | None:
+    """tokenizer_config.json's `chat_template` (the "default" one of a named list), else chat_template.jinja."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    return template
