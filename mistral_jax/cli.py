@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
@@ -64,7 +65,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                        help=f"default {max_new_tokens}, or fewer where the context ends sooner")
+    parser.set_defaults(default_max_new_tokens=max_new_tokens)
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
@@ -89,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit, Ctrl-D)")
     _add_model_flags(chat)
     _add_sampling_flags(chat, max_new_tokens=512)
+
+    for name, help_text in (("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
+                            ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("src", type=pathlib.Path, help="HF directory, consolidated directory, .gguf file or orbax checkpoint")
+        sub.add_argument("dst", type=pathlib.Path, help="output directory (must not exist yet)")
+        sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     return parser
 
 
@@ -140,10 +151,13 @@ class Generation:
         import mistral_jax as mj
 
         a = self.args
+        max_new_tokens = a.max_new_tokens
+        if max_new_tokens is None:  # the default stops where the context ends
+            max_new_tokens = max(1, min(a.default_max_new_tokens, self.config.max_seq_len - len(self.prompt)))
         clock, start = CompileClock(), time.perf_counter()
         first_at, prefill_compile, count = None, 0.0, 0
         try:
-            for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], a.max_new_tokens,
+            for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
                                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                                                   eos_id=list(self.stop_ids) or None):
                 if first_at is None:
@@ -211,6 +225,7 @@ def cmd_chat(args) -> None:
     interactive = sys.stdin.isatty()
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
+    reserve = args.max_new_tokens or min(args.default_max_new_tokens, config.max_seq_len // 4)  # room to answer
     if interactive:
         print("Chat with the model. /reset forgets the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while (line := _read_line(interactive)) is not None:
@@ -225,7 +240,7 @@ def cmd_chat(args) -> None:
             continue
         history.append({"role": "user", "content": line})
         prompt = tokenizer.apply_chat_template(system + history)
-        while len(prompt) + args.max_new_tokens > config.max_seq_len and len(history) > 1:
+        while len(prompt) + reserve > config.max_seq_len and len(history) > 1:
             history = history[2:]  # forget the oldest exchange to fit the context
             print("[oldest turn dropped to fit the context]", file=sys.stderr)
             prompt = tokenizer.apply_chat_template(system + history)
@@ -238,12 +253,52 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": answer.strip()})
 
 
+def _tokenizer_files(src: pathlib.Path, scratch: pathlib.Path) -> list[pathlib.Path]:
+    """The source's tokenizer files: copied as they are from a directory, written out for a GGUF file."""
+    from mistral_jax.checkpoints.gguf import is_gguf
+    from mistral_jax.tokenizers import load_tokenizer
+
+    if src.is_dir():
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+        found = [src / n for n in names if (src / n).is_file()]
+        versioned = sorted(src.glob("tokenizer.model.v*"))  # Mistral's consolidated downloads
+        if not found and versioned:
+            return load_tokenizer(versioned[-1]).save_pretrained(scratch)
+        return found
+    if is_gguf(src):
+        return load_tokenizer(src).save_pretrained(scratch)
+    return []
+
+
+def cmd_convert(args) -> None:
+    import mistral_jax as mj
+    from mistral_jax.checkpoints import orbax
+
+    config, params = mj.load(args.src, dtype=args.dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_files = _tokenizer_files(args.src, pathlib.Path(scratch))
+        orbax.write(config, params, args.dst, extra_files=tokenizer_files)
+    print(f"wrote orbax checkpoint {args.dst}", file=sys.stderr)
+
+
+def cmd_export(args) -> None:
+    import mistral_jax as mj
+    from mistral_jax.checkpoints import hf
+
+    config, params = mj.load(args.src, dtype=args.dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_files = _tokenizer_files(args.src, pathlib.Path(scratch))
+        hf.write(config, params, args.dst, extra_files=tokenizer_files, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+    print(f"wrote Hugging Face directory {args.dst}" + ("" if tokenizer_files else " (the source had no tokenizer)"),
+          file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mistral_jax.checkpoints.errors import CheckpointError
 
     try:
-        {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export}[args.command](args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 import io
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -95,3 +96,33 @@ def test_chat_keeps_history_until_reset(capsys, monkeypatch):
     assert "Berlin" in " ".join(answers[1:])  # only answerable with the first turn in the history
     assert "[conversation reset]" in err
     assert err.count("decode:") == 2  # "/exit" stopped the loop before the last line
+
+
+# convert / export ---------------------------------------------------------------------------------
+
+def test_convert_to_orbax_then_generate_from_it(capsys, tmp_path):
+    code, _, _ = run(capsys, "convert", str(FIXTURE), str(tmp_path / "orbax"))
+    assert code == 0
+    ids = "5,6,7,8"
+    original = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", ids)[1].splitlines()[-1]
+    converted = run(capsys, "generate", "--checkpoint", str(tmp_path / "orbax"), "--prompt-ids", ids)[1].splitlines()[-1]
+    assert converted == original
+    code, _, err = run(capsys, "convert", str(FIXTURE), str(tmp_path / "orbax"))
+    assert code == 2 and "already exists" in err
+
+
+def test_export_the_gguf_model_with_its_tokenizer(capsys, tmp_path):
+    from mistral_jax.checkpoints.embedded import default_model_path
+    from mistral_jax.tokenizers import load_tokenizer
+
+    gguf_path = default_model_path()
+    code, _, _ = run(capsys, "export", str(gguf_path), str(tmp_path / "hf"), "--dtype", "bfloat16")
+    assert code == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    config, params = mj.load(tmp_path / "hf", dtype="bfloat16")
+    config0, params0 = mj.load(gguf_path, dtype="bfloat16")
+    assert config == config0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert load_tokenizer(tmp_path / "hf").apply_chat_template(messages) == load_tokenizer(gguf_path).apply_chat_template(messages)

@@ -145,13 +145,23 @@ def write(config: ModelConfig, params, out_dir, extra_files: Iterable[pathlib.Pa
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         for file in extra_files:
             shutil.copy(file, tmp / pathlib.Path(file).name)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
+        publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def publish(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Give a finished temporary directory the permissions of a normally made one and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~umask)
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.rename(tmp, out_dir)
 
 
 def _write_shards(config: ModelConfig, params, directory: pathlib.Path, max_shard_bytes: int) -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
+from collections.abc import Iterable
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,8 +25,9 @@ def is_orbax_dir(path: pathlib.Path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def write(config: ModelConfig, params, path) -> pathlib.Path:
-    """Save params (any sharding) and config under `path`, which must not exist yet."""
+def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path] = ()) -> pathlib.Path:
+    """Save params (any sharding), config and `extra_files` (tokenizer files) under `path`, which must not
+    exist yet."""
     path = pathlib.Path(path).expanduser().absolute()
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty")
@@ -32,6 +35,8 @@ def write(config: ModelConfig, params, path) -> pathlib.Path:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
+    for file in extra_files:
+        shutil.copy(file, path / pathlib.Path(file).name)
     # The config goes last: a directory without it is never taken for a checkpoint.
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return path

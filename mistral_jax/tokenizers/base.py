@@ -1,8 +1,10 @@
 """`Tokenizer`: one interface over every backend for encoding prompts, chat formatting and streaming decode."""
 
+import json
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
-from mistral_jax.tokenizers.chat_templates import ROLES, ChatFormat, Message
+from mistral_jax.tokenizers.chat_templates import ROLES, ChatFormat, JinjaTemplate, Message
 from mistral_jax.tokenizers.vocab import Vocab
 
 # Special tokens that end an assistant turn in common chat formats; those in the vocabulary join EOS as stop ids.
@@ -95,3 +97,18 @@ class Tokenizer:
             if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
                 raise ValueError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
         return self.chat_format.encode(self.vocab, messages, add_generation_prompt)
+
+    def save_pretrained(self, directory: str | Path) -> list[Path]:
+        """Write the files transformers loads a tokenizer from (tokenizer.json or tokenizer.model, plus
+        tokenizer_config.json with BOS/EOS, add_bos_token and the jinja chat template, if any)."""
+        directory = Path(directory)
+        config = self.vocab.save_model_file(directory)
+        config["add_bos_token"] = bool(self.vocab.add_bos)
+        config["add_eos_token"] = False
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            if token_id is not None:
+                config[key] = self.vocab.id_to_piece(token_id)
+        if isinstance(self.chat_format, JinjaTemplate):
+            config["chat_template"] = self.chat_format.source
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        return sorted(p for p in directory.iterdir() if p.name.startswith("tokenizer"))

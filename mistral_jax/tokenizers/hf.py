@@ -1,6 +1,7 @@
 """Hugging Face `tokenizers` backend: `tokenizer.json` files and GGUF byte-level BPE vocabularies built in memory."""
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import tokenizers
 
@@ -60,3 +61,7 @@ class HFVocab(Vocab):
         if piece is None:
             raise IndexError(f"token id {token_id} is outside the vocabulary of {self.vocab_size}")
         return piece
+
+    def save_model_file(self, directory: Path) -> dict[str, str]:
+        self._tok.save(str(directory / "tokenizer.json"))
+        return {"tokenizer_class": "PreTrainedTokenizerFast"}

@@ -1,6 +1,7 @@
 """SentencePiece backend: Mistral/Llama 2 `tokenizer.model` files (and GGUF "llama" vocabularies rebuilt as one)."""
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import sentencepiece
 
@@ -31,3 +32,7 @@ class SentencePieceVocab(Vocab):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    def save_model_file(self, directory: Path) -> dict[str, str]:
+        (directory / "tokenizer.model").write_bytes(self._sp.serialized_model_proto())
+        return {"tokenizer_class": "LlamaTokenizer"}

@@ -3,6 +3,7 @@
 import abc
 import functools
 import re
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 
 # A piece of rendered chat text and whether it came from the template (True) or from a message (False).
@@ -33,6 +34,11 @@ class Vocab(abc.ABC):
     @abc.abstractmethod
     def id_to_piece(self, token_id: int) -> str:
         """The vocabulary string of one token id."""
+
+    @abc.abstractmethod
+    def save_model_file(self, directory: Path) -> dict[str, str]:
+        """Write the model file transformers reads (tokenizer.json or tokenizer.model) into `directory`;
+        returns the tokenizer_config.json entries that go with it."""
 
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern[str] | None:
