@@ -2,6 +2,7 @@
 Q4_1 file, and the errors for bad files."""
 
 
+import pathlib
 import gguf
 import jax
 import numpy as np
@@ -233,3 +234,16 @@ def test_smollm2_copies_a_repeated_pattern(smollm2):
         **attention, "wq": interleave_head_dim(attention["wq"]), "wk": interleave_head_dim(attention["wk"])}}}
     wrong = jax.nn.softmax(mj.logits(config, permuted, tokens)[0, -1])
     assert int(np.argmax(wrong)) != 3458 and wrong[3458] < 0.01
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    """The real model, every position: transformers' top-5 logits (and the whole last row) on a chat prompt,
+    from tests/fixtures/make_fixtures.py (the GGUF exported to HF and run by transformers in float32)."""
+    config, params = smollm2
+    reference = np.load(pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "smollm2_reference.npz")
+    ours = np.asarray(mj.logits(config, params, reference["tokens"][None]))[0]  # [T, V]
+    scale = np.max(np.abs(reference["last_logits"]))
+    assert np.max(np.abs(ours[-1] - reference["last_logits"])) <= 1e-4 * scale
+    ours_top = np.take_along_axis(ours, reference["top_ids"], axis=-1)
+    assert np.max(np.abs(ours_top - reference["top_logits"])) <= 1e-4 * scale
+    assert (np.argmax(ours, -1) == reference["top_ids"][:, 0]).all()
