@@ -1,8 +1,8 @@
 """GGUF reader: tiny models written the way llama.cpp's convert_hf_to_gguf writes them, the real SmolLM2
 Q4_1 file, and the errors for bad files."""
 
-
 import pathlib
+
 import gguf
 import jax
 import numpy as np
