@@ -6,7 +6,6 @@ interleaved RoPE layout to transformers' half-split one, everything else is rena
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mistral_jax.checkpoints import hf_layout
-from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.checkpoints.safetensors_files import open_safetensors_dir
 from mistral_jax.config import ModelConfig
 
@@ -127,10 +126,7 @@ def _sources(config: ModelConfig, names, source: str) -> dict[str, tuple[str, Ca
 def read(path: pathlib.Path) -> tuple[ModelConfig, RenamedTensors]:
     """(config, lazily read transformers-named tensors) of a consolidated Mistral directory."""
     params_file = path / "params.json"
-    try:
-        params = json.loads(params_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{params_file} is not valid JSON: {err}") from err
+    params = read_json(params_file)
     files = open_safetensors_dir(path, stem="consolidated")
     shapes = {name: files.shape(name) for name in files}
     config = config_from_params(params, shapes, str(params_file))

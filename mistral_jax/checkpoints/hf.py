@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from mistral_jax.checkpoints import hf_layout
-from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.checkpoints.safetensors_files import SafetensorsFiles, open_safetensors_dir
 from mistral_jax.config import ModelConfig
 
@@ -112,11 +112,7 @@ def is_hf_dir(path: pathlib.Path) -> bool:
 def read(path: pathlib.Path) -> tuple[ModelConfig, SafetensorsFiles]:
     """(config, lazily read transformers-named tensors) of a Hugging Face model directory."""
     config_file = path / "config.json"
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from err
-    config = config_from_hf(hf, source=str(config_file))
+    config = config_from_hf(read_json(config_file), source=str(config_file))
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
         hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)" if any(path.glob("*.bin")) else ""
         raise CheckpointError(f"no safetensors weights in {path}{hint}")

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import jax
 import orbax.checkpoint as ocp
 
-from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.config import ModelConfig
 
 CONFIG_FILE = "mistral_jax_config.json"
@@ -44,8 +44,8 @@ def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path]
 
 def read_config(path: pathlib.Path) -> ModelConfig:
     try:
-        return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    except (json.JSONDecodeError, ValueError, TypeError) as err:
+        return ModelConfig.from_dict(read_json(path / CONFIG_FILE))
+    except (ValueError, TypeError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a valid config: {err}") from err
 
 

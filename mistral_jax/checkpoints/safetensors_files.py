@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.checkpoints.errors import CheckpointError, read_json
 
 
 class SafetensorsFiles(Mapping):
@@ -32,10 +31,9 @@ class SafetensorsFiles(Mapping):
     @classmethod
     def from_index(cls, index_path: pathlib.Path) -> "SafetensorsFiles":
         """Sharded checkpoints: `*.safetensors.index.json` names the file holding each tensor."""
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index_path} is not a safetensors index (no weight_map): {err}") from err
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path} is not a safetensors index (no weight_map)")
         files = {name: index_path.parent / file for name, file in weight_map.items()}
         missing = sorted({str(f) for f in files.values() if not f.is_file()})
         if missing:
