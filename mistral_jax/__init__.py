@@ -6,6 +6,8 @@ from mistral_jax.config import ModelConfig, list_presets
 from mistral_jax.decoding import generate, generate_stream
 from mistral_jax.model.transformer import forward, init_params, logical_axes, logits
 from mistral_jax.rolling_cache import init_cache
+from mistral_jax.tokenizers import load_tokenizer
+from mistral_jax.sharding import make_mesh, shard_params
 
 __version__ = "0.1.0"
 
@@ -19,6 +21,9 @@ __all__ = [
     "init_params",
     "list_presets",
     "load",
+    "load_tokenizer",
     "logical_axes",
     "logits",
+    "make_mesh",
+    "shard_params",
 ]

@@ -3,6 +3,11 @@
 Prompts of different lengths share a batch by left padding: padding columns get position -1, so they
 are never written to the cache nor attended to, and every row keeps its own positions. A row's tokens
 are therefore the same whether it is generated alone or in a batch.
+
+Every entry point takes an optional `mesh` (see sharding.py): parameters are placed on it, the cache
+is split on batch and KV heads, host inputs become global arrays (each process building its own
+shards) and returned tokens are replicated, so the same calls run on one device, many, or many hosts.
+The mesh is a static argument of every jitted function: one compilation per mesh and shape.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model.transformer import forward
 from mistral_jax.rolling_cache import cache_size, init_cache
@@ -23,38 +29,96 @@ from mistral_jax.sampling import Sampling, sample
 DEFAULT_PREFILL_CHUNK = 512
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _prefill_chunk(config: ModelConfig, params, cache, tokens, positions):
-    logits, cache, _ = forward(config, params, tokens, positions, cache=cache, last_only=True)
-    return logits[:, 0], cache
+# Placement under a mesh (all identities when mesh is None) ----------------------------------------
+def _rows(mesh, x):
+    """An array whose first axis is the batch, as a global array split over the batch axes."""
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
+    return sharding.put(x, sharding.named(mesh, x.shape, ("batch",) + (None,) * (x.ndim - 1)))
 
 
-def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None):
+def _replicated(mesh, x):
+    return sharding.put(np.asarray(x), sharding.replicated(mesh))
+
+
+def _place_cache(config, mesh, cache):
+    shardings = sharding.cache_shardings(config, mesh, cache)
+    return {name: sharding.put(cache[name], shardings[name]) for name in shardings}
+
+
+def _seed_key(seed: int, mesh):
+    """The sampling key; under a mesh its raw data, replicated (jitted code wraps it back: `_as_key`)."""
+    key = jax.random.key(seed)
+    return key if mesh is None else _replicated(mesh, jax.random.key_data(key))
+
+
+def _as_key(key):
+    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
+def _constrain_cache(config, mesh, cache):
+    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(config, mesh, cache))
+
+
+def _constrain_logits(mesh, logits):  # [B, V]
+    return sharding.constrain(logits, mesh, ("batch", "act_vocab"))
+
+
+def _constrain_replicated(mesh, x):
+    return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions):
+    with sharding.activations(config, mesh, tokens.shape[0]):
+        logits, cache, _ = forward(config, params, tokens, positions, cache=cache, last_only=True)
+    return _constrain_logits(mesh, logits[:, 0]), _constrain_cache(config, mesh, cache)
+
+
+def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None, *, mesh=None):
     """Write prompt tokens [B, T] at `positions` [B, T] (-1 = padding) into the cache, chunk by chunk.
 
     Returns (float32 logits after the last column [B, V], cache). Chunks are at most the cache size (so
     a chunk never overwrites itself); every chunk has the same shape, so this compiles once, and short
     prompts round up to a power of two so that prompts of similar length share one compilation.
+    mesh: run split over it (the cache and parameters are placed on it if they are not already).
     """
-    tokens, positions = jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32)
+    xp = jnp if mesh is None else np  # under a mesh, chunks go from the host straight to their shards
+    tokens, positions = xp.asarray(tokens, xp.int32), xp.asarray(positions, xp.int32)
     batch, length = tokens.shape
     chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size(cache), _round_up_pow2(length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length  # padded on the left, so the last column stays the last real token
-    tokens = jnp.pad(tokens, ((0, 0), (pad, 0)))
-    positions = jnp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
+    tokens = xp.pad(tokens, ((0, 0), (pad, 0)))
+    positions = xp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
+    if mesh is not None:
+        params, cache = sharding.ensure_params(config, params, mesh), _place_cache(config, mesh, cache)
     logits = None
     for i in range(n_chunks):
         cols = slice(i * chunk, (i + 1) * chunk)
-        logits, cache = _prefill_chunk(config, params, cache, tokens[:, cols], positions[:, cols])
+        chunk_tokens, chunk_positions = tokens[:, cols], positions[:, cols]
+        if mesh is not None:
+            chunk_tokens, chunk_positions = _rows(mesh, chunk_tokens), _rows(mesh, chunk_positions)
+        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions)
     return logits, cache
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def decode_step(config: ModelConfig, params, cache, tokens, positions):
-    """One token per row: tokens, positions int32 [B] -> (float32 logits [B, V], cache). Cache donated."""
-    logits, cache, _ = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
-    return logits[:, 0], cache
+def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=None):
+    """One token per row: tokens, positions int32 [B] -> (float32 logits [B, V], cache). Cache donated.
+
+    Compiled once per config, mesh and shape.
+    """
+    if mesh is not None:
+        params, cache = sharding.ensure_params(config, params, mesh), _place_cache(config, mesh, cache)
+        tokens = _rows(mesh, tokens if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32))
+        positions = _rows(mesh, positions if isinstance(positions, jax.Array) else np.asarray(positions, np.int32))
+    return _decode_step(config, mesh, params, cache, tokens, positions)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _decode_step(config: ModelConfig, mesh, params, cache, tokens, positions):
+    with sharding.activations(config, mesh, tokens.shape[0]):
+        logits, cache, _ = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
+    return _constrain_logits(mesh, logits[:, 0]), _constrain_cache(config, mesh, cache)
 
 
 def _round_up_pow2(n: int, least: int = 16) -> int:
@@ -94,9 +158,18 @@ def _step_key(seed_key, step):
     return jax.random.fold_in(seed_key, step)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode_loop(config: ModelConfig, sampling: Sampling, max_new_tokens: int, params, cache, logits, positions, seed_key, eos_ids):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _decode_loop(
+    config: ModelConfig, mesh, sampling: Sampling, max_new_tokens: int, params, cache, logits, positions, seed_key, eos_ids
+):
     """Sample the first token from the prefill logits, then decode on device until every row hit eos."""
+    with sharding.activations(config, mesh, logits.shape[0]):
+        seed_key = _as_key(seed_key)
+        out, step = _decode_loop_body(config, mesh, sampling, max_new_tokens, params, cache, logits, positions, seed_key, eos_ids)
+    return _constrain_replicated(mesh, out), _constrain_replicated(mesh, step)
+
+
+def _decode_loop_body(config, mesh, sampling, max_new_tokens, params, cache, logits, positions, seed_key, eos_ids):
     batch = logits.shape[0]
     first = sample(logits, _step_key(seed_key, 0), sampling)
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
@@ -109,6 +182,7 @@ def _decode_loop(config: ModelConfig, sampling: Sampling, max_new_tokens: int, p
     def body(state):
         step, out, done, cache, token, positions = state
         logits, cache = forward(config, params, token[:, None], positions[:, None], cache=cache)[:2]
+        cache = _constrain_cache(config, mesh, cache)
         token = sample(logits[:, 0], _step_key(seed_key, step), sampling)
         out = out.at[:, step].set(token)
         return step + 1, out, done | jnp.isin(token, eos_ids), cache, token, positions + 1
@@ -137,12 +211,12 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
     return out
 
 
-def _start(config, params, prompts, max_new_tokens, prefill_chunk):
+def _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh):
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
-    cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens))
-    logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk)
-    return logits, cache, jnp.asarray(lengths)
+    cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens), mesh=mesh)
+    logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh)
+    return logits, cache, (jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths))
 
 
 def generate(
@@ -156,19 +230,34 @@ def generate(
     seed: int = 0,
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
+    *,
+    mesh=None,
 ) -> list[list[int]]:
-    """New tokens for each prompt (a list of token ids), up to and including the first eos."""
+    """New tokens for each prompt (a list of token ids), up to and including the first eos.
+
+    mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
+    """
     sampling = Sampling(temperature, top_k, top_p)
-    logits, cache, lengths = _start(config, params, prompts, max_new_tokens, prefill_chunk)
-    out, _ = _decode_loop(config, sampling, max_new_tokens, params, cache, logits, lengths, jax.random.key(seed), _eos_array(eos_id))
+    if mesh is not None:
+        params = sharding.ensure_params(config, params, mesh)
+    logits, cache, lengths = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
+    eos = _eos_array(eos_id) if mesh is None else _replicated(mesh, _eos_array(eos_id))
+    out, _ = _decode_loop(config, mesh, sampling, max_new_tokens, params, cache, logits, lengths, _seed_key(seed, mesh), eos)
     eos_ids = set(np.asarray(_eos_array(eos_id)).tolist())
     return [_trim_at_eos(row, eos_ids) for row in np.asarray(out)]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _stream_step(config: ModelConfig, sampling: Sampling, params, cache, token, positions, seed_key, step):
-    logits, cache = forward(config, params, token[:, None], positions[:, None], cache=cache)[:2]
-    return sample(logits[:, 0], _step_key(seed_key, step), sampling), cache
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _first_token(mesh, sampling: Sampling, logits, seed_key):
+    return _constrain_replicated(mesh, sample(logits, _step_key(_as_key(seed_key), 0), sampling))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def _stream_step(config: ModelConfig, mesh, sampling: Sampling, params, cache, token, positions, seed_key, step):
+    with sharding.activations(config, mesh, token.shape[0]):
+        logits, cache = forward(config, params, token[:, None], positions[:, None], cache=cache)[:2]
+    token = sample(logits[:, 0], _step_key(_as_key(seed_key), step), sampling)
+    return _constrain_replicated(mesh, token), _constrain_cache(config, mesh, cache), positions + 1
 
 
 def generate_stream(
@@ -182,6 +271,8 @@ def generate_stream(
     seed: int = 0,
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
+    *,
+    mesh=None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
@@ -189,15 +280,19 @@ def generate_stream(
     should ignore. Same seed, same tokens as `generate`.
     """
     sampling = Sampling(temperature, top_k, top_p)
-    logits, cache, positions = _start(config, params, prompts, max_new_tokens, prefill_chunk)
-    seed_key, eos = jax.random.key(seed), _eos_array(eos_id)
-    token = jax.jit(sample, static_argnums=2)(logits, _step_key(seed_key, 0), sampling)
-    done = jnp.isin(token, eos)
-    yield np.asarray(token)
+    if mesh is not None:
+        params = sharding.ensure_params(config, params, mesh)
+    logits, cache, positions = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
+    seed_key, eos = _seed_key(seed, mesh), np.asarray(_eos_array(eos_id))
+    token = _first_token(mesh, sampling, logits, seed_key)
+    host_token = np.asarray(token)
+    done = np.isin(host_token, eos)
+    yield host_token
     for step in range(1, max_new_tokens):
-        if bool(jnp.all(done)):
+        if done.all():
             return
-        token, cache = _stream_step(config, sampling, params, cache, token, positions, seed_key, jnp.int32(step))
-        positions = positions + 1
-        done = done | jnp.isin(token, eos)
-        yield np.asarray(token)
+        step_array = jnp.int32(step) if mesh is None else _replicated(mesh, np.int32(step))
+        token, cache, positions = _stream_step(config, mesh, sampling, params, cache, token, positions, seed_key, step_array)
+        host_token = np.asarray(token)
+        done |= np.isin(host_token, eos)
+        yield host_token

@@ -107,19 +107,36 @@ def default_positions(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
 
 
-def logits(config: ModelConfig, params, tokens):
-    """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab]."""
+def logits(config: ModelConfig, params, tokens, *, mesh=None):
+    """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab].
+
+    mesh: a `jax.sharding.Mesh` from `mistral_jax.sharding.make_mesh`; the parameters are placed on it
+    (unless `shard_params` already did) and the logits come back split on batch and vocabulary (across
+    hosts, gather them with `jax.experimental.multihost_utils.process_allgather`).
+    """
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-    return _logits_jit(config, params, jnp.asarray(tokens, jnp.int32))
+    if mesh is None:
+        return _logits_jit(config, None, params, jnp.asarray(tokens, jnp.int32))
+    from mistral_jax import sharding  # sharding reads this module's logical axes: import on use
+
+    params = sharding.ensure_params(config, params, mesh)
+    tokens = sharding.put(tokens.astype(np.int32), sharding.named(mesh, tokens.shape, ("batch", None)))
+    return _logits_jit(config, mesh, params, tokens)
 
 
-@jax.jit(static_argnums=0)
-def _logits_jit(config, params, tokens):
-    return forward(config, params, tokens, default_positions(tokens))[0]
+@jax.jit(static_argnums=(0, 1))
+def _logits_jit(config, mesh, params, tokens):
+    if mesh is None:
+        return forward(config, params, tokens, default_positions(tokens))[0]
+    from mistral_jax import sharding
+
+    with sharding.activations(config, mesh, tokens.shape[0]):
+        out = forward(config, params, tokens, default_positions(tokens))[0]
+    return sharding.constrain(out, mesh, ("batch", "length", "act_vocab"))
 
 
 def _boxed_init(config: ModelConfig, rng):

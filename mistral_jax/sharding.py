@@ -1,0 +1,288 @@
+"""The one place that names mesh axes: the logical-axis rules table, the mesh, and placement helpers.
+
+Modules name logical axes only (`nn.with_logical_partitioning` on parameters, `nn.with_logical_constraint`
+on activations). `RULES` maps those names onto the four mesh axes:
+
+  data    pure data parallelism: batch rows, weights replicated
+  fsdp    batch rows too, and the large non-split dimension of every big weight (ZeRO-3 style)
+  expert  Mixtral's experts, one group of experts per slice
+  tensor  Megatron-style: attention heads, MLP hidden units, vocabulary
+
+A dimension that its mesh axes do not divide (2 KV heads over tensor=4, a batch of 1 over fsdp=8) is
+replicated over the axes that do not fit instead of failing: `fit_spec` is used for parameters, the
+KV cache and, through `activation_rules`, for the constraints inside the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mistral_jax.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes, in the order they split the dimension. None: replicated.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Parameters.
+    ("layers", None),  # the nn.scan axis: every device holds its share of every layer
+    ("vocab", "tensor"),  # embedding rows and LM head columns
+    ("embed", "fsdp"),  # the model dimension of every big weight
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),  # SwiGLU hidden units, dense or per expert
+    ("expert", "expert"),
+    ("norm", None),
+    # Activations (and the KV cache).
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_expert", "expert"),
+)
+_TABLE = dict(RULES)
+
+
+def _as_tuple(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _fit(size: int, axes, mesh: Mesh, used=frozenset()):
+    """The mesh axes of one rule that can split a dimension of `size`: None, one name or a tuple."""
+    kept, split = [], 1
+    for axis in _as_tuple(axes):
+        if axis not in mesh.shape or axis in used or mesh.shape[axis] == 1:
+            continue  # an axis of size 1 splits nothing: left out, as jit leaves it out of its outputs
+        if size % (split * mesh.shape[axis]) == 0:
+            kept.append(axis)
+            split *= mesh.shape[axis]
+    return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+
+
+def fit_spec(shape: Sequence[int], names: Sequence[str | None], mesh: Mesh, rules=RULES) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry logical `names`.
+
+    Each dimension takes its rule's mesh axes in order, skipping an axis that an earlier dimension
+    already uses, an axis of size 1, and an axis whose size (times the axes kept so far) does not
+    divide the dimension: that part of the split falls back to replication rather than failing.
+    """
+    if len(shape) != len(names):
+        raise ValueError(f"shape {tuple(shape)} and logical names {tuple(names)} differ in rank")
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for size, name in zip(shape, names):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no rule in the sharding table")
+        axes = _fit(size, table.get(name), mesh, used)
+        used.update(_as_tuple(axes))
+        spec.append(axes)
+    while spec and spec[-1] is None:  # the canonical form, as jit reports its outputs' shardings
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def named(mesh: Mesh, shape: Sequence[int], names: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, fit_spec(shape, names, mesh))
+
+
+# The mesh ------------------------------------------------------------------------------------------
+def make_mesh(data: int = 1, fsdp: int | None = None, expert: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "expert", "tensor") mesh over `devices` (default: every device of every process).
+
+    fsdp=None takes whatever the other axes leave. The product must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
+    for name, size in sizes.items():
+        if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"mesh axis {name} must be a positive integer, got {size!r}")
+    if fsdp is None:
+        others = data * expert * tensor
+        if n % others:
+            raise ValueError(f"data*expert*tensor = {data}*{expert}*{tensor} = {others} does not divide the {n} devices")
+        sizes["fsdp"] = n // others
+    shape = tuple(int(sizes[a]) for a in MESH_AXES)
+    if math.prod(shape) != n:
+        described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
+        raise ValueError(f"mesh {described} has {math.prod(shape)} devices, but there are {n}")
+    # Auto, not Explicit (jax.make_mesh's default): we give shardings ourselves, at jit boundaries and
+    # with constraints, and let the compiler propagate the rest. Explicit axes would put shardings in
+    # every array's type, so each einsum, gather and scan in the model would need them spelled out.
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except Exception:  # noqa: BLE001 - a topology helper that cannot place these devices: plain order
+        return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+_MESH_ITEM = re.compile(r"^\s*([A-Za-z_]+)\s*=\s*(-?\d+)\s*$")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """Parse a --mesh value: "data=1,fsdp=2,expert=2,tensor=2" -> {"data": 1, "fsdp": 2, ...}.
+
+    Axes left out take make_mesh's defaults (fsdp fills the devices).
+    """
+    if not text or not text.strip():
+        raise ValueError(f"empty mesh; expected e.g. 'data=1,fsdp=2,expert=2,tensor=2' over axes {', '.join(MESH_AXES)}")
+    out: dict[str, int] = {}
+    for item in text.split(","):
+        match = _MESH_ITEM.match(item)
+        if not match:
+            raise ValueError(f"bad mesh item {item.strip()!r} in {text!r}; expected AXIS=SIZE, e.g. tensor=2")
+        name, size = match.group(1), int(match.group(2))
+        if name not in MESH_AXES:
+            raise ValueError(f"unknown mesh axis {name!r} in {text!r}; axes are {', '.join(MESH_AXES)}")
+        if name in out:
+            raise ValueError(f"mesh axis {name!r} given twice in {text!r}")
+        if size < 1:
+            raise ValueError(f"mesh axis {name} must be a positive integer, got {size}")
+        out[name] = size
+    return out
+
+
+# Parameters ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _param_layout(config: ModelConfig):
+    from mistral_jax.model.transformer import logical_axes, param_shapes
+
+    return param_shapes(config), logical_axes(config)
+
+
+@functools.lru_cache(maxsize=64)
+def param_shardings(config: ModelConfig, mesh: Mesh):
+    """A pytree of NamedSharding, one per parameter, from its logical axes and `RULES`."""
+    shapes, logical = _param_layout(config)
+    return jax.tree.map(lambda s, names: named(mesh, s.shape, tuple(names)), shapes, logical)
+
+
+def put(x, sharding: NamedSharding):
+    """Place `x` (numpy, or a jax.Array) with `sharding`, each process building only its own shards.
+
+    Works across hosts as long as every process holds the same value for `x`.
+    """
+    if isinstance(x, jax.Array):
+        if x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if not x.is_fully_addressable or sharding.is_fully_addressable:  # device to device
+            return jax.device_put(x, sharding)
+    x = np.asarray(x)  # to the host once: indexing a device array per shard would compile each slice
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
+
+
+def shard_params(config: ModelConfig, params, mesh: Mesh):
+    """Place a parameter pytree (host numpy or jax arrays) on `mesh` following `RULES`."""
+    shardings = param_shardings(config, mesh)
+    shapes, _ = _param_layout(config)
+    if jax.tree.structure(params) != jax.tree.structure(shapes):
+        paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
+        got, want = paths(params), paths(shapes)
+        raise ValueError(
+            f"parameter tree does not match the {config.family} config: missing {sorted(want - got)}, "
+            f"unexpected {sorted(got - want)}"
+        )
+
+    def place(path, x, spec, sharding):
+        if tuple(x.shape) != tuple(spec.shape):
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}, expected {spec.shape}")
+        return put(x, sharding)
+
+    return jax.tree_util.tree_map_with_path(place, params, shapes, shardings)
+
+
+def ensure_params(config: ModelConfig, params, mesh: Mesh):
+    """`params` if already placed by `shard_params` on this mesh, else placed now."""
+    shardings = param_shardings(config, mesh)
+    leaves, want = jax.tree.leaves(params), jax.tree.leaves(shardings)
+    if len(leaves) == len(want) and all(
+        isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim) for x, s in zip(leaves, want)
+    ):
+        return params
+    return shard_params(config, params, mesh)
+
+
+# The KV cache --------------------------------------------------------------------------------------
+CACHE_AXES = {
+    "k": ("layers", "batch", None, "kv_heads", "head_dim"),
+    "v": ("layers", "batch", None, "kv_heads", "head_dim"),
+    "pos": ("batch", None),
+}
+
+
+def cache_shardings(config: ModelConfig, mesh: Mesh, cache) -> dict:
+    """k, v split on batch over (data, fsdp) and on KV heads over tensor, where they divide; pos on batch."""
+    del config  # the cache's own shapes say everything; kept for a uniform signature
+    return {name: named(mesh, cache[name].shape, CACHE_AXES[name]) for name in CACHE_AXES}
+
+
+# Activations ---------------------------------------------------------------------------------------
+def activation_rules(config: ModelConfig, mesh: Mesh, batch: int) -> tuple:
+    """`RULES` with every activation name fitted to this model's sizes and this batch.
+
+    Flax's `with_logical_constraint` knows names, not shapes, so the divisibility fallback is applied
+    here, once per traced shape: each name maps to the mesh axes that divide its dimension.
+    """
+    sizes = {
+        "batch": batch,
+        "act_embed": config.dim,
+        "act_heads": config.n_heads,
+        "act_kv_heads": config.n_kv_heads,
+        "act_mlp": config.hidden_dim,
+        "act_vocab": config.vocab_size,
+        "act_expert": max(config.n_experts, 1),
+    }
+    rules = []
+    for name, axes in RULES:
+        if name in sizes:
+            axes = _fit(sizes[name], axes, mesh)
+        rules.append((name, axes))
+    return tuple(rules)
+
+
+@contextlib.contextmanager
+def activations(config: ModelConfig, mesh: Mesh | None, batch: int):
+    """Inside a traced function: make the model's `nn.with_logical_constraint` calls use `RULES`.
+
+    Entered at trace time inside jit (the mesh is a static argument, so the rules are part of what
+    a compilation is keyed on); a no-op without a mesh. `jax.set_mesh` may not be called inside jit;
+    the abstract mesh is what flax and `with_sharding_constraint` resolve bare PartitionSpecs against.
+    """
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(activation_rules(config, mesh, batch)):
+        yield
+
+
+def constrain(x, mesh: Mesh | None, names: Sequence[str | None]):
+    """`with_sharding_constraint` by logical names, fitted to x's shape; identity without a mesh."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, named(mesh, x.shape, names))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain_tree(tree, shardings: Mapping | None):
+    if shardings is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, shardings)

@@ -1,0 +1,60 @@
+"""Two local processes of 4 CPU devices each, joined by jax.distributed, generate what one process of 8 does."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+
+import mistral_jax as mj
+from mistral_jax.sharding import make_mesh, parse_mesh
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multihost_worker.py"
+PRESET, MESH = "tiny-mixtral", "data=1,fsdp=2,expert=2,tensor=2"
+TIMEOUT_S = 120  # a hung collective fails the test instead of blocking the run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_generate_the_same_tokens_as_one(tmp_path):
+    out_path, port = tmp_path / "tokens.json", free_port()
+    procs = []
+    for process_id in range(2):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "MISTRAL_JAX_COORDINATOR": f"127.0.0.1:{port}",
+            "MISTRAL_JAX_NUM_PROCESSES": "2",
+            "MISTRAL_JAX_PROCESS_ID": str(process_id),
+        }
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), PRESET, MESH, str(out_path)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    try:
+        # The single-process reference on this process's 8 devices, while the workers start.
+        config = mj.ModelConfig.from_preset(PRESET)
+        mesh = make_mesh(**parse_mesh(MESH))
+        params = mj.shard_params(config, mj.init_params(config, jax.random.key(0)), mesh)
+        expected = mj.generate(config, params, [[1, 2, 3, 4, 5], [7, 8]], 10, mesh=mesh)
+        logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for process_id, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {process_id} exited with {proc.returncode}:\n{log[-4000:]}"
+    result = json.loads(out_path.read_text())
+    assert result["generate"] == expected
+    assert result["stream"] == expected
