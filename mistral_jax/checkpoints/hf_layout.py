@@ -133,7 +133,7 @@ def has_fused_experts(names) -> bool:
     return any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
 
 
-def _get(tree, path):
+def get_path(tree, path):
     for key in path:
         tree = tree[key]
     return tree
@@ -186,7 +186,7 @@ def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str
         raise CheckpointError(f"{source}: unexpected tensor(s) {extra[:5]}{more}: does the config match the weights?")
     params: dict = {}
     for leaf in tqdm(leaves, desc="loading", unit="tensor", leave=False, disable=None):
-        array = leaf_arrays(config, tensors, leaf, _get(shapes, leaf.path).shape, np_dtype, source)
+        array = leaf_arrays(config, tensors, leaf, get_path(shapes, leaf.path).shape, np_dtype, source)
         _set(params, leaf.path, place(leaf.path, array) if place else array)
         del array
     return params
@@ -196,7 +196,7 @@ def iter_hf_tensors(config: ModelConfig, params):
     """(transformers name, numpy array) pairs from our parameters, one leaf on the host at a time
     (classic per-expert layout for Mixtral)."""
     for leaf in layout(config, fused_experts=False):
-        array = np.asarray(jax.device_get(_get(params, leaf.path)))
+        array = np.asarray(jax.device_get(get_path(params, leaf.path)))
         for i in range(config.n_layers) if leaf.per_layer else [None]:
             per_layer = array[i] if leaf.per_layer else array
             for name, tensor in zip(leaf.names(i), leaf.to_hf(per_layer)):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 
 from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout, orbax
@@ -30,19 +29,29 @@ def read(path) -> tuple[ModelConfig, dict]:
     )
 
 
-def load(path, dtype: str = "float32", **config_overrides) -> tuple[ModelConfig, dict]:
+def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tuple[ModelConfig, dict]:
     """(config, params) from a checkpoint. Parameters are stored in `dtype`, which is also the compute
     dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16).
 
-    Weights stream leaf by leaf onto the device: host memory stays near one copy of the model."""
+    Weights stream leaf by leaf onto the device (host memory stays near one copy of the model); with a
+    `mesh` (sharding.make_mesh) each leaf goes straight to its sharding, every process building only the
+    shards it addresses.
+    """
+    from mistral_jax import sharding
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
     path = pathlib.Path(path).expanduser()
     if orbax.is_orbax_dir(path):
         config = orbax.read_config(path).replace(**overrides)
-        return config, orbax.restore(path, orbax.abstract_params(config))
+        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
+        return config, orbax.restore(path, orbax.abstract_params(config, shardings))
     config, tensors = read(path)
     config = config.replace(**overrides)
-    params = hf_layout.to_params(config, tensors, dtype, source=str(path), place=lambda _, array: jnp.asarray(array))
-    return config, params
+    if mesh is None:
+        place = lambda _, array: jnp.asarray(array)  # noqa: E731
+    else:
+        shardings = sharding.param_shardings(config, mesh)
+        place = lambda leaf_path, array: sharding.put(array, hf_layout.get_path(shardings, leaf_path))  # noqa: E731
+    return config, hf_layout.to_params(config, tensors, dtype, source=str(path), place=place)
