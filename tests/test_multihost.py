@@ -58,3 +58,32 @@ def test_two_processes_generate_the_same_tokens_as_one(tmp_path):
     result = json.loads(out_path.read_text())
     assert result["generate"] == expected
     assert result["stream"] == expected
+
+
+def test_cli_on_two_processes_prints_once_and_matches_one_process(tmp_path):
+    """`mistral-jax generate --mesh ... --coordinator ...` on 2 processes: each loads its own shards of a
+    real checkpoint, only process 0 prints, and the ids equal a one-process run on 8 devices."""
+    checkpoint = ROOT / "tests" / "fixtures" / "hf" / "mixtral_top2"
+    port = free_port()
+    procs = []
+    for process_id in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        argv = ["generate", "--checkpoint", str(checkpoint), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "8",
+                "--mesh", MESH, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
+        procs.append(subprocess.Popen([sys.executable, "-m", "mistral_jax.cli", *argv], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        config, params = mj.load(checkpoint, mesh=make_mesh(**parse_mesh(MESH)))
+        expected = mj.generate(config, params, [[5, 6, 7, 8]], 8, eos_id=config.eos_id, mesh=make_mesh(**parse_mesh(MESH)))
+        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for process_id, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"process {process_id} exited with {proc.returncode}:\n{err[-4000:]}"
+    assert outputs[0][0].strip().splitlines()[-1] == ",".join(map(str, expected[0]))
+    quiet = outputs[1][0] + outputs[1][1]  # gloo's own C++ logging may still appear: nothing of ours may
+    assert "tok/s" not in quiet and ",".join(map(str, expected[0])) not in quiet
