@@ -42,8 +42,7 @@ def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tupl
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
-    path = pathlib.Path(path).expanduser()
-    if orbax.is_orbax_dir(path):
+    if orbax.is_orbax_dir(path):  # local or a URL (gs://...)
         config = orbax.read_config(path).replace(**overrides)
         shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
         return config, orbax.restore(path, orbax.abstract_params(config, shardings))

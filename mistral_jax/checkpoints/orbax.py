@@ -1,34 +1,43 @@
 """Our own format: the parameter pytree as an orbax checkpoint plus the ModelConfig as JSON.
 
 Layout: DIR/mistral_jax_config.json and DIR/params/ (orbax StandardCheckpointer). Restoring takes
-target shardings, so a checkpoint saved on one mesh restores onto any other (or none).
+target shardings, so a checkpoint saved on one mesh restores onto any other (or none). Paths are
+`etils.epath` paths, as orbax's own: `gs://bucket/dir` works where the file system is reachable.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
-import shutil
 from collections.abc import Iterable
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from mistral_jax.checkpoints.errors import CheckpointError, read_json
+from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
 
 CONFIG_FILE = "mistral_jax_config.json"
 PARAMS_DIR = "params"
 
 
-def is_orbax_dir(path: pathlib.Path) -> bool:
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute, or a URL such as gs://bucket/dir left as it is."""
+    text = os.fspath(path)
+    return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).expanduser().absolute())
 
 
-def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path] = ()) -> pathlib.Path:
+def is_orbax_dir(path) -> bool:
+    path = as_path(path)
+    return path.is_dir() and (path / CONFIG_FILE).exists()
+
+
+def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path] = ()) -> epath.Path:
     """Save params (any sharding), config and `extra_files` (tokenizer files) under `path`, which must not
     exist yet."""
-    path = pathlib.Path(path).expanduser().absolute()
+    path = as_path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty")
     path.mkdir(parents=True, exist_ok=True)
@@ -36,23 +45,24 @@ def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path]
         checkpointer.save(path / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
     for file in extra_files:
-        shutil.copy(file, path / pathlib.Path(file).name)
+        (path / pathlib.Path(file).name).write_bytes(pathlib.Path(file).read_bytes())
     # The config goes last: a directory without it is never taken for a checkpoint.
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return path
 
 
-def read_config(path: pathlib.Path) -> ModelConfig:
+def read_config(path) -> ModelConfig:
+    path = as_path(path)
     try:
-        return ModelConfig.from_dict(read_json(path / CONFIG_FILE))
-    except (ValueError, TypeError) as err:
+        return ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise CheckpointError(f"{path / CONFIG_FILE} is not a valid config: {err}") from err
 
 
-def restore(path: pathlib.Path, abstract_params) -> dict:
+def restore(path, abstract_params) -> dict:
     """Params restored into `abstract_params` (a ShapeDtypeStruct pytree whose shardings say where
     each array goes; dtypes are cast on restore)."""
-    params_dir = pathlib.Path(path).expanduser().absolute() / PARAMS_DIR
+    params_dir = as_path(path) / PARAMS_DIR
     if not params_dir.is_dir():
         raise CheckpointError(f"{path} is not an orbax checkpoint: {params_dir} is missing")
     try:

@@ -52,3 +52,9 @@ def test_directory_without_params_is_not_a_checkpoint(converted, tmp_path):
     (broken / orbax.PARAMS_DIR).mkdir()
     with pytest.raises(CheckpointError, match="not a readable orbax checkpoint"):
         mj.load(broken)
+
+
+def test_bucket_urls_are_kept_as_urls():
+    """orbax reads and writes gs:// itself: the path must reach it unmangled (pathlib would make gs:/)."""
+    assert str(orbax.as_path("gs://bucket/runs/ckpt")) == "gs://bucket/runs/ckpt"
+    assert orbax.as_path("relative/dir").is_absolute()
