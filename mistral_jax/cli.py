@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("dst", type=pathlib.Path, help="output directory (must not exist yet)")
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+
+    plan = commands.add_parser("plan", help="memory per device of a preset on a mesh, and which chips it fits")
+    plan.add_argument("--preset", required=True, help="a model preset (see mj.list_presets())")
+    where = plan.add_mutually_exclusive_group(required=True)
+    where.add_argument("--mesh", metavar="AXIS=N,...", help="e.g. data=1,fsdp=4,expert=1,tensor=2")
+    where.add_argument("--devices", type=_positive_int, help="recommend the mesh over this many devices")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weights (inference) and compute dtype")
+    plan.add_argument("--batch", type=_positive_int, default=1, help="global batch (rows)")
+    plan.add_argument("--seq-len", type=_positive_int, default=4096)
+    plan.add_argument("--train", action="store_true", help="SFT: float32 master weights, AdamW state, gradients")
+    plan.add_argument("--lora-rank", type=_non_negative_int, default=0, help="with --train: only LoRA adapters train")
+    plan.add_argument("--no-remat", dest="remat", action="store_false", help="with --train: keep every layer's activations")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -334,12 +347,30 @@ def cmd_export(args) -> None:
           file=sys.stderr)
 
 
+def cmd_plan(args) -> None:
+    import json
+
+    import mistral_jax as mj
+    from mistral_jax import planner, sharding
+
+    config = mj.ModelConfig.from_preset(args.preset)
+    settings = dict(preset=args.preset, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, train=args.train,
+                    lora_rank=args.lora_rank, remat=args.remat)
+    if args.mesh:
+        mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sharding.parse_mesh(args.mesh)}
+        result = planner.plan(config, mesh, **settings)
+    else:
+        result = planner.recommend(config, args.devices, **settings)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else planner.format_plan(result))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mistral_jax.checkpoints.errors import CheckpointError
 
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export}[args.command](args)
+        {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
+         "plan": cmd_plan}[args.command](args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,173 @@
+"""Memory per device on an abstract mesh: params, optimizer state, KV cache and activations.
+
+Everything is computed from the real sharding rules (`sharding.fit_spec`) on a
+`jax.sharding.AbstractMesh` and from parameter shapes made by `jax.eval_shape`: no device, no memory,
+so a TPU pod slice can be planned on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType
+
+from mistral_jax import sharding
+from mistral_jax.config import DTYPES, ModelConfig
+from mistral_jax.model.transformer import logical_axes, param_shapes
+
+GIB = 1024**3
+# HBM per chip, GiB.
+CHIPS = {"TPU v4": 32, "TPU v5e": 16, "TPU v5p": 95, "TPU v6e": 32, "H100": 80}
+# Share of a chip's memory a plan may use: XLA needs the rest for temporaries and fragmentation.
+USABLE = 0.9
+
+
+def abstract_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1) -> AbstractMesh:
+    sizes = (data, fsdp, expert, tensor)
+    return AbstractMesh(sizes, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes))
+
+
+def per_device_elements(shape, spec, mesh) -> int:
+    """Elements of the largest shard of an array of `shape` split by `spec` over `mesh`."""
+    count = 1
+    for i, size in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        split = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        count *= -(-size // split)
+    return count
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Bytes per device of each part of a run; `fits` says which chips hold it (at 90% of HBM)."""
+
+    preset: str
+    mesh: dict
+    total_params: int
+    active_params: int
+    params_bytes_per_device: int
+    optimizer_bytes_per_device: int
+    gradient_bytes_per_device: int
+    kv_cache_bytes_per_device: int
+    activation_bytes_per_device: int
+
+    @property
+    def total_bytes_per_device(self) -> int:
+        return (self.params_bytes_per_device + self.optimizer_bytes_per_device + self.gradient_bytes_per_device
+                + self.kv_cache_bytes_per_device + self.activation_bytes_per_device)
+
+    @property
+    def fits(self) -> dict[str, bool]:
+        return {chip: self.total_bytes_per_device <= USABLE * gib * GIB for chip, gib in CHIPS.items()}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "total_bytes_per_device": self.total_bytes_per_device, "fits": self.fits}
+
+
+def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str = "bfloat16", batch: int = 1,
+         seq_len: int = 4096, train: bool = False, lora_rank: int = 0, remat: bool = True) -> Plan:
+    """Memory per device of inference (params + KV cache + activations) or SFT (with `train`: float32
+    master weights, AdamW moments and gradients, or LoRA adapters only with `lora_rank`)."""
+    mesh = abstract_mesh(**mesh_sizes)
+    shapes = param_shapes(config)
+    names = logical_axes(config)
+    specs = jax.tree.map(lambda s, n: sharding.fit_spec(s.shape, tuple(n), mesh), shapes, names)
+    per_device = sum(per_device_elements(s.shape, spec, mesh)
+                     for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=_is_spec)))
+    total = sum(s.size for s in jax.tree.leaves(shapes))
+    counts = config.param_counts()
+    compute_bytes = np.dtype(DTYPES[dtype]).itemsize
+
+    optimizer = gradients = kv_cache = 0
+    if train and lora_rank:
+        params_bytes = per_device * compute_bytes  # the frozen base
+        adapters = _lora_elements_per_device(config, mesh, lora_rank)
+        params_bytes += adapters * 4
+        optimizer, gradients = 2 * adapters * 4, adapters * 4
+    elif train:
+        params_bytes = per_device * 4  # float32 master weights
+        optimizer, gradients = 2 * per_device * 4, per_device * 4
+    else:
+        params_bytes = per_device * compute_bytes
+        cache_shape = (config.n_layers, batch, config.cache_size(seq_len), config.n_kv_heads, config.resolved_head_dim)
+        cache_spec = sharding.fit_spec(cache_shape, sharding.CACHE_AXES["k"], mesh)
+        kv_cache = 2 * per_device_elements(cache_shape, cache_spec, mesh) * compute_bytes
+    activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat)
+    return Plan(preset, dict(mesh.shape), total, counts["active"], params_bytes, optimizer, gradients, kv_cache,
+                activations)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, jax.sharding.PartitionSpec)
+
+
+def _lora_elements_per_device(config: ModelConfig, mesh, rank: int) -> int:
+    """A [in, r] and B [r, out] per attention projection and layer, split like the weight's in/out dims."""
+    hd, d = config.resolved_head_dim, config.dim
+    outs = (config.n_heads * hd, config.n_kv_heads * hd, config.n_kv_heads * hd)
+    per_layer = sum(rank * (d + out) for out in outs) + rank * (config.n_heads * hd + d)
+    return config.n_layers * per_layer // max(1, mesh.shape["fsdp"])
+
+
+def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbytes: int, train: bool, remat: bool) -> int:
+    """An estimate (not a measurement) of live activations per device.
+
+    Tokens are split over data*fsdp, heads and hidden units over tensor. Training keeps per layer what
+    the backward pass needs (Korthikanti et al.'s ~34*dim + 5*heads*seq per token at 2 bytes, scaled to
+    `nbytes`), or only the layer inputs plus one layer's worth under remat, and float32 logits and
+    their gradient. Inference holds one prefill chunk's largest intermediates.
+    """
+    rows = max(1, batch // (mesh.shape["data"] * mesh.shape["fsdp"]))
+    tensor = mesh.shape["tensor"]
+    heads = max(1, config.n_heads // tensor)
+    vocab = -(-config.vocab_size // tensor)
+    tokens = rows * seq_len
+    if train:
+        per_layer = tokens * (34 * config.dim // tensor + 5 * heads * seq_len) * nbytes // 2
+        kept = tokens * config.dim * nbytes * config.n_layers + per_layer if remat else per_layer * config.n_layers
+        return kept + 2 * tokens * vocab * 4
+    chunk = rows * min(seq_len, 512)
+    scores = rows * heads * min(seq_len, 512) * config.cache_size(seq_len) * 4
+    return chunk * (vocab * 4 + 3 * (-(-config.hidden_dim // tensor)) * nbytes) + scores
+
+
+def candidate_meshes(config: ModelConfig, devices: int):
+    """Every (data, fsdp, expert, tensor) over `devices` worth trying: expert divides the expert count,
+    tensor divides the KV heads (at most 8), the rest goes to fsdp and data."""
+    experts = [e for e in range(1, devices + 1) if devices % e == 0 and (e == 1 or (config.is_moe and config.n_experts % e == 0))]
+    for expert in experts:
+        for tensor in (t for t in range(1, min(8, devices // expert) + 1) if (devices // expert) % t == 0):
+            if config.n_kv_heads % tensor:
+                continue
+            rest = devices // (expert * tensor)
+            for data in (d for d in range(1, rest + 1) if rest % d == 0):
+                yield {"data": data, "fsdp": rest // data, "expert": expert, "tensor": tensor}
+
+
+def recommend(config: ModelConfig, devices: int, **plan_kwargs) -> Plan:
+    """Among the plans within 5% of the least memory per device, the one that communicates least:
+    for inference the most tensor and expert parallelism (weights stay put, each decode step moves only
+    activations), for training the least tensor parallelism (fsdp gathers weights once per step)."""
+    plans = [plan(config, mesh, **plan_kwargs) for mesh in candidate_meshes(config, devices)]
+    least = min(p.total_bytes_per_device for p in plans)
+    near = [p for p in plans if p.total_bytes_per_device <= 1.05 * least]
+    if plan_kwargs.get("train"):
+        return min(near, key=lambda p: (p.mesh["tensor"], -p.mesh["expert"], p.total_bytes_per_device))
+    return min(near, key=lambda p: (-p.mesh["tensor"], -p.mesh["expert"], p.total_bytes_per_device))
+
+
+def format_plan(p: Plan) -> str:
+    """A short human-readable report."""
+    mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+    rows = [("params", p.params_bytes_per_device), ("optimizer state", p.optimizer_bytes_per_device),
+            ("gradients", p.gradient_bytes_per_device), ("KV cache", p.kv_cache_bytes_per_device),
+            ("activations (estimate)", p.activation_bytes_per_device), ("total", p.total_bytes_per_device)]
+    lines = [f"{p.preset or 'model'}: {p.total_params / 1e9:.2f}B parameters ({p.active_params / 1e9:.2f}B active) "
+             f"on mesh {mesh}"]
+    lines += [f"  {name:<24}{value / GIB:9.2f} GiB per device" for name, value in rows if value or name == "total"]
+    lines.append("  fits: " + ", ".join(f"{chip} ({gib} GiB) {'yes' if ok else 'no'}"
+                                        for (chip, gib), ok in zip(CHIPS.items(), p.fits.values())))
+    return "\n".join(lines)

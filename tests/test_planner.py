@@ -1,0 +1,52 @@
+"""The memory planner: abstract-mesh numbers equal what shard_params really places."""
+
+import json
+
+import jax
+import pytest
+
+import mistral_jax as mj
+from mistral_jax import cli, planner
+
+
+@pytest.mark.parametrize("preset, mesh", [("tiny-mixtral", dict(data=1, fsdp=2, expert=2, tensor=2)),
+                                          ("tiny-mistral", dict(data=1, fsdp=8, expert=1, tensor=1)),
+                                          ("tiny-llama", dict(data=2, fsdp=1, expert=1, tensor=4))])
+def test_planned_param_bytes_match_the_placed_ones(preset, mesh):
+    config = mj.ModelConfig.from_preset(preset)
+    planned = planner.plan(config, mesh, dtype="float32").params_bytes_per_device
+    params = mj.shard_params(config, mj.init_params(config, jax.random.key(0)), mj.make_mesh(**mesh))
+    device0 = jax.devices()[0]
+    placed = sum(shard.data.nbytes for leaf in jax.tree.leaves(params) for shard in leaf.addressable_shards
+                 if shard.device == device0)
+    assert planned == pytest.approx(placed, rel=0.05)
+
+
+def test_training_adds_master_weights_moments_and_gradients():
+    config = mj.ModelConfig.from_preset("mistral-7b-v0.1")
+    mesh = dict(data=1, fsdp=8, expert=1, tensor=1)
+    infer = planner.plan(config, mesh, dtype="bfloat16", batch=8, seq_len=4096)
+    train = planner.plan(config, mesh, dtype="bfloat16", batch=8, seq_len=2048, train=True)
+    assert train.params_bytes_per_device == 2 * infer.params_bytes_per_device  # float32 master weights
+    assert train.optimizer_bytes_per_device == 2 * train.params_bytes_per_device
+    assert infer.kv_cache_bytes_per_device == 32 * 8 * 4096 * 8 * 128 * 2 * 2 // 8  # window 4096, batch over fsdp
+    lora = planner.plan(config, mesh, dtype="bfloat16", batch=8, seq_len=2048, train=True, lora_rank=16)
+    assert lora.optimizer_bytes_per_device < train.optimizer_bytes_per_device / 100
+    assert not train.fits["TPU v5e"] and train.fits["TPU v5p"]
+
+
+def test_cli_plan_json(capsys):
+    assert cli.main(["plan", "--preset", "mixtral-8x7b-v0.1", "--mesh", "fsdp=4,expert=2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["total_params"] == mj.ModelConfig.from_preset("mixtral-8x7b-v0.1").param_counts()["total"]
+    assert {"params_bytes_per_device", "kv_cache_bytes_per_device", "fits", "total_bytes_per_device"} <= set(result)
+
+
+def test_recommended_mesh_fits_and_uses_every_device():
+    config = mj.ModelConfig.from_preset("mixtral-8x7b-v0.1")
+    best = planner.recommend(config, 32, dtype="bfloat16", batch=32, seq_len=2048, train=True)
+    assert best.mesh["data"] * best.mesh["fsdp"] * best.mesh["expert"] * best.mesh["tensor"] == 32
+    every = [planner.plan(config, m, dtype="bfloat16", batch=32, seq_len=2048, train=True)
+             for m in planner.candidate_meshes(config, 32)]
+    assert best.total_bytes_per_device <= 1.05 * min(p.total_bytes_per_device for p in every)
+    assert best.fits["TPU v5p"]
