@@ -1,0 +1,16 @@
+"""The Colab quickstart runs top to bottom on the CPU (nbclient, a real Jupyter kernel)."""
+
+import pathlib
+
+import nbformat
+from nbclient import NotebookClient
+
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "examples" / "colab_quickstart.ipynb"
+
+
+def test_colab_quickstart_runs_on_the_cpu(tmp_path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+    assert "8 devices: cpu" in outputs
+    assert "Paris" in outputs and "Berlin" in outputs
