@@ -100,10 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
                             ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("src", type=pathlib.Path, help="HF directory, consolidated directory, .gguf file or orbax checkpoint")
+        sub.add_argument("src", type=pathlib.Path,
+                         help="HF directory, consolidated directory, .gguf file, orbax checkpoint or sft output directory")
         sub.add_argument("dst", type=pathlib.Path, help="output directory (must not exist yet)")
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+
+    from train.sft import add_sft_parser  # the SFT program lives in train/; only the CLI reaches into it
+
+    add_sft_parser(commands)
 
     plan = commands.add_parser("plan", help="memory per device of a preset on a mesh, and which chips it fits")
     plan.add_argument("--preset", required=True, help="a model preset (see mj.list_presets())")
@@ -324,24 +329,40 @@ def _tokenizer_files(src: pathlib.Path, scratch: pathlib.Path) -> list[pathlib.P
     return []
 
 
-def cmd_convert(args) -> None:
+def _load_source(args, scratch: pathlib.Path):
+    """(config, params, tokenizer files) of convert/export's SRC; an sft run gives its latest step, LoRA
+    merged, with its base checkpoint's tokenizer. Tokenizer files rebuilt from a GGUF go to `scratch`."""
+    import jax
+
     import mistral_jax as mj
+    from mistral_jax.config import DTYPES
+    from train import sft
+
+    if (args.src / sft.RUN_FILE).is_file():
+        config, params = sft.latest_params(args.src)
+        dtype = DTYPES[args.dtype]
+        config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+        tokenizer_src = pathlib.Path(sft.run_info(args.src)["tokenizer"])
+        return config, params, _tokenizer_files(tokenizer_src, scratch)
+    config, params = mj.load(args.src, dtype=args.dtype)
+    return config, params, _tokenizer_files(args.src, scratch)
+
+
+def cmd_convert(args) -> None:
     from mistral_jax.checkpoints import orbax
 
-    config, params = mj.load(args.src, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_files = _tokenizer_files(args.src, pathlib.Path(scratch))
+        config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
         orbax.write(config, params, args.dst, extra_files=tokenizer_files)
     print(f"wrote orbax checkpoint {args.dst}", file=sys.stderr)
 
 
 def cmd_export(args) -> None:
-    import mistral_jax as mj
     from mistral_jax.checkpoints import hf
 
-    config, params = mj.load(args.src, dtype=args.dtype)
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_files = _tokenizer_files(args.src, pathlib.Path(scratch))
+        config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
         hf.write(config, params, args.dst, extra_files=tokenizer_files, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"wrote Hugging Face directory {args.dst}" + ("" if tokenizer_files else " (the source had no tokenizer)"),
           file=sys.stderr)
@@ -369,8 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mistral_jax.checkpoints.errors import CheckpointError
 
     try:
-        {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
-         "plan": cmd_plan}[args.command](args)
+        from train import sft
+
+        commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
+                    "plan": cmd_plan, "sft": sft.run}
+        commands[args.command](args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,48 @@
+"""Fixtures for the SFT tests: the tokenizer, a tiny model saved with it, a chat JSONL file, a compilation cache."""
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+from sft_helpers import CHATML, chats, save_model, train_tokenizer, write_jsonl
+
+from mistral_jax.tokenizers import Tokenizer, load_tokenizer
+
+
+@pytest.fixture(scope="package", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical programs (the runs of one resume test) compile once: a persistent cache for these tests only."""
+    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
+                "jax_persistent_cache_min_compile_time_secs": 0.5, "jax_persistent_cache_min_entry_size_bytes": 0}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """tokenizer.json + tokenizer_config.json (ChatML template, <|im_end|> as EOS, no BOS)."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer().save(str(directory / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHATML}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir) -> Tokenizer:
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    return save_model(tmp_path_factory.mktemp("models") / "tiny-llama", "tiny-llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chats.jsonl", chats())

@@ -1,0 +1,87 @@
+"""train.optim and the loss: schedule, decay mask, assistant-only loss, packing isolation, exact accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from train.data import load_data, make_rows
+from train.loop import BatchShape, Trainer
+from train.optim import OptimConfig, decay_mask, learning_rate_schedule, token_loss_sum
+
+CONFIG = mj.ModelConfig.from_preset("tiny-llama")
+forward = jax.jit(mj.forward, static_argnums=0)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return mj.init_params(CONFIG, jax.random.key(0))
+
+
+def test_schedule_warms_up_then_decays_to_the_floor() -> None:
+    schedule = learning_rate_schedule(OptimConfig(1e-3, total_steps=100, warmup_steps=10, min_lr_ratio=0.1))
+    lrs = np.array([float(schedule(i)) for i in range(100)])
+    np.testing.assert_allclose(lrs[:10], 1e-3 * np.arange(1, 11) / 10, rtol=1e-6)  # the first update moves already
+    assert (np.diff(lrs[9:]) < 0).all()
+    np.testing.assert_allclose(lrs[-1], 1e-4, rtol=1e-6)
+    with pytest.raises(ValueError, match="warmup"):
+        OptimConfig(1e-3, total_steps=5, warmup_steps=6)
+
+
+def test_no_weight_decay_on_norm_scales(params) -> None:
+    mask = decay_mask(params)
+    assert not mask["final_norm"]["scale"] and not mask["layers"]["attention_norm"]["scale"]
+    assert mask["embedding"] and mask["layers"]["attention"]["wq"] and mask["layers"]["mlp"]["w_down"]
+
+
+def _loss(params, rows):
+    logits, _, _ = forward(CONFIG, params, rows["inputs"], rows["positions"], rows["segment_ids"])
+    total, count = token_loss_sum(logits, rows["targets"], rows["weights"])
+    return float(total / count)
+
+
+def test_only_assistant_targets_count(params, tokenizer, data_file) -> None:
+    data = load_data(data_file, tokenizer, seq_len=64, rows=2, packing=True, seed=0, eval_fraction=0, vocab_size=256)
+    rows = next(data.train)
+    base = _loss(params, rows)
+    context = np.argwhere((rows["weights"] == 0) & (rows["positions"] >= 0))[5]  # a system / user target
+    answer = np.argwhere(rows["weights"] == 1)[3]
+    for (r, t), changes in ((context, False), (answer, True)):
+        edited = {**rows, "targets": rows["targets"].copy()}
+        edited["targets"][r, t] = (edited["targets"][r, t] + 7) % tokenizer.vocab_size
+        assert (_loss(params, edited) != base) == changes
+
+
+def test_packed_row_logits_equal_each_example_alone(params, tokenizer, data_file) -> None:
+    data = load_data(data_file, tokenizer, seq_len=128, rows=1, packing=True, seed=0, eval_fraction=0, vocab_size=256)
+    examples = data.train.examples[:3]
+    packed = make_rows(examples, 128, packing=True)
+    assert packed["inputs"].shape[0] == 1 and packed["segment_ids"].max() == 3
+    logits, _, _ = forward(CONFIG, params, packed["inputs"], packed["positions"], packed["segment_ids"])
+    alone = make_rows(examples, 128, packing=False)  # one example a row, padding after it
+    alone_logits, _, _ = forward(CONFIG, params, alone["inputs"], alone["positions"], None)
+    offset = 0
+    for i, example in enumerate(examples):
+        n = len(example)
+        np.testing.assert_allclose(logits[0, offset:offset + n], alone_logits[i, :n], atol=1e-5)
+        offset += n
+
+
+def test_gradient_accumulation_equals_one_big_batch(params, tokenizer, data_file) -> None:
+    """2 micro-batches of 2 rows equal one batch of 4 rows: the same rows, token-weighted."""
+    optim = OptimConfig(1e-3, total_steps=10, warmup_steps=1)
+    results = []
+    for accum, rows in ((2, 2), (1, 4)):
+        data = load_data(data_file, tokenizer, seq_len=32, rows=accum * rows, packing=False, seed=0, eval_fraction=0,
+                         vocab_size=256)
+        trainer = Trainer(CONFIG, optim, BatchShape(accum, rows, 32))
+        state = trainer.init_state(jax.tree.map(jnp.array, params))
+        for _ in range(2):
+            state, metrics = trainer.train_step(state, trainer.put_batch(next(data.train)))
+        results.append((jax.device_get(state["params"]), {k: float(v) for k, v in metrics.items()}))
+    (p1, m1), (p2, m2) = results
+    assert m1["target_tokens"] == m2["target_tokens"] > 0
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)

@@ -1,0 +1,122 @@
+"""train.loop and train.lora: memorising, compiling once, sharded = unsharded, LoRA trains adapters only, NaN stop."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from mistral_jax import sharding
+from train import lora
+from train.data import load_data
+from train.loop import BatchShape, DivergedError, LoopOptions, Trainer, checkpoint_manager, run_loop
+from train.optim import OptimConfig
+
+# Lowering too: with the persistent compilation cache on, a recompilation may skip the backend compiler.
+COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+
+
+def _data(tokenizer, data_file, rows, seq_len=64, packing=True):
+    return load_data(data_file, tokenizer, seq_len=seq_len, rows=rows, packing=packing, seed=0, eval_fraction=0,
+                     vocab_size=256)
+
+
+def _step_metrics(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _llama_trainer() -> tuple[mj.ModelConfig, Trainer]:
+    """Tiny Llama, 2 rows of 64 tokens a step: the same program each time (the compilation cache reuses it)."""
+    config = mj.ModelConfig.from_preset("tiny-llama")
+    return config, Trainer(config, OptimConfig(3e-3, total_steps=40, warmup_steps=2), BatchShape(1, 2, 64))
+
+
+def test_tiny_model_memorises_and_the_step_compiles_once(tokenizer, data_file) -> None:
+    config, trainer = _llama_trainer()
+    state = trainer.init_state(mj.init_params(config, jax.random.key(0)))
+    data = _data(tokenizer, data_file, rows=2)
+    losses, compiles = [], []
+
+    def on_event(event: str, duration: float, **_) -> None:
+        if event in COMPILE_EVENTS:
+            compiles.append(event)
+
+    for step in range(40):
+        if step == 1:  # after the first step, no step may compile again
+            jax.monitoring.register_event_duration_secs_listener(on_event)
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(data.train)))
+        losses.append(_step_metrics(metrics)["loss"])
+    jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compiles == []
+    assert int(state["step"]) == 40
+    assert np.mean(losses[-4:]) < 0.2 * np.mean(losses[:2]), losses
+
+
+def test_sharded_step_equals_unsharded(tokenizer, data_file) -> None:
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(1))
+    optim, shape = OptimConfig(1e-3, total_steps=10, warmup_steps=1), BatchShape(1, 4, 32)
+    batches = [next(_data(tokenizer, data_file, rows=4, seq_len=32).train) for _ in range(2)]
+    mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
+    results = []
+    for m in (None, mesh):
+        trainer = Trainer(config, optim, shape, aux_loss_coef=0.02, mesh=m)
+        state = trainer.init_state(jax.tree.map(jnp.array, params))
+        for batch in batches:
+            state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+        results.append((state, _step_metrics(metrics)))
+    (plain, m1), (sharded, m2) = results
+    w_up = sharded["params"]["layers"]["moe"]["w_up"]
+    assert w_up.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+    mu = sharded["opt_state"][1][0].mu["layers"]["moe"]["w_up"]
+    assert mu.sharding.is_equivalent_to(w_up.sharding, w_up.ndim)  # the Adam moments are split like the weights
+    assert m1["aux_loss"] > 0
+    for key in ("loss", "aux_loss", "grad_norm"):
+        np.testing.assert_allclose(m1[key], m2[key], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), jax.device_get(plain["params"]),
+                 jax.device_get(sharded["params"]))
+
+
+def test_lora_trains_only_the_adapters(tokenizer, data_file) -> None:
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(2))
+    base = jax.device_get(params)
+    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("wq", "wo", "w_gate", "w_down"))
+    trainer = Trainer(config, OptimConfig(1e-2, total_steps=5, warmup_steps=1), BatchShape(1, 2, 64), lora=spec)
+    state = trainer.init_state(params, lora.init(params, spec, jax.random.key(3)))
+    assert jax.tree.structure(state["opt_state"][1][0].mu) == jax.tree.structure(state["lora"])  # adapters' moments only
+    data = _data(tokenizer, data_file, rows=2)
+    for _ in range(3):
+        state, metrics = trainer.train_step(state, trainer.put_batch(next(data.train)))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), base, jax.device_get(state["params"]))
+    adapters = jax.device_get(state["lora"])
+    assert adapters["layers"]["moe"]["w_gate"]["a"].shape == (2, 4, 64, 4)  # per layer and expert
+    assert adapters["layers"]["moe"]["w_gate"]["b"].shape == (2, 4, 4, 128)
+    assert all(np.abs(ab["b"]).max() > 0 for module in adapters["layers"].values() for ab in module.values())
+    merged = lora.merge(base, adapters, spec.scale)
+    products = {"wo": "lhkr,lrd->lhkd", "w_gate": "ledr,lerf->ledf"}  # [L, H, hd, D] and [L, E, D, F]
+    for name, equation in products.items():
+        module = "attention" if name == "wo" else "moe"
+        ab = adapters["layers"][module][name]
+        expected = base["layers"][module][name] + 2.0 * np.einsum(equation, ab["a"], ab["b"])
+        np.testing.assert_allclose(merged["layers"][module][name], expected, atol=1e-6)
+    assert (merged["layers"]["attention"]["wk"] == base["layers"]["attention"]["wk"]).all()  # not a target
+    with pytest.raises(ValueError, match="unknown LoRA targets"):
+        lora.LoraSpec(4, 8.0, ("wq", "router"))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer, data_file) -> None:
+    config, trainer = _llama_trainer()
+    state = trainer.init_state(mj.init_params(config, jax.random.key(0)))
+    manager = checkpoint_manager(tmp_path, keep=3)
+    batches = _data(tokenizer, data_file, rows=2).train
+    options = LoopOptions(tmp_path, 40, stop_at=2, save_every=1, log_every=1)
+    state, result = run_loop(trainer, state, batches, manager, options)
+    assert result.status == "stopped" and manager.all_steps() == [1, 2]
+    poisoned = {**state, "params": {**state["params"], "lm_head": state["params"]["lm_head"] * np.nan}}
+    with pytest.raises(DivergedError, match=r"step 3: loss nan.*last good checkpoint is step 2"):
+        run_loop(trainer, poisoned, batches, manager, LoopOptions(tmp_path, 40, save_every=1, log_every=1))
+    assert manager.all_steps() == [1, 2]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

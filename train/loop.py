@@ -1,0 +1,380 @@
+"""The training loop: one jitted train step (sharded under a mesh), orbax checkpoints, metrics.jsonl,
+SIGTERM (save and stop) and NaN (stop, keeping the last good checkpoint).
+
+The train state is a dict pytree: {"step": int32 [], "params": the model, "opt_state": optax state} plus
+"lora" (the adapters) with LoRA, where only the adapters are trained. A checkpoint holds the trained part
+("trainable": the params, or the adapters), "opt_state" and "data" (every host's iterator state, JSON);
+its step is the orbax step. Orbax writes each step to a temporary directory and renames it when complete,
+so a checkpoint cut off mid-write is never listed, hence never resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from mistral_jax import sharding
+from mistral_jax.config import ModelConfig
+from mistral_jax.model.transformer import forward, logical_axes, param_shapes
+from train import lora as lora_lib
+from train.data import FIELDS, Batches, empty_rows
+from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer, token_loss_sum
+
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+ITEMS = ("trainable", "opt_state", "data")
+
+
+class DivergedError(ValueError):
+    """The loss or gradient norm stopped being finite (a ValueError, so the CLI prints it as one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """A step's batch: grad_accum micro-batches of `rows` rows (over all hosts) of seq_len tokens."""
+
+    grad_accum: int
+    rows: int
+    seq_len: int
+
+    def __post_init__(self):
+        processes = jax.process_count()
+        if min(self.grad_accum, self.rows, self.seq_len) < 1 or self.rows % processes:
+            raise ValueError(f"need positive sizes and a batch size divisible by the {processes} processes, got {self}")
+
+    @property
+    def local_rows(self) -> int:
+        """Rows of each micro-batch that this host supplies."""
+        return self.rows // jax.process_count()
+
+
+class Trainer:
+    """The jitted train and eval steps of one model, optimizer, batch shape and (optionally) mesh."""
+
+    def __init__(self, config: ModelConfig, optim: OptimConfig, shape: BatchShape, *,
+                 lora: lora_lib.LoraSpec | None = None, aux_loss_coef: float = 0.0, mesh=None):
+        self.config, self.shape, self.lora, self.aux_loss_coef, self.mesh = config, shape, lora, aux_loss_coef, mesh
+        self.optimizer = make_optimizer(optim)
+        self.schedule = learning_rate_schedule(optim)
+        self.key = "lora" if lora else "params"  # the trained part of the state
+        self._abstract = self._shapes()
+        self.shardings = self._shardings() if mesh is not None else None
+        train_batch = (shape.grad_accum, shape.rows, shape.seq_len)
+        self.batch_sharding = self._batch_sharding(train_batch, (None, "batch", None))
+        self.eval_sharding = self._batch_sharding(train_batch[1:], ("batch", None))
+        self.train_step = self._jit(self._train_step, self.batch_sharding, returns_state=True)
+        self.eval_step = self._jit(self._eval_step, self.eval_sharding, returns_state=False)
+
+    def _jit(self, step_fn, batch_sharding, returns_state: bool):
+        """jit a (state, batch) function; a step that returns the state donates it. Explicit shardings on a mesh."""
+        donate = (0,) if returns_state else ()
+        if self.mesh is None:
+            return jax.jit(step_fn, donate_argnums=donate)
+        metrics = sharding.replicated(self.mesh)
+        return jax.jit(step_fn, donate_argnums=donate,
+                       in_shardings=(self.shardings, {k: batch_sharding for k in FIELDS}),
+                       out_shardings=(self.shardings, metrics) if returns_state else metrics)
+
+    # Shapes and placement -------------------------------------------------------------------------
+    def _shapes(self):
+        """The state as ShapeDtypeStructs (no memory used)."""
+        params = param_shapes(self.config)
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params}
+        if self.lora:
+            state["lora"] = jax.eval_shape(lambda: lora_lib.init(params, self.lora, jax.random.key(0)))
+        state["opt_state"] = jax.eval_shape(self.optimizer.init, state[self.key])
+        return state
+
+    def _shardings(self):
+        """A NamedSharding for every leaf of the state: the sharding module's rules for params and adapters,
+        the optimizer moments like their parameters, scalars replicated."""
+        mesh, abstract, replicated = self.mesh, self._abstract, sharding.replicated(self.mesh)
+        out = {"step": replicated, "params": sharding.param_shardings(self.config, mesh)}
+        if self.lora:
+            axes = lora_lib.logical_axes(logical_axes(self.config), abstract["lora"])
+            out["lora"] = jax.tree.map(lambda s, names: sharding.named(mesh, s.shape, tuple(names)),
+                                       abstract["lora"], axes)
+        out["opt_state"] = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract["opt_state"], out[self.key],
+                                                 transform_non_params=lambda _: replicated)
+        return out
+
+    def _batch_sharding(self, shape, names):
+        """A batch's NamedSharding from logical names (rows split over data and fsdp); None without a mesh."""
+        return None if self.mesh is None else sharding.named(self.mesh, shape, names)
+
+    def abstract_state(self):
+        """ShapeDtypeStructs of the state with their target shardings (device 0 without a mesh), for restoring."""
+        if self.shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), self._abstract)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self._abstract,
+                            self.shardings)
+
+    def place_params(self, params):
+        """The base parameters on the mesh (or as device arrays without one)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, params)
+        return sharding.shard_params(self.config, params, self.mesh)
+
+    def step_array(self, step: int):
+        """The state's step counter, placed (replicated on the mesh)."""
+        if self.mesh is None:
+            return jnp.asarray(step, jnp.int32)
+        return sharding.put(np.int32(step), self.shardings["step"])
+
+    def init_state(self, params, adapters=None):
+        """A fresh state: params (and adapters, with LoRA) placed, optimizer state initialised in place.
+
+        Device arrays passed in become the state's own: train_step donates them.
+        """
+        state = {"step": self.step_array(0), "params": self.place_params(params)}
+        if self.lora:
+            if adapters is None:
+                raise ValueError("a LoRA trainer needs adapters (train.lora.init)")
+            state["lora"] = adapters
+            if self.mesh is not None:
+                state["lora"] = jax.tree.map(sharding.put, adapters, self.shardings["lora"])
+        init = jax.jit(self.optimizer.init, out_shardings=None if self.mesh is None else self.shardings["opt_state"])
+        state["opt_state"] = init(state[self.key])
+        return state
+
+    def _put(self, local: dict[str, np.ndarray], global_shape, batch_sharding):
+        """This host's rows -> global arrays of global_shape (split on the batch dimension across hosts)."""
+        if self.mesh is None:
+            return {k: jnp.asarray(local[k]) for k in FIELDS}
+        return {k: jax.make_array_from_process_local_data(batch_sharding, local[k], global_shape) for k in FIELDS}
+
+    def put_batch(self, local: dict[str, np.ndarray]):
+        """This host's grad_accum * local_rows rows [N, L] -> the step's batch [K, rows, L] (micro-batch-major)."""
+        k, rows, length = self.shape.grad_accum, self.shape.rows, self.shape.seq_len
+        local = {name: local[name].reshape(k, self.shape.local_rows, length) for name in FIELDS}
+        return self._put(local, (k, rows, length), self.batch_sharding)
+
+    # The steps ------------------------------------------------------------------------------------
+    def _model_params(self, state, trainable):
+        """The weights the forward uses: the trained params, or the base with the adapters merged in."""
+        return lora_lib.merge(state["params"], trainable, self.lora.scale) if self.lora else trainable
+
+    def _train_step(self, state, batch):
+        """One optimizer update from a [K, B, L] batch -> (new state, metrics of scalars)."""
+
+        def loss_fn(trainable, micro):  # micro: FIELDS of [B, L]
+            params = self._model_params(state, trainable)
+            logits, _, aux = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"])
+            ce, tokens = token_loss_sum(logits, micro["targets"], micro["weights"])
+            aux_loss = aux.get("load_balancing_loss", jnp.zeros((), jnp.float32))
+            return ce + self.aux_loss_coef * aux_loss * tokens, (ce, tokens, aux_loss)
+
+        with sharding.activations(self.config, self.mesh, self.shape.rows):
+            grads, metrics = accumulate_gradients(loss_fn, state[self.key], batch)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state[self.key])
+        new_state = {**state, self.key: optax.apply_updates(state[self.key], updates), "opt_state": opt_state,
+                     "step": state["step"] + 1}
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state["step"]),
+                       input_tokens=jnp.sum(batch["positions"] >= 0))
+        return new_state, metrics
+
+    def _eval_step(self, state, batch):
+        """Summed loss and target count of one [B, L] batch."""
+        with sharding.activations(self.config, self.mesh, self.shape.rows):
+            params = self._model_params(state, state[self.key])
+            logits, _, _ = forward(self.config, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            ce, tokens = token_loss_sum(logits, batch["targets"], batch["weights"])
+        return {"loss_sum": ce, "tokens": tokens}
+
+    def evaluate(self, state, rows: dict[str, np.ndarray]) -> float:
+        """Token-mean loss over all `rows` (the same on every host), in batches of the training rows."""
+        b, local, length = self.shape.rows, self.shape.local_rows, self.shape.seq_len
+        n = len(rows["inputs"])
+        pad = empty_rows(-n % b, length)
+        rows = {k: np.concatenate([rows[k], pad[k]]) for k in FIELDS}
+        first = jax.process_index() * local
+        loss_sum, tokens = 0.0, 0.0
+        for start in range(0, len(rows["inputs"]), b):
+            part = {k: v[start + first: start + first + local] for k, v in rows.items()}
+            out = jax.device_get(self.eval_step(state, self._put(part, (b, length), self.eval_sharding)))
+            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
+        return loss_sum / max(tokens, 1.0)
+
+
+# Checkpoints ---------------------------------------------------------------------------------------
+def checkpoint_manager(output_dir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    """Orbax manager of OUTPUT/checkpoints: async saves, the last `keep` kept (None: all)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                           save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(pathlib.Path(output_dir).absolute() / CHECKPOINTS_DIR, options=options, item_names=ITEMS)
+
+
+def gather_data_state(local_state: dict[str, int]) -> dict:
+    """Every host's iterator state, for the checkpoint: {"process_count", "hosts": [{"epoch", "position"}, ...]}."""
+    if jax.process_count() == 1:
+        hosts = [local_state]
+    else:
+        table = multihost_utils.process_allgather(np.array([local_state["epoch"], local_state["position"]]))  # [P, 2]
+        hosts = [{"epoch": int(e), "position": int(p)} for e, p in np.asarray(table)]
+    return {"process_count": jax.process_count(), "hosts": hosts}
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, state, data_state: dict) -> int:
+    """Start an async save of `state` at its step (the arrays are copied before this returns); the step."""
+    step = int(jax.device_get(state["step"]))
+    manager.save(step, force=True, args=ocp.args.Composite(
+        trainable=ocp.args.StandardSave(state[trainer.key]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(data_state),
+    ))
+    return step
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: int, base_params=None):
+    """(state, this host's data-iterator state) from checkpoint `step`, placed as the trainer shards them.
+
+    With LoRA the base params are not in the checkpoint: pass them (they are placed like a fresh state).
+    """
+    abstract = trainer.abstract_state()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(abstract[trainer.key]),
+        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+        data=ocp.args.JsonRestore(),
+    ))
+    if trainer.lora:
+        if base_params is None:
+            raise ValueError("resuming a LoRA run needs the base params")
+        params = trainer.place_params(base_params)
+    else:
+        params = restored["trainable"]
+    state = {"step": trainer.step_array(step), "params": params, "opt_state": restored["opt_state"]}
+    if trainer.lora:
+        state["lora"] = restored["trainable"]
+    data = restored["data"]
+    if data["process_count"] != jax.process_count():
+        raise ValueError(f"checkpoint {step} was written by {data['process_count']} processes; resume with as many "
+                         f"(this run has {jax.process_count()})")
+    return state, data["hosts"][jax.process_index()]
+
+
+# The loop ------------------------------------------------------------------------------------------
+class StopSignal:
+    """SIGTERM sets a flag that the loop checks after every step (installed from the main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def handle(self, signum=None, frame=None) -> None:
+        """The SIGTERM handler: only asks the loop to stop after the step in flight."""
+        self.requested = True
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self.handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """Whether any host was asked to stop (all hosts must save the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How long to train and how often to log, evaluate and save."""
+
+    output_dir: pathlib.Path
+    steps: int  # what the schedule spans
+    stop_at: int | None = None  # stop (with a checkpoint) after this step
+    save_every: int = 200
+    eval_every: int = 200
+    log_every: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopResult:
+    """Where a run ended and why."""
+
+    step: int
+    status: str  # "finished", "stopped" (--stop-at) or "preempted" (SIGTERM)
+    loss: float | None  # the last step's training loss
+
+
+def _finite(metrics: dict[str, float]) -> bool:
+    """Whether the step's loss and gradient norm are finite numbers."""
+    return math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+
+
+def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointManager, options: LoopOptions,
+             eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None):
+    """Train from state's step to options.steps (or stop_at), logging, evaluating and checkpointing -> (state, result).
+
+    Metrics are read back every step so a non-finite loss stops the run before anything is saved from it.
+    """
+    main = jax.process_index() == 0
+    step = int(jax.device_get(state["step"]))
+    end = min(options.steps, options.stop_at or options.steps)
+    status, loss = ("finished" if end == options.steps else "stopped"), None
+    log = (pathlib.Path(options.output_dir) / METRICS_FILE).open("a") if main else None
+    bar = tqdm(total=options.steps, initial=step, disable=not main, desc="sft", unit="step", dynamic_ncols=True)
+    window_tokens, window_seconds = 0.0, 0.0  # train-step time only: not data, eval or saving
+    stop = stop or StopSignal()
+    try:
+        with stop:
+            while step < end:
+                batch = trainer.put_batch(next(batches))
+                started = time.perf_counter()
+                state, metrics = trainer.train_step(state, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                window_seconds += time.perf_counter() - started
+                step += 1
+                if not _finite(metrics):
+                    manager.wait_until_finished()
+                    raise DivergedError(
+                        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; stopped. The last good "
+                        f"checkpoint is step {manager.latest_step()} (try a lower --learning-rate)")
+                loss, window_tokens = metrics["loss"], window_tokens + metrics["input_tokens"]
+                record = {}
+                if step % options.log_every == 0 or step == end:
+                    record = {"step": step, "loss": loss, "learning_rate": metrics["learning_rate"],
+                              "grad_norm": metrics["grad_norm"], "tokens_per_second": window_tokens / window_seconds,
+                              "target_tokens": metrics["target_tokens"]}
+                    if trainer.config.is_moe:
+                        record["aux_loss"] = metrics["aux_loss"]
+                    window_tokens, window_seconds = 0.0, 0.0
+                if eval_rows is not None and (step % options.eval_every == 0 or step == end):
+                    record.update(step=step, eval_loss=trainer.evaluate(state, eval_rows))
+                if record and log:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                preempted = stop.agreed()
+                if step % options.save_every == 0 or step == end or preempted:
+                    save_checkpoint(manager, trainer, state, gather_data_state(batches.state()))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if preempted:
+                    status = "preempted"
+                    break
+    finally:
+        manager.wait_until_finished()
+        bar.close()
+        if log:
+            log.close()
+    return state, LoopResult(step, status, loss)

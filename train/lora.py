@@ -1,0 +1,119 @@
+"""LoRA: low-rank adapters on the stacked attention and MLP weights, merged functionally before the forward.
+
+A target weight W [lead..., in..., out...] (lead = layers, or layers and experts) gets A [lead..., in..., r]
+and B [lead..., r, out...], B zero so training starts from the base model; the model runs on
+W + (alpha / r) * A @ B, and only A and B are trained. Adapters are a nested dict mirroring the params,
+each target leaf replaced by {"a", "b"}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+# Target name -> (its module in the params tree, number of input dims, number of output dims).
+TARGETS = {
+    "wq": (("attention",), 1, 2),  # [L, D, H, hd]
+    "wk": (("attention",), 1, 2),  # [L, D, K, hd]
+    "wv": (("attention",), 1, 2),
+    "wo": (("attention",), 2, 1),  # [L, H, hd, D]
+    "w_gate": (("mlp", "moe"), 1, 1),  # [L, D, F] or [L, E, D, F]
+    "w_up": (("mlp", "moe"), 1, 1),
+    "w_down": (("mlp", "moe"), 1, 1),  # [L, F, D] or [L, E, F, D]
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Rank, alpha and target weights of the adapters; the update is scaled by alpha / rank."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """'wq,wk,wv,wo' -> ("wq", "wk", "wv", "wo")."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _targets(params, spec: LoraSpec) -> list[tuple[str, str]]:
+    """(module, name) of each target in `params` (any pytree with the params' layout)."""
+    layers = params["layers"]
+    found = []
+    for name in spec.targets:
+        module = next((m for m in TARGETS[name][0] if name in layers.get(m, {})), None)
+        if module is None:
+            raise ValueError(f"LoRA target {name} is not a weight of this model")
+        found.append((module, name))
+    return found
+
+
+def init(params, spec: LoraSpec, rng):
+    """Fresh adapters for `params` (arrays or ShapeDtypeStructs): A ~ N(0, 1/fan_in), B = 0, float32."""
+    adapters: dict = {}
+    for module, name in _targets(params, spec):
+        shape = params["layers"][module][name].shape  # [lead..., in..., out...]
+        _, n_in, n_out = TARGETS[name]
+        lead = len(shape) - n_in - n_out
+        in_shape = shape[lead: lead + n_in]
+        rng, key = jax.random.split(rng)
+        a = jax.random.normal(key, (*shape[:lead], *in_shape, spec.rank), jnp.float32)
+        adapters.setdefault(module, {})[name] = {
+            "a": a / math.sqrt(math.prod(in_shape)),
+            "b": jnp.zeros((*shape[:lead], spec.rank, *shape[lead + n_in:]), jnp.float32),
+        }
+    return {"layers": adapters}
+
+
+def delta(a, b, n_in: int):
+    """A @ B over the rank: a [lead..., in..., r], b [lead..., r, out...] -> [lead..., in..., out...]."""
+    lead = a.ndim - 1 - n_in
+    lead_shape, in_shape, out_shape = a.shape[:lead], a.shape[lead:-1], b.shape[lead + 1:]
+    a2 = a.reshape(*lead_shape, math.prod(in_shape), a.shape[-1])  # [lead..., IN, r]
+    b2 = b.reshape(*lead_shape, b.shape[lead], math.prod(out_shape))  # [lead..., r, OUT]
+    return jnp.matmul(a2, b2).reshape(*lead_shape, *in_shape, *out_shape)
+
+
+def merge(params, adapters, scale: float):
+    """params with W + scale * A @ B for every adapted weight (a new tree; params itself is untouched)."""
+    layers = dict(params["layers"])
+    for module, weights in adapters["layers"].items():
+        layers[module] = dict(layers[module])
+        for name, ab in weights.items():
+            w = layers[module][name]
+            layers[module][name] = (w + scale * delta(ab["a"], ab["b"], TARGETS[name][1])).astype(w.dtype)
+    return {**params, "layers": layers}
+
+
+def logical_axes(param_axes, adapters):
+    """PartitionSpecs of logical names for the adapters, from the base weights' (`model.logical_axes`).
+
+    A keeps W's lead and input names, B its lead and output names; the rank dimension is never split.
+    """
+    out: dict = {}
+    for module, weights in adapters["layers"].items():
+        for name, ab in weights.items():
+            names = tuple(param_axes["layers"][module][name])  # [lead..., in..., out...]
+            _, n_in, n_out = TARGETS[name]
+            lead = len(names) - n_in - n_out
+            out.setdefault(module, {})[name] = {
+                "a": PartitionSpec(*names[: lead + n_in], None),
+                "b": PartitionSpec(*names[:lead], None, *names[lead + n_in:]),
+            }
+    return {"layers": out}
