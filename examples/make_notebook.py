@@ -66,6 +66,24 @@ plain = mj.generate(config, params, [prompt], 24, eos_id=tokenizer.stop_ids)
 split = mj.generate(config, sharded, [prompt], 24, eos_id=tokenizer.stop_ids, mesh=mesh)
 print(tokenizer.decode(split[0]))
 assert plain == split"""),
+new_markdown_cell("""## Fine-tune
+
+A short supervised fine-tune on the demo FAQ that ships with the package (`configs/sft/`): loss only on
+the assistant's tokens, AdamW with warmup and cosine decay, orbax checkpoints under `runs/`. Raise
+`SFT_STEPS` (and the batch and sequence length) for a real run; add `--lora-rank 16` to train adapters
+only, and `--mesh` to split the run like the generation above."""),
+new_code_cell("""import json
+from mistral_jax import cli
+from mistral_jax.config import configs_dir
+
+demo = configs_dir() / "sft" / "smollm2-demo.json"
+args = ["sft", "--config", str(demo), "--output", "runs/notebook-sft", "--steps", str(SFT_STEPS),
+        "--batch-size", "2", "--seq-len", "128", "--warmup-steps", "1", "--eval-every", str(SFT_STEPS)]
+if CHECKPOINT:
+    args += ["--checkpoint", str(CHECKPOINT)]
+assert cli.main(args) == 0
+metrics = [json.loads(line) for line in open("runs/notebook-sft/metrics.jsonl")]
+print("loss by step:", [(m["step"], round(m["loss"], 3)) for m in metrics if "loss" in m])"""),
 ]
 nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                                           "accelerator": "TPU", "colab": {"provenance": []}})

@@ -13,13 +13,18 @@ Family = Literal["llama", "mistral", "mixtral"]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _presets_dir() -> pathlib.Path:
-    """Presets ship inside the wheel as `mistral_jax/_configs`; a source checkout has `configs/` beside."""
+def configs_dir() -> pathlib.Path:
+    """The `configs/` tree (model presets, SFT run configs): inside the wheel as `mistral_jax/_configs`, in a
+    source checkout beside the package."""
     here = pathlib.Path(__file__).resolve().parent
-    for candidate in (here / "_configs" / "models", here.parent / "configs" / "models"):
-        if candidate.is_dir():
+    for candidate in (here / "_configs", here.parent / "configs"):
+        if (candidate / "models").is_dir():
             return candidate
-    raise FileNotFoundError(f"model presets not found next to {here}")
+    raise FileNotFoundError(f"configs/ not found next to {here}")
+
+
+def _presets_dir() -> pathlib.Path:
+    return configs_dir() / "models"
 
 
 @dataclasses.dataclass(frozen=True)

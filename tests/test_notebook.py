@@ -14,3 +14,5 @@ def test_colab_quickstart_runs_on_the_cpu(tmp_path):
     outputs = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
     assert "8 devices: cpu" in outputs
     assert "Paris" in outputs and "Berlin" in outputs
+    assert "loss by step: [(1," in outputs
+    assert (tmp_path / "runs" / "notebook-sft" / "metrics.jsonl").is_file()
