@@ -171,27 +171,6 @@ def _broadcast_line(line: str | None) -> str | None:
     return bytes(multihost_utils.broadcast_one_to_all(padded)).decode()
 
 
-class CompileClock:
-    """Seconds spent tracing and compiling XLA programs since it was made (jax monitoring events)."""
-
-    EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/core/compile/jaxpr_trace_duration")
-
-    def __init__(self):
-        import jax
-
-        self.seconds = 0.0
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **_) -> None:
-        if event in self.EVENTS:
-            self.seconds += duration
-
-    def close(self) -> None:
-        import jax
-
-        jax.monitoring.unregister_event_duration_listener(self._on_event)
-
-
 class Generation:
     """One streamed generation: iterating yields new token ids up to and including the first stop id;
     afterwards `stats` holds prefill and decode speed with compilation time counted apart."""
@@ -202,30 +181,31 @@ class Generation:
 
     def __iter__(self) -> Iterator[int]:
         import mistral_jax as mj
+        from mistral_jax.compile_stats import CompileStats
 
         a = self.args
         max_new_tokens = a.max_new_tokens
         if max_new_tokens is None:  # the default stops where the context ends
             max_new_tokens = max(1, min(a.default_max_new_tokens, self.config.max_seq_len - len(self.prompt)))
-        clock, start = CompileClock(), time.perf_counter()
-        first_at, prefill_compile, count = None, 0.0, 0
-        try:
-            for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
-                                                  temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                                                  eos_id=list(self.stop_ids) or None, mesh=getattr(a, "mesh_", None)):
-                if first_at is None:
-                    first_at, prefill_compile = time.perf_counter(), clock.seconds
-                count += 1
-                yield int(step_tokens[0])
-                if int(step_tokens[0]) in self.stop_ids:
-                    break
-        finally:
-            end = time.perf_counter()
-            clock.close()
-            first_at = first_at or end
-            self.stats = {"prompt_tokens": len(self.prompt), "new_tokens": count, "compile_s": clock.seconds,
-                          "prefill_s": max(first_at - start - prefill_compile, 1e-9),
-                          "decode_s": max(end - first_at - (clock.seconds - prefill_compile), 1e-9)}
+        start, first_at, prefill_compile, count = time.perf_counter(), None, 0.0, 0
+        with CompileStats() as clock:
+            try:
+                for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
+                                                      temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                                      seed=a.seed, eos_id=list(self.stop_ids) or None,
+                                                      mesh=getattr(a, "mesh_", None)):
+                    if first_at is None:
+                        first_at, prefill_compile = time.perf_counter(), clock.seconds
+                    count += 1
+                    yield int(step_tokens[0])
+                    if int(step_tokens[0]) in self.stop_ids:
+                        break
+            finally:
+                end = time.perf_counter()
+                first_at = first_at or end
+                self.stats = {"prompt_tokens": len(self.prompt), "new_tokens": count, "compile_s": clock.seconds,
+                              "prefill_s": max(first_at - start - prefill_compile, 1e-9),
+                              "decode_s": max(end - first_at - (clock.seconds - prefill_compile), 1e-9)}
 
     def print_stats(self) -> None:
         s = self.stats

@@ -1,6 +1,5 @@
 """Prefill + decode over the rolling cache equal the plain causal forward; generate's batching and sampling."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -9,22 +8,7 @@ import pytest
 
 import mistral_jax as mj
 from mistral_jax import decoding
-
-
-@contextlib.contextmanager
-def count_compilations():
-    """Counts XLA compilations (backend compile events) inside the block."""
-    counter = {"n": 0}
-
-    def listener(event, *args, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            counter["n"] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+from mistral_jax.compile_stats import CompileStats
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +69,9 @@ def test_decode_step_compiles_once(mistral):
         return jax.block_until_ready(logits), cache, positions
 
     logits, cache, positions = steps(2, *decoding.decode_step(config, params, cache, tokens, positions), positions)
-    with count_compilations() as compiled:
+    with CompileStats() as compiled:
         steps(50, logits, cache, positions)
-    assert compiled["n"] == 0
+    assert compiled.compilations == 0
 
 
 @pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-mixtral", "tiny-llama"])

@@ -1,7 +1,6 @@
 """The mesh, the rules table and sharded decoding on 8 fake CPU devices (tests/conftest.py)."""
 
 import argparse
-import contextlib
 import pathlib
 
 import jax
@@ -12,6 +11,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 import mistral_jax as mj
 from mistral_jax import decoding, distributed, sharding
+from mistral_jax.compile_stats import CompileStats
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8]]
 NEW_TOKENS = 12
@@ -106,21 +106,6 @@ def test_sharded_logits_and_greedy_tokens_equal_unsharded(models, preset, shape)
         assert mj.generate(config, model["params"], PROMPTS, NEW_TOKENS, mesh=mesh) == model["generated"]
 
 
-@contextlib.contextmanager
-def count_compilations():
-    counter = {"n": 0}
-
-    def listener(event, *args, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            counter["n"] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-
-
 def test_kv_cache_is_split_on_batch_and_kv_heads(models):
     config, params = models["tiny-mistral"]["config"], models["tiny-mistral"]["params"]
     mesh = mj.make_mesh(data=1, fsdp=2, expert=2, tensor=2)
@@ -141,11 +126,11 @@ def test_kv_cache_is_split_on_batch_and_kv_heads(models):
     assert cache["k"].sharding.spec == kv_spec and cache["pos"].sharding.spec == P("fsdp")
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cache["k"]), np.asarray(ref_cache["k"]), rtol=1e-5, atol=1e-6)
-    with count_compilations() as compiled:
+    with CompileStats() as compiled:
         for step in range(4, 7):  # host inputs go straight to their shards: nothing else compiles either
             logits, cache = decoding.decode_step(config, placed, cache, np.array([7, 8]), np.array([step, step]), mesh=mesh)
         jax.block_until_ready(logits)
-    assert compiled["n"] == 0
+    assert compiled.compilations == 0
 
     # More tensor slices than KV heads: the heads dimension stays whole, the batch is still split.
     wide = mj.make_mesh(data=2, fsdp=1, expert=1, tensor=4)
