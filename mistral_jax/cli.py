@@ -14,6 +14,9 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
+from mistral_jax.paths import is_url, missing_filesystem, path_arg
+
+
 class CLIError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
@@ -59,8 +62,9 @@ def _token_ids(text: str) -> list[int]:
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=pathlib.Path, default=None,
-                        help="HF model directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--checkpoint", type=path_arg, default=None,
+                        help="HF, consolidated or orbax checkpoint directory, .gguf file or sft output directory; "
+                             "orbax checkpoints and sft runs also on gs:// (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype (default float32)")
     from mistral_jax.distributed import add_distributed_flags
@@ -100,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
                             ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)")):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("src", type=pathlib.Path,
-                         help="HF directory, consolidated directory, .gguf file, orbax checkpoint or sft output directory")
-        sub.add_argument("dst", type=pathlib.Path, help="output directory (must not exist yet)")
+        sub.add_argument("src", type=path_arg,
+                         help="HF directory, consolidated directory, .gguf file, orbax checkpoint or sft output directory "
+                              "(the last two also on gs://)")
+        sub.add_argument("dst", type=path_arg, help="output directory (must not exist yet; convert's also on gs://)")
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
 
@@ -127,17 +132,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Model and streaming ------------------------------------------------------------------------------
 
-def _load(args, need_tokenizer: bool):
+def load_checkpoint(path, dtype: str, mesh=None):
+    """(config, params, tokenizer source) of any checkpoint `mj.load` reads, or of an sft run directory: its
+    latest step, LoRA merged, with the tokenizer the run trained with (run.json's "tokenizer").
+
+    generate, chat, convert and export all load through here. Orbax checkpoints and runs may be URLs (gs://);
+    the other formats are local files, and a URL naming one fails with a hint before anything is read.
+    """
+    import jax
+
     import mistral_jax as mj
+    from mistral_jax.checkpoints.load import check_url
+    from mistral_jax.config import DTYPES
+    from train import sft
+
+    check_url(path)
+    if sft.is_run_dir(path):
+        config, params = sft.latest_params(path, mesh)
+        config = config.replace(dtype=dtype, param_dtype=dtype)
+        params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+        return config, params, sft.run_info(path)["tokenizer"]
+    config, params = mj.load(path, dtype=dtype, mesh=mesh)
+    return config, params, path
+
+
+def _load(args, need_tokenizer: bool):
     from mistral_jax.checkpoints.embedded import default_model_path
     from mistral_jax.tokenizers import load_tokenizer
 
     path = args.checkpoint if args.checkpoint is not None else default_model_path()
-    if not path.expanduser().exists():
+    if not is_url(path) and not pathlib.Path(path).expanduser().exists():
         raise CLIError(f"no such checkpoint: {path}")
     args.mesh_ = _start_devices(args)
-    config, params = mj.load(path, dtype=args.dtype, mesh=args.mesh_)
-    tokenizer = load_tokenizer(path, family=config.family) if need_tokenizer else None
+    config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_)
+    tokenizer = load_tokenizer(tokenizer_source, family=config.family) if need_tokenizer else None
     return config, params, tokenizer
 
 
@@ -292,11 +320,16 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": answer.strip()})
 
 
-def _tokenizer_files(src: pathlib.Path, scratch: pathlib.Path) -> list[pathlib.Path]:
-    """The source's tokenizer files: copied as they are from a directory, written out for a GGUF file."""
+def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
+    """The source's tokenizer files: copied as they are from a directory (fetched into `scratch` from a URL),
+    written out for a GGUF file."""
     from mistral_jax.checkpoints.gguf import is_gguf
     from mistral_jax.tokenizers import load_tokenizer
+    from mistral_jax.tokenizers.load import fetch_tokenizer_files
 
+    if is_url(src):
+        return _tokenizer_files(fetch_tokenizer_files(src, scratch / "fetched", required=False), scratch)
+    src = pathlib.Path(src).expanduser()
     if src.is_dir():
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
         found = [src / n for n in names if (src / n).is_file()]
@@ -310,23 +343,10 @@ def _tokenizer_files(src: pathlib.Path, scratch: pathlib.Path) -> list[pathlib.P
 
 
 def _load_source(args, scratch: pathlib.Path):
-    """(config, params, tokenizer files) of convert/export's SRC; an sft run gives its latest step, LoRA
-    merged, with its base checkpoint's tokenizer. Tokenizer files rebuilt from a GGUF go to `scratch`."""
-    import jax
-
-    import mistral_jax as mj
-    from mistral_jax.config import DTYPES
-    from train import sft
-
-    if (args.src / sft.RUN_FILE).is_file():
-        config, params = sft.latest_params(args.src)
-        dtype = DTYPES[args.dtype]
-        config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-        tokenizer_src = pathlib.Path(sft.run_info(args.src)["tokenizer"])
-        return config, params, _tokenizer_files(tokenizer_src, scratch)
-    config, params = mj.load(args.src, dtype=args.dtype)
-    return config, params, _tokenizer_files(args.src, scratch)
+    """(config, params, tokenizer files) of convert/export's SRC (see load_checkpoint). Tokenizer files
+    rebuilt from a GGUF or fetched from a URL go to `scratch`."""
+    config, params, tokenizer_source = load_checkpoint(args.src, args.dtype)
+    return config, params, _tokenizer_files(tokenizer_source, scratch)
 
 
 def cmd_convert(args) -> None:
@@ -341,6 +361,9 @@ def cmd_convert(args) -> None:
 def cmd_export(args) -> None:
     from mistral_jax.checkpoints import hf
 
+    if is_url(args.dst):
+        raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
+                       "copy it, or use `mistral-jax convert` to write orbax on gs://")
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
         hf.write(config, params, args.dst, extra_files=tokenizer_files, max_shard_bytes=int(args.max_shard_gb * 1024**3))
@@ -377,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands[args.command](args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # gs:// without gcsfs: one line that says what to install
+        if (line := missing_filesystem(err)) is None:
+            raise
+        print(f"mistral-jax {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)

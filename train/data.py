@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mistral_jax.paths import require_local
+
 ROLES = ("system", "user", "assistant")
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
@@ -51,6 +53,7 @@ def parse_line(line: str, where: str) -> list[dict[str, str]]:
 def read_conversations(path: str | pathlib.Path) -> list[tuple[int, list[dict[str, str]]]]:
     """(line number, messages) of every conversation of a JSONL file (blank lines skipped); DataError names
     the first bad line."""
+    require_local(path, "JSONL data (--data)")
     path = pathlib.Path(path)
     conversations = []
     with path.open(encoding="utf-8") as handle:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.model.transformer import forward, logical_axes, param_shapes
+from mistral_jax.paths import as_path, is_url
 from train import lora as lora_lib
 from train.data import FIELDS, Batches, empty_rows
 from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer, token_loss_sum
@@ -212,10 +213,11 @@ class Trainer:
 
 # Checkpoints ---------------------------------------------------------------------------------------
 def checkpoint_manager(output_dir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """Orbax manager of OUTPUT/checkpoints: async saves, the last `keep` kept (None: all)."""
+    """Orbax manager of OUTPUT/checkpoints (OUTPUT local or a URL such as gs://bucket/run): async saves, the last
+    `keep` kept (None: all)."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(pathlib.Path(output_dir).absolute() / CHECKPOINTS_DIR, options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(as_path(output_dir) / CHECKPOINTS_DIR, options=options, item_names=ITEMS)
 
 
 def gather_data_state(local_state: dict[str, int]) -> dict:
@@ -267,6 +269,38 @@ def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: i
 
 
 # The loop ------------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.jsonl, one JSON record a line, each line on storage once `write` returns.
+
+    On a local disk the file is appended to. On a URL (gs://..., whose objects cannot be appended to) the
+    lines are kept, those of an earlier run included, and the whole file is rewritten at each write.
+    """
+
+    def __init__(self, path, append: bool | None = None):
+        self.path = as_path(path)
+        self.append = not is_url(path) if append is None else append
+        self._lines: list[str] = []
+        self._file = None
+        if self.append:
+            self._file = self.path.open("a")
+        elif self.path.exists():
+            self._lines = self.path.read_text().splitlines(keepends=True)
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class StopSignal:
     """SIGTERM sets a flag that the loop checks after every step (installed from the main thread only)."""
 
@@ -300,7 +334,7 @@ class StopSignal:
 class LoopOptions:
     """How long to train and how often to log, evaluate and save."""
 
-    output_dir: pathlib.Path
+    output_dir: pathlib.Path  # or a URL (an epath.Path)
     steps: int  # what the schedule spans
     stop_at: int | None = None  # stop (with a checkpoint) after this step
     save_every: int = 200
@@ -332,7 +366,7 @@ def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointM
     step = int(jax.device_get(state["step"]))
     end = min(options.steps, options.stop_at or options.steps)
     status, loss = ("finished" if end == options.steps else "stopped"), None
-    log = (pathlib.Path(options.output_dir) / METRICS_FILE).open("a") if main else None
+    log = MetricsLog(as_path(options.output_dir) / METRICS_FILE) if main else None
     bar = tqdm(total=options.steps, initial=step, disable=not main, desc="sft", unit="step", dynamic_ncols=True)
     window_tokens, window_seconds = 0.0, 0.0  # train-step time only: not data, eval or saving
     stop = stop or StopSignal()
@@ -362,8 +396,7 @@ def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointM
                 if eval_rows is not None and (step % options.eval_every == 0 or step == end):
                     record.update(step=step, eval_loss=trainer.evaluate(state, eval_rows))
                 if record and log:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
+                    log.write(record)
                 preempted = stop.agreed()
                 if step % options.save_every == 0 or step == end or preempted:
                     save_checkpoint(manager, trainer, state, gather_data_state(batches.state()))

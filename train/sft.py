@@ -3,7 +3,8 @@
 Settings come from, last wins: DEFAULTS, a JSON run config (`--config FILE`, keys named like the flags;
 relative data/checkpoint/tokenizer paths resolve against the file's directory), the flags given.
 A run directory holds run.json (model config, base checkpoint, LoRA settings, all settings),
-metrics.jsonl and checkpoints/ (orbax steps).
+metrics.jsonl and checkpoints/ (orbax steps). It may be a URL (--output gs://bucket/runs/x), as may an
+orbax --checkpoint (and its tokenizer); the data and the run config are read from local disk.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import argparse
 import functools
 import json
 import operator
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
+
+from mistral_jax.paths import as_path, is_url, missing_filesystem, path_arg, require_local
 
 DEFAULTS = {
     "config": None, "checkpoint": None, "tokenizer": None, "data": None, "output": None, "steps": None,
@@ -51,16 +55,17 @@ def add_sft_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     def flag(group, *names, **kwargs):
         group.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
 
-    flag(parser, "--config", metavar="FILE", type=pathlib.Path,
+    flag(parser, "--config", metavar="FILE", type=path_arg,
          help="JSON run config (keys like the flags); flags override it")
-    flag(parser, "--checkpoint", metavar="PATH", type=pathlib.Path,
-         help="model to fine-tune: HF directory, .gguf, consolidated or orbax checkpoint "
+    flag(parser, "--checkpoint", metavar="PATH", type=path_arg,
+         help="model to fine-tune: HF directory, .gguf, consolidated or orbax checkpoint (orbax also on gs://) "
               "(default: the embedded SmolLM2-135M-Instruct)")
-    flag(parser, "--tokenizer", metavar="PATH", type=pathlib.Path,
+    flag(parser, "--tokenizer", metavar="PATH", type=path_arg,
          help="tokenizer file or directory (default: the checkpoint's)")
-    flag(parser, "--data", metavar="FILE.jsonl", type=pathlib.Path,
-         help='JSONL file, one {"messages": [{"role", "content"}, ...]} a line')
-    flag(parser, "--output", metavar="DIR", type=pathlib.Path, help="run directory: run.json, metrics.jsonl, checkpoints/")
+    flag(parser, "--data", metavar="FILE.jsonl", type=path_arg,
+         help='JSONL file on local disk, one {"messages": [{"role", "content"}, ...]} a line')
+    flag(parser, "--output", metavar="DIR", type=path_arg,
+         help="run directory, local or gs://: run.json, metrics.jsonl, checkpoints/")
     flag(parser, "--steps", metavar="N", type=pos_int, help="optimizer steps; the learning-rate schedule spans them")
     data = parser.add_argument_group("data")
     flag(data, "--batch-size", metavar="B", type=pos_int,
@@ -112,10 +117,13 @@ def add_sft_parser(subparsers) -> argparse.ArgumentParser:
     return add_sft_flags(parser)
 
 
-def _read_run_config(path: pathlib.Path) -> dict:
-    """A JSON run config as settings: keys like the flags (dashes or underscores), input paths made absolute."""
+def _read_run_config(path) -> dict:
+    """A JSON run config as settings: keys like the flags (dashes or underscores), input paths made absolute
+    (URLs kept as they are)."""
     from mistral_jax.checkpoints.errors import read_json
 
+    require_local(path, "a run config (--config)")
+    path = pathlib.Path(path)
     values = read_json(path)
     values = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(values) - set(DEFAULTS) - {"description"})
@@ -123,7 +131,7 @@ def _read_run_config(path: pathlib.Path) -> dict:
         raise ValueError(f"{path}: unknown settings {unknown}")
     values.pop("description", None)
     for key in PATH_KEYS:
-        if values.get(key) is not None:
+        if values.get(key) is not None and not is_url(values[key]):
             values[key] = str((path.parent / values[key]).resolve())
     return values
 
@@ -131,11 +139,16 @@ def _read_run_config(path: pathlib.Path) -> dict:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """The run's settings: DEFAULTS < run config file < given flags, derived defaults filled in."""
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    file = _read_run_config(pathlib.Path(given["config"])) if given.get("config") else {}
+    file = _read_run_config(given["config"]) if given.get("config") else {}
     s = argparse.Namespace(**{**DEFAULTS, **file, **given})
     missing = [f"--{k}" for k in ("data", "output", "steps") if getattr(s, k) is None]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (as flags or in --config)")
+    require_local(s.data, "JSONL data (--data)")  # these two before any model is loaded
+    if s.checkpoint is not None:
+        from mistral_jax.checkpoints.load import check_url
+
+        check_url(s.checkpoint)
     if s.warmup_steps is None:
         s.warmup_steps = max(1, s.steps // 20)
     if s.learning_rate is None:
@@ -149,14 +162,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return s
 
 
-def _load_model(path: pathlib.Path, mesh):
-    """(config, float32 params) streamed leaf by leaf onto the mesh (or device 0), never whole on one device."""
+def _load_model(path, mesh):
+    """(config, float32 params) streamed leaf by leaf onto the mesh (or device 0), never whole on one device.
+    `path` may be an orbax checkpoint's URL."""
     import jax.numpy as jnp
 
     from mistral_jax import sharding
     from mistral_jax.checkpoints import hf_layout, orbax
-    from mistral_jax.checkpoints.load import read
+    from mistral_jax.checkpoints.load import check_url, read
 
+    check_url(path)
     if orbax.is_orbax_dir(path):
         config = orbax.read_config(path).replace(dtype="float32", param_dtype="float32")
         shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
@@ -171,13 +186,14 @@ def _load_model(path: pathlib.Path, mesh):
     return config, hf_layout.to_params(config, tensors, "float32", source=str(path), place=place)
 
 
-def _write_run_info(output: pathlib.Path, config, checkpoint: pathlib.Path, tokenizer: pathlib.Path, s) -> None:
-    """OUTPUT/run.json: what latest_params and a resumed run need (model config, base checkpoint, LoRA) and every setting."""
-    settings = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(s).items() if k in DEFAULTS}
+def _write_run_info(output, config, checkpoint, tokenizer, s) -> None:
+    """OUTPUT/run.json: what latest_params and a resumed run need (model config, base checkpoint, LoRA) and every
+    setting. Paths are strings: local ones absolute, URLs as given."""
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in vars(s).items() if k in DEFAULTS}
     lora = {"rank": s.lora_rank, "alpha": s.lora_alpha, "targets": list(_lora_spec(s).targets)} if s.lora_rank else None
     info = {"model_config": config.to_dict(), "checkpoint": str(checkpoint), "tokenizer": str(tokenizer),
             "lora": lora, "settings": settings}
-    (output / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (as_path(output) / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def _lora_spec(s):
@@ -202,8 +218,8 @@ def run(args: argparse.Namespace):
     mesh = distributed.setup(s)
     main = distributed.is_main_process()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)  # noqa: E731
-    output = pathlib.Path(s.output).expanduser().absolute()
-    checkpoint = pathlib.Path(s.checkpoint).expanduser().absolute() if s.checkpoint else default_model_path()
+    output = as_path(s.output)  # the same on every process: orbax writes each one's shards under it
+    checkpoint = as_path(s.checkpoint) if s.checkpoint else default_model_path()
     manager = loop.checkpoint_manager(output, keep=s.keep_checkpoints)
     try:
         latest = manager.latest_step()
@@ -215,7 +231,7 @@ def run(args: argparse.Namespace):
         else:
             config, params = _load_model(checkpoint, mesh)
         config = config.replace(dtype=s.compute_dtype, remat=bool(s.remat))
-        tokenizer_path = pathlib.Path(s.tokenizer).expanduser().absolute() if s.tokenizer else checkpoint
+        tokenizer_path = as_path(s.tokenizer) if s.tokenizer else checkpoint
         if s.seq_len > config.max_seq_len:
             raise ValueError(f"--seq-len {s.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
         shape = loop.BatchShape(s.grad_accum, s.batch_size, s.seq_len)
@@ -259,46 +275,64 @@ def _report_data(say, stats: dict[str, int], seq_len: int) -> None:
             say(f"warning: {stats[key]} conversations {what}")
 
 
-def latest_params(output_dir):
-    """(config, params) of a run's latest checkpoint, LoRA adapters merged, on the host's first device.
+def latest_params(output_dir, mesh=None):
+    """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` (sharded as
+    `mistral_jax.sharding` places parameters) or, without one, on the host's first device.
 
     The config is the trained model's with float32 weights and compute (ready for checkpoints.hf.write).
+    `output_dir` may be a URL (gs://...), as may the base checkpoint of a LoRA run.
     """
+    import jax
+
+    from mistral_jax import sharding
     from mistral_jax.checkpoints import orbax
+    from mistral_jax.model.transformer import logical_axes
     from train import lora, loop
 
-    output = pathlib.Path(output_dir).expanduser().absolute()
-    config = run_model_config(output).replace(dtype="float32", remat=False)
+    output = as_path(output_dir)
     info = run_info(output)
+    config = run_model_config(output).replace(dtype="float32", remat=False)
     manager = loop.checkpoint_manager(output, read_only=True)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{output / loop.CHECKPOINTS_DIR} holds no complete checkpoint")
-    if info["lora"]:
-        import jax
-
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{output / loop.CHECKPOINTS_DIR} holds no complete checkpoint")
+        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
+        if not info["lora"]:
+            return config, _restore_trainable(manager, step, orbax.abstract_params(config, shardings))
         spec = lora.LoraSpec(info["lora"]["rank"], info["lora"]["alpha"], tuple(info["lora"]["targets"]))
-        _, base = _load_model(pathlib.Path(info["checkpoint"]), None)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0))))
+        _, base = _load_model(info["checkpoint"], mesh)
+        abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            placed = jax.tree.map(lambda _: device, abstract)
+        else:  # as the trainer shards them
+            axes = lora.logical_axes(logical_axes(config), abstract)
+            placed = jax.tree.map(lambda x, names: sharding.named(mesh, x.shape, tuple(names)), abstract, axes)
+        target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, placed)
         adapters = _restore_trainable(manager, step, target)
-        params = lora.merge(base, adapters, spec.scale)
-    else:
-        params = _restore_trainable(manager, step, orbax.abstract_params(config))
-    manager.close()
-    return config, params
+        if mesh is None:
+            return config, lora.merge(base, adapters, spec.scale)
+        merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale), out_shardings=shardings, donate_argnums=0)
+        return config, merge(base, adapters)  # each merged weight computed shard by shard, where it stays
+    finally:
+        manager.close()
+
+
+def is_run_dir(path) -> bool:
+    """Whether `path` (local or a URL) is an sft run directory (it holds run.json)."""
+    return (as_path(path) / RUN_FILE).is_file()
 
 
 def run_info(output) -> dict:
     """A run directory's run.json: model config, base checkpoint and tokenizer paths, LoRA settings."""
-    path = pathlib.Path(output) / RUN_FILE
+    path = as_path(output) / RUN_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{output} is not an sft run directory: {RUN_FILE} is missing")
     return json.loads(path.read_text())
 
 
-def run_model_config(output: pathlib.Path):
+def run_model_config(output):
     """The trained model's ModelConfig (float32 weights) from a run directory's run.json."""
     from mistral_jax.config import ModelConfig
 
@@ -322,6 +356,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"mistral-jax sft: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:  # gs:// without gcsfs
+        if (line := missing_filesystem(err)) is None:
+            raise
+        print(f"mistral-jax sft: error: {line}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,10 +9,31 @@ import jax.numpy as jnp
 from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout, orbax
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
+from mistral_jax.paths import CHECKPOINT_HINT, is_url
+
+# Checkpoint files that are read from local disk only, told apart by name: a URL naming one fails before any
+# network access.
+LOCAL_FILE_SUFFIXES = {".gguf": "a GGUF file", ".safetensors": "a safetensors file", ".json": "a JSON file",
+                       ".bin": "a pickled checkpoint", ".pt": "a pickled checkpoint", ".pth": "a pickled checkpoint"}
+LOCAL_FORMATS = "Hugging Face, Mistral consolidated and GGUF checkpoints"
+
+
+def check_url(path) -> None:
+    """A CheckpointError for a URL whose name says it is a local-only format (model.gguf, ...); any other URL
+    may be an orbax checkpoint (or an sft run directory) and is left to the reader."""
+    if is_url(path):
+        what = LOCAL_FILE_SUFFIXES.get(pathlib.PurePosixPath(str(path)).suffix.lower())
+        if what is not None:
+            raise CheckpointError(f"{path} is {what}: only orbax checkpoints are read from a URL ({LOCAL_FORMATS} "
+                                  f"are read from local disk); {CHECKPOINT_HINT}")
 
 
 def read(path) -> tuple[ModelConfig, dict]:
-    """(config, transformers-named tensors) for any supported checkpoint path."""
+    """(config, transformers-named tensors) for any supported checkpoint path (local: not an orbax URL)."""
+    check_url(path)
+    if is_url(path):
+        raise CheckpointError(f"{path} is not an orbax checkpoint: only orbax checkpoints are read from a URL "
+                              f"({LOCAL_FORMATS} are read from local disk); {CHECKPOINT_HINT}")
     path = pathlib.Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
@@ -42,6 +63,7 @@ def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tupl
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
+    check_url(path)
     if orbax.is_orbax_dir(path):  # local or a URL (gs://...)
         config = orbax.read_config(path).replace(**overrides)
         shardings = sharding.param_shardings(config, mesh) if mesh is not None else None

@@ -8,7 +8,6 @@ target shardings, so a checkpoint saved on one mesh restores onto any other (or 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from collections.abc import Iterable
 
@@ -18,15 +17,10 @@ from etils import epath
 
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
+from mistral_jax.paths import as_path  # noqa: F401 (re-exported: orbax.as_path)
 
 CONFIG_FILE = "mistral_jax_config.json"
 PARAMS_DIR = "params"
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-    """A local path made absolute, or a URL such as gs://bucket/dir left as it is."""
-    text = os.fspath(path)
-    return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).expanduser().absolute())
 
 
 def is_orbax_dir(path) -> bool:

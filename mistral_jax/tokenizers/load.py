@@ -3,11 +3,13 @@
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 
+from mistral_jax.paths import as_path, is_url, require_local
 from mistral_jax.tokenizers.base import Tokenizer
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, default_chat_format
 from mistral_jax.tokenizers.gguf_vocab import load_gguf_vocab
@@ -18,6 +20,9 @@ from mistral_jax.tokenizers.vocab import Vocab
 FAMILIES = ("llama", "mistral", "mixtral")
 # mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...
 _MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)$")
+# What a tokenizer is loaded from, besides the model file itself: these are copied from a URL.
+SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+MODEL_FILES = ("tokenizer.json", "tokenizer.model")
 
 
 def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> Tokenizer:
@@ -27,10 +32,16 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
     (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file supplies the chat
     template, BOS/EOS tokens and `add_bos_token`. `family` ("llama", "mistral", "mixtral") picks the chat format
     used when the checkpoint carries no template; when None it is read from config.json's `model_type`, or taken
-    as "mistral" for a mistral-common file name.
+    as "mistral" for a mistral-common file name. A URL (an orbax checkpoint on gs://) has its few tokenizer
+    files copied to a temporary directory; a GGUF file must be local.
     """
     if family not in (None, *FAMILIES):
         raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
+    if is_url(path):  # e.g. an orbax checkpoint on gs:// with its tokenizer files: those few files, copied
+        with tempfile.TemporaryDirectory(prefix="mistral-jax-tokenizer-") as scratch:
+            tokenizer = load_tokenizer(fetch_tokenizer_files(path, Path(scratch)), family)
+        tokenizer.source = os.fspath(path)
+        return tokenizer
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path does not exist: {path}")
@@ -42,6 +53,32 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
     vocab, template = _load_vocab(file)
     chat_format: ChatFormat | None = JinjaTemplate(template) if template else default_chat_format(family)
     return Tokenizer(vocab, chat_format, source=str(file))
+
+
+def fetch_tokenizer_files(url, directory: Path, required: bool = True) -> Path:
+    """Copy the tokenizer files of a URL (a checkpoint directory, or one tokenizer file) into the local
+    `directory`; returns what to load locally: `directory`, or the copied file. A GGUF file is not copied.
+    A directory without a tokenizer is a ValueError if `required`, else leaves `directory` empty."""
+    source = as_path(url)
+    if source.suffix == ".gguf":  # its tokenizer is inside the model file
+        require_local(url, "a GGUF file")
+    if source.is_dir():
+        folder, file = source, None
+        names = [*MODEL_FILES, *sorted(p.name for p in source.glob("tokenizer.model.v*")), *SIDE_FILES, "config.json"]
+    elif source.is_file():
+        folder, file = source.parent, source.name
+        names = [file, *SIDE_FILES]
+    else:
+        raise FileNotFoundError(f"tokenizer path does not exist: {url}")
+    directory.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        if (folder / name).is_file():
+            (directory / name).write_bytes((folder / name).read_bytes())
+            copied.append(name)
+    if required and file is None and not set(copied) - {*SIDE_FILES, "config.json"}:
+        raise ValueError(f"no tokenizer in {url}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+    return directory if file is None else directory / file
 
 
 def _find_tokenizer_file(directory: Path) -> Path:

