@@ -1,0 +1,167 @@
+"""Decode step time at position 1k and at 16k with a 4k sliding window (ring cache of 4k slots both times).
+
+    python benchmarks/long_decode.py [--checkpoint PATH] [--window 4096] [--positions 1024,16384] [--json PATH]
+
+The model is SmolLM2-135M's weights (float32) with sliding_window=4096 and max_seq_len=32768, so the
+rolling cache holds min(32768, 4096) = 4096 slots whatever the position. The cache is filled directly,
+as a prefill of P tokens would leave it (prefilling 16k tokens takes minutes on a CPU): slot s holds the
+position p < P with p mod 4096 == s among the last 4096 (empty, -1, when P < 4096), keys and values random.
+Then `decoding.decode_step` runs greedy steps from position P; best of --rounds interleaved runs of
+--steps steps. For contrast (the same model without a window: a cache of P + steps slots), the step at
+the largest position. PROTOTYPE (benchmark only): decode.py's prototype step (per-layer weight and
+cache buffers, [out, in] matrices, [B*K, S, D] cache) at the same positions. Compilations during the timed runs are counted (must be 0). The roofline is
+(params + K and V cache) / read bandwidth, measured in the same run. Fresh memory per step: minor page
+faults x page size during the last run, i.e. the buffers the step allocates and writes anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
+import decode  # noqa: E402  (its PROTOTYPE decode step)
+
+import mistral_jax as mj  # noqa: E402
+from mistral_jax import decoding, rolling_cache  # noqa: E402
+from mistral_jax.compile_stats import CompileStats  # noqa: E402
+
+PROTOTYPE = "PROTOTYPE per-layer + [out,in] + [B*K,S,D] cache"
+
+
+def filled_cache(config, position: int, slots: int, seed: int = 0) -> dict:
+    """A batch-1 cache as after `position` tokens: the last min(position, slots) positions in their ring slots."""
+    cache = rolling_cache.init_cache(config, 1, slots)
+    size = cache["pos"].shape[1]
+    held = np.arange(max(0, position - size), position)
+    pos = np.full((1, size), -1, np.int32)
+    pos[0, held % size] = held
+    keys = jax.random.split(jax.random.key(seed))
+    shape = cache["k"].shape
+    return {"k": jax.random.normal(keys[0], shape, cache["k"].dtype), "v": jax.random.normal(keys[1], shape, cache["v"].dtype),
+            "pos": jnp.asarray(pos)}
+
+
+class StepRunner:
+    def __init__(self, config, params, cache, position: int, steps: int, step=None):
+        self.step = step or functools.partial(decoding.decode_step, config, params)
+        self.cache, self.steps = cache, steps
+        self.token, self.position = jnp.zeros((1,), jnp.int32), jnp.full((1,), position, jnp.int32)
+        self.run(1)  # compile
+
+    def run(self, n):
+        for _ in range(n):
+            logits, self.cache = self.step(self.cache, self.token, self.position)
+            self.token, self.position = jnp.argmax(logits, axis=-1).astype(jnp.int32), self.position + 1
+        jax.block_until_ready(self.token)
+
+    def __call__(self) -> float:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        self.run(self.steps)
+        seconds = (time.perf_counter() - start) / self.steps
+        self.fault_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize() / self.steps
+        return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: the embedded SmolLM2-135M GGUF")
+    parser.add_argument("--window", type=int, default=4096)
+    parser.add_argument("--max-seq-len", type=int, default=32768)
+    parser.add_argument("--positions", default="1024,16384")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--no-contrast", action="store_true", help="skip the no-window run")
+    parser.add_argument("--no-prototype", action="store_true", help="skip the prototype decode step")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    info = _common.machine()
+    if args.checkpoint is None:
+        from mistral_jax.checkpoints import embedded
+
+        args.checkpoint = str(embedded.default_model_path())
+    base, params = mj.load(args.checkpoint, dtype="float32")
+    config = base.replace(sliding_window=args.window, max_seq_len=args.max_seq_len)
+    positions = [int(p) for p in args.positions.split(",")]
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+
+    runners, cache_bytes = {}, {}
+    for p in positions:
+        cache = filled_cache(config, p, args.max_seq_len)
+        name = f"window {args.window}, position {p}"
+        cache_bytes[name] = cache["k"].nbytes + cache["v"].nbytes
+        runners[name] = StepRunner(config, params, cache, p, args.steps)
+    if not args.no_prototype:
+        wl, cl = decode.PROTOTYPES[PROTOTYPE]
+        weights = decode.proto_weights(config, params, wl)
+        step = functools.partial(decode.proto_step, config, wl, cl, weights)
+        for p in positions:
+            name = f"{PROTOTYPE}, window {args.window}, position {p}"
+            cache = decode.proto_cache(filled_cache(config, p, args.max_seq_len), cl)
+            cache_bytes[name] = cache_bytes[f"window {args.window}, position {p}"]
+            runners[name] = StepRunner(config, params, cache, p, args.steps, step)
+    if not args.no_contrast:
+        top = max(positions)
+        plain = base.replace(sliding_window=None, max_seq_len=max(base.max_seq_len, top + 1024))
+        cache = filled_cache(plain, top, top + 1024)
+        name = f"no window (contrast), position {top}, {top + 1024} slots"
+        cache_bytes[name] = cache["k"].nbytes + cache["v"].nbytes
+        runners[name] = StepRunner(plain, params, cache, top, args.steps)
+
+    bandwidth = [_common.memory_bandwidth()]
+    samples = {key: [] for key in runners}
+    with CompileStats() as stats:
+        for _ in range(args.rounds):
+            for key, fn in runners.items():
+                samples[key].append(fn())
+    bandwidth.append(_common.memory_bandwidth())
+    bw = max(b["best_bytes_per_s"] for b in bandwidth)
+    best = {key: min(v) for key, v in samples.items()}
+    first = f"window {args.window}, position {positions[0]}"
+
+    last = f"window {args.window}, position {positions[-1]}"
+    ratio = best[last] / best[first]
+    proto_first, proto_last = (f"{PROTOTYPE}, window {args.window}, position {p}" for p in (positions[0], positions[-1]))
+    proto_ratio = best[proto_last] / best[proto_first] if proto_first in best else None
+    rows, results = [], {}
+    for key, seconds in best.items():
+        roof = (param_bytes + cache_bytes[key]) / bw
+        versus = seconds / best[proto_first if key.startswith("PROTOTYPE") else first]
+        faults = runners[key].fault_bytes
+        results[key] = {"s_per_step": seconds, "vs_first_position": versus, "cache_bytes": cache_bytes[key],
+                        "roofline_s": roof, "page_fault_bytes_per_step": faults}
+        rows.append([key, f"{cache_bytes[key] / 1e6:.0f} MB", f"{seconds * 1e3:.1f}", f"{versus:.2f}x",
+                     f"{100 * roof / seconds:.0f}%", f"{faults / 1e6:.0f} MB"])
+    print(f"Long decode, {pathlib.Path(args.checkpoint).name} float32 with sliding_window {args.window}, max_seq_len "
+          f"{args.max_seq_len}; batch 1; {_common.machine_line(info)}")
+    print(f"Read bandwidth {bw / 1e9:.1f} GB/s; parameters {param_bytes / 1e6:.0f} MB; best of {args.rounds} interleaved "
+          f"runs of {args.steps} steps")
+    print()
+    print(_common.table(["decode_step", "K+V cache", "ms/step", f"vs position {positions[0]} (same code)", "% of roofline",
+                         "fresh memory per step (page faults)"], rows))
+    print()
+    print(f"Position {positions[-1]} / position {positions[0]}: {ratio:.2f}x (target <= 1.2x: "
+          f"{_common.status(ratio <= 1.2)}); compilations during the timed runs: {stats.compilations}")
+    if proto_ratio is not None:
+        print(f"Prototype: position {positions[-1]} / position {positions[0]}: {proto_ratio:.2f}x; prototype / decode_step "
+              f"at position {positions[-1]}: {best[proto_last] / best[last]:.2f}x")
+    _common.write_json(args.json, {"benchmark": "long_decode", "machine": info, "checkpoint": args.checkpoint,
+                                   "window": args.window, "max_seq_len": args.max_seq_len, "param_bytes": param_bytes,
+                                   "bandwidth": bandwidth, "bandwidth_bytes_per_s": bw, "ratio": ratio,
+                                   "prototype_ratio": proto_ratio,
+                                   "compilations_after_warmup": stats.compilations, "samples_s": samples,
+                                   "results": results})
+
+
+if __name__ == "__main__":
+    main()
