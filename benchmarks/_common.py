@@ -121,3 +121,31 @@ def write_json(path: str | os.PathLike | None, result: dict) -> None:
 
 def status(target_met: bool | None) -> str:
     return "n/a" if target_met is None else ("met" if target_met else "MISSED")
+
+
+def load_model(checkpoint: str | None):
+    """(checkpoint path as text, config, float32 params); the embedded SmolLM2 when `checkpoint` is None."""
+    import mistral_jax as mj
+    from mistral_jax.checkpoints import embedded
+
+    checkpoint = checkpoint or str(embedded.default_model_path())
+    config, params = mj.load(checkpoint, dtype="float32")
+    return checkpoint, config, params
+
+
+def interleaved_rounds(runners: dict, rounds: int, measure: Callable[[Callable], float] | None = None):
+    """Every runner once per round, the runners interleaved so that a noisy moment hits them all alike.
+
+    Returns ({key: [seconds per round]}, compilations during the rounds). `measure(fn)` turns a runner
+    into seconds (default: the runner returns its own seconds); a runner with `prepare()` gets it first.
+    """
+    from mistral_jax.compile_stats import CompileStats
+
+    samples = {key: [] for key in runners}
+    with CompileStats() as stats:
+        for _ in range(rounds):
+            for key, fn in runners.items():
+                if hasattr(fn, "prepare"):
+                    fn.prepare()
+                samples[key].append(measure(fn) if measure else fn())
+    return samples, stats.compilations

@@ -44,7 +44,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax.compile_stats import CompileStats  # noqa: E402
 from mistral_jax import decoding, rolling_cache  # noqa: E402
 from mistral_jax.model.attention import attention_mask  # noqa: E402
 from mistral_jax.model.layers import rotary_embedding  # noqa: E402
@@ -308,11 +307,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     info = _common.machine()
 
-    if args.checkpoint is None:
-        from mistral_jax.checkpoints import embedded
-
-        args.checkpoint = str(embedded.default_model_path())
-    config, params = mj.load(args.checkpoint, dtype="float32")
+    args.checkpoint, config, params = _common.load_model(args.checkpoint)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     slots = decoding.cache_length(config, args.prompt_len + args.long)
 
@@ -368,12 +363,7 @@ def main() -> None:
                 runners[batch, name] = StepRunner(pstep, (proto_cache(cache, cl), token, position), args.steps)
 
     bandwidth = [_common.memory_bandwidth()]
-    samples = {key: [] for key in runners}
-    with CompileStats() as stats:
-        for _ in range(args.rounds):
-            for key, fn in runners.items():
-                samples[key].append(fn())
-    compilations = stats.compilations
+    samples, compilations = _common.interleaved_rounds(runners, args.rounds)
     bandwidth.append(_common.memory_bandwidth())
     if hf is not None:
         hf.close()

@@ -75,8 +75,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", CHILD, str(directory)], capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 1024**3
-    print(f"| checkpoint | params | peak RSS | peak / params | load time |")
-    print(f"|---|---|---|---|---|")
+    print("| checkpoint | params | peak RSS | peak / params | load time |")
+    print("|---|---|---|---|---|")
     print(f"| {size / gib:.2f} GiB | {result['param_bytes'] / gib:.2f} GiB | {result['peak_rss_bytes'] / gib:.2f} GiB "
           f"| {result['peak_rss_bytes'] / result['param_bytes']:.2f}x | {result['seconds']:.1f} s |")
     print(json.dumps({"checkpoint_bytes": size, **result}))

@@ -31,9 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 import decode  # noqa: E402  (its PROTOTYPE decode step)
 
-import mistral_jax as mj  # noqa: E402
 from mistral_jax import decoding, rolling_cache  # noqa: E402
-from mistral_jax.compile_stats import CompileStats  # noqa: E402
 
 PROTOTYPE = "PROTOTYPE per-layer + [out,in] + [B*K,S,D] cache"
 
@@ -86,11 +84,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = _common.machine()
-    if args.checkpoint is None:
-        from mistral_jax.checkpoints import embedded
-
-        args.checkpoint = str(embedded.default_model_path())
-    base, params = mj.load(args.checkpoint, dtype="float32")
+    args.checkpoint, base, params = _common.load_model(args.checkpoint)
     config = base.replace(sliding_window=args.window, max_seq_len=args.max_seq_len)
     positions = [int(p) for p in args.positions.split(",")]
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -119,11 +113,7 @@ def main() -> None:
         runners[name] = StepRunner(plain, params, cache, top, args.steps)
 
     bandwidth = [_common.memory_bandwidth()]
-    samples = {key: [] for key in runners}
-    with CompileStats() as stats:
-        for _ in range(args.rounds):
-            for key, fn in runners.items():
-                samples[key].append(fn())
+    samples, compilations = _common.interleaved_rounds(runners, args.rounds)
     bandwidth.append(_common.memory_bandwidth())
     bw = max(b["best_bytes_per_s"] for b in bandwidth)
     best = {key: min(v) for key, v in samples.items()}
@@ -151,7 +141,7 @@ def main() -> None:
                          "fresh memory per step (page faults)"], rows))
     print()
     print(f"Position {positions[-1]} / position {positions[0]}: {ratio:.2f}x (target <= 1.2x: "
-          f"{_common.status(ratio <= 1.2)}); compilations during the timed runs: {stats.compilations}")
+          f"{_common.status(ratio <= 1.2)}); compilations during the timed runs: {compilations}")
     if proto_ratio is not None:
         print(f"Prototype: position {positions[-1]} / position {positions[0]}: {proto_ratio:.2f}x; prototype / decode_step "
               f"at position {positions[-1]}: {best[proto_last] / best[last]:.2f}x")
@@ -159,7 +149,7 @@ def main() -> None:
                                    "window": args.window, "max_seq_len": args.max_seq_len, "param_bytes": param_bytes,
                                    "bandwidth": bandwidth, "bandwidth_bytes_per_s": bw, "ratio": ratio,
                                    "prototype_ratio": proto_ratio,
-                                   "compilations_after_warmup": stats.compilations, "samples_s": samples,
+                                   "compilations_after_warmup": compilations, "samples_s": samples,
                                    "results": results})
 
 

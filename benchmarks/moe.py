@@ -28,7 +28,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax.compile_stats import CompileStats  # noqa: E402
 from mistral_jax.model.layers import SwiGLU  # noqa: E402
 from mistral_jax.model.moe import MoE, expert_capacity, route  # noqa: E402
 
@@ -100,11 +99,7 @@ def main() -> None:
     dots = re.findall(r"= f32\[(\d+),(\d+)\]\S* \w+\(", ragged.as_text())
     widest = max((int(b) for a, b in dots if int(a) == n * k), default=0)
 
-    with CompileStats() as stats:
-        samples = {key: [] for key in runners}
-        for _ in range(args.rounds):
-            for key, fn in runners.items():
-                samples[key].append(_common.best(fn, 1))
+    samples, compilations = _common.interleaved_rounds(runners, args.rounds, measure=lambda fn: _common.best(fn, 1))
     best = {key: min(v) for key, v in samples.items()}
 
     flops = 2 * 3 * d * k * h * n  # active matmul FLOPs of the forward
@@ -129,9 +124,9 @@ def main() -> None:
     rg, dn = best["lax.ragged_dot [N*k, D] x [E, D, H] alone", "forward"], best["one dense [N*k, D] x [D, H] matmul", "forward"]
     print(f"lax.ragged_dot alone: {rg * 1e3:.1f} ms vs one dense matmul of the same rows {dn * 1e3:.1f} ms ({rg / dn:.1f}x); "
           f"XLA compiles it to a dot over [{n * k}, {widest}] (E * D = {e * d}: every row against every expert)")
-    print(f"Compilations during the timed rounds: {stats.compilations}")
+    print(f"Compilations during the timed rounds: {compilations}")
     _common.write_json(args.json, {"benchmark": "moe", "machine": info, "dim": d, "hidden": h, "experts": e, "top_k": k,
-                                   "tokens": n, "active_flops_forward": flops, "compilations_after_warmup": stats.compilations,
+                                   "tokens": n, "active_flops_forward": flops, "compilations_after_warmup": compilations,
                                    "ragged_dot_alone_s": rg, "dense_matmul_same_rows_s": dn, "ragged_dot_widest_operand": widest,
                                    "samples_s": {f"{a} | {b}": v for (a, b), v in samples.items()}, "results": results})
 

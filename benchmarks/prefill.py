@@ -35,8 +35,6 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-import mistral_jax as mj  # noqa: E402
-from mistral_jax.compile_stats import CompileStats  # noqa: E402
 import mistral_jax.model.attention as attention_module  # noqa: E402
 from mistral_jax import decoding, rolling_cache  # noqa: E402
 from mistral_jax.model.transformer import forward  # noqa: E402
@@ -143,11 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     info = _common.machine()
-    if args.checkpoint is None:
-        from mistral_jax.checkpoints import embedded
-
-        args.checkpoint = str(embedded.default_model_path())
-    config, params = mj.load(args.checkpoint, dtype="float32")
+    args.checkpoint, config, params = _common.load_model(args.checkpoint)
     slots = decoding.cache_length(config, args.length)
 
     runners, checks = {}, {}
@@ -174,14 +168,7 @@ def main() -> None:
         checks[batch]["prefill with heads-major attention"] = float(jnp.max(jnp.abs(runners[batch, name].logits - reference))) / scale
 
     peaks = [_common.matmul_peak()]
-    samples = {key: [] for key in runners}
-    with CompileStats() as stats:
-        for _ in range(args.rounds):
-            for key, fn in runners.items():
-                if hasattr(fn, "prepare"):
-                    fn.prepare()
-                samples[key].append(_common.best(fn, 1))
-    compilations = stats.compilations
+    samples, compilations = _common.interleaved_rounds(runners, args.rounds, measure=lambda fn: _common.best(fn, 1))
     peaks.append(_common.matmul_peak())
     peak = max(peaks)
 

@@ -137,7 +137,7 @@ def write(config: ModelConfig, params, out_dir, extra_files: Iterable[pathlib.Pa
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        shard_names = _write_shards(config, params, tmp, max_shard_bytes)
+        _write_shards(config, params, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         for file in extra_files:
             shutil.copy(file, tmp / pathlib.Path(file).name)
