@@ -3,17 +3,18 @@
 from mistral_jax.checkpoints import load
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig, list_presets
-from mistral_jax.decoding import generate, generate_stream
+from mistral_jax.decoding import decode_step, generate, generate_stream, prefill
 from mistral_jax.model.transformer import forward, init_params, logical_axes, logits
 from mistral_jax.rolling_cache import init_cache
-from mistral_jax.tokenizers import load_tokenizer
 from mistral_jax.sharding import make_mesh, shard_params
+from mistral_jax.tokenizers import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "ModelConfig",
+    "decode_step",
     "forward",
     "generate",
     "generate_stream",
@@ -25,5 +26,6 @@ __all__ = [
     "logical_axes",
     "logits",
     "make_mesh",
+    "prefill",
     "shard_params",
 ]
