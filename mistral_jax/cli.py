@@ -333,9 +333,8 @@ def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
     if src.is_dir():
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
         found = [src / n for n in names if (src / n).is_file()]
-        versioned = sorted(src.glob("tokenizer.model.v*"))  # Mistral's consolidated downloads
-        if not found and versioned:
-            return load_tokenizer(versioned[-1]).save_pretrained(scratch)
+        if not found and any(src.glob("tokenizer.model.v*")):  # Mistral's consolidated downloads
+            return load_tokenizer(src).save_pretrained(scratch)  # its search picks the highest version
         return found
     if is_gguf(src):
         return load_tokenizer(src).save_pretrained(scratch)
