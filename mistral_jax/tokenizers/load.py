@@ -12,7 +12,6 @@ import tokenizers
 from mistral_jax.paths import as_path, is_url, require_local
 from mistral_jax.tokenizers.base import Tokenizer
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, default_chat_format
-from mistral_jax.tokenizers.gguf_vocab import load_gguf_vocab
 from mistral_jax.tokenizers.hf import HFVocab
 from mistral_jax.tokenizers.spm import SentencePieceVocab
 from mistral_jax.tokenizers.vocab import Vocab
@@ -107,6 +106,8 @@ def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
     with file.open("rb") as handle:
         magic = handle.read(4)
     if magic == b"GGUF":
+        from mistral_jax.tokenizers.gguf_vocab import load_gguf_vocab  # the gguf package, for GGUF files only
+
         return load_gguf_vocab(file)
     config = _read_tokenizer_config(file.parent)
     if file.suffix == ".json":
