@@ -4,6 +4,7 @@ from mistral_jax.checkpoints import load
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig, list_presets
 from mistral_jax.decoding import decode_step, generate, generate_stream, prefill
+from mistral_jax.model.layer_layout import stack_layers, unstack_layers
 from mistral_jax.model.transformer import forward, init_params, logical_axes, logits
 from mistral_jax.rolling_cache import init_cache
 from mistral_jax.sharding import make_mesh, shard_params
@@ -28,4 +29,6 @@ __all__ = [
     "make_mesh",
     "prefill",
     "shard_params",
+    "stack_layers",
+    "unstack_layers",
 ]

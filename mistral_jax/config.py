@@ -62,6 +62,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     init_std: float = 0.02
+    # Layer layout. True: every block's weights stacked on a leading `layers` axis and run under nn.scan
+    # (compile time flat in depth; what training, sharding plans and checkpoints use). False: one
+    # parameter subtree and one KV-cache buffer per layer, run as an unrolled loop: what decoding wants
+    # on XLA:CPU, which copies each layer's slice of a stacked weight every step (benchmarks/RESULTS.md).
+    # Convert a model with `mistral_jax.unstack_layers` / `stack_layers`, or `load(..., scan_layers=False)`.
+    scan_layers: bool = True
+    # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", or
+    # "cudnn" (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel).
+    attention: Literal["xla", "cudnn"] = "xla"
 
     def __post_init__(self):
         problems = []
@@ -81,6 +90,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.attention not in ("xla", "cudnn"):
+            problems.append(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

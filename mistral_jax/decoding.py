@@ -41,8 +41,7 @@ def _replicated(mesh, x):
 
 
 def _place_cache(config, mesh, cache):
-    shardings = sharding.cache_shardings(config, mesh, cache)
-    return {name: sharding.put(cache[name], shardings[name]) for name in shardings}
+    return jax.tree.map(sharding.put, cache, sharding.cache_shardings(config, mesh, cache))
 
 
 def _seed_key(seed: int, mesh):

@@ -92,7 +92,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
         optimizer, gradients = 2 * per_device * 4, per_device * 4
     else:
         params_bytes = per_device * compute_bytes
-        cache_shape = (config.n_layers, batch, config.cache_size(seq_len), config.n_kv_heads, config.resolved_head_dim)
+        cache_shape = (config.n_layers, batch, config.n_kv_heads, config.cache_size(seq_len), config.resolved_head_dim)
         cache_spec = sharding.fit_spec(cache_shape, sharding.CACHE_AXES["k"], mesh)
         kv_cache = 2 * per_device_elements(cache_shape, cache_spec, mesh) * compute_bytes
     activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat)

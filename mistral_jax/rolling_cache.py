@@ -1,7 +1,11 @@
 """The ring-buffer (rolling) KV cache: position p lives in slot p mod size.
 
 A cache is a plain dict pytree made by `init_cache`:
-  k, v: [layers, batch, size, kv_heads, head_dim]  keys already rotated by RoPE
+  k, v: keys (already rotated by RoPE) and values, heads-major so that attention reads them as stored:
+        [layers, batch, kv_heads, size, head_dim]     for a scanned model (config.scan_layers);
+        a tuple of `layers` buffers [batch * kv_heads, size, head_dim] otherwise (rows batch-major),
+        which a donated decode step updates in place: XLA:CPU copies a whole buffer on every step
+        where a dot reads it through a reshape (a batch of 1 is one: RESULTS.md), so the rows stay merged
   pos:  int32 [batch, size]  the position held by each slot, -1 where empty
 `size` is min(max_seq_len, sliding_window): memory stays flat however long the generation runs.
 Positions are per row, so rows of a batch may be at different points (ragged prompts).
@@ -26,25 +30,22 @@ def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=Non
     if batch_size <= 0 or max_seq_len <= 0:
         raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
     size = config.cache_size(max_seq_len)
-    dtype = jnp.dtype(dtype) if dtype is not None else config.compute_dtype
-    shape = (config.n_layers, batch_size, size, config.n_kv_heads, config.resolved_head_dim)
-    if mesh is not None:
-        return _empty_on_mesh(config, shape, jnp.dtype(dtype), mesh)
-    return _empty(shape, dtype)
-
-
-def _empty(shape, dtype) -> dict:
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "pos": jnp.full((shape[1], shape[2]), -1, jnp.int32),
-    }
+    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(config.compute_dtype)
+    layer_shape = (batch_size, config.n_kv_heads, size, config.resolved_head_dim)
+    return _empty(config, layer_shape, dtype, mesh)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _empty_on_mesh(config: ModelConfig, shape, dtype, mesh) -> dict:
-    """Each device allocates only its own shard of the empty cache."""
-    cache = _empty(shape, dtype)
+def _empty(config: ModelConfig, layer_shape, dtype, mesh) -> dict:
+    """Zeros, built on device; under a mesh each device allocates only its own shard."""
+    if config.scan_layers:
+        k, v = (jnp.zeros((config.n_layers, *layer_shape), dtype) for _ in range(2))
+    else:
+        rows = (layer_shape[0] * layer_shape[1], *layer_shape[2:])
+        k, v = (tuple(jnp.zeros(rows, dtype) for _ in range(config.n_layers)) for _ in range(2))
+    cache = {"k": k, "v": v, "pos": jnp.full(layer_shape[:1] + layer_shape[2:3], -1, jnp.int32)}
+    if mesh is None:
+        return cache
     return sharding.constrain_tree(cache, sharding.cache_shardings(config, mesh, cache))
 
 
@@ -61,6 +62,31 @@ def write(buffer, positions, values):
     slots = jnp.where(positions >= 0, positions % size, size)  # slot `size` is out of range: dropped
     rows = jnp.arange(buffer.shape[0])[:, None]
     return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+
+def heads_view(buffer, batch: int):
+    """A layer's K or V buffer as [B, K, S, D], whichever layout stores it."""
+    return buffer if buffer.ndim == 4 else buffer.reshape(batch, -1, *buffer.shape[1:])
+
+
+def write_heads(buffer, positions, values):
+    """`write` for one layer's K or V buffer ([B, K, S, D] or [B*K, S, D]) and new values [B, T, K, D].
+
+    One token per row (T == 1, a decode step, whose positions are never negative) is one in-bounds
+    scatter of B*K rows: XLA updates a donated [B*K, S, D] buffer in place, where the dropping scatter
+    that padded prompt chunks need reads the old slots back and makes it copy the whole buffer first.
+    """
+    batch, t, kv_heads, _ = values.shape
+    size = buffer.shape[-2]
+    values = values.astype(buffer.dtype)
+    if t == 1:
+        slots = jnp.repeat(positions[:, 0] % size, kv_heads)  # [B*K]
+        rows = buffer.reshape(batch * kv_heads, *buffer.shape[-2:])
+        rows = rows.at[jnp.arange(batch * kv_heads), slots].set(values.reshape(batch * kv_heads, -1), mode="promise_in_bounds")
+        return rows.reshape(buffer.shape)
+    slots = jnp.where(positions >= 0, positions % size, size)  # slot `size` is out of range: dropped
+    updated = heads_view(buffer, batch).at[jnp.arange(batch)[:, None], :, slots].set(values, mode="drop")
+    return updated.reshape(buffer.shape)
 
 
 def advance_positions(cache_pos, positions):

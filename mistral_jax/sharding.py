@@ -219,17 +219,29 @@ def ensure_params(config: ModelConfig, params, mesh: Mesh):
 
 
 # The KV cache --------------------------------------------------------------------------------------
-CACHE_AXES = {
-    "k": ("layers", "batch", None, "kv_heads", "head_dim"),
-    "v": ("layers", "batch", None, "kv_heads", "head_dim"),
+CACHE_AXES = {  # a scanned model's cache (rolling_cache.py)
+    "k": ("layers", "batch", "kv_heads", None, "head_dim"),
+    "v": ("layers", "batch", "kv_heads", None, "head_dim"),
     "pos": ("batch", None),
 }
 
 
 def cache_shardings(config: ModelConfig, mesh: Mesh, cache) -> dict:
-    """k, v split on batch over (data, fsdp) and on KV heads over tensor, where they divide; pos on batch."""
+    """k, v split on batch over (data, fsdp) and on KV heads over tensor, where they divide; pos on batch.
+
+    An unscanned model's per-layer buffers [B*K, S, D] (rows batch-major) split on batch alone: a block
+    of whole batch rows is a contiguous run of rows, a block of heads within them is not.
+    """
     del config  # the cache's own shapes say everything; kept for a uniform signature
-    return {name: named(mesh, cache[name].shape, CACHE_AXES[name]) for name in CACHE_AXES}
+    pos = named(mesh, cache["pos"].shape, CACHE_AXES["pos"])
+
+    def kv(name):
+        if isinstance(cache[name], (tuple, list)):
+            rows = pos.spec[0] if len(pos.spec) else None
+            return tuple(NamedSharding(mesh, PartitionSpec(rows, None, None)) for _ in cache[name])
+        return named(mesh, cache[name].shape, CACHE_AXES[name])
+
+    return {"k": kv("k"), "v": kv("v"), "pos": pos}
 
 
 # Activations ---------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from mistral_jax import decoding
 from mistral_jax.compile_stats import CompileStats
 
 
-@pytest.fixture(scope="module")
-def mistral():
+@pytest.fixture(scope="module", params=["scanned", "unscanned"])
+def mistral(request):
+    """Both layer layouts (ModelConfig.scan_layers): the unscanned one keeps a cache buffer per layer."""
     config = mj.ModelConfig.from_preset("tiny-mistral")  # sliding window 8
-    return config, mj.init_params(config, jax.random.key(0))
+    params = mj.init_params(config, jax.random.key(0))
+    return (config, params) if request.param == "scanned" else mj.unstack_layers(config, params)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_greedy_decode_over_a_wrapping_ring_equals_full_forward(mistral):
     config, params = mistral
     prompt = [3, 17, 42, 5, 99]
     cache = mj.init_cache(config, 1, len(prompt) + 40)
-    assert cache["k"].shape[2] == 8  # the ring is bounded by the window, not by the 45 tokens
+    assert jax.tree.leaves(cache["k"])[0].shape[-2] == 8  # the ring is bounded by the window, not by the 45 tokens
     logits, cache = decoding.prefill(config, params, cache, [prompt], [list(range(len(prompt)))], chunk_size=4)
     sequence, step_logits = list(prompt), []
     for _ in range(40):

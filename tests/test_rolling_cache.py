@@ -10,10 +10,12 @@ from mistral_jax import rolling_cache
 
 def test_size_is_bounded_by_the_window():
     config = mj.ModelConfig.from_preset("tiny-mistral")  # window 8
-    assert mj.init_cache(config, 2, 10_000)["k"].shape == (2, 2, 8, 2, 16)
+    assert mj.init_cache(config, 2, 10_000)["k"].shape == (2, 2, 2, 8, 16)  # [layers, batch, kv_heads, slots, head_dim]
     assert mj.init_cache(config, 2, 5)["pos"].shape == (2, 5)
     llama = mj.ModelConfig.from_preset("tiny-llama")
-    assert mj.init_cache(llama, 1, 100)["v"].shape[2] == 100
+    assert mj.init_cache(llama, 1, 100)["v"].shape[3] == 100
+    per_layer = mj.init_cache(config.replace(scan_layers=False), 2, 10_000)["k"]  # [batch * kv_heads, slots, head_dim]
+    assert len(per_layer) == config.n_layers and per_layer[0].shape == (4, 8, 16)
     assert mj.init_cache(config, 1, 4, dtype="bfloat16")["k"].dtype == jnp.bfloat16
 
 

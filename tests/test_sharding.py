@@ -106,15 +106,31 @@ def test_sharded_logits_and_greedy_tokens_equal_unsharded(models, preset, shape)
         assert mj.generate(config, model["params"], PROMPTS, NEW_TOKENS, mesh=mesh) == model["generated"]
 
 
+@pytest.mark.parametrize("preset,shape", [("tiny-mixtral", (1, 2, 2, 2)), ("tiny-mistral", (2, 2, 1, 2))])
+def test_unscanned_layout_sharded_equals_unsharded(models, preset, shape):
+    """One parameter subtree and one [B*K, S, D] cache buffer per layer: the same tokens on a mesh, each
+    layer's weights split like the stacked ones, the per-layer cache split on batch."""
+    model = models[preset]
+    config, params = mj.unstack_layers(model["config"], model["params"])
+    mesh = mj.make_mesh(*shape)
+    placed = mj.shard_params(config, params, mesh)
+    stacked_spec = mj.shard_params(model["config"], model["params"], mesh)["layers"]["attention"]["wq"].sharding.spec
+    assert P(*placed["layers"]["1"]["attention"]["wq"].sharding.spec) == P(*stacked_spec[1:])
+    assert mj.generate(config, placed, PROMPTS, NEW_TOKENS, mesh=mesh) == model["generated"]
+    cache = mj.init_cache(config, 2, 32, mesh=mesh)
+    assert len(cache["k"]) == config.n_layers and cache["k"][0].shape == (2 * config.n_kv_heads, config.cache_size(32), 16)
+    assert cache["k"][0].sharding.spec[0] == {(1, 2, 2, 2): "fsdp", (2, 2, 1, 2): "data"}[shape]  # a batch of 2
+
+
 def test_kv_cache_is_split_on_batch_and_kv_heads(models):
     config, params = models["tiny-mistral"]["config"], models["tiny-mistral"]["params"]
     mesh = mj.make_mesh(data=1, fsdp=2, expert=2, tensor=2)
     placed = mj.shard_params(config, params, mesh)
-    kv_spec = P(None, "fsdp", None, "tensor")  # [layers, batch, slots, kv_heads, head_dim]; data=1
+    kv_spec = P(None, "fsdp", "tensor")  # [layers, batch, kv_heads, slots, head_dim]; data=1
     cache = mj.init_cache(config, 2, 32, mesh=mesh)
     assert cache["k"].sharding.spec == kv_spec and cache["v"].sharding.spec == kv_spec
     assert cache["pos"].sharding.spec == P("fsdp")
-    assert cache["k"].addressable_shards[0].data.shape == (config.n_layers, 1, 8, 1, 16)
+    assert cache["k"].addressable_shards[0].data.shape == (config.n_layers, 1, 1, 8, 16)
 
     prompts, positions = [[1, 2, 3], [4, 5, 6]], [[0, 1, 2]] * 2
     logits, cache = decoding.prefill(config, placed, cache, prompts, positions, mesh=mesh)

@@ -131,6 +131,9 @@ def write(config: ModelConfig, params, out_dir, extra_files: Iterable[pathlib.Pa
     Everything goes to a temporary directory beside `out_dir`, renamed at the end: an interrupted
     export leaves no half-written model. `out_dir` must not exist yet (or be empty).
     """
+    from mistral_jax.model.layer_layout import stack_layers
+
+    config, params = stack_layers(config, params)
     out_dir = pathlib.Path(out_dir).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not empty")

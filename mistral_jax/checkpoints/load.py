@@ -6,7 +6,7 @@ import pathlib
 
 import jax.numpy as jnp
 
-from mistral_jax.checkpoints import consolidated, gguf, hf, hf_layout, orbax
+from mistral_jax.checkpoints import consolidated, hf, hf_layout, orbax
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
 from mistral_jax.paths import CHECKPOINT_HINT, is_url
@@ -41,6 +41,8 @@ def read(path) -> tuple[ModelConfig, dict]:
         return hf.read(path)
     if consolidated.is_consolidated_dir(path):
         return consolidated.read(path)
+    from mistral_jax.checkpoints import gguf  # imports the gguf package: only for GGUF files
+
     if path.suffix == ".gguf" or gguf.is_gguf(path):
         return gguf.read(path)
     raise CheckpointError(
@@ -56,8 +58,19 @@ def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tupl
 
     Weights stream leaf by leaf onto the device (host memory stays near one copy of the model); with a
     `mesh` (sharding.make_mesh) each leaf goes straight to its sharding, every process building only the
-    shards it addresses.
+    shards it addresses. scan_layers=False (in config_overrides) returns the unscanned layout that
+    inference prefers (model/layer_layout.py), split leaf by leaf as it loads.
     """
+    from mistral_jax.model.layer_layout import unstack_layers
+
+    scan_layers = config_overrides.pop("scan_layers", True)
+    config, params = _load_scanned(path, dtype, mesh, config_overrides)
+    if scan_layers:
+        return config, params
+    return unstack_layers(config, params, donate=True)
+
+
+def _load_scanned(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, dict]:
     from mistral_jax import sharding
 
     if dtype not in DTYPES:

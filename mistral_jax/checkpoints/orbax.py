@@ -30,7 +30,10 @@ def is_orbax_dir(path) -> bool:
 
 def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path] = ()) -> epath.Path:
     """Save params (any sharding), config and `extra_files` (tokenizer files) under `path`, which must not
-    exist yet."""
+    exist yet. Always saved in the scanned layout."""
+    from mistral_jax.model.layer_layout import stack_layers
+
+    config, params = stack_layers(config, params)
     path = as_path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty")

@@ -29,20 +29,54 @@ def attention_mask(q_pos, k_pos, window: int | None, q_segments=None, k_segments
 def attend(q, k, v, mask):
     """Softmax attention with query heads grouped over shared KV heads.
 
-    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S] -> [B, T, H, D]. Scores in float32.
-    The einsums run KV-head-major ([B, K, G*T, ...]): the scores leave the first dot in the layout that
-    softmax and the second dot read, with no transposed copy of the [T, S] score matrices (which cost
-    XLA:CPU ~40% of prefill time in the other order; benchmarks/RESULTS.md).
+    q: [B, T, H, D]; k, v: [B, K, S, D] (heads-major, as the cache stores them); mask: bool [B, T, S]
+    -> [B, T, H, D]. Scores in float32. The einsums run KV-head-major ([B, K, G*T, ...]): the scores leave
+    the first dot in the layout that softmax and the second dot read, with no transposed copy of the
+    [T, S] score matrices (which cost XLA:CPU ~40% of prefill time in the other order; RESULTS.md).
     """
     b, t, h, d = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
+    kv_heads, s = k.shape[1], k.shape[2]
     g = h // kv_heads
     q = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, d)  # [B, K, G*T, D]
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
     keep = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, s)).reshape(b, kv_heads, g * t, s)
     probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v.transpose(0, 2, 1, 3))  # [B, K, G*T, D]
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v)  # [B, K, G*T, D]
     return out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def causal_block_size(length: int) -> int | None:
+    """Query block for `attend_causal` on `length` tokens: at most 8 blocks of at least 128, or None."""
+    block = max(128, length // 8)
+    return block if length > block and length % block == 0 else None
+
+
+def attend_causal(q, k, v, mask):
+    """`attend` for keys that are the queries themselves (no cache), skipping the blocks above the diagonal.
+
+    Query block i attends to keys 0 .. its own end only: exact when every key after a query's column is
+    masked for it, i.e. positions never decrease along a segment (true of every caller: prompts, padded
+    or packed SFT rows). Saves up to half the attention FLOPs (RESULTS.md, train step).
+    """
+    block = causal_block_size(q.shape[1])
+    if block is None:
+        return attend(q, k, v, mask)
+    outs = [
+        attend(q[:, lo:lo + block], k[:, :, :lo + block], v[:, :, :lo + block], mask[:, lo:lo + block, :lo + block])
+        for lo in range(0, q.shape[1], block)
+    ]
+    return jnp.concatenate(outs, axis=1)
+
+
+def attend_cudnn(q, k, v, mask, causal: bool):
+    """`attend` through `jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU, bf16/fp16 only).
+
+    The mask travels as cuDNN's bias; `causal` also lets the kernel skip the blocks above the diagonal.
+    """
+    out = jax.nn.dot_product_attention(
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None], is_causal=causal, implementation="cudnn"
+    )
+    return out.astype(q.dtype)
 
 
 class Attention(nn.Module):
@@ -72,23 +106,34 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
 
         new_layer_cache = None
+        if layer_cache is not None:
+            cache_k = rolling_cache.write_heads(layer_cache["k"], positions, k)
+            cache_v = rolling_cache.write_heads(layer_cache["v"], positions, v)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
         if layer_cache is None:
             mask = attention_mask(positions, positions, cfg.sliding_window, segment_ids, segment_ids)
-            out = attend(q, k, v, mask)
+            if cfg.attention == "cudnn":
+                out = attend_cudnn(q, k, v, mask, causal=True)
+            else:
+                out = attend_causal(q, k, v, mask)
         else:
-            cache_k = rolling_cache.write(layer_cache["k"], positions, k)
-            cache_v = rolling_cache.write(layer_cache["v"], positions, v)
             new_layer_cache = {"k": cache_k, "v": cache_v}
             if q.shape[1] == 1:
                 # One new token: its slot held a position at least `size` back, outside the window, so
-                # writing first and reading the cache alone is exact and saves a copy of the cache.
+                # writing first and reading the cache alone is exact, and the donated buffer is updated
+                # in place.
                 mask = attention_mask(positions, new_cache_pos, cfg.sliding_window)
-                out = attend(q, cache_k.astype(dt), cache_v.astype(dt), mask)
+                b = q.shape[0]
+                out = attend(q, rolling_cache.heads_view(cache_k, b).astype(dt), rolling_cache.heads_view(cache_v, b).astype(dt), mask)
             else:
                 # A chunk may overwrite slots its own first queries still need: read old cache + chunk.
-                keys = jnp.concatenate([layer_cache["k"].astype(dt), k], axis=1)
-                values = jnp.concatenate([layer_cache["v"].astype(dt), v], axis=1)
+                b = q.shape[0]
+                keys = jnp.concatenate([rolling_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
+                values = jnp.concatenate([rolling_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
                 mask = attention_mask(positions, jnp.concatenate([cache_pos, positions], axis=1), cfg.sliding_window)
-                out = attend(q, keys, values, mask)
+                if cfg.attention == "cudnn":
+                    out = attend_cudnn(q, keys, values, mask, causal=False)
+                else:
+                    out = attend(q, keys, values, mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), new_layer_cache

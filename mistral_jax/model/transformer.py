@@ -1,8 +1,12 @@
-"""The decoder: embed, a stack of blocks under nn.scan, final norm and LM head; `forward` and `logits`.
+"""The decoder: embed, the blocks, final norm and LM head; `forward` and `logits`.
 
-Parameters are one pytree for training, decoding and export alike: every block's weights are stacked
-on a leading `layers` axis (nn.scan), so compile time does not grow with depth and nothing converts
-between a scanned and an unscanned layout.
+The blocks run in one of two layouts (ModelConfig.scan_layers), as MaxText's `scan_layers`:
+  scanned (default: training, sharding plans, checkpoints): every block's weights stacked on a leading
+      `layers` axis under nn.scan, so compile time does not grow with depth;
+  unscanned (inference): params["layers"]["0"], ["1"], ... one subtree per layer, and one cache buffer
+      per layer, run as an unrolled loop. XLA:CPU copies each layer's slice of a stacked weight on every
+      step of a scanned decode; separate buffers are read in place (benchmarks/RESULTS.md).
+`layer_layout.stack_layers` / `unstack_layers` convert a model between the two.
 """
 
 from __future__ import annotations
@@ -42,6 +46,31 @@ class Block(nn.Module):
         return out, (new_layer_cache, stats)
 
 
+class LayerList(nn.Module):
+    """The unscanned layout: blocks named "0" .. "n_layers - 1", each with its own weights and cache buffer.
+
+    Same inputs and outputs as the scanned stack: caches {"k", "v"} hold tuples of per-layer buffers,
+    and routing statistics come back stacked on a leading layer axis.
+    """
+
+    config: ModelConfig
+    block: type = Block
+
+    @nn.compact
+    def __call__(self, x, layer_caches, ctx):
+        keys, values, stats = [], [], []
+        for i in range(self.config.n_layers):
+            layer_cache = None if layer_caches is None else {"k": layer_caches["k"][i], "v": layer_caches["v"][i]}
+            x, (new_layer_cache, layer_stats) = self.block(self.config, name=str(i))(x, layer_cache, ctx)
+            if new_layer_cache is not None:
+                keys.append(new_layer_cache["k"])
+                values.append(new_layer_cache["v"])
+            stats.append(layer_stats)
+        new_caches = {"k": tuple(keys), "v": tuple(values)} if layer_caches is not None else None
+        stats = None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats)
+        return x, (new_caches, stats)
+
+
 class Transformer(nn.Module):
     config: ModelConfig
 
@@ -69,24 +98,27 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat:
             block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, (new_layer_caches, stats) = blocks(cfg, name="layers")(x, layer_caches, ctx)
+        if cfg.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, (new_layer_caches, stats) = blocks(cfg, name="layers")(x, layer_caches, ctx)
+        else:
+            x, (new_layer_caches, stats) = LayerList(cfg, block, name="layers")(x, layer_caches, ctx)
 
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
-        if cfg.tie_embeddings:
-            head = embedding.T
+        if cfg.tie_embeddings:  # read the [V, D] table as it is stored: `embedding.T` costs XLA:CPU a copy per call
+            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt), preferred_element_type=jnp.float32)
         else:
             head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")), (cfg.dim, cfg.vocab_size), pdt)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None

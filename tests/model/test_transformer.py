@@ -100,3 +100,28 @@ def test_logits_refuse_bad_token_shapes():
         mj.logits(config, params, jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         mj.logits(config, params, jnp.full((1, 3), 256, jnp.int32))
+
+
+def test_causal_blocks_skip_nothing_they_need():
+    """attend_causal (query blocks against the keys up to their end) equals attend over every key, with
+    left padding and packed segments (positions restarting) in the rows. Padding queries see no key and
+    their (unused) outputs differ; every real query's must not."""
+    from mistral_jax.model.attention import attend, attend_causal, attention_mask, causal_block_size
+
+    t = 256
+    assert causal_block_size(t) == 128 and causal_block_size(100) is None
+    q = jax.random.normal(jax.random.key(0), (2, t, 4, 8))
+    k, v = (jax.random.normal(jax.random.key(i), (2, 2, t, 8)) for i in (1, 2))
+    pos0 = np.concatenate([np.full(40, -1), np.arange(t - 40)])  # left padding
+    pos1 = np.concatenate([np.arange(150), np.arange(t - 150)])  # two packed examples
+    positions = np.stack([pos0, pos1])
+    segments = np.stack([np.ones(t, int), np.concatenate([np.ones(150, int), np.full(t - 150, 2)])])
+    for window in (None, 64):
+        mask = attention_mask(positions, positions, window, segments, segments)
+        real = positions >= 0
+        np.testing.assert_allclose(attend_causal(q, k, v, mask)[real], attend(q, k, v, mask)[real], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_kind_is_checked():
+    with pytest.raises(ValueError, match="attention"):
+        mj.ModelConfig.from_preset("tiny-llama", attention="flash")
