@@ -1,13 +1,15 @@
 """Decode tokens/s of SmolLM2-135M (float32, CPU) at batch 1 and 8: ours, transformers, and the roofline.
 
-    python benchmarks/decode.py [--checkpoint PATH] [--batches 1,8] [--json PATH] [--no-prototype]
+    python benchmarks/decode.py [--checkpoint PATH] [--batches 1,8] [--json PATH] [--prototypes]
 
 Measured in one run, so that every figure is a ratio to something measured beside it; every measurement
 runs once per round, interleaved with the others, and the best of --rounds rounds is kept:
   - `mj.generate` (the on-device `lax.while_loop`): steady-state decode time per step is the difference
     between two generation lengths (--short, --long) over the extra steps, both warmed up first (one
-    compilation each). Prefill and the first sample cancel out.
-  - `decoding.decode_step` called from Python once per token (greedy), runs of --steps steps.
+    compilation each). Prefill and the first sample cancel out. In both layer layouts: unscanned
+    (ModelConfig.scan_layers=False, what the CLI decodes with: one weight and cache buffer per layer)
+    and scanned (stacked layers under nn.scan, the training layout).
+  - `decoding.decode_step` called from Python once per token (greedy), runs of --steps steps, both layouts.
   - transformers' `generate` on the same weights (exported with `checkpoints.hf.write`; greedy,
     min_new_tokens = max_new_tokens), same difference of two lengths, in a child process so that the two
     thread pools never compete. Skipped, saying "transformers: not installed", without torch.
@@ -15,7 +17,8 @@ runs once per round, interleaved with the others, and the best of --rounds round
     reads in full) over the read bandwidth measured in the same run (`_common.memory_bandwidth`).
   - compilations during the timed rounds (must be 0), and the decode step's optimized HLO: how many
     per-layer weight slices XLA materialises inside the layer loop, and how many whole-cache copies.
-  - PROTOTYPES (not the package's code; --no-prototype skips them): the same decode step written with
+  - PROTOTYPES (not the package's code; --prototypes runs them; the unscanned layout now does what they
+    measured): the same decode step written with
     every layer's weights in its own buffer (no stacked `layers` axis), then also with [out, in]
     matrices, then also a [B*K, S, D] cache: what each change to the model would buy. Their logits
     are checked against `decode_step`'s. Beside them, the matmuls alone (`matmuls_only`: the same
@@ -262,17 +265,21 @@ def hlo_evidence(config, params, batch: int, slots: int) -> dict:
     """Counts in decode_step's optimized HLO: weight slices materialised per layer, whole-cache copies."""
     cache = rolling_cache.init_cache(config, batch, slots)
     ints = jnp.zeros((batch,), jnp.int32)
-    compiled = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile()
-    text = compiled.as_text()
-    cache_shape = f"f32[{config.n_layers},{batch},{slots},{config.n_kv_heads},{config.resolved_head_dim}]"
+    text = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    k, hd = config.n_kv_heads, config.resolved_head_dim
+    if config.scan_layers:
+        cache_shape = f"f32[{config.n_layers},{batch},{k},{slots},{hd}]"
+    else:  # one buffer per layer: every copy of one counts
+        cache_shape = f"f32[{batch * k},{slots},{hd}]"
     # Fusions that only slice one layer out of a stacked array write a copy of it: their output bytes, once per layer.
     sliced = [int(np.prod([int(d) for d in dims.split(",")])) * 4
               for dims in re.findall(r"^\s*%dynamic-slice\S*fusion\S* = f32\[([\d,]+)\]", text, re.M)]
     return {
         "dynamic_slice_fusions": len(sliced),
         "dynamic_slice_bytes_per_step": sum(sliced) * config.n_layers,
-        "whole_cache_copies": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* copy\(", text, re.M)),
-        "whole_cache_broadcasts": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", text, re.M)),
+        "whole_cache_copies": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* copy\(", entry, re.M)),
+        "whole_cache_broadcasts": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", entry, re.M)),
     }
 
 
@@ -300,7 +307,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=40, help="the longer generation (new tokens)")
     parser.add_argument("--steps", type=int, default=12, help="decode_step calls per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="every measurement once per round; best of the rounds")
-    parser.add_argument("--no-prototype", action="store_true")
+    parser.add_argument("--prototypes", action="store_true", help="also the benchmark-only prototypes")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -310,6 +317,7 @@ def main() -> None:
     args.checkpoint, config, params = _common.load_model(args.checkpoint)
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     slots = decoding.cache_length(config, args.prompt_len + args.long)
+    layouts = {"unscanned": mj.unstack_layers(config, jax.tree.map(jnp.copy, params)), "scanned": (config, params)}
 
     hf = None
     if args.no_transformers:
@@ -332,17 +340,20 @@ def main() -> None:
         r = results[batch] = {}
         prompts = prompts_for(batch, args.prompt_len, config.vocab_size)
         for n in (args.short, args.long):
-            gen = functools.partial(mj.generate, config, params, prompts, n)
-            gen()  # compile (max_new_tokens is static)
-            runners[batch, f"generate {n}"] = functools.partial(_common.best, gen, 1)
+            for layout, (cfg, p) in layouts.items():
+                gen = functools.partial(mj.generate, cfg, p, prompts, n)
+                gen()  # compile (max_new_tokens is static)
+                runners[batch, f"generate {layout} {n}"] = functools.partial(_common.best, gen, 1)
             if hf is not None:
                 hf.generate_seconds(batch, n)  # warm-up
                 runners[batch, f"transformers {n}"] = functools.partial(hf.generate_seconds, batch, n)
-        step = functools.partial(decoding.decode_step, config, params)
-        runners[batch, "decode_step"] = StepRunner(step, prefilled(config, params, prompts, slots), args.steps)
-        r["hlo"] = hlo_evidence(config, params, batch, slots)
+        r["hlo"] = {}
+        for layout, (cfg, p) in layouts.items():
+            step = functools.partial(decoding.decode_step, cfg, p)
+            runners[batch, f"decode_step {layout}"] = StepRunner(step, prefilled(cfg, p, prompts, slots), args.steps)
+            r["hlo"][layout] = hlo_evidence(cfg, p, batch, slots)
         r["kv_bytes"] = kv_bytes(config, batch, slots)
-        if not args.no_prototype:
+        if args.prototypes:
             r["prototypes"] = {}
             ref_state = prefilled(config, params, prompts, slots)
             ref_logits, _ = decoding.decode_step(config, params, jax.tree.map(jnp.copy, ref_state[0]), *ref_state[1:])
@@ -376,9 +387,11 @@ def main() -> None:
         r = results[batch]
         roof_s = (param_bytes + r["kv_bytes"]) / bw
         r["roofline_s_per_step"] = roof_s
-        r["generate_s_per_step"] = (best[batch, f"generate {args.long}"] - best[batch, f"generate {args.short}"]) / (
-            args.long - args.short)
-        r["decode_step_s_per_step"] = best[batch, "decode_step"]
+        for layout in layouts:
+            r[f"generate_{layout}_s_per_step"] = (best[batch, f"generate {layout} {args.long}"]
+                                                  - best[batch, f"generate {layout} {args.short}"]) / (args.long - args.short)
+            r[f"decode_step_{layout}_s_per_step"] = best[batch, f"decode_step {layout}"]
+        r["generate_s_per_step"] = r["generate_unscanned_s_per_step"]  # what the CLI runs
         r["generate_tokens_per_s"] = batch / r["generate_s_per_step"]
         r["generate_pct_of_roofline"] = 100 * roof_s / r["generate_s_per_step"]
         r["generate_tokens_per_s_vs_batch_1"] = r["generate_tokens_per_s"] / results[batches[0]]["generate_tokens_per_s"]
@@ -398,10 +411,12 @@ def main() -> None:
             return [batch, what, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}",
                     f"{hf_s / seconds:.2f}x" if hf_s else "-", f"{100 * roof_s / seconds:.0f}%", extra]
 
-        rows.append(row("mj.generate (while loop)", r["generate_s_per_step"],
-                        f"{r['generate_tokens_per_s_vs_batch_1']:.2f}x"))
-        rows.append(row("decode_step (one call per token)", r["decode_step_s_per_step"],
-                        f"{results[batches[0]]['decode_step_s_per_step'] / r['decode_step_s_per_step'] * batch:.2f}x"))
+        for layout in layouts:
+            first = results[batches[0]]
+            rows.append(row(f"mj.generate, {layout} (while loop)", r[f"generate_{layout}_s_per_step"],
+                            f"{first[f'generate_{layout}_s_per_step'] / r[f'generate_{layout}_s_per_step'] * batch:.2f}x"))
+            rows.append(row(f"decode_step, {layout} (one call per token)", r[f"decode_step_{layout}_s_per_step"],
+                            f"{first[f'decode_step_{layout}_s_per_step'] / r[f'decode_step_{layout}_s_per_step'] * batch:.2f}x"))
         for name, p in r.get("prototypes", {}).items():
             first = results[batches[0]]["prototypes"][name]["s_per_step"]
             rows.append(row(f"{name} (one call per token; logits rel. diff {p['max_rel_logit_diff']:.0e})",
@@ -429,12 +444,11 @@ def main() -> None:
     print()
     evidence = []
     for batch in batches:
-        h = results[batch]["hlo"]
-        evidence.append([batch, f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
-                         h["whole_cache_copies"], h["whole_cache_broadcasts"],
-                         f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
-    print(_common.table(["batch", "decode_step HLO: layer-slice fusions (bytes written per step)", "whole-cache copies",
-                         "whole-cache zero fills", "KV cache"], evidence))
+        for layout, h in results[batch]["hlo"].items():
+            evidence.append([batch, layout, f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
+                             h["whole_cache_copies"], h["whole_cache_broadcasts"], f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
+    print(_common.table(["batch", "layout", "decode_step HLO: layer-slice fusions (bytes written per step)",
+                         "whole-cache copies", "whole-cache zero fills", "KV cache"], evidence))
     print(f"\nCompilations during the timed rounds (generate, decode_step, prototypes): {compilations}")
     _common.write_json(args.json, {"benchmark": "decode", "machine": info, "checkpoint": args.checkpoint,
                                    "param_bytes": param_bytes, "cache_slots": slots, "bandwidth": bandwidth,

@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Model and streaming ------------------------------------------------------------------------------
 
-def load_checkpoint(path, dtype: str, mesh=None):
+def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
     """(config, params, tokenizer source) of any checkpoint `mj.load` reads, or of an sft run directory: its
     latest step, LoRA merged, with the tokenizer the run trained with (run.json's "tokenizer").
+    scan_layers=False: in the unscanned layout that decoding prefers (model/layer_layout.py).
 
     generate, chat, convert and export all load through here. Orbax checkpoints and runs may be URLs (gs://);
     the other formats are local files, and a URL naming one fails with a hint before anything is read.
@@ -151,8 +152,10 @@ def load_checkpoint(path, dtype: str, mesh=None):
         config, params = sft.latest_params(path, mesh)
         config = config.replace(dtype=dtype, param_dtype=dtype)
         params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+        if not scan_layers:
+            config, params = mj.unstack_layers(config, params, donate=True)
         return config, params, sft.run_info(path)["tokenizer"]
-    config, params = mj.load(path, dtype=dtype, mesh=mesh)
+    config, params = mj.load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
     return config, params, path
 
 
@@ -164,7 +167,8 @@ def _load(args, need_tokenizer: bool):
     if not is_url(path) and not pathlib.Path(path).expanduser().exists():
         raise CLIError(f"no such checkpoint: {path}")
     args.mesh_ = _start_devices(args)
-    config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_)
+    # generate and chat only decode: the unscanned layout (one buffer per layer) is what decoding wants.
+    config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_, scan_layers=False)
     tokenizer = load_tokenizer(tokenizer_source, family=config.family) if need_tokenizer else None
     return config, params, tokenizer
 

@@ -27,6 +27,10 @@ from mistral_jax.rolling_cache import cache_size, init_cache
 from mistral_jax.sampling import Sampling, sample
 
 DEFAULT_PREFILL_CHUNK = 512
+# Fewest rows generate decodes per backend: XLA:GPU runs a one-row matmul far below a two-row one (H200,
+# Mistral 7B bfloat16: 9.4 ms per step for one row, 4.5 ms for two; benchmarks/RESULTS.md), so a lone
+# prompt decodes beside a copy of itself there, and the copy's tokens are dropped.
+MIN_DECODE_ROWS = {"gpu": 2}
 
 
 # Placement under a mesh (all identities when mesh is None) ----------------------------------------
@@ -210,6 +214,13 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
     return out
 
 
+def _with_min_rows(prompts, mesh):
+    """(prompts, how many are the caller's): padded with copies of the last up to MIN_DECODE_ROWS."""
+    prompts = prompts.tolist() if isinstance(prompts, np.ndarray) else list(prompts)
+    rows = MIN_DECODE_ROWS.get(jax.default_backend(), 1) if mesh is None else 1
+    return prompts + prompts[-1:] * max(0, rows - len(prompts)), len(prompts)
+
+
 def _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh):
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
@@ -239,11 +250,12 @@ def generate(
     sampling = Sampling(temperature, top_k, top_p)
     if mesh is not None:
         params = sharding.ensure_params(config, params, mesh)
+    prompts, n = _with_min_rows(prompts, mesh)
     logits, cache, lengths = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
     eos = _eos_array(eos_id) if mesh is None else _replicated(mesh, _eos_array(eos_id))
     out, _ = _decode_loop(config, mesh, sampling, max_new_tokens, params, cache, logits, lengths, _seed_key(seed, mesh), eos)
     eos_ids = set(np.asarray(_eos_array(eos_id)).tolist())
-    return [_trim_at_eos(row, eos_ids) for row in np.asarray(out)]
+    return [_trim_at_eos(row, eos_ids) for row in np.asarray(out)[:n]]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -281,10 +293,11 @@ def generate_stream(
     sampling = Sampling(temperature, top_k, top_p)
     if mesh is not None:
         params = sharding.ensure_params(config, params, mesh)
+    prompts, n = _with_min_rows(prompts, mesh)
     logits, cache, positions = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
     seed_key, eos = _seed_key(seed, mesh), np.asarray(_eos_array(eos_id))
     token = _first_token(mesh, sampling, logits, seed_key)
-    host_token = np.asarray(token)
+    host_token = np.asarray(token)[:n]
     done = np.isin(host_token, eos)
     yield host_token
     for step in range(1, max_new_tokens):
@@ -292,6 +305,6 @@ def generate_stream(
             return
         step_array = jnp.int32(step) if mesh is None else _replicated(mesh, np.int32(step))
         token, cache, positions = _stream_step(config, mesh, sampling, params, cache, token, positions, seed_key, step_array)
-        host_token = np.asarray(token)
+        host_token = np.asarray(token)[:n]
         done |= np.isin(host_token, eos)
         yield host_token

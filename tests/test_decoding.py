@@ -125,3 +125,16 @@ def test_context_and_prompt_errors(mistral):
         mj.generate(config, params, [[1, 999]], 4)
     with pytest.raises(ValueError, match="max_new_tokens"):
         mj.generate(config, params, [[1, 2]], 0)
+
+
+def test_a_lone_prompt_padded_to_two_rows_generates_the_same(mistral, monkeypatch):
+    """MIN_DECODE_ROWS (two rows on GPUs, where XLA's one-row matmuls are slow): the copy is dropped."""
+    config, params = mistral
+    prompt = [[3, 17, 42, 5]]
+    alone = mj.generate(config, params, prompt, 10)
+    streamed = list(mj.generate_stream(config, params, prompt, 10))
+    monkeypatch.setitem(decoding.MIN_DECODE_ROWS, jax.default_backend(), 2)
+    assert mj.generate(config, params, prompt, 10) == alone
+    padded = list(mj.generate_stream(config, params, prompt, 10))
+    assert [t.shape for t in padded] == [(1,)] * 10
+    assert np.stack(padded).tolist() == np.stack(streamed).tolist()
