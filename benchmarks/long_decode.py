@@ -8,8 +8,9 @@ as a prefill of P tokens would leave it (prefilling 16k tokens takes minutes on 
 position p < P with p mod 4096 == s among the last 4096 (empty, -1, when P < 4096), keys and values random.
 Then `decoding.decode_step` runs greedy steps from position P; best of --rounds interleaved runs of
 --steps steps. For contrast (the same model without a window: a cache of P + steps slots), the step at
-the largest position. PROTOTYPE (benchmark only): decode.py's prototype step (per-layer weight and
-cache buffers, [out, in] matrices, [B*K, S, D] cache) at the same positions. Compilations during the timed runs are counted (must be 0). The roofline is
+the largest position. Both layer layouts: unscanned (what the CLI decodes with: one weight buffer and
+one [B*K, S, D] cache buffer per layer, updated in place) and scanned (stacked layers under nn.scan).
+Compilations during the timed runs are counted (must be 0). The roofline is
 (params + K and V cache) / read bandwidth, measured in the same run. Fresh memory per step: minor page
 faults x page size during the last run, i.e. the buffers the step allocates and writes anew.
 """
@@ -29,11 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
-import decode  # noqa: E402  (its PROTOTYPE decode step)
 
+import mistral_jax as mj  # noqa: E402
 from mistral_jax import decoding, rolling_cache  # noqa: E402
-
-PROTOTYPE = "PROTOTYPE per-layer + [out,in] + [B*K,S,D] cache"
 
 
 def filled_cache(config, position: int, slots: int, seed: int = 0) -> dict:
@@ -43,10 +42,10 @@ def filled_cache(config, position: int, slots: int, seed: int = 0) -> dict:
     held = np.arange(max(0, position - size), position)
     pos = np.full((1, size), -1, np.int32)
     pos[0, held % size] = held
-    keys = jax.random.split(jax.random.key(seed))
-    shape = cache["k"].shape
-    return {"k": jax.random.normal(keys[0], shape, cache["k"].dtype), "v": jax.random.normal(keys[1], shape, cache["v"].dtype),
-            "pos": jnp.asarray(pos)}
+    leaves, treedef = jax.tree.flatten({"k": cache["k"], "v": cache["v"]})  # stacked or one buffer per layer
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    kv = jax.tree.unflatten(treedef, [jax.random.normal(key, a.shape, a.dtype) for key, a in zip(keys, leaves)])
+    return {**kv, "pos": jnp.asarray(pos)}
 
 
 class StepRunner:
@@ -80,7 +79,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--no-contrast", action="store_true", help="skip the no-window run")
-    parser.add_argument("--no-prototype", action="store_true", help="skip the prototype decode step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = _common.machine()
@@ -89,26 +87,19 @@ def main() -> None:
     positions = [int(p) for p in args.positions.split(",")]
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
 
+    layouts = {"unscanned": mj.unstack_layers(config, params), "scanned": (config, params)}
     runners, cache_bytes = {}, {}
-    for p in positions:
-        cache = filled_cache(config, p, args.max_seq_len)
-        name = f"window {args.window}, position {p}"
-        cache_bytes[name] = cache["k"].nbytes + cache["v"].nbytes
-        runners[name] = StepRunner(config, params, cache, p, args.steps)
-    if not args.no_prototype:
-        wl, cl = decode.PROTOTYPES[PROTOTYPE]
-        weights = decode.proto_weights(config, params, wl)
-        step = functools.partial(decode.proto_step, config, wl, cl, weights)
+    for layout, (cfg, p_) in layouts.items():
         for p in positions:
-            name = f"{PROTOTYPE}, window {args.window}, position {p}"
-            cache = decode.proto_cache(filled_cache(config, p, args.max_seq_len), cl)
-            cache_bytes[name] = cache_bytes[f"window {args.window}, position {p}"]
-            runners[name] = StepRunner(config, params, cache, p, args.steps, step)
+            cache = filled_cache(cfg, p, args.max_seq_len)
+            name = f"{layout}, window {args.window}, position {p}"
+            cache_bytes[name] = sum(x.nbytes for x in jax.tree.leaves({"k": cache["k"], "v": cache["v"]}))
+            runners[name] = StepRunner(cfg, p_, cache, p, args.steps)
     if not args.no_contrast:
         top = max(positions)
         plain = base.replace(sliding_window=None, max_seq_len=max(base.max_seq_len, top + 1024))
         cache = filled_cache(plain, top, top + 1024)
-        name = f"no window (contrast), position {top}, {top + 1024} slots"
+        name = f"scanned, no window (contrast), position {top}, {top + 1024} slots"
         cache_bytes[name] = cache["k"].nbytes + cache["v"].nbytes
         runners[name] = StepRunner(plain, params, cache, top, args.steps)
 
@@ -117,16 +108,16 @@ def main() -> None:
     bandwidth.append(_common.memory_bandwidth())
     bw = max(b["best_bytes_per_s"] for b in bandwidth)
     best = {key: min(v) for key, v in samples.items()}
-    first = f"window {args.window}, position {positions[0]}"
+    def first_of(key):  # the same layout at the first position
+        return f"{key.split(',')[0]}, window {args.window}, position {positions[0]}"
 
-    last = f"window {args.window}, position {positions[-1]}"
-    ratio = best[last] / best[first]
-    proto_first, proto_last = (f"{PROTOTYPE}, window {args.window}, position {p}" for p in (positions[0], positions[-1]))
-    proto_ratio = best[proto_last] / best[proto_first] if proto_first in best else None
+    ratios = {layout: best[f"{layout}, window {args.window}, position {positions[-1]}"] / best[first_of(layout)]
+              for layout in layouts}
+    ratio = ratios["unscanned"]
     rows, results = [], {}
     for key, seconds in best.items():
         roof = (param_bytes + cache_bytes[key]) / bw
-        versus = seconds / best[proto_first if key.startswith("PROTOTYPE") else first]
+        versus = seconds / best[first_of(key)]
         faults = runners[key].fault_bytes
         results[key] = {"s_per_step": seconds, "vs_first_position": versus, "cache_bytes": cache_bytes[key],
                         "roofline_s": roof, "page_fault_bytes_per_step": faults}
@@ -140,15 +131,12 @@ def main() -> None:
     print(_common.table(["decode_step", "K+V cache", "ms/step", f"vs position {positions[0]} (same code)", "% of roofline",
                          "fresh memory per step (page faults)"], rows))
     print()
-    print(f"Position {positions[-1]} / position {positions[0]}: {ratio:.2f}x (target <= 1.2x: "
-          f"{_common.status(ratio <= 1.2)}); compilations during the timed runs: {compilations}")
-    if proto_ratio is not None:
-        print(f"Prototype: position {positions[-1]} / position {positions[0]}: {proto_ratio:.2f}x; prototype / decode_step "
-              f"at position {positions[-1]}: {best[proto_last] / best[last]:.2f}x")
+    print(f"Position {positions[-1]} / position {positions[0]}, unscanned: {ratio:.2f}x (target <= 1.2x: "
+          f"{_common.status(ratio <= 1.2)}); scanned: {ratios['scanned']:.2f}x; compilations during the timed runs: {compilations}")
     _common.write_json(args.json, {"benchmark": "long_decode", "machine": info, "checkpoint": args.checkpoint,
                                    "window": args.window, "max_seq_len": args.max_seq_len, "param_bytes": param_bytes,
                                    "bandwidth": bandwidth, "bandwidth_bytes_per_s": bw, "ratio": ratio,
-                                   "prototype_ratio": proto_ratio,
+                                   "ratios": ratios,
                                    "compilations_after_warmup": compilations, "samples_s": samples,
                                    "results": results})
 
