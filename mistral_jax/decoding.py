@@ -70,20 +70,23 @@ def _constrain_replicated(mesh, x):
     return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions):
+@functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=3)
+def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, cache_empty: bool = False):
     with sharding.activations(config, mesh, tokens.shape[0]):
-        logits, cache, _ = forward(config, params, tokens, positions, cache=cache, last_only=True)
+        logits, cache, _ = forward(config, params, tokens, positions, cache=cache, last_only=True, cache_empty=cache_empty)
     return _constrain_logits(mesh, logits[:, 0]), _constrain_cache(config, mesh, cache)
 
 
-def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None, *, mesh=None):
+def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None, *, mesh=None,
+            cache_empty: bool | None = None):
     """Write prompt tokens [B, T] at `positions` [B, T] (-1 = padding) into the cache, chunk by chunk.
 
     Returns (float32 logits after the last column [B, V], cache). Chunks are at most the cache size (so
-    a chunk never overwrites itself); every chunk has the same shape, so this compiles once, and short
+    a chunk never overwrites itself); every chunk has the same shape, so this compiles once (twice with
+    an empty cache: its first chunk attends to itself alone, not to the empty slots), and short
     prompts round up to a power of two so that prompts of similar length share one compilation.
     mesh: run split over it (the cache and parameters are placed on it if they are not already).
+    cache_empty: whether the cache holds nothing yet; None: read it off the cache (without a mesh).
     """
     xp = jnp if mesh is None else np  # under a mesh, chunks go from the host straight to their shards
     tokens, positions = xp.asarray(tokens, xp.int32), xp.asarray(positions, xp.int32)
@@ -95,13 +98,15 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
     positions = xp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
     if mesh is not None:
         params, cache = sharding.ensure_params(config, params, mesh), _place_cache(config, mesh, cache)
+    if cache_empty is None:
+        cache_empty = mesh is None and not bool(jnp.any(cache["pos"] >= 0))
     logits = None
     for i in range(n_chunks):
         cols = slice(i * chunk, (i + 1) * chunk)
         chunk_tokens, chunk_positions = tokens[:, cols], positions[:, cols]
         if mesh is not None:
             chunk_tokens, chunk_positions = _rows(mesh, chunk_tokens), _rows(mesh, chunk_positions)
-        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions)
+        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions, cache_empty and i == 0)
     return logits, cache
 
 
@@ -225,7 +230,7 @@ def _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh):
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
     cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens), mesh=mesh)
-    logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh)
+    logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
     return logits, cache, (jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths))
 
 

@@ -83,11 +83,14 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids=None, layer_cache=None, cache_pos=None, new_cache_pos=None):
+    def __call__(self, x, positions, segment_ids=None, layer_cache=None, cache_pos=None, new_cache_pos=None,
+                 cache_empty=False):
         """x: [B, T, D]; positions: int [B, T] (negative = padding).
 
-        With a cache (layer_cache = {"k", "v"} of [B, S, K, D]; cache_pos / new_cache_pos: [B, S] before
-        and after this step), the new keys are written to it and the updated layer cache is returned.
+        With a cache (layer_cache = {"k", "v"}, one layer's buffers (rolling_cache.py); cache_pos /
+        new_cache_pos: [B, S] before and after this step), the new keys are written to it and the updated
+        layer cache is returned. cache_empty: the cache holds nothing yet (a prompt's first chunk), so
+        attention skips it.
         """
         cfg = self.config
         dt, pdt, hd = cfg.compute_dtype, cfg.weights_dtype, cfg.resolved_head_dim
@@ -109,15 +112,15 @@ class Attention(nn.Module):
         if layer_cache is not None:
             cache_k = rolling_cache.write_heads(layer_cache["k"], positions, k)
             cache_v = rolling_cache.write_heads(layer_cache["v"], positions, v)
+            new_layer_cache = {"k": cache_k, "v": cache_v}
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
-        if layer_cache is None:
+        if layer_cache is None or cache_empty:  # an empty cache adds nothing: the tokens see each other alone
             mask = attention_mask(positions, positions, cfg.sliding_window, segment_ids, segment_ids)
             if cfg.attention == "cudnn":
                 out = attend_cudnn(q, k, v, mask, causal=True)
             else:
                 out = attend_causal(q, k, v, mask)
         else:
-            new_layer_cache = {"k": cache_k, "v": cache_v}
             if q.shape[1] == 1:
                 # One new token: its slot held a position at least `size` back, outside the window, so
                 # writing first and reading the cache alone is exact, and the donated buffer is updated

@@ -35,7 +35,8 @@ class Block(nn.Module):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
         attn_out, new_layer_cache = Attention(cfg, name="attention")(
-            norm("attention_norm")(x), ctx["positions"], ctx["segment_ids"], layer_cache, ctx["cache_pos"], ctx["new_cache_pos"]
+            norm("attention_norm")(x), ctx["positions"], ctx["segment_ids"], layer_cache, ctx["cache_pos"], ctx["new_cache_pos"],
+            ctx["cache_empty"],
         )
         h = x + attn_out
         if cfg.is_moe:
@@ -75,10 +76,11 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False):
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False):
         """tokens, positions: int [B, T] -> (logits float32 [B, T, V], new cache or None, aux dict).
 
-        last_only: logits for the last column only ([B, 1, V]), as prefill needs.
+        last_only: logits for the last column only ([B, 1, V]), as prefill needs. cache_empty: the cache
+        holds nothing yet; attention then reads the tokens alone (they are still written to it).
         """
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
@@ -88,7 +90,8 @@ class Transformer(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
-        ctx = {"positions": positions, "segment_ids": segment_ids, "cache_pos": None, "new_cache_pos": None}
+        ctx = {"positions": positions, "segment_ids": segment_ids, "cache_pos": None, "new_cache_pos": None,
+               "cache_empty": cache_empty}
         layer_caches = None
         if cache is not None:
             ctx["cache_pos"] = cache["pos"]
@@ -130,9 +133,14 @@ class Transformer(nn.Module):
         return logits, new_cache, aux
 
 
-def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, last_only=False):
-    """Pure forward pass: (logits float32 [B, T, V], new cache or None, aux dict)."""
-    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only)
+def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, last_only=False,
+            cache_empty=False):
+    """Pure forward pass: (logits float32 [B, T, V], new cache or None, aux dict).
+
+    Without a cache, attention skips the blocks above the diagonal: positions must not decrease along a
+    segment (true of prompts, padded or packed rows). cache_empty: see Transformer.
+    """
+    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only, cache_empty)
 
 
 def default_positions(tokens):
