@@ -9,15 +9,11 @@ Model FLOPs of one prefill of B rows of T tokens (what the prompt needs, not wha
 P_layers = params_active - embedding - norms (the table is a lookup, not a matmul). MFU = model FLOPs / time
 / peak, the peak being a jitted float32 2048^3 matmul measured in the same run (best of 7, before and
 after). Measured, interleaved over --rounds rounds, best of each:
-  - `decoding.prefill` into an empty cache (the path `mj.generate` takes: one 512-token chunk; attention
-    reads the whole cache beside the chunk, so it computes T x (slots + T) scores, masked);
-  - the forward pass without a cache (`model.transformer.forward`, last_only): no cache reads or writes;
-  - the same with attention replaced by the identity: the time attention takes is the difference;
-  - PROTOTYPES (benchmark only, not the package's code; swapped in for `attention.attend` while tracing):
-    the forward without cache with attention einsums in kv-head-major layout ([B, K, G*T, D], no
-    transposed copies of the scores), then also in query blocks of --block rows against the keys up to
-    the block's end only (causal block skipping); and the prefill into the cache with the head-major
-    attention; logits checked against the model's.
+  - `decoding.prefill` into an empty cache, in the unscanned layout (what `mj.generate` and the CLI run:
+    one 512-token chunk that attends to itself alone, causal query blocks, and is written to the cache);
+  - the forward pass without a cache (`model.transformer.forward`, last_only, scanned layout): no cache
+    reads or writes;
+  - the same with attention replaced by the identity: the time attention takes is the difference.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+import mistral_jax as mj  # noqa: E402
 import mistral_jax.model.attention as attention_module  # noqa: E402
 from mistral_jax import decoding, rolling_cache  # noqa: E402
 from mistral_jax.model.transformer import forward  # noqa: E402
@@ -51,36 +48,6 @@ def model_flops(config, batch: int, length: int) -> dict:
     attn = 4 * config.n_layers * batch * length**2 * config.n_heads * config.resolved_head_dim / 2
     return {"layer_matmuls": 2 * layers * batch * length, "head": 2 * head * batch, "attention": attn,
             "total": 2 * layers * batch * length + 2 * head * batch + attn}
-
-
-def heads_major_attend(q, k, v, mask):
-    """PROTOTYPE: the model's `attend` with every einsum in [B, K, G*T, ...] (kv-head-major) layout, so that
-    the scores come out of the dot in the layout softmax and the second dot read (no transposed copies of
-    the [T, S] scores). Same math, same float32 scores."""
-    b, t, h, d = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    g = h // kh
-    qh = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-    scores = jnp.einsum("bkmd,bksd->bkms", qh * d**-0.5, k.transpose(0, 2, 1, 3), preferred_element_type=jnp.float32)
-    keep = jnp.broadcast_to(mask[:, None, None], (b, kh, g, t, s)).reshape(b, kh, g * t, s)
-    probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v.transpose(0, 2, 1, 3))
-    return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def blocked_causal_attend(block: int, inner=heads_major_attend):
-    """PROTOTYPE: attention in query blocks, each against the keys up to its own end (no cache only:
-    keys are the queries, in order, so keys past a block's end are masked for all its queries)."""
-
-    def attend(q, k, v, mask):
-        t, s = q.shape[1], k.shape[1]
-        if t != s or t % block:
-            return inner(q, k, v, mask)
-        outs = [inner(q[:, lo:lo + block], k[:, :lo + block], v[:, :lo + block], mask[:, lo:lo + block, :lo + block])
-                for lo in range(0, t, block)]
-        return jnp.concatenate(outs, axis=1)
-
-    return attend
 
 
 def no_attention(q, k, v, mask):
@@ -105,21 +72,12 @@ def compiled_forward(config, params, tokens, positions, attend=None):
 
 
 class PrefillRunner:
-    """decoding.prefill into an empty cache; `prepare` makes the cache (donated) before the clock starts.
+    """decoding.prefill into an empty cache; `prepare` makes the cache (donated) before the clock starts."""
 
-    attend: trace a one-chunk prefill of our own (the same `forward(..., cache=cache, last_only=True)` that
-    `decoding._prefill_chunk` runs) with this attention swapped in.
-    """
-
-    def __init__(self, config, params, tokens, positions, slots, attend=None):
+    def __init__(self, config, params, tokens, positions, slots):
         self.config, self.params, self.tokens, self.positions, self.slots = config, params, tokens, positions, slots
         self.prepare()
         self.prefill = functools.partial(decoding.prefill, config)
-        if attend is not None:
-            fn = jax.jit(lambda p, c, t, q: forward(config, p, t, q, cache=c, last_only=True)[:2], donate_argnums=1)
-            with patched_attend(attend):
-                compiled = fn.lower(params, self.cache, tokens, positions).compile()
-            self.prefill = lambda p, c, t, q: (lambda out: (out[0][:, 0], out[1]))(compiled(p, c, t, q))
         self.logits = self()
 
     def prepare(self):
@@ -135,7 +93,6 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None, help="default: the embedded SmolLM2-135M GGUF")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--block", type=int, default=128, help="query block of the prototype attention")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -149,23 +106,14 @@ def main() -> None:
         ids = (np.arange(args.length)[None, :] * 37 + 11 + 101 * np.arange(batch)[:, None]) % config.vocab_size
         tokens = jnp.asarray(ids, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(args.length, dtype=jnp.int32), tokens.shape)
-        prefill = PrefillRunner(config, params, tokens, positions, slots)
+        prefill = PrefillRunner(*mj.unstack_layers(config, params), tokens, positions, slots)
         runners[batch, "decoding.prefill (empty cache)"] = prefill
         runners[batch, "forward, no cache"] = compiled_forward(config, params, tokens, positions)
         runners[batch, "forward, no cache, attention replaced by identity"] = compiled_forward(
             config, params, tokens, positions, no_attention)
-        protos = {"PROTOTYPE forward, no cache, heads-major attention": heads_major_attend,
-                  f"PROTOTYPE forward, no cache, heads-major attention in causal query blocks of {args.block}":
-                      blocked_causal_attend(args.block)}
         reference = runners[batch, "forward, no cache"]()
         scale = float(jnp.max(jnp.abs(reference)))
         checks[batch] = {"decoding.prefill": float(jnp.max(jnp.abs(prefill.logits - reference))) / scale}
-        for name, fn in protos.items():
-            runners[batch, name] = compiled_forward(config, params, tokens, positions, fn)
-            checks[batch][name.split(", ", 2)[-1]] = float(jnp.max(jnp.abs(runners[batch, name]() - reference))) / scale
-        name = "PROTOTYPE prefill (empty cache), heads-major attention"
-        runners[batch, name] = PrefillRunner(config, params, tokens, positions, slots, heads_major_attend)
-        checks[batch]["prefill with heads-major attention"] = float(jnp.max(jnp.abs(runners[batch, name].logits - reference))) / scale
 
     peaks = [_common.matmul_peak()]
     samples, compilations = _common.interleaved_rounds(runners, args.rounds, measure=lambda fn: _common.best(fn, 1))

@@ -12,10 +12,8 @@ peak, the peak a jitted float32 2048^3 matmul measured in the same run (best of 
 Compilations are counted (mistral_jax.compile_stats) over the timed steps, after one warm-up step: must be 0.
 Where the time goes (same run, interleaved, best of --rounds): the forward alone (loss), forward + backward
 (value_and_grad of the same loss), the same with attention replaced by the identity, and the optimizer
-update alone. PROTOTYPE (benchmark only): the Trainer's step traced with benchmarks/prefill.py's
-kv-head-major attention in causal query blocks of 128 (`blocked_causal_attend`: exact whenever a key past a
-query's index is masked, by position or by segment, as in SFT rows, packed or not) in place of
-`attention.attend`. The losses after the timed steps must agree.
+update alone. Attention without a cache runs in causal query blocks (`attention.attend_causal`: block i
+against keys 0 .. its end only, exact for SFT rows, packed or not).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
-from prefill import blocked_causal_attend, no_attention, patched_attend  # noqa: E402
+from prefill import no_attention, patched_attend  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
 from mistral_jax.compile_stats import CompileStats  # noqa: E402
@@ -133,9 +131,6 @@ def main() -> None:
              "train_step, remat on": StepRunner(config.replace(remat=True), params, args.rows, args.seq_len)}
     runners = dict(steps)
     if not args.no_breakdown:
-        name = "PROTOTYPE train_step, remat off, heads-major attention in causal query blocks of 128"
-        steps[name] = runners[name] = StepRunner(config.replace(remat=False), params, args.rows, args.seq_len,
-                                                 blocked_causal_attend(128))
         runners.update(sub_parts(config, params, args.rows, args.seq_len))
 
     peaks = [_common.matmul_peak()]
