@@ -154,12 +154,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--generate", type=int, default=0, help="also time mj.generate over this many extra tokens")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     on_gpu = jax.default_backend() == "gpu"
     info = _common.machine()
     info["device"] = jax.devices()[0].device_kind
-    result = {"machine": info, "args": vars(args), "decode": [], "prefill": []}
+    result = {"machine": info, "args": vars(args), "decode": [], "generate": [], "prefill": []}
 
     def emit(section, row):
         result[section].append(row)
@@ -193,7 +194,7 @@ def main() -> None:
               f"{row['weight_bytes_per_s'] / 1e12:.2f} TB/s of weights", flush=True)
 
     # Decode ---------------------------------------------------------------------------------------
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in [int(b) for b in args.batches.split(",") if b]:
         roofline_s = (param_bytes + cache_bytes(config, batch, args.slots)) / bandwidth
         decoders, logits = {}, {}
         for name, (cfg, p) in layouts.items():
@@ -215,6 +216,24 @@ def main() -> None:
                             "first_call_s": round(decoder.compile_s, 1), "compilations_timed": compiled.compilations,
                             "logits_rel_err_vs_scanned": err})
         del decoders
+
+    # generate (the on-device while loop) for one prompt, as the CLI runs it: decoding.MIN_DECODE_ROWS
+    # pads it to two rows on a GPU; the same with the padding off. Per token: the difference of two lengths.
+    if args.generate:
+        prompt = [list(np.random.default_rng(2).integers(0, config.vocab_size, 128))]
+        for label, rows in (("one prompt, padded to MIN_DECODE_ROWS", None), ("one prompt, one row", {})):
+            saved = dict(decoding.MIN_DECODE_ROWS)
+            if rows is not None:
+                decoding.MIN_DECODE_ROWS.clear()
+            try:
+                seconds = {}
+                for n in (16, 16 + args.generate):
+                    mj.generate(flat_config, flat_params, prompt, n)  # compile
+                    seconds[n] = median_seconds(lambda n=n: mj.generate(flat_config, flat_params, prompt, n), 3)
+            finally:
+                decoding.MIN_DECODE_ROWS.update(saved)
+            ms = 1e3 * (seconds[16 + args.generate] - seconds[16]) / args.generate
+            emit("generate", {"what": label, "ms_per_token": round(ms, 3), "tokens_per_s": round(1e3 / ms, 1)})
 
     # Prefill --------------------------------------------------------------------------------------
     for length in [int(n) for n in args.lengths.split(",") if n]:
@@ -255,6 +274,9 @@ def main() -> None:
     print(_common.table(["batch", "layout", "ms/step", "tokens/s", "% of roofline", "compilations (timed)"],
                         [(r["batch"], r["layout"], r["ms_per_step"], r["tokens_per_s"], r["pct_roofline"], r["compilations_timed"])
                          for r in result["decode"]]))
+    if result["generate"]:
+        print(_common.table(["mj.generate", "ms/token", "tokens/s"],
+                            [(r["what"], r["ms_per_token"], r["tokens_per_s"]) for r in result["generate"]]))
     print(_common.table(["tokens", "prefill", "ms", "tokens/s", "MFU %", "rel err vs XLA"],
                         [(r["length"], r["what"], r["ms"], r["tokens_per_s"], r["mfu_pct"], f"{r['logits_rel_err_vs_xla']:.1e}")
                          for r in result["prefill"]]))
