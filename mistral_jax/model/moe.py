@@ -2,14 +2,16 @@
 
 Tokens are sorted by the expert they are routed to, so compute grows with top_k, not with the number
 of experts. Ways to run the grouped matmuls (ModelConfig.moe_dispatch):
-  ragged:   `lax.ragged_dot` over the sorted rows; dropless, exact. Fast where XLA has grouped-matmul
-            kernels for it (TPU; cuDNN / hipBLASLt on recent XLA:GPU), but XLA:CPU rewrites it to one dense
-            dot of every row against every expert: E times the FLOPs (8x the dense layer's time).
+  ragged:   `lax.ragged_dot` over the sorted rows; dropless, exact. For backends with grouped-matmul
+            kernels for it (XLA:TPU; recent XLA:GPU through cuDNN or hipBLASLt, for 16-bit types); XLA:CPU
+            rewrites it to one dense dot of every row against every expert: E times the FLOPs, 8.6x the
+            dense layer's time.
   blocks:   dropless, exact (the same output as ragged to float32 rounding). Each expert's group is
             padded to whole row blocks (`block_sizes`: 256 rows and smaller) and every block is a dense
             [block, D] x [D, H] matmul with its expert's weights, in while loops that visit only the
-            blocks in use; a custom VJP runs the backward the same way. On XLA:CPU about 1.4x the dense
-            SwiGLU of the same active parameters (benchmarks/moe.py). Sequential loops: poor on GPU/TPU.
+            blocks in use; a custom VJP runs the backward the same way. On XLA:CPU, 1024 tokens: 1.4x
+            the dense SwiGLU of the same active parameters forward, 1.15x forward + backward
+            (benchmarks/RESULTS.md). Not measured on GPU/TPU, where its loops run one block at a time.
   capacity: each expert takes at most capacity_factor * tokens * k / experts rows in a dense
             [experts, capacity, dim] buffer (one batched matmul, splits well over an `expert` mesh
             axis); rows past capacity are dropped, as in Switch / GShard.

@@ -61,7 +61,8 @@ def one_sided_router(params, x):
 @pytest.mark.parametrize("case", ["random", "padding rows", "one-sided", "top-1", "single token"])
 def test_blocks_equal_ragged_outputs_and_gradients(case):
     config = mj.ModelConfig.from_preset("tiny-mixtral", n_experts_per_tok=1 if case == "top-1" else 2)
-    shape = {"random": (2, 37), "padding rows": (3, 20), "one-sided": (2, 23), "top-1": (2, 29), "single token": (1, 1)}[case]
+    shapes = {"random": (2, 37), "padding rows": (3, 20), "one-sided": (2, 23), "top-1": (2, 29), "single token": (1, 1)}
+    shape = shapes[case]
     x = jax.random.normal(jax.random.key(1), (*shape, config.dim))
     valid = jnp.ones(shape, bool)
     if case == "padding rows":
