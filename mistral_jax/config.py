@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
 Family = Literal["llama", "mistral", "mixtral"]
+MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -52,7 +53,7 @@ class ModelConfig:
     n_experts: int = 0
     n_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.02
-    moe_dispatch: Literal["ragged", "capacity"] = "ragged"
+    moe_dispatch: MoeDispatch = "auto"
     moe_capacity_factor: float = 2.0  # only for moe_dispatch="capacity": tokens past it are dropped
     # Special tokens (informational: tokenizers are authoritative).
     bos_id: int = 1
@@ -87,6 +88,8 @@ class ModelConfig:
             problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.n_experts < 0 or (self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts):
             problems.append(f"need 0 < n_experts_per_tok ({self.n_experts_per_tok}) <= n_experts ({self.n_experts})")
+        if self.moe_dispatch not in get_args(MoeDispatch):
+            problems.append(f"moe_dispatch must be one of {get_args(MoeDispatch)}, got {self.moe_dispatch!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")

@@ -55,6 +55,7 @@ def test_unknown_preset_lists_known_ones():
         ({"n_experts": 2, "n_experts_per_tok": 3}, "n_experts_per_tok"),
         ({"dtype": "int8"}, "dtype"),
         ({"sliding_window": 0}, "sliding_window"),
+        ({"moe_dispatch": "dense"}, "moe_dispatch"),
     ],
 )
 def test_invalid_configs_are_refused(changes, message):
