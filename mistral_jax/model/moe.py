@@ -3,20 +3,21 @@
 Tokens are sorted by the expert they are routed to, so compute grows with top_k, not with the number
 of experts. Ways to run the grouped matmuls (ModelConfig.moe_dispatch):
   ragged:   `lax.ragged_dot` over the sorted rows; dropless, exact. For backends with grouped-matmul
-            kernels for it (XLA:TPU; recent XLA:GPU through cuDNN or hipBLASLt, for 16-bit types); XLA:CPU
-            rewrites it to one dense dot of every row against every expert: E times the FLOPs, 8.6x the
-            dense layer's time.
+            kernels for it (XLA:TPU); XLA:CPU, and XLA:GPU in float32 as measured, rewrite it to one dense
+            dot of every row against every expert: E times the FLOPs, 7-9x the dense layer's time.
   blocks:   dropless, exact (the same output as ragged to float32 rounding). Each expert's group is
             padded to whole row blocks (`block_sizes`: 256 rows and smaller) and every block is a dense
             [block, D] x [D, H] matmul with its expert's weights, in while loops that visit only the
             blocks in use; a custom VJP runs the backward the same way. On XLA:CPU, 1024 tokens: 1.4x
             the dense SwiGLU of the same active parameters forward, 1.15x forward + backward
-            (benchmarks/RESULTS.md). Not measured on GPU/TPU, where its loops run one block at a time.
+            (benchmarks/RESULTS.md). Not measured on TPU.
   capacity: each expert takes at most capacity_factor * tokens * k / experts rows in a dense
             [experts, capacity, dim] buffer (one batched matmul, splits well over an `expert` mesh
             axis); rows past capacity are dropped, as in Switch / GShard.
-  auto:     the default: "blocks" when lowering for CPU, "ragged" for any other platform
-            (`lax.platform_dependent`, so only the chosen one is compiled).
+  auto:     the default: "ragged" when lowering for TPU, "blocks" elsewhere (`lax.platform_dependent`,
+            so only the chosen one is compiled). On an H200 (jax 0.11.2, float32, Mixtral-sized layer of
+            4096 tokens) XLA:GPU also lowered ragged_dot to a dense dot over every expert: ragged 7.3x the
+            dense layer, blocks 2.3x, capacity 1.25 1.4x (benchmarks/results/moe-h200-float32.json).
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ class MoE(nn.Module):
             "blocks": lambda: _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, *w),
             "capacity": lambda: _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, *w, capacity),
             # Chosen when lowering, per platform: only the chosen branch is compiled.
-            "auto": lambda: jax.lax.platform_dependent(cpu=grouped["blocks"], default=grouped["ragged"]),
+            "auto": lambda: jax.lax.platform_dependent(tpu=grouped["ragged"], default=grouped["blocks"]),
         }
         if cfg.moe_dispatch not in grouped:
             raise ValueError(f"unknown moe_dispatch {cfg.moe_dispatch!r}")
