@@ -109,7 +109,7 @@ def test_causal_blocks_skip_nothing_they_need():
     from mistral_jax.model.attention import attend, attend_causal, attention_mask, causal_block_size
 
     t = 256
-    assert causal_block_size(t) == 128 and causal_block_size(100) is None
+    assert causal_block_size(t) == 64 and causal_block_size(100) is None
     q = jax.random.normal(jax.random.key(0), (2, t, 4, 8))
     k, v = (jax.random.normal(jax.random.key(i), (2, 2, t, 8)) for i in (1, 2))
     pos0 = np.concatenate([np.full(40, -1), np.arange(t - 40)])  # left padding
