@@ -13,10 +13,6 @@ import jax.numpy as jnp
 from mistral_jax.config import ModelConfig
 
 
-def is_unstacked(params) -> bool:
-    return set(params["layers"]) == {str(i) for i in range(len(params["layers"]))} and "0" in params["layers"]
-
-
 def unstack_layers(config: ModelConfig, params, *, donate: bool = False):
     """(config with scan_layers=False, params with one subtree per layer).
 
