@@ -77,6 +77,10 @@ def attend_cudnn(q, k, v, mask, causal: bool):
 
     The mask travels as cuDNN's bias; `causal` also lets the kernel skip the blocks above the diagonal.
     """
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention='cudnn' needs a GPU (jax's backend here is {jax.default_backend()!r}); use 'xla'")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got {q.dtype}")
     out = jax.nn.dot_product_attention(
         q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None], is_causal=causal, implementation="cudnn"
     )
