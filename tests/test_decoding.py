@@ -138,3 +138,22 @@ def test_a_lone_prompt_padded_to_two_rows_generates_the_same(mistral, monkeypatc
     padded = list(mj.generate_stream(config, params, prompt, 10))
     assert [t.shape for t in padded] == [(1,)] * 10
     assert np.stack(padded).tolist() == np.stack(streamed).tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_unscanned_decode_step_updates_the_cache_in_place(batch):
+    """The optimized program of an unscanned decode step copies no cache buffer (XLA:CPU copies one per
+    layer and step when the update pattern is wrong: benchmarks/RESULTS.md), and slices no weight."""
+    import re
+
+    config = mj.ModelConfig.from_preset("tiny-mistral", scan_layers=False)
+    params = mj.init_params(config, jax.random.key(0))
+    cache = mj.init_cache(config, batch, 64)
+    ints = jnp.zeros((batch,), jnp.int32)
+    text = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    rows, slots, head_dim = cache["k"][0].shape
+    buffer = rf"f32\[{rows},{slots},{head_dim}\]"
+    assert re.findall(rf"= {buffer}\S* parameter\(", entry)  # the pattern does match the cache buffers
+    assert not re.findall(rf"= {buffer}\S* copy\(", entry)
+    assert "dynamic-slice" not in entry
