@@ -73,8 +73,9 @@ def write_heads(buffer, positions, values):
     """`write` for one layer's K or V buffer ([B, K, S, D] or [B*K, S, D]) and new values [B, T, K, D].
 
     One token per row (T == 1, a decode step, whose positions are never negative) is one in-bounds
-    scatter of B*K rows: XLA updates a donated [B*K, S, D] buffer in place, where the dropping scatter
-    that padded prompt chunks need reads the old slots back and makes it copy the whole buffer first.
+    scatter of B*K rows, which XLA:CPU applies to a donated [B*K, S, D] buffer in place (the test
+    `test_unscanned_decode_step_updates_the_cache_in_place` checks the compiled program). Prompt chunks,
+    which may hold padding (negative positions), use the dropping form.
     """
     batch, t, kv_heads, _ = values.shape
     size = buffer.shape[-2]
