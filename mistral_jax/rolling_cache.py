@@ -25,7 +25,8 @@ from mistral_jax.config import ModelConfig
 def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None) -> dict:
     """An empty cache for `batch_size` rows of at most `max_seq_len` tokens each.
 
-    mesh: built directly split over it (batch over data/fsdp, KV heads over tensor; see sharding.py).
+    mesh: built directly split over it (batch over data/fsdp; a scanned cache's KV heads over tensor too:
+    see sharding.cache_shardings).
     """
     if batch_size <= 0 or max_seq_len <= 0:
         raise ValueError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
