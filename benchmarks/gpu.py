@@ -3,8 +3,9 @@
     python benchmarks/gpu.py [--preset mistral-7b-v0.1] [--layers N] [--batches 1,8] [--slots 1024]
                              [--lengths 512,2048] [--json PATH]
 
-Ceilings, measured in the same run: HBM bandwidth = bytes read + written by a jitted `x + 1` over a 2 GiB
-bfloat16 array; matmul peak = a jitted bfloat16 8192^3 matmul (random data). Median of repeated runs.
+Ceilings, measured in the same run (before and after): HBM bandwidth = the larger of a read-only jitted sum
+over 4 GiB of bfloat16 and a jitted `x + 1` over it counting bytes read + written (medians); matmul peak =
+`_common.matmul_peak` in bfloat16 at 8192^3 (best of 20).
   - decode_step (one call per token, cache donated), scanned layout (stacked layers under nn.scan) and
     unscanned (one weight and cache buffer per layer), batch 1 and 8, prompt of 128 tokens in a cache of
     --slots slots. Roofline = (parameters + the whole K/V cache, which attention reads) / HBM bandwidth.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import pathlib
-import statistics
 import sys
 import time
 
@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from decode import kv_bytes  # noqa: E402
+from prefill import model_flops  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
 from mistral_jax import decoding  # noqa: E402
@@ -40,7 +42,7 @@ from mistral_jax.model.transformer import forward  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
-    return statistics.median(_common.times(fn, repeats))
+    return _common.median(_common.times(fn, repeats))
 
 
 def hbm_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict:
@@ -72,30 +74,6 @@ def matvec_probe(dim: int, hidden: int, batches, n: int = 16, repeats: int = 20)
                      "weight_bytes_per_s": n * weights[0].nbytes / seconds})
     del weights
     return rows
-
-
-def matmul_peak(n: int = 8192, repeats: int = 20) -> float:
-    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
-    mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    return 2 * n**3 / median_seconds(lambda: mm(a, b), repeats)
-
-
-def matmul_params(config) -> int:
-    counts = config.param_counts()
-    table = config.vocab_size * config.dim
-    norms = config.n_layers * 2 * config.dim + config.dim
-    return counts["active"] - table * (1 if config.tie_embeddings else 2) - norms
-
-
-def prefill_flops(config, length: int) -> float:
-    attention = 2 * config.n_layers * length**2 * config.n_heads * config.resolved_head_dim  # causal half of 4*T^2
-    return 2 * matmul_params(config) * length + attention + 2 * config.vocab_size * config.dim
-
-
-def cache_bytes(config, batch: int, slots: int) -> int:
-    return 2 * config.n_layers * batch * slots * config.n_kv_heads * config.resolved_head_dim * 2
 
 
 def rel_error(a, b) -> float:
@@ -169,7 +147,7 @@ def main() -> None:
 
     # The card idles at a low clock: the matmul goes first and warms it up; both ceilings are measured
     # again at the end, and the better of the two measurements is used.
-    peak = matmul_peak(8192 if on_gpu else 1024)
+    peak = _common.matmul_peak(8192 if on_gpu else 1024, 20, jnp.bfloat16)
     hbm = hbm_bandwidth(4.0 if on_gpu else 0.25)
     bandwidth = hbm["best_bytes_per_s"]
     result["hbm"], result["matmul_flops_per_s"] = hbm, peak
@@ -195,7 +173,7 @@ def main() -> None:
 
     # Decode ---------------------------------------------------------------------------------------
     for batch in [int(b) for b in args.batches.split(",") if b]:
-        roofline_s = (param_bytes + cache_bytes(config, batch, args.slots)) / bandwidth
+        roofline_s = (param_bytes + kv_bytes(config, batch, args.slots, itemsize=2)) / bandwidth
         decoders, logits = {}, {}
         for name, (cfg, p) in layouts.items():
             start = time.perf_counter()
@@ -209,7 +187,7 @@ def main() -> None:
                 for name, decoder in decoders.items():
                     samples[name].append(decoder.run(args.steps))
         for name, decoder in decoders.items():
-            ms = 1e3 * statistics.median(samples[name])
+            ms = 1e3 * _common.median(samples[name])
             emit("decode", {"batch": batch, "layout": name, "ms_per_step": round(ms, 3),
                             "tokens_per_s": round(batch * 1e3 / ms, 1),
                             "roofline_ms": round(roofline_s * 1e3, 3), "pct_roofline": round(100 * roofline_s * 1e3 / ms, 1),
@@ -238,7 +216,7 @@ def main() -> None:
     # Prefill --------------------------------------------------------------------------------------
     for length in [int(n) for n in args.lengths.split(",") if n]:
         tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, length)), jnp.int32)
-        flops = prefill_flops(config, length)
+        flops = model_flops(config, 1, length)["total"]
         runs = {"forward, XLA attention": forward_fn(flat_config, flat_params, tokens)}
         if on_gpu:
             runs["forward, cuDNN attention"] = functools.partial(lazy_forward, flat_config.replace(attention="cudnn"), flat_params, tokens)
@@ -263,7 +241,8 @@ def main() -> None:
                              "tokens_per_s": round(length / seconds), "mfu_pct": round(100 * flops / seconds / peak, 1),
                              "logits_rel_err_vs_xla": rel_error(out, ref)})
 
-    peak_after, hbm_after = matmul_peak(8192 if on_gpu else 1024), hbm_bandwidth(4.0 if on_gpu else 0.25)
+    peak_after = _common.matmul_peak(8192 if on_gpu else 1024, 20, jnp.bfloat16)
+    hbm_after = hbm_bandwidth(4.0 if on_gpu else 0.25)
     result["ceilings_after"] = {"hbm": hbm_after, "matmul_flops_per_s": peak_after}
     print(f"ceilings again: HBM read {hbm_after['read_bytes_per_s'] / 1e12:.2f} TB/s, copy {hbm_after['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {peak_after / 1e12:.0f} TFLOP/s (the tables use the first measurement)")
