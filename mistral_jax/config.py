@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
+AttentionKernel = Literal["xla", "cudnn"]  # see mistral_jax/model/attention.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -71,7 +72,7 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", or
     # "cudnn" (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel).
-    attention: Literal["xla", "cudnn"] = "xla"
+    attention: AttentionKernel = "xla"
 
     def __post_init__(self):
         problems = []
@@ -93,8 +94,8 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 problems.append(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
-        if self.attention not in ("xla", "cudnn"):
-            problems.append(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
+        if self.attention not in get_args(AttentionKernel):
+            problems.append(f"attention must be one of {get_args(AttentionKernel)}, got {self.attention!r}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 

@@ -54,13 +54,17 @@ def cache_size(cache: dict) -> int:
     return cache["pos"].shape[-1]
 
 
+def _slots_or_dropped(positions, size: int):
+    """Ring slot of each position; negative positions get slot `size`, out of range: a scatter drops them."""
+    return jnp.where(positions >= 0, positions % size, size)
+
+
 def write(buffer, positions, values):
     """Store values[b, t] at slot positions[b, t] mod size of buffer[b]; negative positions are dropped.
 
     buffer: [B, S, ...]; positions: int [B, T] with T <= S; values: [B, T, ...].
     """
-    size = buffer.shape[1]
-    slots = jnp.where(positions >= 0, positions % size, size)  # slot `size` is out of range: dropped
+    slots = _slots_or_dropped(positions, buffer.shape[1])
     rows = jnp.arange(buffer.shape[0])[:, None]
     return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
 
@@ -86,7 +90,7 @@ def write_heads(buffer, positions, values):
         rows = buffer.reshape(batch * kv_heads, *buffer.shape[-2:])
         rows = rows.at[jnp.arange(batch * kv_heads), slots].set(values.reshape(batch * kv_heads, -1), mode="promise_in_bounds")
         return rows.reshape(buffer.shape)
-    slots = jnp.where(positions >= 0, positions % size, size)  # slot `size` is out of range: dropped
+    slots = _slots_or_dropped(positions, size)
     updated = heads_view(buffer, batch).at[jnp.arange(batch)[:, None], :, slots].set(values, mode="drop")
     return updated.reshape(buffer.shape)
 
