@@ -14,10 +14,11 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
+from mistral_jax.errors import UserError
 from mistral_jax.paths import is_url, missing_filesystem, path_arg
 
 
-class CLIError(Exception):
+class CLIError(UserError):
     """A user mistake: printed as one line, exit status 2."""
 
 

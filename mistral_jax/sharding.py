@@ -187,6 +187,15 @@ def put(x, sharding: NamedSharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
 
 
+def abstract_arrays(shapes, shardings=None):
+    """ShapeDtypeStructs of `shapes` (a pytree of arrays or structs) placed by `shardings` (a matching pytree),
+    or on this process's first device without one: restore targets for orbax."""
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings)
+
+
 def shard_params(config: ModelConfig, params, mesh: Mesh):
     """Place a parameter pytree (host numpy or jax arrays) on `mesh` following `RULES`."""
     shardings = param_shardings(config, mesh)

@@ -17,13 +17,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mistral_jax.errors import UserError
 from mistral_jax.paths import require_local
 
 ROLES = ("system", "user", "assistant")
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A JSONL line that is not a usable conversation, or a chat template that hides the assistant turns."""
 
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import forward, logical_axes, param_shapes
 from mistral_jax.paths import as_path, is_url
 from train import lora as lora_lib
@@ -39,8 +40,8 @@ METRICS_FILE = "metrics.jsonl"
 ITEMS = ("trainable", "opt_state", "data")
 
 
-class DivergedError(ValueError):
-    """The loss or gradient norm stopped being finite (a ValueError, so the CLI prints it as one line)."""
+class DivergedError(UserError):
+    """The loss or gradient norm stopped being finite (the settings' fault, so the CLI prints it as one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,11 +119,7 @@ class Trainer:
 
     def abstract_state(self):
         """ShapeDtypeStructs of the state with their target shardings (device 0 without a mesh), for restoring."""
-        if self.shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), self._abstract)
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), self._abstract,
-                            self.shardings)
+        return sharding.abstract_arrays(self._abstract, self.shardings)
 
     def place_params(self, params):
         """The base parameters on the mesh (or as device arrays without one)."""

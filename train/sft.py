@@ -303,13 +303,11 @@ def latest_params(output_dir, mesh=None):
         spec = lora.LoraSpec(info["lora"]["rank"], info["lora"]["alpha"], tuple(info["lora"]["targets"]))
         _, base = _load_model(info["checkpoint"], mesh)
         abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
-        if mesh is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            placed = jax.tree.map(lambda _: device, abstract)
-        else:  # as the trainer shards them
+        placed = None
+        if mesh is not None:  # as the trainer shards them
             axes = lora.logical_axes(logical_axes(config), abstract)
             placed = jax.tree.map(lambda x, names: sharding.named(mesh, x.shape, tuple(names)), abstract, axes)
-        target = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where), abstract, placed)
+        target = sharding.abstract_arrays(abstract, placed)
         adapters = _restore_trainable(manager, step, target)
         if mesh is None:
             return config, lora.merge(base, adapters, spec.scale)

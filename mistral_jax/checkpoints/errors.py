@@ -1,11 +1,13 @@
-"""The one error type for unreadable or inconsistent checkpoints (a subclass of ValueError)."""
+"""The one error type for unreadable or inconsistent checkpoints (a UserError)."""
 
 import json
 import pathlib
 from typing import Any
 
+from mistral_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint is missing a file or tensor, has an unexpected one, or a shape that does not fit."""
 
 

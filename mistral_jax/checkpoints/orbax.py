@@ -72,8 +72,6 @@ def restore(path, abstract_params) -> dict:
 def abstract_params(config: ModelConfig, shardings=None):
     """ShapeDtypeStructs of config's params, placed by `shardings` (a matching pytree) or on device 0."""
     from mistral_jax.model.transformer import param_shapes
+    from mistral_jax.sharding import abstract_arrays
 
-    shapes = param_shapes(config)
-    if shardings is None:
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return abstract_arrays(param_shapes(config), shardings)
