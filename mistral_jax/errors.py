@@ -4,6 +4,28 @@ The CLI prints a UserError as one line with exit status 2; anything else is a bu
 traceback. UserError is a ValueError, so code that catches ValueError keeps working.
 """
 
+from __future__ import annotations
+
 
 class UserError(ValueError):
     """Something the user gave is wrong or missing; the message says what and how to fix it."""
+
+
+def one_line(err: BaseException) -> str | None:
+    """The line a command prints for an error the user caused, or None for a bug (let it raise).
+
+    A UserError; an OSError about a path (one with a file name, or one we raised with a message, such as
+    "no such checkpoint: PATH"); an ImportError for a URL's missing file system package (gs:// without gcsfs).
+    """
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError) and (err.filename is not None or err.errno is None):
+        if err.filename is not None and err.strerror:
+            target = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
+            return f"{target}: {err.strerror}"
+        return str(err)
+    if isinstance(err, ImportError):
+        from mistral_jax.paths import missing_filesystem
+
+        return missing_filesystem(err)
+    return None
