@@ -1,8 +1,13 @@
-"""Prefill (chunked), one jitted decode step over the rolling cache, and the on-device generate loop.
+"""Inference: logits, chunked prefill, one decode step over the rolling cache, generate and generate_stream.
 
 Prompts of different lengths share a batch by left padding: padding columns get position -1, so they
 are never written to the cache nor attended to, and every row keeps its own positions. A row's tokens
 are therefore the same whether it is generated alone or in a batch.
+
+`generate` and `generate_stream` run the same step (`_advance`: decode one token per row, sample, record):
+generate inside a `lax.while_loop` on device, generate_stream as a jitted call per token from Python.
+The loop's bound is traced and its token buffer and cache come in buckets, so a new `max_new_tokens`
+reuses the compiled programs.
 
 Every entry point takes an optional `mesh` (see sharding.py): parameters are placed on it, the cache
 is split on batch and KV heads, host inputs become global arrays (each process building its own
@@ -12,28 +17,42 @@ The mesh is a static argument of every jitted function: one compilation per mesh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
-from mistral_jax.model.transformer import forward
-from mistral_jax.rolling_cache import cache_size, init_cache
+from mistral_jax.errors import UserError
+from mistral_jax.model import kv_cache
+from mistral_jax.model.transformer import default_positions, forward
 from mistral_jax.sampling import Sampling, sample
 
 DEFAULT_PREFILL_CHUNK = 512
-# Fewest rows generate decodes per backend: XLA:GPU runs a one-row matmul far below a two-row one (H200,
-# Mistral 7B bfloat16: 9.4 ms per step for one row, 4.5 ms for two; benchmarks/RESULTS.md), so a lone
-# prompt decodes beside a copy of itself there, and the copy's tokens are dropped.
+# Fewest rows generate decodes per backend: XLA:GPU runs a one-row matmul far slower than a two-row one
+# (benchmarks/RESULTS.md, H200), so there a lone prompt decodes beside a copy of itself, whose tokens are dropped.
 MIN_DECODE_ROWS = {"gpu": 2}
 
 
-# Placement under a mesh (all identities when mesh is None) ----------------------------------------
+@flax.struct.dataclass
+class DecodeState:
+    """Where a batch's generation stands between two decode steps (a pytree: the while loop's carry)."""
+
+    step: jax.Array  # int32 []: tokens made so far; the next one goes to tokens[:, step]
+    tokens: jax.Array  # int32 [B, N]: the tokens made, N >= max_new_tokens (a bucket)
+    token: jax.Array  # int32 [B]: the latest token, the next step's input
+    positions: jax.Array  # int32 [B]: the latest token's position
+    done: jax.Array  # bool [B]: the row has made an eos token
+    cache: dict  # the rolling cache (model/kv_cache.py), holding everything before `token`
+
+
+# Placement under a mesh (identities when mesh is None) -------------------------------------------
 def _rows(mesh, x):
     """An array whose first axis is the batch, as a global array split over the batch axes."""
     x = x if isinstance(x, jax.Array) else np.asarray(x)
@@ -41,40 +60,81 @@ def _rows(mesh, x):
 
 
 def _replicated(mesh, x):
-    return sharding.put(np.asarray(x), sharding.replicated(mesh))
-
-
-def _place_cache(config, mesh, cache):
-    return jax.tree.map(sharding.put, cache, sharding.cache_shardings(config, mesh, cache))
+    """A host value as a device array: replicated over the mesh, if any."""
+    return jnp.asarray(x) if mesh is None else sharding.put(np.asarray(x), sharding.replicated(mesh))
 
 
 def _seed_key(seed: int, mesh):
-    """The sampling key; under a mesh its raw data, replicated (jitted code wraps it back: `_as_key`)."""
-    key = jax.random.key(seed)
-    return key if mesh is None else _replicated(mesh, jax.random.key_data(key))
+    """The sampling key's raw data (jitted code wraps it back: `_as_key`), replicated."""
+    return _replicated(mesh, jax.random.key_data(jax.random.key(seed)))
 
 
 def _as_key(key):
     return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
-def _constrain_cache(config, mesh, cache):
-    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(config, mesh, cache))
+def _constrain_cache(mesh, cache):
+    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(mesh, cache))
 
 
 def _constrain_logits(mesh, logits):  # [B, V]
     return sharding.constrain(logits, mesh, ("batch", "act_vocab"))
 
 
-def _constrain_replicated(mesh, x):
-    return x if mesh is None else jax.lax.with_sharding_constraint(x, sharding.replicated(mesh))
+def _constrain_state(mesh, state: DecodeState) -> DecodeState:
+    """The state's small arrays replicated (every process reads the tokens), the cache split as placed."""
+    if mesh is None:
+        return state
+    small = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "cache"}
+    small = jax.lax.with_sharding_constraint(small, sharding.replicated(mesh))
+    return DecodeState(**small, cache=_constrain_cache(mesh, state.cache))
 
 
+# The cache and the uncached forward -------------------------------------------------------------
+def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None) -> dict:
+    """An empty cache (model/kv_cache.py) for `batch_size` rows of at most `max_seq_len` tokens each.
+
+    mesh: built directly split over it, each device allocating only its own shard (batch over data/fsdp;
+    a scanned cache's KV heads over tensor too: see sharding.cache_shardings).
+    """
+    kv_cache.layer_shape(config, batch_size, max_seq_len)  # refuses bad sizes before tracing
+    make = functools.partial(kv_cache.zeros, config, batch_size, max_seq_len, dtype)
+    if mesh is None:
+        return jax.jit(make)()
+    return jax.jit(make, out_shardings=sharding.cache_shardings(mesh, jax.eval_shape(make)))()
+
+
+def logits(config: ModelConfig, params, tokens, *, mesh=None):
+    """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab].
+
+    mesh: a `jax.sharding.Mesh` from `mistral_jax.sharding.make_mesh`; the parameters are placed on it
+    (unless `shard_params` already did) and the logits come back split on batch and vocabulary (across
+    hosts, gather them with `jax.experimental.multihost_utils.process_allgather`).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise UserError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+        raise UserError(f"token ids must lie in [0, {config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    if mesh is None:
+        return _logits(config, None, params, jnp.asarray(tokens, jnp.int32))
+    params = sharding.ensure_params(config, params, mesh)
+    return _logits(config, mesh, params, _rows(mesh, tokens.astype(np.int32)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _logits(config, mesh, params, tokens):
+    with sharding.activations(mesh):
+        out = forward(config, params, tokens, default_positions(tokens)).logits
+    return sharding.constrain(out, mesh, ("batch", "length", "act_vocab"))
+
+
+# Prefill and one decode step --------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=3)
 def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, cache_empty: bool = False):
-    with sharding.activations(config, mesh, tokens.shape[0]):
-        logits, cache, _ = forward(config, params, tokens, positions, cache=cache, last_only=True, cache_empty=cache_empty)
-    return _constrain_logits(mesh, logits[:, 0]), _constrain_cache(config, mesh, cache)
+    with sharding.activations(mesh):
+        out = forward(config, params, tokens, positions, cache=cache, last_only=True, cache_empty=cache_empty)
+    return _constrain_logits(mesh, out.logits[:, 0]), _constrain_cache(mesh, out.cache)
 
 
 def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None, *, mesh=None,
@@ -90,14 +150,14 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
     """
     xp = jnp if mesh is None else np  # under a mesh, chunks go from the host straight to their shards
     tokens, positions = xp.asarray(tokens, xp.int32), xp.asarray(positions, xp.int32)
-    batch, length = tokens.shape
-    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size(cache), _round_up_pow2(length))
+    length = tokens.shape[1]
+    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, kv_cache.cache_size(cache), _round_up_pow2(length))
     n_chunks = math.ceil(length / chunk)
     pad = n_chunks * chunk - length  # padded on the left, so the last column stays the last real token
     tokens = xp.pad(tokens, ((0, 0), (pad, 0)))
     positions = xp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
     if mesh is not None:
-        params, cache = sharding.ensure_params(config, params, mesh), _place_cache(config, mesh, cache)
+        params, cache = sharding.ensure_params(config, params, mesh), sharding.place_cache(mesh, cache)
     if cache_empty is None:
         cache_empty = mesh is None and not bool(jnp.any(cache["pos"] >= 0))
     logits = None
@@ -106,7 +166,8 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
         chunk_tokens, chunk_positions = tokens[:, cols], positions[:, cols]
         if mesh is not None:
             chunk_tokens, chunk_positions = _rows(mesh, chunk_tokens), _rows(mesh, chunk_positions)
-        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions, cache_empty and i == 0)
+        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions,
+                                       cache_empty and i == 0)
     return logits, cache
 
 
@@ -116,7 +177,7 @@ def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=N
     Compiled once per config, mesh and shape.
     """
     if mesh is not None:
-        params, cache = sharding.ensure_params(config, params, mesh), _place_cache(config, mesh, cache)
+        params, cache = sharding.ensure_params(config, params, mesh), sharding.place_cache(mesh, cache)
         tokens = _rows(mesh, tokens if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32))
         positions = _rows(mesh, positions if isinstance(positions, jax.Array) else np.asarray(positions, np.int32))
     return _decode_step(config, mesh, params, cache, tokens, positions)
@@ -124,11 +185,45 @@ def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=N
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
 def _decode_step(config: ModelConfig, mesh, params, cache, tokens, positions):
-    with sharding.activations(config, mesh, tokens.shape[0]):
-        logits, cache, _ = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
-    return _constrain_logits(mesh, logits[:, 0]), _constrain_cache(config, mesh, cache)
+    with sharding.activations(mesh):
+        out = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
+    return _constrain_logits(mesh, out.logits[:, 0]), _constrain_cache(mesh, out.cache)
 
 
+# The generation step, shared by generate's loop and generate_stream ----------------------------
+def _first_state(mesh, sampling: Sampling, buffer: int, logits, cache, positions, seed_key, eos_ids) -> DecodeState:
+    """The state after sampling the first new token from the prefill logits [B, V]."""
+    token = sample(logits, jax.random.fold_in(_as_key(seed_key), 0), sampling)
+    tokens = jnp.zeros((logits.shape[0], buffer), jnp.int32).at[:, 0].set(token)
+    state = DecodeState(jnp.int32(1), tokens, token, positions, jnp.isin(token, eos_ids), cache)
+    return _constrain_state(mesh, state)
+
+
+def _advance(config: ModelConfig, mesh, sampling: Sampling, params, state: DecodeState, seed_key, eos_ids):
+    """One decode step: every row reads its latest token, writes it to the cache and samples the next."""
+    with sharding.activations(mesh):
+        out = forward(config, params, state.token[:, None], state.positions[:, None], cache=state.cache)
+    token = sample(out.logits[:, 0], jax.random.fold_in(_as_key(seed_key), state.step), sampling)
+    state = DecodeState(state.step + 1, state.tokens.at[:, state.step].set(token), token, state.positions + 1,
+                        state.done | jnp.isin(token, eos_ids), out.cache)
+    return _constrain_state(mesh, state)
+
+
+_start = jax.jit(_first_state, static_argnums=(0, 1, 2), donate_argnums=4)
+_step = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=4)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
+def _loop(config: ModelConfig, mesh, sampling: Sampling, params, state: DecodeState, seed_key, eos_ids, max_new_tokens):
+    """`_advance` on device until every row made an eos or `max_new_tokens` (traced) tokens exist."""
+
+    def more(state):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+    return jax.lax.while_loop(more, lambda s: _advance(config, mesh, sampling, params, s, seed_key, eos_ids), state)
+
+
+# generate and generate_stream -------------------------------------------------------------------
 def _round_up_pow2(n: int, least: int = 16) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
@@ -143,7 +238,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = prompts.tolist()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UserError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
     width = int(lengths.max())
     tokens = np.zeros((len(prompts), width), np.int32)
@@ -151,60 +246,21 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
     for row, prompt in enumerate(prompts):
         ids = np.asarray(prompt, np.int64)
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise ValueError(f"prompt {row} has token ids outside [0, {vocab_size})")
+            raise UserError(f"prompt {row} has token ids outside [0, {vocab_size})")
         tokens[row, width - len(ids):] = ids
         positions[row, width - len(ids):] = np.arange(len(ids))
     return tokens, positions, lengths
 
 
-def _eos_array(eos_id) -> jnp.ndarray:
-    ids = [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
-    return jnp.asarray(ids or [-1], jnp.int32)
-
-
-def _step_key(seed_key, step):
-    return jax.random.fold_in(seed_key, step)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _decode_loop(
-    config: ModelConfig, mesh, sampling: Sampling, max_new_tokens: int, params, cache, logits, positions, seed_key, eos_ids
-):
-    """Sample the first token from the prefill logits, then decode on device until every row hit eos."""
-    with sharding.activations(config, mesh, logits.shape[0]):
-        seed_key = _as_key(seed_key)
-        out, step = _decode_loop_body(config, mesh, sampling, max_new_tokens, params, cache, logits, positions, seed_key, eos_ids)
-    return _constrain_replicated(mesh, out), _constrain_replicated(mesh, step)
-
-
-def _decode_loop_body(config, mesh, sampling, max_new_tokens, params, cache, logits, positions, seed_key, eos_ids):
-    batch = logits.shape[0]
-    first = sample(logits, _step_key(seed_key, 0), sampling)
-    out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos_ids)
-
-    def cond(state):
-        step, _, done, *_ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, out, done, cache, token, positions = state
-        logits, cache = forward(config, params, token[:, None], positions[:, None], cache=cache)[:2]
-        cache = _constrain_cache(config, mesh, cache)
-        token = sample(logits[:, 0], _step_key(seed_key, step), sampling)
-        out = out.at[:, step].set(token)
-        return step + 1, out, done | jnp.isin(token, eos_ids), cache, token, positions + 1
-
-    state = (jnp.int32(1), out, done, cache, first, positions)
-    step, out, *_ = jax.lax.while_loop(cond, body, state)
-    return out, step
+def _eos_ids(eos_id) -> list[int]:
+    return [] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
 
 
 def _check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int):
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > config.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
             f"{config.max_seq_len} tokens"
         )
@@ -219,19 +275,41 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
     return out
 
 
-def _with_min_rows(prompts, mesh):
-    """(prompts, how many are the caller's): padded with copies of the last up to MIN_DECODE_ROWS."""
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+    """What generate and generate_stream share once the prompts are prefilled."""
+
+    config: ModelConfig
+    mesh: object
+    sampling: Sampling
+    params: object
+    seed_key: jax.Array
+    eos_ids: jax.Array  # int32 [E] (a -1 when there is none)
+    rows: int  # the caller's rows; any after them are MIN_DECODE_ROWS copies
+    first: DecodeState
+
+    def step(self, state: DecodeState) -> DecodeState:
+        return _step(self.config, self.mesh, self.sampling, self.params, state, self.seed_key, self.eos_ids)
+
+
+def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+           seed: int, eos_id, prefill_chunk: int | None, mesh) -> _Generation:
+    """Check the request, place the parameters, prefill the prompts and sample the first token."""
+    sampling = Sampling(temperature, top_k, top_p)
+    if mesh is not None:
+        params = sharding.ensure_params(config, params, mesh)
     prompts = prompts.tolist() if isinstance(prompts, np.ndarray) else list(prompts)
-    rows = MIN_DECODE_ROWS.get(jax.default_backend(), 1) if mesh is None else 1
-    return prompts + prompts[-1:] * max(0, rows - len(prompts)), len(prompts)
-
-
-def _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh):
+    rows = len(prompts)
+    min_rows = MIN_DECODE_ROWS.get(jax.default_backend(), 1) if mesh is None else 1
+    prompts = prompts + prompts[-1:] * max(0, min_rows - rows)
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
     cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens), mesh=mesh)
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
-    return logits, cache, (jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths))
+    seed_key, eos_ids = _seed_key(seed, mesh), _replicated(mesh, np.asarray(_eos_ids(eos_id) or [-1], np.int32))
+    lengths = jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths)
+    first = _start(mesh, sampling, _round_up_pow2(max_new_tokens), logits, cache, lengths, seed_key, eos_ids)
+    return _Generation(config, mesh, sampling, params, seed_key, eos_ids, rows, first)
 
 
 def generate(
@@ -239,41 +317,26 @@ def generate(
     params,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
+    *,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
-    *,
     mesh=None,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), up to and including the first eos.
 
+    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The token loop runs on device.
     mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
     """
-    sampling = Sampling(temperature, top_k, top_p)
-    if mesh is not None:
-        params = sharding.ensure_params(config, params, mesh)
-    prompts, n = _with_min_rows(prompts, mesh)
-    logits, cache, lengths = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
-    eos = _eos_array(eos_id) if mesh is None else _replicated(mesh, _eos_array(eos_id))
-    out, _ = _decode_loop(config, mesh, sampling, max_new_tokens, params, cache, logits, lengths, _seed_key(seed, mesh), eos)
-    eos_ids = set(np.asarray(_eos_array(eos_id)).tolist())
-    return [_trim_at_eos(row, eos_ids) for row in np.asarray(out)[:n]]
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _first_token(mesh, sampling: Sampling, logits, seed_key):
-    return _constrain_replicated(mesh, sample(logits, _step_key(_as_key(seed_key), 0), sampling))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def _stream_step(config: ModelConfig, mesh, sampling: Sampling, params, cache, token, positions, seed_key, step):
-    with sharding.activations(config, mesh, token.shape[0]):
-        logits, cache = forward(config, params, token[:, None], positions[:, None], cache=cache)[:2]
-    token = sample(logits[:, 0], _step_key(_as_key(seed_key), step), sampling)
-    return _constrain_replicated(mesh, token), _constrain_cache(config, mesh, cache), positions + 1
+    run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
+                 mesh)
+    bound = _replicated(mesh, np.int32(max_new_tokens))
+    state = _loop(config, mesh, run.sampling, run.params, run.first, run.seed_key, run.eos_ids, bound)
+    tokens = np.asarray(state.tokens)[: run.rows, :max_new_tokens]
+    return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
 
 
 def generate_stream(
@@ -281,13 +344,13 @@ def generate_stream(
     params,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
+    *,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
-    *,
     mesh=None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
@@ -295,21 +358,11 @@ def generate_stream(
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
     should ignore. Same seed, same tokens as `generate`.
     """
-    sampling = Sampling(temperature, top_k, top_p)
-    if mesh is not None:
-        params = sharding.ensure_params(config, params, mesh)
-    prompts, n = _with_min_rows(prompts, mesh)
-    logits, cache, positions = _start(config, params, prompts, max_new_tokens, prefill_chunk, mesh)
-    seed_key, eos = _seed_key(seed, mesh), np.asarray(_eos_array(eos_id))
-    token = _first_token(mesh, sampling, logits, seed_key)
-    host_token = np.asarray(token)[:n]
-    done = np.isin(host_token, eos)
-    yield host_token
-    for step in range(1, max_new_tokens):
-        if done.all():
+    run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
+                 mesh)
+    state = run.first
+    while True:
+        yield np.asarray(state.token)[: run.rows]
+        if int(state.step) >= max_new_tokens or np.asarray(state.done)[: run.rows].all():
             return
-        step_array = jnp.int32(step) if mesh is None else _replicated(mesh, np.int32(step))
-        token, cache, positions = _stream_step(config, mesh, sampling, params, cache, token, positions, seed_key, step_array)
-        host_token = np.asarray(token)[:n]
-        done |= np.isin(host_token, eos)
-        yield host_token
+        state = run.step(state)

@@ -9,24 +9,26 @@ on activations). `RULES` maps those names onto the four mesh axes:
   tensor  Megatron-style: attention heads, MLP hidden units, vocabulary
 
 A dimension that its mesh axes do not divide (2 KV heads over tensor=4, a batch of 1 over fsdp=8) is
-replicated over the axes that do not fit instead of failing: `fit_spec` is used for parameters, the
-KV cache and, through `activation_rules`, for the constraints inside the model.
+replicated over the axes that do not fit instead of failing: `fit_spec` places parameters and the KV cache,
+and resolves the model's activation hints (model/constraints.py) against each array's own shape at trace time.
+This module reads the model's logical axes; the model never imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
+from mistral_jax.model import constraints
+from mistral_jax.model.transformer import logical_axes, param_shapes
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -53,7 +55,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_vocab", "tensor"),
     ("act_expert", "expert"),
 )
-_TABLE = dict(RULES)
 
 
 def _as_tuple(axes) -> tuple[str, ...]:
@@ -112,16 +113,16 @@ def make_mesh(data: int = 1, fsdp: int | None = None, expert: int = 1, tensor: i
     sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     for name, size in sizes.items():
         if size is not None and (not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1):
-            raise ValueError(f"mesh axis {name} must be a positive integer, got {size!r}")
+            raise UserError(f"mesh axis {name} must be a positive integer, got {size!r}")
     if fsdp is None:
         others = data * expert * tensor
         if n % others:
-            raise ValueError(f"data*expert*tensor = {data}*{expert}*{tensor} = {others} does not divide the {n} devices")
+            raise UserError(f"data*expert*tensor = {data}*{expert}*{tensor} = {others} does not divide the {n} devices")
         sizes["fsdp"] = n // others
     shape = tuple(int(sizes[a]) for a in MESH_AXES)
     if math.prod(shape) != n:
         described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
-        raise ValueError(f"mesh {described} has {math.prod(shape)} devices, but there are {n}")
+        raise UserError(f"mesh {described} has {math.prod(shape)} devices, but there are {n}")
     # Auto, not Explicit (jax.make_mesh's default): we give shardings ourselves, at jit boundaries and
     # with constraints, and let the compiler propagate the rest. Explicit axes would put shardings in
     # every array's type, so each einsum, gather and scan in the model would need them spelled out.
@@ -141,19 +142,19 @@ def parse_mesh(text: str) -> dict[str, int]:
     Axes left out take make_mesh's defaults (fsdp fills the devices).
     """
     if not text or not text.strip():
-        raise ValueError(f"empty mesh; expected e.g. 'data=1,fsdp=2,expert=2,tensor=2' over axes {', '.join(MESH_AXES)}")
+        raise UserError(f"empty mesh; expected e.g. 'data=1,fsdp=2,expert=2,tensor=2' over axes {', '.join(MESH_AXES)}")
     out: dict[str, int] = {}
     for item in text.split(","):
         match = _MESH_ITEM.match(item)
         if not match:
-            raise ValueError(f"bad mesh item {item.strip()!r} in {text!r}; expected AXIS=SIZE, e.g. tensor=2")
+            raise UserError(f"bad mesh item {item.strip()!r} in {text!r}; expected AXIS=SIZE, e.g. tensor=2")
         name, size = match.group(1), int(match.group(2))
         if name not in MESH_AXES:
-            raise ValueError(f"unknown mesh axis {name!r} in {text!r}; axes are {', '.join(MESH_AXES)}")
+            raise UserError(f"unknown mesh axis {name!r} in {text!r}; axes are {', '.join(MESH_AXES)}")
         if name in out:
-            raise ValueError(f"mesh axis {name!r} given twice in {text!r}")
+            raise UserError(f"mesh axis {name!r} given twice in {text!r}")
         if size < 1:
-            raise ValueError(f"mesh axis {name} must be a positive integer, got {size}")
+            raise UserError(f"mesh axis {name} must be a positive integer, got {size}")
         out[name] = size
     return out
 
@@ -161,8 +162,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 # Parameters ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _param_layout(config: ModelConfig):
-    from mistral_jax.model.transformer import logical_axes, param_shapes
-
     return param_shapes(config), logical_axes(config)
 
 
@@ -203,14 +202,14 @@ def shard_params(config: ModelConfig, params, mesh: Mesh):
     if jax.tree.structure(params) != jax.tree.structure(shapes):
         paths = lambda tree: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}  # noqa: E731
         got, want = paths(params), paths(shapes)
-        raise ValueError(
+        raise UserError(
             f"parameter tree does not match the {config.family} config: missing {sorted(want - got)}, "
             f"unexpected {sorted(got - want)}"
         )
 
     def place(path, x, spec, sharding):
         if tuple(x.shape) != tuple(spec.shape):
-            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}, expected {spec.shape}")
+            raise UserError(f"parameter {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}, expected {spec.shape}")
         return put(x, sharding)
 
     return jax.tree_util.tree_map_with_path(place, params, shapes, shardings)
@@ -228,20 +227,20 @@ def ensure_params(config: ModelConfig, params, mesh: Mesh):
 
 
 # The KV cache --------------------------------------------------------------------------------------
-CACHE_AXES = {  # a scanned model's cache (rolling_cache.py)
+CACHE_AXES = {  # a scanned model's cache (model/kv_cache.py)
     "k": ("layers", "batch", "kv_heads", None, "head_dim"),
     "v": ("layers", "batch", "kv_heads", None, "head_dim"),
     "pos": ("batch", None),
 }
 
 
-def cache_shardings(config: ModelConfig, mesh: Mesh, cache) -> dict:
+def cache_shardings(mesh: Mesh, cache) -> dict:
     """k, v split on batch over (data, fsdp) and on KV heads over tensor, where they divide; pos on batch.
 
-    An unscanned model's per-layer buffers [B*K, S, D] (rows batch-major) split on batch alone: a block
-    of whole batch rows is a contiguous run of rows, a block of heads within them is not.
+    `cache` may hold arrays or ShapeDtypeStructs. An unscanned model's per-layer buffers [B*K, S, D] (rows
+    batch-major) split on batch alone: a block of whole batch rows is a contiguous run of rows, a block of
+    heads within them is not.
     """
-    del config  # the cache's own shapes say everything; kept for a uniform signature
     pos = named(mesh, cache["pos"].shape, CACHE_AXES["pos"])
 
     def kv(name):
@@ -253,43 +252,22 @@ def cache_shardings(config: ModelConfig, mesh: Mesh, cache) -> dict:
     return {"k": kv("k"), "v": kv("v"), "pos": pos}
 
 
+def place_cache(mesh: Mesh, cache):
+    """A cache's arrays placed as `cache_shardings` says (kept where they already are)."""
+    return jax.tree.map(put, cache, cache_shardings(mesh, cache))
+
+
 # Activations ---------------------------------------------------------------------------------------
-def activation_rules(config: ModelConfig, mesh: Mesh, batch: int) -> tuple:
-    """`RULES` with every activation name fitted to this model's sizes and this batch.
+def activations(mesh: Mesh | None):
+    """Inside a traced function: resolve the model's activation hints (`constraints.constrain`) on `mesh`.
 
-    Flax's `with_logical_constraint` knows names, not shapes, so the divisibility fallback is applied
-    here, once per traced shape: each name maps to the mesh axes that divide its dimension.
-    """
-    sizes = {
-        "batch": batch,
-        "act_embed": config.dim,
-        "act_heads": config.n_heads,
-        "act_kv_heads": config.n_kv_heads,
-        "act_mlp": config.hidden_dim,
-        "act_vocab": config.vocab_size,
-        "act_expert": max(config.n_experts, 1),
-    }
-    rules = []
-    for name, axes in RULES:
-        if name in sizes:
-            axes = _fit(sizes[name], axes, mesh)
-        rules.append((name, axes))
-    return tuple(rules)
-
-
-@contextlib.contextmanager
-def activations(config: ModelConfig, mesh: Mesh | None, batch: int):
-    """Inside a traced function: make the model's `nn.with_logical_constraint` calls use `RULES`.
-
-    Entered at trace time inside jit (the mesh is a static argument, so the rules are part of what
-    a compilation is keyed on); a no-op without a mesh. `jax.set_mesh` may not be called inside jit;
-    the abstract mesh is what flax and `with_sharding_constraint` resolve bare PartitionSpecs against.
+    Each hint becomes a `with_sharding_constraint` fitted to that array's shape (`fit_spec`), so a dimension
+    its mesh axes do not divide is replicated. Entered at trace time inside jit (the mesh is a static
+    argument, part of what a compilation is keyed on); without a mesh the hints are no-ops.
     """
     if mesh is None:
-        yield
-        return
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(activation_rules(config, mesh, batch)):
-        yield
+        return constraints.resolving(None)
+    return constraints.resolving(lambda x, names: jax.lax.with_sharding_constraint(x, named(mesh, x.shape, names)))
 
 
 def constrain(x, mesh: Mesh | None, names: Sequence[str | None]):

@@ -40,7 +40,8 @@ def test_greedy_decode_over_a_wrapping_ring_equals_full_forward(mistral):
     for _ in range(40):
         step_logits.append(np.asarray(logits)[0])
         sequence.append(int(np.argmax(step_logits[-1])))
-        logits, cache = decoding.decode_step(config, params, cache, jnp.array([sequence[-1]]), jnp.array([len(sequence) - 1]))
+        token, position = jnp.array([sequence[-1]]), jnp.array([len(sequence) - 1])
+        logits, cache = decoding.decode_step(config, params, cache, token, position)
     full = np.asarray(mj.logits(config, params, [sequence]))[0, len(prompt) - 1 : -1]  # [40, V]
     assert np.max(np.abs(np.stack(step_logits) - full)) <= 1e-4 * np.max(np.abs(full))
     assert np.argmax(full, axis=-1).tolist() == sequence[len(prompt):]
@@ -67,7 +68,8 @@ def test_decode_step_compiles_once(mistral):
     def steps(n, logits, cache, positions):
         for _ in range(n):
             positions = positions + 1
-            logits, cache = decoding.decode_step(config, params, cache, jnp.argmax(logits, -1).astype(jnp.int32), positions)
+            tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+            logits, cache = decoding.decode_step(config, params, cache, tokens, positions)
         return jax.block_until_ready(logits), cache, positions
 
     logits, cache, positions = steps(2, *decoding.decode_step(config, params, cache, tokens, positions), positions)
@@ -157,3 +159,20 @@ def test_unscanned_decode_step_updates_the_cache_in_place(batch):
     assert re.findall(rf"= {buffer}\S* parameter\(", entry)  # the pattern does match the cache buffers
     assert not re.findall(rf"= {buffer}\S* copy\(", entry)
     assert "dynamic-slice" not in entry
+
+
+def test_a_new_max_new_tokens_compiles_nothing(mistral):
+    """generate's loop bound is traced and its token buffer and cache come in buckets: after one call, other
+    lengths in the same bucket reuse every compiled program, in generate and in generate_stream."""
+    config, params = mistral
+    prompts = [[1, 2, 3], [4, 5]]
+    first = mj.generate(config, params, prompts, 5)
+    list(mj.generate_stream(config, params, prompts, 5))
+    with CompileStats() as compiled:
+        longer = mj.generate(config, params, prompts, 11)
+        shorter = mj.generate(config, params, prompts, 3)
+        streamed = np.stack(list(mj.generate_stream(config, params, prompts, 9)), axis=1)
+    assert compiled.compilations == 0
+    assert [row[:5] for row in longer] == first and shorter == [row[:3] for row in first]
+    assert [len(row) for row in longer] == [11, 11] and streamed.tolist() == [row[:9] for row in longer]
+

@@ -171,12 +171,12 @@ class Trainer:
 
         def loss_fn(trainable, micro):  # micro: FIELDS of [B, L]
             params = self._model_params(state, trainable)
-            logits, _, aux = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"])
-            ce, tokens = token_loss_sum(logits, micro["targets"], micro["weights"])
-            aux_loss = aux.get("load_balancing_loss", jnp.zeros((), jnp.float32))
+            out = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"])
+            ce, tokens = token_loss_sum(out.logits, micro["targets"], micro["weights"])
+            aux_loss = out.aux.get("load_balancing_loss", jnp.zeros((), jnp.float32))
             return ce + self.aux_loss_coef * aux_loss * tokens, (ce, tokens, aux_loss)
 
-        with sharding.activations(self.config, self.mesh, self.shape.rows):
+        with sharding.activations(self.mesh):
             grads, metrics = accumulate_gradients(loss_fn, state[self.key], batch)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state[self.key])
         new_state = {**state, self.key: optax.apply_updates(state[self.key], updates), "opt_state": opt_state,
@@ -187,9 +187,9 @@ class Trainer:
 
     def _eval_step(self, state, batch):
         """Summed loss and target count of one [B, L] batch."""
-        with sharding.activations(self.config, self.mesh, self.shape.rows):
+        with sharding.activations(self.mesh):
             params = self._model_params(state, state[self.key])
-            logits, _, _ = forward(self.config, params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            logits = forward(self.config, params, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
             ce, tokens = token_loss_sum(logits, batch["targets"], batch["weights"])
         return {"loss_sum": ce, "tokens": tokens}
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import rolling_cache
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
+from mistral_jax.model import kv_cache
+from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import param_init, rotary_embedding
 
 
@@ -32,7 +36,7 @@ def attend(q, k, v, mask):
     q: [B, T, H, D]; k, v: [B, K, S, D] (heads-major, as the cache stores them); mask: bool [B, T, S]
     -> [B, T, H, D]. Scores in float32. The einsums run KV-head-major ([B, K, G*T, ...]): the scores leave
     the first dot in the layout that softmax and the second dot read, with no transposed copy of the
-    [T, S] score matrices (which cost XLA:CPU ~40% of prefill time in the other order; RESULTS.md).
+    [T, S] score matrices (a large share of XLA:CPU's prefill time in the other order: RESULTS.md).
     """
     b, t, h, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
@@ -48,8 +52,8 @@ def attend(q, k, v, mask):
 def causal_block_size(length: int) -> int | None:
     """Query block for `attend_causal` on `length` tokens: at most 16 blocks of at least 64, or None.
 
-    Smaller blocks skip more of the masked triangle (n blocks compute (n + 1) / 2n of the square); on the
-    CPU a 512-token SFT step ran 3.6% faster with blocks of 64 than of 128 (RESULTS.md, train step).
+    Smaller blocks skip more of the masked triangle (n blocks compute (n + 1) / 2n of the square); 64 beat
+    128 for a 512-token SFT step on the CPU (RESULTS.md, train step).
     """
     block = max(64, length // 16)
     return block if length > block and length % block == 0 else None
@@ -60,15 +64,15 @@ def attend_causal(q, k, v, mask):
 
     Query block i attends to keys 0 .. its own end only: exact when every key after a query's column is
     masked for it, i.e. positions never decrease along a segment (true of every caller: prompts, padded
-    or packed SFT rows). Saves up to half the attention FLOPs (RESULTS.md, train step).
+    or packed SFT rows). Saves up to half the attention FLOPs.
     """
     block = causal_block_size(q.shape[1])
     if block is None:
         return attend(q, k, v, mask)
-    outs = [
-        attend(q[:, lo:lo + block], k[:, :, :lo + block], v[:, :, :lo + block], mask[:, lo:lo + block, :lo + block])
-        for lo in range(0, q.shape[1], block)
-    ]
+    outs = []
+    for lo in range(0, q.shape[1], block):
+        hi = lo + block
+        outs.append(attend(q[:, lo:hi], k[:, :, :hi], v[:, :, :hi], mask[:, lo:hi, :hi]))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -78,12 +82,11 @@ def attend_cudnn(q, k, v, mask, causal: bool):
     The mask travels as cuDNN's bias; `causal` also lets the kernel skip the blocks above the diagonal.
     """
     if jax.default_backend() != "gpu":
-        raise ValueError(f"attention='cudnn' needs a GPU (jax's backend here is {jax.default_backend()!r}); use 'xla'")
+        raise UserError(f"attention='cudnn' needs a GPU (jax's backend here is {jax.default_backend()!r}); use 'xla'")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got {q.dtype}")
-    out = jax.nn.dot_product_attention(
-        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None], is_causal=causal, implementation="cudnn"
-    )
+        raise UserError(f"attention='cudnn' needs dtype bfloat16 or float16, got {q.dtype}")
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, S, K, D], as the kernel takes them
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, implementation="cudnn")
     return out.astype(q.dtype)
 
 
@@ -91,60 +94,55 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids=None, layer_cache=None, cache_pos=None, new_cache_pos=None,
-                 cache_empty=False):
-        """x: [B, T, D]; positions: int [B, T] (negative = padding).
+    def __call__(self, x, inputs, layer_cache=None):
+        """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions).
 
-        With a cache (layer_cache = {"k", "v"}, one layer's buffers (rolling_cache.py); cache_pos /
-        new_cache_pos: [B, S] before and after this step), the new keys are written to it and the updated
-        layer cache is returned. cache_empty: the cache holds nothing yet (a prompt's first chunk), so
-        attention skips it.
+        With a cache (layer_cache = {"k", "v"}, one layer's buffers: kv_cache.py), the new keys are written
+        to it and the updated layer cache is returned. inputs.cache_empty: the cache holds nothing yet (a
+        prompt's first chunk), so attention skips it.
         """
         cfg = self.config
         dt, pdt, hd = cfg.compute_dtype, cfg.weights_dtype, cfg.resolved_head_dim
+        positions, window = inputs.positions, cfg.sliding_window
         init = param_init(cfg.init_std)
         d = x.shape[-1]
-        wq = self.param("wq", nn.with_logical_partitioning(init, ("embed", "q_heads", "head_dim")), (d, cfg.n_heads, hd), pdt)
-        wk = self.param("wk", nn.with_logical_partitioning(init, ("embed", "kv_heads", "head_dim")), (d, cfg.n_kv_heads, hd), pdt)
-        wv = self.param("wv", nn.with_logical_partitioning(init, ("embed", "kv_heads", "head_dim")), (d, cfg.n_kv_heads, hd), pdt)
-        wo = self.param("wo", nn.with_logical_partitioning(init, ("q_heads", "head_dim", "embed")), (cfg.n_heads, hd, d), pdt)
+
+        def weight(name, axes, shape):
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdt).astype(dt)
+
+        wq = weight("wq", ("embed", "q_heads", "head_dim"), (d, cfg.n_heads, hd))
+        wk = weight("wk", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
+        wv = weight("wv", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
+        wo = weight("wo", ("q_heads", "head_dim", "embed"), (cfg.n_heads, hd, d))
 
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))  # [B, T, H, hd]
-        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))  # [B, T, K, hd]
-        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
-        q = nn.with_logical_constraint(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
-        k = nn.with_logical_constraint(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
+        q = jnp.einsum("btd,dhk->bthk", x, wq)  # [B, T, H, hd]
+        k = jnp.einsum("btd,dhk->bthk", x, wk)  # [B, T, K, hd]
+        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
+        k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
 
         new_layer_cache = None
         if layer_cache is not None:
-            cache_k = rolling_cache.write_heads(layer_cache["k"], positions, k)
-            cache_v = rolling_cache.write_heads(layer_cache["v"], positions, v)
-            new_layer_cache = {"k": cache_k, "v": cache_v}
+            new_layer_cache = {"k": kv_cache.write_heads(layer_cache["k"], positions, k),
+                               "v": kv_cache.write_heads(layer_cache["v"], positions, v)}
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
-        if layer_cache is None or cache_empty:  # an empty cache adds nothing: the tokens see each other alone
-            mask = attention_mask(positions, positions, cfg.sliding_window, segment_ids, segment_ids)
-            if cfg.attention == "cudnn":
-                out = attend_cudnn(q, k, v, mask, causal=True)
-            else:
-                out = attend_causal(q, k, v, mask)
+        b = q.shape[0]
+        if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
+            mask = attention_mask(positions, positions, window, inputs.segment_ids, inputs.segment_ids)
+            out = attend_cudnn(q, k, v, mask, causal=True) if cfg.attention == "cudnn" else attend_causal(q, k, v, mask)
+        elif q.shape[1] == 1:
+            # One new token: its slot held a position at least `size` back, outside the window, so writing
+            # first and reading the cache alone is exact, and the donated buffer is updated in place.
+            mask = attention_mask(positions, inputs.new_cache_pos, window)
+            keys, values = (kv_cache.heads_view(new_layer_cache[n], b).astype(dt) for n in ("k", "v"))
+            out = attend(q, keys, values, mask)
         else:
-            if q.shape[1] == 1:
-                # One new token: its slot held a position at least `size` back, outside the window, so
-                # writing first and reading the cache alone is exact, and the donated buffer is updated
-                # in place.
-                mask = attention_mask(positions, new_cache_pos, cfg.sliding_window)
-                b = q.shape[0]
-                out = attend(q, rolling_cache.heads_view(cache_k, b).astype(dt), rolling_cache.heads_view(cache_v, b).astype(dt), mask)
-            else:
-                # A chunk may overwrite slots its own first queries still need: read old cache + chunk.
-                b = q.shape[0]
-                keys = jnp.concatenate([rolling_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
-                values = jnp.concatenate([rolling_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
-                mask = attention_mask(positions, jnp.concatenate([cache_pos, positions], axis=1), cfg.sliding_window)
-                if cfg.attention == "cudnn":
-                    out = attend_cudnn(q, keys, values, mask, causal=False)
-                else:
-                    out = attend(q, keys, values, mask)
-        out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), new_layer_cache
+            # A chunk may overwrite slots its own first queries still need: read the old cache and the chunk.
+            keys = jnp.concatenate([kv_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
+            values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
+            mask = attention_mask(positions, jnp.concatenate([inputs.cache_pos, positions], axis=1), window)
+            attend_chunk = functools.partial(attend_cudnn, causal=False) if cfg.attention == "cudnn" else attend
+            out = attend_chunk(q, keys, values, mask)
+        out = constrain(out, ("batch", "length", "act_heads", None))
+        return jnp.einsum("bthk,hkd->btd", out, wo), new_layer_cache

@@ -1,8 +1,16 @@
-"""Convert a model between the scanned and unscanned layer layouts (ModelConfig.scan_layers).
+"""The two layer layouts of one model (ModelConfig.scan_layers, as MaxText's `scan_layers`), and converting.
 
-Scanned: params["layers"] leaves carry a leading [n_layers] axis. Unscanned: params["layers"] is
-{"0": layer 0's subtree, "1": ...}. Everything else (embedding, final norm, head) is shared as is.
-Checkpoint writers and training take the scanned layout; inference on CPU wants the unscanned one.
+Scanned (the default: training, sharding plans, checkpoints): every block's weights stacked on a leading
+    [n_layers] axis of params["layers"] and run under nn.scan, so compile time does not grow with depth;
+    the cache keeps one [layers, batch, kv_heads, size, head_dim] buffer per K and V.
+Unscanned (inference): params["layers"] is {"0": layer 0's subtree, "1": ...}, run as an unrolled loop,
+    with one cache buffer [batch * kv_heads, size, head_dim] per layer. A scanned decode step on XLA:CPU
+    copies each layer's slice of every stacked weight, and the stacked cache, on every token; separate
+    buffers are read, and a donated one updated, in place (benchmarks/RESULTS.md has the measurements).
+    The rows of a layer's buffer stay merged (batch * kv_heads): XLA:CPU copies a whole buffer on every step
+    where a dot reads it through a reshape.
+Everything else (embedding, final norm, head) is shared as is. Checkpoint writers stack a model first, so
+checkpoints stay in one layout; `load(..., scan_layers=False)` splits one as it loads.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ def unstack_layers(config: ModelConfig, params, *, donate: bool = False):
         return parts
 
     stacked = jax.tree.map(split, params["layers"])  # every leaf -> tuple of n arrays
-    layers = {str(i): jax.tree.map(lambda parts: parts[i], stacked, is_leaf=lambda x: isinstance(x, tuple)) for i in range(n)}
+    is_parts = lambda x: isinstance(x, tuple)  # noqa: E731
+    layers = {str(i): jax.tree.map(lambda parts, i=i: parts[i], stacked, is_leaf=is_parts) for i in range(n)}
     return config.replace(scan_layers=False), {**params, "layers": layers}
 
 

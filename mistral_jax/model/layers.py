@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.model.constraints import constrain
+
 
 def param_init(std: float):
     return nn.initializers.normal(stddev=std)
@@ -53,11 +55,14 @@ class SwiGLU(nn.Module):
     def __call__(self, x):  # [B, T, D]
         d = x.shape[-1]
         init = param_init(self.init_std)
-        w_gate = self.param("w_gate", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, self.hidden_dim), self.param_dtype)
-        w_up = self.param("w_up", nn.with_logical_partitioning(init, ("embed", "mlp")), (d, self.hidden_dim), self.param_dtype)
-        w_down = self.param("w_down", nn.with_logical_partitioning(init, ("mlp", "embed")), (self.hidden_dim, d), self.param_dtype)
+        def weight(name, axes, shape):
+            return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+        w_gate = weight("w_gate", ("embed", "mlp"), (d, self.hidden_dim))
+        w_up = weight("w_up", ("embed", "mlp"), (d, self.hidden_dim))
+        w_down = weight("w_down", ("mlp", "embed"), (self.hidden_dim, d))
         x = x.astype(self.dtype)
         gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
         up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", h, w_down.astype(self.dtype))

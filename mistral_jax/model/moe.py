@@ -3,21 +3,19 @@
 Tokens are sorted by the expert they are routed to, so compute grows with top_k, not with the number
 of experts. Ways to run the grouped matmuls (ModelConfig.moe_dispatch):
   ragged:   `lax.ragged_dot` over the sorted rows; dropless, exact. For backends with grouped-matmul
-            kernels for it (XLA:TPU); XLA:CPU, and XLA:GPU in float32 as measured, rewrite it to one dense
-            dot of every row against every expert: E times the FLOPs, 7-9x the dense layer's time.
+            kernels for it (XLA:TPU); XLA:CPU, and XLA:GPU as measured, rewrite it to one dense dot of every
+            row against every expert: E times the FLOPs.
   blocks:   dropless, exact (the same output as ragged to float32 rounding). Each expert's group is
             padded to whole row blocks (`block_sizes`: 256 rows and smaller) and every block is a dense
             [block, D] x [D, H] matmul with its expert's weights, in while loops that visit only the
-            blocks in use; a custom VJP runs the backward the same way. On XLA:CPU, 1024 tokens: 1.4x
-            the dense SwiGLU of the same active parameters forward, 1.15x forward + backward
-            (benchmarks/RESULTS.md). Not measured on TPU.
+            blocks in use; a custom VJP runs the backward the same way. Near the dense SwiGLU of the same
+            active parameters on XLA:CPU; not measured on TPU.
   capacity: each expert takes at most capacity_factor * tokens * k / experts rows in a dense
             [experts, capacity, dim] buffer (one batched matmul, splits well over an `expert` mesh
             axis); rows past capacity are dropped, as in Switch / GShard.
   auto:     the default: "ragged" when lowering for TPU, "blocks" elsewhere (`lax.platform_dependent`,
-            so only the chosen one is compiled). On an H200 (jax 0.11.2, float32, Mixtral-sized layer of
-            4096 tokens) XLA:GPU also lowered ragged_dot to a dense dot over every expert: ragged 7.3x the
-            dense layer, blocks 2.3x, capacity 1.25 1.4x (benchmarks/results/moe-h200-float32.json).
+            so only the chosen one is compiled).
+benchmarks/RESULTS.md has each dispatch's time against the dense layer, on the CPU and on an H200.
 """
 
 from __future__ import annotations
@@ -30,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
+from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import param_init
 
 
@@ -97,7 +97,7 @@ def _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, w_gate, w_up, w_
     rank = jnp.where(rank < capacity, rank, capacity)  # past capacity: dropped
     buffer = jnp.zeros((n_experts, capacity, rows.shape[-1]), rows.dtype)
     buffer = buffer.at[sorted_experts, rank].set(rows, mode="drop")  # [E, C, D]
-    buffer = nn.with_logical_constraint(buffer, ("act_expert", None, "act_embed"))
+    buffer = constrain(buffer, ("act_expert", None, "act_embed"))
     gate = jnp.einsum("ecd,edf->ecf", buffer, w_gate)
     up = jnp.einsum("ecd,edf->ecf", buffer, w_up)
     out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down)
@@ -257,7 +257,7 @@ class MoE(nn.Module):
             "auto": lambda: jax.lax.platform_dependent(tpu=grouped["ragged"], default=grouped["blocks"]),
         }
         if cfg.moe_dispatch not in grouped:
-            raise ValueError(f"unknown moe_dispatch {cfg.moe_dispatch!r}")
+            raise UserError(f"unknown moe_dispatch {cfg.moe_dispatch!r}")
         out_sorted = grouped[cfg.moe_dispatch]()
         out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * t, k, d)
         y = jnp.einsum("nkd,nk->nd", out, weights.astype(dt))

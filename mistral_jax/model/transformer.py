@@ -1,104 +1,117 @@
-"""The decoder: embed, the blocks, final norm and LM head; `forward` and `logits`.
+"""The decoder: embed, the blocks, final norm and LM head; `forward` returns a named `Output`.
 
-The blocks run in one of two layouts (ModelConfig.scan_layers), as MaxText's `scan_layers`:
-  scanned (default: training, sharding plans, checkpoints): every block's weights stacked on a leading
-      `layers` axis under nn.scan, so compile time does not grow with depth;
-  unscanned (inference): params["layers"]["0"], ["1"], ... one subtree per layer, and one cache buffer
-      per layer, run as an unrolled loop. XLA:CPU copies each layer's slice of a stacked weight on every
-      step of a scanned decode; separate buffers are read in place (benchmarks/RESULTS.md).
-`layer_layout.stack_layers` / `unstack_layers` convert a model between the two.
+The blocks run in either layer layout (ModelConfig.scan_layers; layer_layout.py says what each is for).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mistral_jax import rolling_cache
 from mistral_jax.config import ModelConfig
+from mistral_jax.model import kv_cache
 from mistral_jax.model.attention import Attention
+from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
 from mistral_jax.model.moe import MoE, load_balancing_loss
+
+
+@flax.struct.dataclass
+class Output:
+    """What `forward` returns (a pytree, so jitted functions may return it whole)."""
+
+    logits: jax.Array  # float32 [B, T, V] ([B, 1, V] with last_only)
+    cache: dict | None = None  # the updated cache, when one was given
+    aux: dict = dataclasses.field(default_factory=dict)  # "load_balancing_loss" for a mixture of experts
+    hidden: jax.Array | None = None  # return_hidden: [n_layers + 1, B, T, D], the embeddings then each block's output
+
+
+@flax.struct.dataclass
+class BlockInputs:
+    """What every block reads besides the residual stream (the same for all layers)."""
+
+    positions: jax.Array  # int32 [B, T]; negative = padding
+    segment_ids: jax.Array | None = None  # int32 [B, T]: packed examples never attend across segments
+    cache_pos: jax.Array | None = None  # int32 [B, S]: the position in each cache slot before this call
+    new_cache_pos: jax.Array | None = None  # int32 [B, S]: ... and after it
+    cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
 
 
 class Block(nn.Module):
     """Pre-norm residual block: attention, then a SwiGLU MLP or a mixture of experts."""
 
     config: ModelConfig
+    keep_hidden: bool = False  # also return the output as a per-layer result (Output.hidden)
 
     @nn.compact
-    def __call__(self, x, layer_cache, ctx):
+    def __call__(self, x, layer_cache, inputs: BlockInputs):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
-        attn_out, new_layer_cache = Attention(cfg, name="attention")(
-            norm("attention_norm")(x), ctx["positions"], ctx["segment_ids"], layer_cache, ctx["cache_pos"], ctx["new_cache_pos"],
-            ctx["cache_empty"],
-        )
+        attn_out, new_layer_cache = Attention(cfg, name="attention")(norm("attention_norm")(x), inputs, layer_cache)
         h = x + attn_out
         if cfg.is_moe:
-            mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), ctx["positions"] >= 0)
+            mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
         else:
-            mlp_out, stats = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, name="mlp")(norm("ffn_norm")(h)), None
-        out = nn.with_logical_constraint(h + mlp_out, ("batch", "length", "act_embed"))
-        return out, (new_layer_cache, stats)
+            mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, name="mlp")
+            mlp_out, stats = mlp(norm("ffn_norm")(h)), None
+        out = constrain(h + mlp_out, ("batch", "length", "act_embed"))
+        return out, (new_layer_cache, stats, out if self.keep_hidden else None)
 
 
 class LayerList(nn.Module):
     """The unscanned layout: blocks named "0" .. "n_layers - 1", each with its own weights and cache buffer.
 
-    Same inputs and outputs as the scanned stack: caches {"k", "v"} hold tuples of per-layer buffers,
-    and routing statistics come back stacked on a leading layer axis.
+    Same inputs and outputs as the scanned stack: caches {"k", "v"} hold tuples of per-layer buffers, and
+    routing statistics and hidden states come back stacked on a leading layer axis.
     """
 
     config: ModelConfig
     block: type = Block
+    keep_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_caches, ctx):
-        keys, values, stats = [], [], []
+    def __call__(self, x, layer_caches, inputs: BlockInputs):
+        keys, values, results = [], [], []
         for i in range(self.config.n_layers):
             layer_cache = None if layer_caches is None else {"k": layer_caches["k"][i], "v": layer_caches["v"][i]}
-            x, (new_layer_cache, layer_stats) = self.block(self.config, name=str(i))(x, layer_cache, ctx)
+            x, (new_layer_cache, *result) = self.block(self.config, self.keep_hidden, name=str(i))(
+                x, layer_cache, inputs)
             if new_layer_cache is not None:
                 keys.append(new_layer_cache["k"])
                 values.append(new_layer_cache["v"])
-            stats.append(layer_stats)
+            results.append(result)
         new_caches = {"k": tuple(keys), "v": tuple(values)} if layer_caches is not None else None
-        stats = None if stats[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *stats)
-        return x, (new_caches, stats)
+        stats, hidden = (None if r[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *r) for r in zip(*results))
+        return x, (new_caches, stats, hidden)
 
 
 class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False):
-        """tokens, positions: int [B, T] -> (logits float32 [B, T, V], new cache or None, aux dict).
-
-        last_only: logits for the last column only ([B, 1, V]), as prefill needs. cache_empty: the cache
-        holds nothing yet; attention then reads the tokens alone (they are still written to it).
-        """
+    def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False,
+                 return_hidden=False) -> Output:
+        """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
         embedding = self.param(
-            "embedding", nn.with_logical_partitioning(param_init(cfg.init_std), ("vocab", "embed")), (cfg.vocab_size, cfg.dim), pdt
-        )
+            "embedding", nn.with_logical_partitioning(param_init(cfg.init_std), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.dim), pdt)
         x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        x = constrain(x, ("batch", "length", "act_embed"))
 
-        ctx = {"positions": positions, "segment_ids": segment_ids, "cache_pos": None, "new_cache_pos": None,
-               "cache_empty": cache_empty}
-        layer_caches = None
+        inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
         if cache is not None:
-            ctx["cache_pos"] = cache["pos"]
-            ctx["new_cache_pos"] = rolling_cache.advance_positions(cache["pos"], positions)
+            new_pos = kv_cache.advance_positions(cache["pos"], positions)
+            inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
             layer_caches = {"k": cache["k"], "v": cache["v"]}
 
-        block = Block
+        embedded, block = x, Block
         if cfg.remat:
             block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         if cfg.scan_layers:
@@ -110,73 +123,47 @@ class Transformer(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (new_layer_caches, stats) = blocks(cfg, name="layers")(x, layer_caches, ctx)
+            x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, name="layers")(x, layer_caches, inputs)
         else:
-            x, (new_layer_caches, stats) = LayerList(cfg, block, name="layers")(x, layer_caches, ctx)
+            x, (new_layer_caches, stats, hidden) = LayerList(cfg, block, return_hidden, name="layers")(
+                x, layer_caches, inputs)
+        if return_hidden:
+            hidden = jnp.concatenate([embedded[None], hidden], axis=0)  # [L + 1, B, T, D]
 
         if last_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
-        if cfg.tie_embeddings:  # read the [V, D] table as it is stored: `embedding.T` costs XLA:CPU a copy per call
+        if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
             logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt), preferred_element_type=jnp.float32)
         else:
-            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")), (cfg.dim, cfg.vocab_size), pdt)
+            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")),
+                              (cfg.dim, cfg.vocab_size), pdt)
             logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "act_vocab"))
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": ctx["new_cache_pos"]}
-        aux = {}
-        if cfg.is_moe:
-            aux["load_balancing_loss"] = load_balancing_loss(stats, cfg.n_experts)
-        return logits, new_cache, aux
+            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": inputs.new_cache_pos}
+        aux = {"load_balancing_loss": load_balancing_loss(stats, cfg.n_experts)} if cfg.is_moe else {}
+        return Output(logits, new_cache, aux, hidden)
 
 
-def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, last_only=False,
-            cache_empty=False):
-    """Pure forward pass: (logits float32 [B, T, V], new cache or None, aux dict).
+def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, *, last_only=False,
+            cache_empty=False, return_hidden=False) -> Output:
+    """The pure forward pass: tokens, positions int [B, T] -> Output(logits, cache, aux, hidden).
 
-    Without a cache, attention skips the blocks above the diagonal: positions must not decrease along a
-    segment (true of prompts, padded or packed rows). cache_empty: see Transformer.
+    cache: a cache (kv_cache.py) the tokens are written to; Output.cache is the updated one. Without a
+    cache, attention skips the blocks above the diagonal: positions must not decrease along a segment (true
+    of prompts, padded or packed rows). last_only: logits for the last column only ([B, 1, V]), as prefill
+    needs. cache_empty: the cache holds nothing yet, so attention reads the tokens alone (they are still
+    written to it). return_hidden: Output.hidden holds the residual stream after every layer.
     """
-    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only, cache_empty)
+    return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only,
+                                     cache_empty, return_hidden)
 
 
 def default_positions(tokens):
     return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
-
-
-def logits(config: ModelConfig, params, tokens, *, mesh=None):
-    """Causal logits without a cache: int [B, T] -> float32 [B, T, vocab].
-
-    mesh: a `jax.sharding.Mesh` from `mistral_jax.sharding.make_mesh`; the parameters are placed on it
-    (unless `shard_params` already did) and the logits come back split on batch and vocabulary (across
-    hosts, gather them with `jax.experimental.multihost_utils.process_allgather`).
-    """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-    if mesh is None:
-        return _logits_jit(config, None, params, jnp.asarray(tokens, jnp.int32))
-    from mistral_jax import sharding  # sharding reads this module's logical axes: import on use
-
-    params = sharding.ensure_params(config, params, mesh)
-    tokens = sharding.put(tokens.astype(np.int32), sharding.named(mesh, tokens.shape, ("batch", None)))
-    return _logits_jit(config, mesh, params, tokens)
-
-
-@jax.jit(static_argnums=(0, 1))
-def _logits_jit(config, mesh, params, tokens):
-    if mesh is None:
-        return forward(config, params, tokens, default_positions(tokens))[0]
-    from mistral_jax import sharding
-
-    with sharding.activations(config, mesh, tokens.shape[0]):
-        out = forward(config, params, tokens, default_positions(tokens))[0]
-    return sharding.constrain(out, mesh, ("batch", "length", "act_vocab"))
 
 
 def _boxed_init(config: ModelConfig, rng):

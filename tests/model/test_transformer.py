@@ -51,7 +51,7 @@ def test_program_size_does_not_grow_with_depth():
         config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=n_layers)
         shapes = param_shapes(config)
         tokens = jnp.zeros((1, 8), jnp.int32)
-        jaxpr = jax.make_jaxpr(lambda p: forward(config, p, tokens, jnp.arange(8)[None])[0])(shapes)
+        jaxpr = jax.make_jaxpr(lambda p: forward(config, p, tokens, jnp.arange(8)[None]).logits)(shapes)
         return len(jaxpr.jaxpr.eqns)
 
     assert n_ops(2) == n_ops(16)
@@ -88,7 +88,7 @@ def test_mixtral_forward_returns_load_balancing_loss():
     config = mj.ModelConfig.from_preset("tiny-mixtral")
     params = mj.init_params(config, jax.random.key(0))
     tokens = _tokens(config)
-    _, _, aux = forward(config, params, tokens, jnp.broadcast_to(jnp.arange(12), tokens.shape))
+    aux = forward(config, params, tokens, jnp.broadcast_to(jnp.arange(12), tokens.shape)).aux
     # E * sum f_e P_e is 1 for perfectly balanced routing and at most E.
     assert 0.5 < float(aux["load_balancing_loss"]) < config.n_experts
 
@@ -119,7 +119,8 @@ def test_causal_blocks_skip_nothing_they_need():
     for window in (None, 64):
         mask = attention_mask(positions, positions, window, segments, segments)
         real = positions >= 0
-        np.testing.assert_allclose(attend_causal(q, k, v, mask)[real], attend(q, k, v, mask)[real], rtol=1e-5, atol=1e-6)
+        blocked, whole = attend_causal(q, k, v, mask)[real], attend(q, k, v, mask)[real]
+        np.testing.assert_allclose(blocked, whole, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_kind_is_checked():
@@ -129,3 +130,28 @@ def test_attention_kind_is_checked():
         config = mj.ModelConfig.from_preset("tiny-llama", attention="cudnn", dtype="bfloat16", param_dtype="bfloat16")
         with pytest.raises(ValueError, match="needs a GPU"):
             mj.logits(config, mj.init_params(config, jax.random.key(0)), np.zeros((1, 8), np.int32))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-mixtral"])
+def test_forward_returns_a_named_output_with_every_layer_on_request(preset):
+    """Output.hidden: the embeddings and each block's output, in both layouts; the last one, normed and
+    projected, gives the logits. Without return_hidden there is none (nothing extra is kept)."""
+    config = mj.ModelConfig.from_preset(preset)
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = _tokens(config)
+    positions = jnp.broadcast_to(jnp.arange(12), tokens.shape)
+    out = forward(config, params, tokens, positions, return_hidden=True)
+    assert isinstance(out, mj.Output) and forward(config, params, tokens, positions).hidden is None
+    assert out.hidden.shape == (config.n_layers + 1, 2, 12, config.dim)
+    np.testing.assert_allclose(out.hidden[0], params["embedding"][tokens], rtol=1e-6)
+    np.testing.assert_allclose(out.logits, mj.logits(config, params, tokens), rtol=1e-5, atol=1e-5)
+    flat_config, flat_params = mj.unstack_layers(config, params)
+    flat = forward(flat_config, flat_params, tokens, positions, return_hidden=True)
+    np.testing.assert_allclose(flat.hidden, out.hidden, rtol=1e-5, atol=1e-5)
+    x = out.hidden[-1]
+    normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + config.norm_eps)
+    normed = normed * params["final_norm"]["scale"]
+    head = params["embedding"].T if config.tie_embeddings else params["lm_head"]
+    np.testing.assert_allclose(normed @ head, out.logits, rtol=1e-4, atol=1e-4)
+    leaves = jax.tree.leaves(jax.jit(lambda p: forward(config, p, tokens, positions))(params))
+    assert len(leaves) == 1 + config.is_moe  # a pytree: logits (and the aux loss) come back whole from jit

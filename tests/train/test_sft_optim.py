@@ -36,7 +36,7 @@ def test_no_weight_decay_on_norm_scales(params) -> None:
 
 
 def _loss(params, rows):
-    logits, _, _ = forward(CONFIG, params, rows["inputs"], rows["positions"], rows["segment_ids"])
+    logits = forward(CONFIG, params, rows["inputs"], rows["positions"], rows["segment_ids"]).logits
     total, count = token_loss_sum(logits, rows["targets"], rows["weights"])
     return float(total / count)
 
@@ -58,9 +58,9 @@ def test_packed_row_logits_equal_each_example_alone(params, tokenizer, data_file
     examples = data.train.examples[:3]
     packed = make_rows(examples, 128, packing=True)
     assert packed["inputs"].shape[0] == 1 and packed["segment_ids"].max() == 3
-    logits, _, _ = forward(CONFIG, params, packed["inputs"], packed["positions"], packed["segment_ids"])
+    logits = forward(CONFIG, params, packed["inputs"], packed["positions"], packed["segment_ids"]).logits
     alone = make_rows(examples, 128, packing=False)  # one example a row, padding after it
-    alone_logits, _, _ = forward(CONFIG, params, alone["inputs"], alone["positions"], None)
+    alone_logits = forward(CONFIG, params, alone["inputs"], alone["positions"], None).logits
     offset = 0
     for i, example in enumerate(examples):
         n = len(example)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax import rolling_cache
+from mistral_jax.model import kv_cache
 
 
 def test_size_is_bounded_by_the_window():
@@ -22,7 +22,7 @@ def test_size_is_bounded_by_the_window():
 def test_write_wraps_and_drops_padding():
     buffer = jnp.full((2, 4), -1)
     positions = jnp.array([[-1, 3, 4, 5], [0, 1, 2, 3]])
-    out = np.asarray(rolling_cache.write(buffer, positions, positions))
+    out = np.asarray(kv_cache.write(buffer, positions, positions))
     assert out.tolist() == [[4, 5, -1, 3], [0, 1, 2, 3]]
 
 
