@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the sub-part timings and the prototype")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the sub-part timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = _common.machine()
