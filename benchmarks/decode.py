@@ -66,8 +66,8 @@ class TransformersChild:
     """transformers' generate in a child process (its own thread pool), timed on request.
 
     torch's OpenMP threads spin at barriers: when another process holds a core, a generate call can take
-    10-100x its usual time. Such calls are cut off (generate's max_time, at 3x the best time so far for
-    the same request) and count as infinitely slow, so the best of the rounds ignores them.
+    many times its usual time (RESULTS.md, Decode). Such calls are cut off (generate's max_time, at 3x the
+    best time so far for the same request) and count as infinitely slow, so the best of the rounds ignores them.
     """
 
     def __init__(self, hf_dir, prompt_len: int):

@@ -114,7 +114,7 @@ def main() -> None:
     widest = max((int(b) for a, b in dots if int(a) == n * k), default=0)
 
     # Two calls back to back per round, the better kept: the first can pay for freeing the previous runner's
-    # outputs (after the ragged backward, 50-90 ms more for the blocks forward).
+    # outputs (how much: RESULTS.md, MoE layer).
     samples, compilations = _common.interleaved_rounds(runners, args.rounds, measure=lambda fn: _common.best(fn, 2))
     best = {key: min(v) for key, v in samples.items()}
 
