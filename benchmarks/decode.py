@@ -161,6 +161,12 @@ class StepRunner:
         return (time.perf_counter() - start) / self.steps
 
 
+def table_row(batch: int, hf_s: float | None, roof_s: float, what: str, seconds: float, extra: str = "") -> list:
+    """One row of the decode table: seconds per step against transformers' (if measured) and the roofline."""
+    return [batch, what, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}",
+            f"{hf_s / seconds:.2f}x" if hf_s else "-", f"{100 * roof_s / seconds:.0f}%", extra]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the embedded SmolLM2-135M GGUF")
@@ -247,11 +253,7 @@ def main() -> None:
                 r["generate_vs_transformers"] = hf_s / r["generate_s_per_step"]
             else:  # every round of a length was cut off (see TransformersChild)
                 hf_s = None
-
-        def row(what, seconds, extra=""):
-            return [batch, what, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}",
-                    f"{hf_s / seconds:.2f}x" if hf_s else "-", f"{100 * roof_s / seconds:.0f}%", extra]
-
+        row = functools.partial(table_row, batch, hf_s, roof_s)
         for layout in layouts:
             first = results[batches[0]]
             rows.append(row(f"mj.generate, {layout} (while loop)", r[f"generate_{layout}_s_per_step"],

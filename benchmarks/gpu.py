@@ -53,8 +53,9 @@ def hbm_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict:
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
     add(x).block_until_ready()
     total(x).block_until_ready()
-    out = {"read_bytes_per_s": gib * 2**30 / median_seconds(lambda: total(x), repeats),
-           "copy_bytes_per_s": 2 * gib * 2**30 / median_seconds(lambda: add(x), repeats)}
+    # functools.partial, not lambdas: they would close over x, which `del` drops below
+    out = {"read_bytes_per_s": gib * 2**30 / median_seconds(functools.partial(total, x), repeats),
+           "copy_bytes_per_s": 2 * gib * 2**30 / median_seconds(functools.partial(add, x), repeats)}
     del x
     out["best_bytes_per_s"] = max(out.values())
     return out
@@ -69,7 +70,7 @@ def matvec_probe(dim: int, hidden: int, batches, n: int = 16, repeats: int = 20)
         x = jax.random.normal(jax.random.key(4), (batch, dim), jnp.bfloat16)
         mm = jax.jit(lambda a, ws: sum(jnp.einsum("bd,dh->bh", a, w, preferred_element_type=jnp.float32) for w in ws))
         mm(x, weights).block_until_ready()
-        seconds = median_seconds(lambda: mm(x, weights), repeats)
+        seconds = median_seconds(functools.partial(mm, x, weights), repeats)
         rows.append({"batch": batch, "us_per_matmul": round(seconds / n * 1e6, 1),
                      "weight_bytes_per_s": n * weights[0].nbytes / seconds})
     del weights
@@ -224,7 +225,7 @@ def main() -> None:
                 runs["forward, cuDNN attention, scanned"] = functools.partial(lazy_forward, config.replace(attention="cudnn"), params, tokens)
         ref = np.asarray(runs["forward, XLA attention"]())
 
-        def into_cache(cfg=flat_config, p=flat_params):
+        def into_cache(cfg=flat_config, p=flat_params, tokens=tokens, length=length):
             cache = mj.init_cache(cfg, 1, max(length, args.slots))
             return decoding.prefill(cfg, p, cache, tokens, jnp.arange(length)[None], chunk_size=length)[0]
 
