@@ -142,7 +142,8 @@ def hlo_evidence(config, params, batch: int, slots: int) -> dict:
         "dynamic_slice_fusions": len(sliced),
         "dynamic_slice_bytes_per_step": sum(sliced) * config.n_layers,
         "whole_cache_copies": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* copy\(", entry, re.M)),
-        "whole_cache_broadcasts": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", entry, re.M)),
+        "whole_cache_broadcasts": len(
+            re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", entry, re.M)),
     }
 
 
@@ -236,18 +237,19 @@ def main() -> None:
         r = results[batch]
         roof_s = (param_bytes + r["kv_bytes"]) / bw
         r["roofline_s_per_step"] = roof_s
+        extra_steps = args.long - args.short
         for layout in layouts:
             r[f"generate_{layout}_s_per_step"] = (best[batch, f"generate {layout} {args.long}"]
-                                                  - best[batch, f"generate {layout} {args.short}"]) / (args.long - args.short)
+                                                  - best[batch, f"generate {layout} {args.short}"]) / extra_steps
             r[f"decode_step_{layout}_s_per_step"] = best[batch, f"decode_step {layout}"]
         r["generate_s_per_step"] = r["generate_unscanned_s_per_step"]  # what the CLI runs
         r["generate_tokens_per_s"] = batch / r["generate_s_per_step"]
         r["generate_pct_of_roofline"] = 100 * roof_s / r["generate_s_per_step"]
-        r["generate_tokens_per_s_vs_batch_1"] = r["generate_tokens_per_s"] / results[batches[0]]["generate_tokens_per_s"]
+        first = results[batches[0]]
+        r["generate_tokens_per_s_vs_batch_1"] = r["generate_tokens_per_s"] / first["generate_tokens_per_s"]
         hf_s = None
         if hf is not None:
-            hf_s = (best[batch, f"transformers {args.long}"] - best[batch, f"transformers {args.short}"]) / (
-                args.long - args.short)
+            hf_s = (best[batch, f"transformers {args.long}"] - best[batch, f"transformers {args.short}"]) / extra_steps
             if math.isfinite(hf_s) and hf_s > 0:
                 r["transformers_s_per_step"] = hf_s
                 r["generate_vs_transformers"] = hf_s / r["generate_s_per_step"]
@@ -255,14 +257,11 @@ def main() -> None:
                 hf_s = None
         row = functools.partial(table_row, batch, hf_s, roof_s)
         for layout in layouts:
-            first = results[batches[0]]
-            rows.append(row(f"mj.generate, {layout} (while loop)", r[f"generate_{layout}_s_per_step"],
-                            f"{first[f'generate_{layout}_s_per_step'] / r[f'generate_{layout}_s_per_step'] * batch:.2f}x"))
-            rows.append(row(f"decode_step, {layout} (one call per token)", r[f"decode_step_{layout}_s_per_step"],
-                            f"{first[f'decode_step_{layout}_s_per_step'] / r[f'decode_step_{layout}_s_per_step'] * batch:.2f}x"))
-        if hf_s and "transformers_s_per_step" in results[batches[0]]:
-            first = results[batches[0]]["transformers_s_per_step"]
-            rows.append(row("transformers generate", hf_s, f"{first / hf_s * batch:.2f}x"))
+            for what, key in ((f"mj.generate, {layout} (while loop)", f"generate_{layout}_s_per_step"),
+                              (f"decode_step, {layout} (one call per token)", f"decode_step_{layout}_s_per_step")):
+                rows.append(row(what, r[key], f"{first[key] / r[key] * batch:.2f}x"))
+        if hf_s and "transformers_s_per_step" in first:
+            rows.append(row("transformers generate", hf_s, f"{first['transformers_s_per_step'] / hf_s * batch:.2f}x"))
         rows.append(row("roofline: (params + whole KV cache) / read bandwidth", roof_s))
 
     print(f"Decode, {pathlib.Path(args.checkpoint).name} float32, prompt {args.prompt_len}, {slots} cache slots; "
@@ -276,15 +275,18 @@ def main() -> None:
     evidence = []
     for batch in batches:
         for layout, h in results[batch]["hlo"].items():
-            evidence.append([batch, layout, f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
-                             h["whole_cache_copies"], h["whole_cache_broadcasts"], f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
+            evidence.append([batch, layout,
+                             f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
+                             h["whole_cache_copies"], h["whole_cache_broadcasts"],
+                             f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
     print(_common.table(["batch", "layout", "decode_step HLO: layer-slice fusions (bytes written per step)",
                          "whole-cache copies", "whole-cache zero fills", "KV cache"], evidence))
     print(f"\nCompilations during the timed rounds (generate, decode_step): {compilations}")
     _common.write_json(args.json, {"benchmark": "decode", "machine": info, "checkpoint": args.checkpoint,
                                    "param_bytes": param_bytes, "cache_slots": slots, "bandwidth": bandwidth,
                                    "bandwidth_bytes_per_s": bw, "transformers": None if hf is None else hf.versions,
-                                   "compilations_after_warmup": compilations, "samples_s": {f"{b} {k}": v for (b, k), v in samples.items()},
+                                   "compilations_after_warmup": compilations,
+                                   "samples_s": {f"{b} {k}": v for (b, k), v in samples.items()},
                                    "results": {str(b): r for b, r in results.items()}})
 
 
