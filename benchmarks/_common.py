@@ -9,6 +9,7 @@ Not a module of the package: each script puts this directory on sys.path and imp
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -45,7 +46,7 @@ def machine() -> dict:
     import flax
 
     return {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu,
         "nproc": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
@@ -89,12 +90,13 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> dict:
     x = jnp.ones((n,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    sum_bw = x.nbytes / best(lambda: total(x), repeats)
+    # functools.partial, not lambdas: they would close over x and matrix, which `del` drops below
+    sum_bw = x.nbytes / best(functools.partial(total, x), repeats)
     matrix = x.reshape(16384, -1)
     vec = jnp.ones((16384,), jnp.float32)
     matvec = jax.jit(lambda v, m: v @ m)
     matvec(vec, matrix).block_until_ready()
-    matvec_bw = x.nbytes / best(lambda: matvec(vec, matrix), repeats)
+    matvec_bw = x.nbytes / best(functools.partial(matvec, vec, matrix), repeats)
     del x, matrix
     return {"sum_bytes_per_s": sum_bw, "matvec_bytes_per_s": matvec_bw, "best_bytes_per_s": max(sum_bw, matvec_bw)}
 

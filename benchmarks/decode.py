@@ -1,6 +1,6 @@
 """Decode tokens/s of SmolLM2-135M (float32, CPU) at batch 1 and 8: ours, transformers, and the roofline.
 
-    python benchmarks/decode.py [--checkpoint PATH] [--batches 1,8] [--json PATH] [--prototypes]
+    python benchmarks/decode.py [--checkpoint PATH] [--batches 1,8] [--json PATH]
 
 Measured in one run, so that every figure is a ratio to something measured beside it; every measurement
 runs once per round, interleaved with the others, and the best of --rounds rounds is kept:
@@ -17,12 +17,6 @@ runs once per round, interleaved with the others, and the best of --rounds round
     reads in full) over the read bandwidth measured in the same run (`_common.memory_bandwidth`).
   - compilations during the timed rounds (must be 0), and the decode step's optimized HLO: how many
     per-layer weight slices XLA materialises inside the layer loop, and how many whole-cache copies.
-  - PROTOTYPES (not the package's code; --prototypes runs them; the unscanned layout now does what they
-    measured): the same decode step written with
-    every layer's weights in its own buffer (no stacked `layers` axis), then also with [out, in]
-    matrices, then also a [B*K, S, D] cache: what each change to the model would buy. Their logits
-    are checked against `decode_step`'s. Beside them, the matmuls alone (`matmuls_only`: the same
-    weights, no attention), with [in, out], [out, in] and bfloat16 [out, in] weights.
 """
 
 from __future__ import annotations
@@ -47,9 +41,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax import decoding, rolling_cache  # noqa: E402
-from mistral_jax.model.attention import attention_mask  # noqa: E402
-from mistral_jax.model.layers import rotary_embedding  # noqa: E402
+from mistral_jax import decoding  # noqa: E402
 
 TRANSFORMERS_CHILD = r"""
 import json, sys, time
@@ -74,8 +66,8 @@ class TransformersChild:
     """transformers' generate in a child process (its own thread pool), timed on request.
 
     torch's OpenMP threads spin at barriers: when another process holds a core, a generate call can take
-    10-100x its usual time. Such calls are cut off (generate's max_time, at 3x the best time so far for
-    the same request) and count as infinitely slow, so the best of the rounds ignores them.
+    many times its usual time (RESULTS.md, Decode). Such calls are cut off (generate's max_time, at 3x the
+    best time so far for the same request) and count as infinitely slow, so the best of the rounds ignores them.
     """
 
     def __init__(self, hf_dir, prompt_len: int):
@@ -118,7 +110,7 @@ _greedy = jax.jit(lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 def prefilled(config, params, prompts: np.ndarray, slots: int):
     """(cache after the prompt, first greedy token, its position) as decode starts."""
     batch, length = prompts.shape
-    cache = rolling_cache.init_cache(config, batch, slots)
+    cache = mj.init_cache(config, batch, slots)
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), prompts.shape)
     logits, cache = decoding.prefill(config, params, cache, prompts, positions)
     return cache, _greedy(logits), jnp.full((batch,), length, jnp.int32)
@@ -132,138 +124,9 @@ def run_steps(step, cache, token, position, n: int):
     return cache, token, position
 
 
-# PROTOTYPE decode step (benchmark only): per-layer weight buffers, optional [out, in] matrices and
-# [B*K, S, D] cache. Same math as mistral_jax.model (RMSNorm, RoPE, GQA over the ring cache).
-def proto_weights(config, params, weight_layout: str):
-    d, h, k, hd = config.dim, config.n_heads, config.n_kv_heads, config.resolved_head_dim
-    layers = []
-    for i in range(config.n_layers):
-        layer = jax.tree.map(lambda a: a[i], params["layers"])  # eager: each a fresh buffer of its own
-        att, mlp = layer["attention"], layer["mlp"]
-        mats = {"wq": att["wq"].reshape(d, h * hd), "wk": att["wk"].reshape(d, k * hd), "wv": att["wv"].reshape(d, k * hd),
-                "wo": att["wo"].reshape(h * hd, d), "w_gate": mlp["w_gate"], "w_up": mlp["w_up"], "w_down": mlp["w_down"]}
-        if weight_layout == "out_in":
-            mats = {name: jnp.asarray(m.T.copy()) for name, m in mats.items()}
-        mats["attention_norm"], mats["ffn_norm"] = layer["attention_norm"]["scale"], layer["ffn_norm"]["scale"]
-        layers.append(mats)
-    head = params["embedding"] if config.tie_embeddings else params["lm_head"].T.copy()  # [V, D]: [out, in]
-    return jax.block_until_ready({"embedding": params["embedding"], "final_norm": params["final_norm"]["scale"],
-                                  "head": head, "layers": layers})
-
-
-def proto_cache(cache, cache_layout: str):
-    """The model's stacked cache [L, B, S, K, D] as per-layer buffers ([B, S, K, D] or [B*K, S, D])."""
-    def conv(a):  # [B, S, K, D]
-        if cache_layout == "bskd":
-            return a
-        b, s, k, d = a.shape
-        return jnp.swapaxes(a, 1, 2).reshape(b * k, s, d)
-
-    n_layers = cache["k"].shape[0]
-    return {"k": [conv(cache["k"][i]) for i in range(n_layers)], "v": [conv(cache["v"][i]) for i in range(n_layers)],
-            "pos": cache["pos"]}
-
-
-def _matmul(x, w, weight_layout: str):  # x [B, in]; float32 out whatever the weights' dtype
-    spec = "bi,io->bo" if weight_layout == "in_out" else "bi,oi->bo"
-    return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
-def _rms(x, scale, eps):
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * scale
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def proto_step(config, weight_layout, cache_layout, weights, cache, tokens, positions):
-    b = tokens.shape[0]
-    h, kh, hd = config.n_heads, config.n_kv_heads, config.resolved_head_dim
-    size = cache["pos"].shape[1]
-    mm = functools.partial(_matmul, weight_layout=weight_layout)
-    pos2 = positions[:, None]
-    new_pos = rolling_cache.advance_positions(cache["pos"], pos2)
-    mask = attention_mask(pos2, new_pos, config.sliding_window)[:, 0]  # [B, S]
-    # The new key goes to slot position % size (decode positions are never negative: padding exists only
-    # in prompts), then attention reads the updated buffer, as the model does. XLA:CPU updates a donated
-    # buffer in place only in some patterns (measured on this version, see RESULTS.md): reading the
-    # buffer before updating it, or a [B, K, S, D] buffer with B = 1 (whose dot drops the unit axis by a
-    # bitcast), makes it copy the whole buffer first; a [B*K, S, D] buffer updated by one scatter and read
-    # after is not copied. The [B, S, K, D] variant keeps the model's layout (one update per row).
-    slots = positions % size
-    zero = jnp.zeros((), jnp.int32)
-
-    def write(buffer, new):  # new [B, K, D]
-        if cache_layout == "nsd":  # [B*K, S, D]
-            rows = jnp.arange(b * kh)
-            return buffer.at[rows, jnp.repeat(slots, kh)].set(new.reshape(b * kh, hd), mode="promise_in_bounds")
-        for row in range(b):  # [B, S, K, D]
-            buffer = jax.lax.dynamic_update_slice(buffer, new[row][None, None], (row, slots[row], zero, zero))
-        return buffer
-
-    x = weights["embedding"][tokens]
-    new_k, new_v = [], []
-    for i, w in enumerate(weights["layers"]):
-        a = _rms(x, w["attention_norm"], config.norm_eps)
-        q = rotary_embedding(mm(a, w["wq"]).reshape(b, 1, h, hd), pos2, config.rope_theta)[:, 0]
-        k = rotary_embedding(mm(a, w["wk"]).reshape(b, 1, kh, hd), pos2, config.rope_theta)[:, 0]
-        v = mm(a, w["wv"]).reshape(b, kh, hd)
-        ck, cv = write(cache["k"][i], k), write(cache["v"][i], v)
-        if cache_layout == "bskd":
-            scores = jnp.einsum("bkgd,bskd->bkgs", q.reshape(b, kh, h // kh, hd), ck)
-        else:
-            scores = jnp.einsum("ngd,nsd->ngs", q.reshape(b * kh, h // kh, hd), ck).reshape(b, kh, h // kh, size)
-        scores = jnp.where(mask[:, None, None], scores * hd**-0.5, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if cache_layout == "bskd":
-            out = jnp.einsum("bkgs,bskd->bkgd", probs, cv)
-        else:
-            out = jnp.einsum("ngs,nsd->ngd", probs.reshape(b * kh, h // kh, size), cv)
-        x = x + mm(out.reshape(b, h * hd), w["wo"])
-        f = _rms(x, w["ffn_norm"], config.norm_eps)
-        x = x + mm(jax.nn.silu(mm(f, w["w_gate"])) * mm(f, w["w_up"]), w["w_down"])
-        new_k.append(ck)
-        new_v.append(cv)
-    x = _rms(x, weights["final_norm"], config.norm_eps)
-    logits = jnp.einsum("vd,bd->bv", weights["head"], x)
-    return logits, {"k": new_k, "v": new_v, "pos": new_pos}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def matmuls_only(weight_layout, weights, x):
-    """The decode step's matmuls alone (every layer's 7 weights, then the head), x [B, D] chained through
-    them: what reading the weights costs at this batch, without attention, norms or the cache."""
-    mm = functools.partial(_matmul, weight_layout=weight_layout)
-    for w in weights["layers"]:
-        q, k, v = mm(x, w["wq"]), mm(x, w["wk"]), mm(x, w["wv"])
-        o = mm(q, w["wo"])
-        x = x + mm(mm(o, w["w_gate"]) * mm(o, w["w_up"]), w["w_down"]) * 1e-3 + (k[:, :1] + v[:, :1]) * 1e-3
-    return jnp.einsum("vd,bd->bv", weights["head"], x.astype(weights["head"].dtype), preferred_element_type=jnp.float32)
-
-
-class MatmulRunner:
-    def __init__(self, weight_layout, weights, batch, dim, steps):
-        self.args, self.steps = (weight_layout, weights, jnp.ones((batch, dim), jnp.float32)), steps
-        self.bytes = weights["head"].nbytes + sum(a.nbytes for w in weights["layers"] for a in w.values() if a.ndim == 2)
-        jax.block_until_ready(matmuls_only(*self.args))
-
-    def __call__(self) -> float:
-        start = time.perf_counter()
-        for _ in range(self.steps):
-            out = matmuls_only(*self.args)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - start) / self.steps
-
-
-PROTOTYPES = {  # name -> (weight layout, cache layout)
-    "PROTOTYPE per-layer weights": ("in_out", "bskd"),
-    "PROTOTYPE per-layer + [out,in] weights": ("out_in", "bskd"),
-    "PROTOTYPE per-layer + [out,in] + [B*K,S,D] cache": ("out_in", "nsd"),
-}
-MATMUL_PROBES = ("PROTOTYPE per-layer weights", "PROTOTYPE per-layer + [out,in] weights")  # matmuls_only too
-
-
 def hlo_evidence(config, params, batch: int, slots: int) -> dict:
     """Counts in decode_step's optimized HLO: weight slices materialised per layer, whole-cache copies."""
-    cache = rolling_cache.init_cache(config, batch, slots)
+    cache = mj.init_cache(config, batch, slots)
     ints = jnp.zeros((batch,), jnp.int32)
     text = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile().as_text()
     entry = text[text.index("\nENTRY"):]
@@ -279,7 +142,8 @@ def hlo_evidence(config, params, batch: int, slots: int) -> dict:
         "dynamic_slice_fusions": len(sliced),
         "dynamic_slice_bytes_per_step": sum(sliced) * config.n_layers,
         "whole_cache_copies": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* copy\(", entry, re.M)),
-        "whole_cache_broadcasts": len(re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", entry, re.M)),
+        "whole_cache_broadcasts": len(
+            re.findall(rf"^\s*%\S+ = {re.escape(cache_shape)}\S* fusion\(%constant", entry, re.M)),
     }
 
 
@@ -298,6 +162,12 @@ class StepRunner:
         return (time.perf_counter() - start) / self.steps
 
 
+def table_row(batch: int, hf_s: float | None, roof_s: float, what: str, seconds: float, extra: str = "") -> list:
+    """One row of the decode table: seconds per step against transformers' (if measured) and the roofline."""
+    return [batch, what, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}",
+            f"{hf_s / seconds:.2f}x" if hf_s else "-", f"{100 * roof_s / seconds:.0f}%", extra]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the embedded SmolLM2-135M GGUF")
@@ -307,7 +177,6 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=40, help="the longer generation (new tokens)")
     parser.add_argument("--steps", type=int, default=12, help="decode_step calls per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="every measurement once per round; best of the rounds")
-    parser.add_argument("--prototypes", action="store_true", help="also the benchmark-only prototypes")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -353,25 +222,6 @@ def main() -> None:
             runners[batch, f"decode_step {layout}"] = StepRunner(step, prefilled(cfg, p, prompts, slots), args.steps)
             r["hlo"][layout] = hlo_evidence(cfg, p, batch, slots)
         r["kv_bytes"] = kv_bytes(config, batch, slots)
-        if args.prototypes:
-            r["prototypes"] = {}
-            ref_state = prefilled(config, params, prompts, slots)
-            ref_logits, _ = decoding.decode_step(config, params, jax.tree.map(jnp.copy, ref_state[0]), *ref_state[1:])
-            for name, (wl, cl) in PROTOTYPES.items():
-                weights = proto_weights(config, params, wl)
-                pstep = functools.partial(proto_step, config, wl, cl, weights)
-                if name in MATMUL_PROBES:
-                    runners[batch, f"matmuls alone ({wl} weights)"] = MatmulRunner(wl, weights, batch, config.dim, args.steps)
-                if name == MATMUL_PROBES[-1]:  # the same matmuls with bfloat16 weights: half the bytes
-                    half = {"head": weights["head"].astype(jnp.bfloat16),
-                            "layers": [{n: a.astype(jnp.bfloat16) if a.ndim == 2 else a for n, a in w.items()}
-                                       for w in weights["layers"]]}
-                    runners[batch, f"matmuls alone ({wl} weights, bfloat16)"] = MatmulRunner(wl, half, batch, config.dim, 4)
-                logits, _ = pstep(proto_cache(jax.tree.map(jnp.copy, ref_state[0]), cl), *ref_state[1:])
-                r["prototypes"][name] = {
-                    "max_rel_logit_diff": float(jnp.max(jnp.abs(logits - ref_logits)) / jnp.max(jnp.abs(ref_logits)))}
-                cache, token, position = prefilled(config, params, prompts, slots)
-                runners[batch, name] = StepRunner(pstep, (proto_cache(cache, cl), token, position), args.steps)
 
     bandwidth = [_common.memory_bandwidth()]
     samples, compilations = _common.interleaved_rounds(runners, args.rounds)
@@ -387,51 +237,31 @@ def main() -> None:
         r = results[batch]
         roof_s = (param_bytes + r["kv_bytes"]) / bw
         r["roofline_s_per_step"] = roof_s
+        extra_steps = args.long - args.short
         for layout in layouts:
             r[f"generate_{layout}_s_per_step"] = (best[batch, f"generate {layout} {args.long}"]
-                                                  - best[batch, f"generate {layout} {args.short}"]) / (args.long - args.short)
+                                                  - best[batch, f"generate {layout} {args.short}"]) / extra_steps
             r[f"decode_step_{layout}_s_per_step"] = best[batch, f"decode_step {layout}"]
         r["generate_s_per_step"] = r["generate_unscanned_s_per_step"]  # what the CLI runs
         r["generate_tokens_per_s"] = batch / r["generate_s_per_step"]
         r["generate_pct_of_roofline"] = 100 * roof_s / r["generate_s_per_step"]
-        r["generate_tokens_per_s_vs_batch_1"] = r["generate_tokens_per_s"] / results[batches[0]]["generate_tokens_per_s"]
+        first = results[batches[0]]
+        r["generate_tokens_per_s_vs_batch_1"] = r["generate_tokens_per_s"] / first["generate_tokens_per_s"]
         hf_s = None
         if hf is not None:
-            hf_s = (best[batch, f"transformers {args.long}"] - best[batch, f"transformers {args.short}"]) / (
-                args.long - args.short)
+            hf_s = (best[batch, f"transformers {args.long}"] - best[batch, f"transformers {args.short}"]) / extra_steps
             if math.isfinite(hf_s) and hf_s > 0:
                 r["transformers_s_per_step"] = hf_s
                 r["generate_vs_transformers"] = hf_s / r["generate_s_per_step"]
             else:  # every round of a length was cut off (see TransformersChild)
                 hf_s = None
-        for name in r.get("prototypes", {}):
-            r["prototypes"][name]["s_per_step"] = best[batch, name]
-
-        def row(what, seconds, extra=""):
-            return [batch, what, f"{seconds * 1e3:.1f}", f"{batch / seconds:.1f}",
-                    f"{hf_s / seconds:.2f}x" if hf_s else "-", f"{100 * roof_s / seconds:.0f}%", extra]
-
+        row = functools.partial(table_row, batch, hf_s, roof_s)
         for layout in layouts:
-            first = results[batches[0]]
-            rows.append(row(f"mj.generate, {layout} (while loop)", r[f"generate_{layout}_s_per_step"],
-                            f"{first[f'generate_{layout}_s_per_step'] / r[f'generate_{layout}_s_per_step'] * batch:.2f}x"))
-            rows.append(row(f"decode_step, {layout} (one call per token)", r[f"decode_step_{layout}_s_per_step"],
-                            f"{first[f'decode_step_{layout}_s_per_step'] / r[f'decode_step_{layout}_s_per_step'] * batch:.2f}x"))
-        for name, p in r.get("prototypes", {}).items():
-            first = results[batches[0]]["prototypes"][name]["s_per_step"]
-            rows.append(row(f"{name} (one call per token; logits rel. diff {p['max_rel_logit_diff']:.0e})",
-                            p["s_per_step"], f"{first / p['s_per_step'] * batch:.2f}x"))
-        for (b, name), seconds in best.items():
-            if b == batch and name.startswith("matmuls alone"):
-                r[name + "_s"] = seconds
-                first = best[batches[0], name]
-                roof = runners[b, name].bytes / bw
-                rows.append(row(f"{name}: the prototype's weight reads, no attention (roofline: those bytes)", seconds,
-                                f"{first / seconds * batch:.2f}x")[:5] + [f"{100 * roof / seconds:.0f}%",
-                                                                          f"{first / seconds * batch:.2f}x"])
-        if hf_s and "transformers_s_per_step" in results[batches[0]]:
-            first = results[batches[0]]["transformers_s_per_step"]
-            rows.append(row("transformers generate", hf_s, f"{first / hf_s * batch:.2f}x"))
+            for what, key in ((f"mj.generate, {layout} (while loop)", f"generate_{layout}_s_per_step"),
+                              (f"decode_step, {layout} (one call per token)", f"decode_step_{layout}_s_per_step")):
+                rows.append(row(what, r[key], f"{first[key] / r[key] * batch:.2f}x"))
+        if hf_s and "transformers_s_per_step" in first:
+            rows.append(row("transformers generate", hf_s, f"{first['transformers_s_per_step'] / hf_s * batch:.2f}x"))
         rows.append(row("roofline: (params + whole KV cache) / read bandwidth", roof_s))
 
     print(f"Decode, {pathlib.Path(args.checkpoint).name} float32, prompt {args.prompt_len}, {slots} cache slots; "
@@ -445,15 +275,18 @@ def main() -> None:
     evidence = []
     for batch in batches:
         for layout, h in results[batch]["hlo"].items():
-            evidence.append([batch, layout, f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
-                             h["whole_cache_copies"], h["whole_cache_broadcasts"], f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
+            evidence.append([batch, layout,
+                             f"{h['dynamic_slice_fusions']} ({h['dynamic_slice_bytes_per_step'] / 1e6:.0f} MB/step)",
+                             h["whole_cache_copies"], h["whole_cache_broadcasts"],
+                             f"{results[batch]['kv_bytes'] / 1e6:.0f} MB"])
     print(_common.table(["batch", "layout", "decode_step HLO: layer-slice fusions (bytes written per step)",
                          "whole-cache copies", "whole-cache zero fills", "KV cache"], evidence))
-    print(f"\nCompilations during the timed rounds (generate, decode_step, prototypes): {compilations}")
+    print(f"\nCompilations during the timed rounds (generate, decode_step): {compilations}")
     _common.write_json(args.json, {"benchmark": "decode", "machine": info, "checkpoint": args.checkpoint,
                                    "param_bytes": param_bytes, "cache_slots": slots, "bandwidth": bandwidth,
                                    "bandwidth_bytes_per_s": bw, "transformers": None if hf is None else hf.versions,
-                                   "compilations_after_warmup": compilations, "samples_s": {f"{b} {k}": v for (b, k), v in samples.items()},
+                                   "compilations_after_warmup": compilations,
+                                   "samples_s": {f"{b} {k}": v for (b, k), v in samples.items()},
                                    "results": {str(b): r for b, r in results.items()}})
 
 

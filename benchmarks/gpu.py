@@ -53,8 +53,9 @@ def hbm_bandwidth(gib: float = 4.0, repeats: int = 20) -> dict:
     total = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
     add(x).block_until_ready()
     total(x).block_until_ready()
-    out = {"read_bytes_per_s": gib * 2**30 / median_seconds(lambda: total(x), repeats),
-           "copy_bytes_per_s": 2 * gib * 2**30 / median_seconds(lambda: add(x), repeats)}
+    # functools.partial, not lambdas: they would close over x, which `del` drops below
+    out = {"read_bytes_per_s": gib * 2**30 / median_seconds(functools.partial(total, x), repeats),
+           "copy_bytes_per_s": 2 * gib * 2**30 / median_seconds(functools.partial(add, x), repeats)}
     del x
     out["best_bytes_per_s"] = max(out.values())
     return out
@@ -69,7 +70,7 @@ def matvec_probe(dim: int, hidden: int, batches, n: int = 16, repeats: int = 20)
         x = jax.random.normal(jax.random.key(4), (batch, dim), jnp.bfloat16)
         mm = jax.jit(lambda a, ws: sum(jnp.einsum("bd,dh->bh", a, w, preferred_element_type=jnp.float32) for w in ws))
         mm(x, weights).block_until_ready()
-        seconds = median_seconds(lambda: mm(x, weights), repeats)
+        seconds = median_seconds(functools.partial(mm, x, weights), repeats)
         rows.append({"batch": batch, "us_per_matmul": round(seconds / n * 1e6, 1),
                      "weight_bytes_per_s": n * weights[0].nbytes / seconds})
     del weights
@@ -100,13 +101,17 @@ class Decoder:
         start = time.perf_counter()
         for _ in range(steps):
             self.position += 1
-            self.logits, self.cache = self.step(self.cache, self.tokens, jnp.full(self.tokens.shape, self.position, jnp.int32))
+            positions = jnp.full(self.tokens.shape, self.position, jnp.int32)
+            self.logits, self.cache = self.step(self.cache, self.tokens, positions)
         jax.block_until_ready(self.logits)
         return (time.perf_counter() - start) / steps
 
 
 def forward_fn(config, params, tokens):
-    fn = jax.jit(lambda p, t: forward(config, p, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape), last_only=True)[0][:, 0])
+    def last_logits(p, t):
+        return forward(config, p, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape), last_only=True)[0][:, 0]
+
+    fn = jax.jit(last_logits)
     compiled = fn.lower(params, tokens).compile()
     return lambda: compiled(params, tokens)
 
@@ -168,8 +173,8 @@ def main() -> None:
     layouts = {"scanned": (config, params), "unscanned": (flat_config, flat_params)}
     result["matvec"] = matvec_probe(config.dim, config.hidden_dim, (1, 2, 8))
     for row in result["matvec"]:
-        print(f"matmul [{row['batch']}, {config.dim}] x [{config.dim}, {config.hidden_dim}]: {row['us_per_matmul']} us, "
-              f"{row['weight_bytes_per_s'] / 1e12:.2f} TB/s of weights", flush=True)
+        print(f"matmul [{row['batch']}, {config.dim}] x [{config.dim}, {config.hidden_dim}]: "
+              f"{row['us_per_matmul']} us, {row['weight_bytes_per_s'] / 1e12:.2f} TB/s of weights", flush=True)
 
     # Decode ---------------------------------------------------------------------------------------
     for batch in [int(b) for b in args.batches.split(",") if b]:
@@ -190,7 +195,8 @@ def main() -> None:
             ms = 1e3 * _common.median(samples[name])
             emit("decode", {"batch": batch, "layout": name, "ms_per_step": round(ms, 3),
                             "tokens_per_s": round(batch * 1e3 / ms, 1),
-                            "roofline_ms": round(roofline_s * 1e3, 3), "pct_roofline": round(100 * roofline_s * 1e3 / ms, 1),
+                            "roofline_ms": round(roofline_s * 1e3, 3),
+                            "pct_roofline": round(100 * roofline_s * 1e3 / ms, 1),
                             "first_call_s": round(decoder.compile_s, 1), "compilations_timed": compiled.compilations,
                             "logits_rel_err_vs_scanned": err})
         del decoders
@@ -219,12 +225,14 @@ def main() -> None:
         flops = model_flops(config, 1, length)["total"]
         runs = {"forward, XLA attention": forward_fn(flat_config, flat_params, tokens)}
         if on_gpu:
-            runs["forward, cuDNN attention"] = functools.partial(lazy_forward, flat_config.replace(attention="cudnn"), flat_params, tokens)
+            runs["forward, cuDNN attention"] = functools.partial(
+                lazy_forward, flat_config.replace(attention="cudnn"), flat_params, tokens)
             if length > 512:
-                runs["forward, cuDNN attention, scanned"] = functools.partial(lazy_forward, config.replace(attention="cudnn"), params, tokens)
+                runs["forward, cuDNN attention, scanned"] = functools.partial(
+                    lazy_forward, config.replace(attention="cudnn"), params, tokens)
         ref = np.asarray(runs["forward, XLA attention"]())
 
-        def into_cache(cfg=flat_config, p=flat_params):
+        def into_cache(cfg=flat_config, p=flat_params, tokens=tokens, length=length):
             cache = mj.init_cache(cfg, 1, max(length, args.slots))
             return decoding.prefill(cfg, p, cache, tokens, jnp.arange(length)[None], chunk_size=length)[0]
 
@@ -244,21 +252,23 @@ def main() -> None:
     peak_after = _common.matmul_peak(8192 if on_gpu else 1024, 20, jnp.bfloat16)
     hbm_after = hbm_bandwidth(4.0 if on_gpu else 0.25)
     result["ceilings_after"] = {"hbm": hbm_after, "matmul_flops_per_s": peak_after}
-    print(f"ceilings again: HBM read {hbm_after['read_bytes_per_s'] / 1e12:.2f} TB/s, copy {hbm_after['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"matmul {peak_after / 1e12:.0f} TFLOP/s (the tables use the first measurement)")
+    print(f"ceilings again: HBM read {hbm_after['read_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"copy {hbm_after['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {peak_after / 1e12:.0f} TFLOP/s "
+          "(the tables use the first measurement)")
     _common.write_json(args.json, result)
     print()
-    print(f"{info['device']}, jax {info['jax']}; HBM {bandwidth / 1e12:.2f} TB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
+    print(f"{info['device']}, jax {info['jax']}; HBM {bandwidth / 1e12:.2f} TB/s, "
+          f"bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
           f"{args.preset} ({config.n_layers} layers, {param_bytes / 1e9:.2f} GB {args.dtype})")
     print(_common.table(["batch", "layout", "ms/step", "tokens/s", "% of roofline", "compilations (timed)"],
-                        [(r["batch"], r["layout"], r["ms_per_step"], r["tokens_per_s"], r["pct_roofline"], r["compilations_timed"])
-                         for r in result["decode"]]))
+                        [(r["batch"], r["layout"], r["ms_per_step"], r["tokens_per_s"], r["pct_roofline"],
+                          r["compilations_timed"]) for r in result["decode"]]))
     if result["generate"]:
         print(_common.table(["mj.generate", "ms/token", "tokens/s"],
                             [(r["what"], r["ms_per_token"], r["tokens_per_s"]) for r in result["generate"]]))
     print(_common.table(["tokens", "prefill", "ms", "tokens/s", "MFU %", "rel err vs XLA"],
-                        [(r["length"], r["what"], r["ms"], r["tokens_per_s"], r["mfu_pct"], f"{r['logits_rel_err_vs_xla']:.1e}")
-                         for r in result["prefill"]]))
+                        [(r["length"], r["what"], r["ms"], r["tokens_per_s"], r["mfu_pct"],
+                          f"{r['logits_rel_err_vs_xla']:.1e}") for r in result["prefill"]]))
 
 
 if __name__ == "__main__":

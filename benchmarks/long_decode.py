@@ -66,7 +66,8 @@ class StepRunner:
         start = time.perf_counter()
         self.run(self.steps)
         seconds = (time.perf_counter() - start) / self.steps
-        self.fault_bytes = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) * resource.getpagesize() / self.steps
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        self.fault_bytes = faults * resource.getpagesize() / self.steps
         return seconds
 
 
@@ -125,14 +126,15 @@ def main() -> None:
                      f"{100 * roof / seconds:.0f}%", f"{faults / 1e6:.0f} MB"])
     print(f"Long decode, {pathlib.Path(args.checkpoint).name} float32 with sliding_window {args.window}, max_seq_len "
           f"{args.max_seq_len}; batch 1; {_common.machine_line(info)}")
-    print(f"Read bandwidth {bw / 1e9:.1f} GB/s; parameters {param_bytes / 1e6:.0f} MB; best of {args.rounds} interleaved "
-          f"runs of {args.steps} steps")
+    print(f"Read bandwidth {bw / 1e9:.1f} GB/s; parameters {param_bytes / 1e6:.0f} MB; "
+          f"best of {args.rounds} interleaved runs of {args.steps} steps")
     print()
-    print(_common.table(["decode_step", "K+V cache", "ms/step", f"vs position {positions[0]} (same code)", "% of roofline",
-                         "fresh memory per step (page faults)"], rows))
+    print(_common.table(["decode_step", "K+V cache", "ms/step", f"vs position {positions[0]} (same code)",
+                         "% of roofline", "fresh memory per step (page faults)"], rows))
     print()
     print(f"Position {positions[-1]} / position {positions[0]}, unscanned: {ratio:.2f}x (target <= 1.2x: "
-          f"{_common.status(ratio <= 1.2)}); scanned: {ratios['scanned']:.2f}x; compilations during the timed runs: {compilations}")
+          f"{_common.status(ratio <= 1.2)}); scanned: {ratios['scanned']:.2f}x; "
+          f"compilations during the timed runs: {compilations}")
     _common.write_json(args.json, {"benchmark": "long_decode", "machine": info, "checkpoint": args.checkpoint,
                                    "window": args.window, "max_seq_len": args.max_seq_len, "param_bytes": param_bytes,
                                    "bandwidth": bandwidth, "bandwidth_bytes_per_s": bw, "ratio": ratio,

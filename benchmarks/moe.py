@@ -114,7 +114,7 @@ def main() -> None:
     widest = max((int(b) for a, b in dots if int(a) == n * k), default=0)
 
     # Two calls back to back per round, the better kept: the first can pay for freeing the previous runner's
-    # outputs (after the ragged backward, 50-90 ms more for the blocks forward).
+    # outputs (how much: RESULTS.md, MoE layer).
     samples, compilations = _common.interleaved_rounds(runners, args.rounds, measure=lambda fn: _common.best(fn, 2))
     best = {key: min(v) for key, v in samples.items()}
 
@@ -127,24 +127,30 @@ def main() -> None:
             dense_s = best["dense SwiGLU, hidden k*H", what]
             r[what] = {"seconds": seconds, "vs_dense": seconds / dense_s,
                        "active_flop_per_s": flops * (1 if what == "forward" else 3) / seconds}
+        fw, fb = r["forward"], r["forward + backward"]
+        met = None if name.startswith("dense") else max(fw["vs_dense"], fb["vs_dense"]) <= 1.5
         rows_out.append([name, notes.get(name, f"{n} rows x {k * h} hidden"),
-                         f"{r['forward']['seconds'] * 1e3:.1f}", f"{r['forward']['vs_dense']:.2f}x",
-                         f"{r['forward + backward']['seconds'] * 1e3:.1f}", f"{r['forward + backward']['vs_dense']:.2f}x",
-                         _common.status(None if name.startswith("dense") else max(r["forward"]["vs_dense"], r["forward + backward"]["vs_dense"]) <= 1.5)])
+                         f"{fw['seconds'] * 1e3:.1f}", f"{fw['vs_dense']:.2f}x",
+                         f"{fb['seconds'] * 1e3:.1f}", f"{fb['vs_dense']:.2f}x", _common.status(met)])
     print(f"MoE layer, dim {d}, {e} experts of hidden {h}, top {k}, {n} tokens, float32; {_common.machine_line(info)}")
     print(f"Group sizes (rows per expert) for these tokens: {group_sizes.tolist()}")
-    print(f"Best of {args.rounds} interleaved rounds of 2 calls; active matmul GFLOP per forward {flops / 1e9:.1f} (2 * 3 * D * k * H * N)")
+    print(f"Best of {args.rounds} interleaved rounds of 2 calls; "
+          f"active matmul GFLOP per forward {flops / 1e9:.1f} (2 * 3 * D * k * H * N)")
     print()
     print(_common.table(["layer", "expert rows computed", "forward ms", "vs dense", "forward + backward ms", "vs dense",
                          "target <= 1.5x dense"], rows_out))
     print()
-    rg, dn = best["lax.ragged_dot [N*k, D] x [E, D, H] alone", "forward"], best["one dense [N*k, D] x [D, H] matmul", "forward"]
-    print(f"lax.ragged_dot alone: {rg * 1e3:.1f} ms vs one dense matmul of the same rows {dn * 1e3:.1f} ms ({rg / dn:.1f}x); "
-          f"XLA compiles it to a dot over [{n * k}, {widest}] (E * D = {e * d}: every row against every expert)")
+    rg = best["lax.ragged_dot [N*k, D] x [E, D, H] alone", "forward"]
+    dn = best["one dense [N*k, D] x [D, H] matmul", "forward"]
+    print(f"lax.ragged_dot alone: {rg * 1e3:.1f} ms vs one dense matmul of the same rows {dn * 1e3:.1f} ms "
+          f"({rg / dn:.1f}x); XLA compiles it to a dot over [{n * k}, {widest}] "
+          f"(E * D = {e * d}: every row against every expert)")
     print(f"Compilations during the timed rounds: {compilations}")
     _common.write_json(args.json, {"benchmark": "moe", "machine": info, "dim": d, "hidden": h, "experts": e, "top_k": k,
-                                   "tokens": n, "active_flops_forward": flops, "compilations_after_warmup": compilations,
-                                   "ragged_dot_alone_s": rg, "dense_matmul_same_rows_s": dn, "ragged_dot_widest_operand": widest,
+                                   "tokens": n, "active_flops_forward": flops,
+                                   "compilations_after_warmup": compilations,
+                                   "ragged_dot_alone_s": rg, "dense_matmul_same_rows_s": dn,
+                                   "ragged_dot_widest_operand": widest,
                                    "samples_s": {f"{a} | {b}": v for (a, b), v in samples.items()}, "results": results})
 
 

@@ -125,13 +125,15 @@ def main() -> None:
         flops = model_flops(config, batch, args.length)
         tokens = batch * args.length
         r = results[batch] = {"model_flops": flops, "checks": checks[batch], "runs": {}}
-        attention_s = min(samples[batch, "forward, no cache"]) - min(samples[batch, "forward, no cache, attention replaced by identity"])
+        attention_s = (min(samples[batch, "forward, no cache"])
+                       - min(samples[batch, "forward, no cache, attention replaced by identity"]))
         r["attention_s"] = attention_s
         for (b, what), values in samples.items():
             if b != batch:
                 continue
             seconds = min(values)
-            mfu = flops["total"] / seconds / peak if "identity" not in what else (flops["total"] - flops["attention"]) / seconds / peak
+            counted = flops["total"] if "identity" not in what else flops["total"] - flops["attention"]
+            mfu = counted / seconds / peak
             r["runs"][what] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
             rows.append([batch, what, f"{seconds:.3f}", f"{tokens / seconds:.0f}", f"{100 * mfu:.0f}%"])
         rows.append([batch, f"attention share of the no-cache forward: {attention_s:.3f} s = "

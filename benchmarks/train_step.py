@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the sub-part timings and the prototype")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the sub-part timings")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = _common.machine()
@@ -155,20 +155,23 @@ def main() -> None:
         mfu = None if count is None else count / seconds / peak
         results[key] = {"seconds": seconds, "tokens_per_s": tokens / seconds, "mfu": mfu}
         rows.append([key, f"{seconds:.3f}", f"{tokens / seconds:.0f}", "-" if mfu is None else f"{100 * mfu:.0f}%"])
-    attention_s = (results["forward + backward (value_and_grad)"]["seconds"]
-                   - results["forward + backward, attention replaced by identity"]["seconds"]) if not args.no_breakdown else None
+    attention_s = None
+    if not args.no_breakdown:
+        attention_s = (results["forward + backward (value_and_grad)"]["seconds"]
+                       - results["forward + backward, attention replaced by identity"]["seconds"])
     print(f"SFT train step, {pathlib.Path(args.checkpoint).name} float32, {args.rows} x {args.seq_len} tokens; "
           f"{_common.machine_line(info)}")
     print(f"Matmul peak {peak / 1e9:.0f} GFLOP/s (float32 2048^3, best of 7, before and after); best of {args.rounds} "
           f"interleaved rounds; model GFLOP per step {flops['total'] / 1e9:.0f} (6 * (P_layers + P_head) * B * T + "
           f"3 * 4 * L * B * T^2 * H * hd / 2; attention {100 * flops['attention'] / flops['total']:.0f}%)")
     print()
-    print(_common.table(["what", "seconds", "tokens/s", "MFU (forward: 1/3 of the FLOPs; identity: matmul FLOPs)"], rows))
+    print(_common.table(["what", "seconds", "tokens/s", "MFU (forward: 1/3 of the FLOPs; identity: matmul FLOPs)"],
+                        rows))
     print()
     if attention_s is not None:
         fb = results["forward + backward (value_and_grad)"]["seconds"]
-        print(f"Attention (forward + backward): {attention_s:.3f} s = {100 * attention_s / fb:.0f}% of forward + backward "
-              f"for {100 * flops['attention'] / flops['total']:.0f}% of the FLOPs")
+        print(f"Attention (forward + backward): {attention_s:.3f} s = {100 * attention_s / fb:.0f}% of "
+              f"forward + backward for {100 * flops['attention'] / flops['total']:.0f}% of the FLOPs")
     print(f"Compilations during the timed steps (after one warm-up step each): {stats.compilations}; first call "
           f"(compile + one step) {steps['train_step, remat off'].first_call_s:.1f} s remat off, "
           f"{steps['train_step, remat on'].first_call_s:.1f} s remat on")

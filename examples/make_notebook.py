@@ -6,7 +6,8 @@
 import pathlib
 
 import nbformat
-from nbformat.v4 import new_notebook, new_markdown_cell, new_code_cell
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
 cells = [
 new_markdown_cell("""# mistral-jax quickstart
 
@@ -20,7 +21,10 @@ SFT_STEPS = 3
 # Where pip installs mistral-jax from when it is not installed yet: a git URL of this repository
 # ("git+https://..."), a wheel or a directory uploaded to the runtime.
 REPO = None"""),
-new_code_cell("""import importlib.util, os, subprocess, sys
+new_code_cell("""import importlib.util
+import os
+import subprocess
+import sys
 
 if importlib.util.find_spec("mistral_jax") is None:  # on a fresh Colab runtime
     if REPO is None:
@@ -35,6 +39,7 @@ if not ON_TPU:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu\""""),
 new_code_cell("""import jax
+
 import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 
@@ -42,7 +47,8 @@ checkpoint = CHECKPOINT or default_model_path()
 config, params = mj.load(checkpoint)
 tokenizer = mj.load_tokenizer(checkpoint, family=config.family)
 print(jax.device_count(), "devices:", jax.devices()[0].platform)
-print(f"{config.family}: {config.n_layers} layers, dim {config.dim}, {config.param_counts()['total'] / 1e6:.0f}M parameters")"""),
+millions = config.param_counts()["total"] / 1e6
+print(f"{config.family}: {config.n_layers} layers, dim {config.dim}, {millions:.0f}M parameters")"""),
 new_markdown_cell("## Chat"),
 new_code_cell("""def ask(history, question, max_new_tokens=64, mesh=None):
     history = history + [{"role": "user", "content": question}]
@@ -73,6 +79,7 @@ the assistant's tokens, AdamW with warmup and cosine decay, orbax checkpoints un
 `SFT_STEPS` (and the batch and sequence length) for a real run; add `--lora-rank 16` to train adapters
 only, and `--mesh` to split the run like the generation above."""),
 new_code_cell("""import json
+
 from mistral_jax import cli
 from mistral_jax.config import configs_dir
 
@@ -85,6 +92,8 @@ assert cli.main(args) == 0
 metrics = [json.loads(line) for line in open("runs/notebook-sft/metrics.jsonl")]
 print("loss by step:", [(m["step"], round(m["loss"], 3)) for m in metrics if "loss" in m])"""),
 ]
-nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                                          "accelerator": "TPU", "colab": {"provenance": []}})
+for number, cell in enumerate(cells):  # fixed ids: regenerating the notebook changes only what the cells changed
+    cell["id"] = f"cell-{number:02d}"
+kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+nb = new_notebook(cells=cells, metadata={"kernelspec": kernelspec, "accelerator": "TPU", "colab": {"provenance": []}})
 nbformat.write(nb, pathlib.Path(__file__).resolve().parent / "colab_quickstart.ipynb")

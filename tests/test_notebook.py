@@ -10,8 +10,10 @@ NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "examples" / "colab_qui
 
 def test_colab_quickstart_runs_on_the_cpu(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+    resources = {"metadata": {"path": str(tmp_path)}}
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources=resources).execute()
+    code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    outputs = "".join(out.get("text", "") for cell in code_cells for out in cell.get("outputs", []))
     assert "8 devices: cpu" in outputs
     assert "Paris" in outputs and "Berlin" in outputs
     assert "loss by step: [(1," in outputs

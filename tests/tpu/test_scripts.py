@@ -359,7 +359,8 @@ def test_install_wheel_is_copied_first_and_settings_from_environment(box, tmp_pa
     assert result.returncode == 0, result.stderr
     programs = worker.programs()
     assert ["python", "-m", "pip", "install", "--upgrade", "jax[tpu]==0.10.0"] in programs
-    assert ["python", "-m", "pip", "install", "--upgrade", str(worker.home / wheel.name), "jax[tpu]==0.10.0", "gcsfs"] in programs
+    assert ["python", "-m", "pip", "install", "--upgrade", str(worker.home / wheel.name), "jax[tpu]==0.10.0",
+            "gcsfs"] in programs
     assert programs[-2][:2] == ["python", "-c"] and "jax.device_count()" in programs[-2][2]
     # Flags win over the environment.
     (_, ssh) = box.dry("install.sh", "--find-links", "https://example.com/links", "--worker", "3", env=env)
@@ -369,8 +370,9 @@ def test_install_wheel_is_copied_first_and_settings_from_environment(box, tmp_pa
 def test_install_from_gs_fetches_on_the_workers(box):
     (call,) = box.dry("install.sh", *LOCATION, "--source", "gs://bucket/wheels/mistral_jax-0.1.0-py3-none-any.whl")
     command = remote_command(call)
-    assert "gcloud storage cp gs://bucket/wheels/mistral_jax-0.1.0-py3-none-any.whl ~/mistral_jax-0.1.0-py3-none-any.whl" in command
-    assert "install --upgrade ~/mistral_jax-0.1.0-py3-none-any.whl 'jax[tpu]'" in command
+    wheel = "mistral_jax-0.1.0-py3-none-any.whl"
+    assert f"gcloud storage cp gs://bucket/wheels/{wheel} ~/{wheel}" in command
+    assert f"install --upgrade ~/{wheel} 'jax[tpu]'" in command
 
 
 # launch.sh -----------------------------------------------------------------------------------------
@@ -382,7 +384,8 @@ def test_launch_sft_dry_run_prints_the_background_job_on_all_workers(box):
     (call,) = box.dry("launch.sh", *LOCATION, "--mesh", "data=2,fsdp=16", "sft", "--", *SFT_ARGS)
     assert call[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-east5-a", "--worker=all"]
     command = remote_command(call)
-    assert "nohup ~/mistral-jax-venv/bin/mistral-jax sft --mesh data=2,fsdp=16 --checkpoint gs://bucket/mistral-7b" in command
+    assert ("nohup ~/mistral-jax-venv/bin/mistral-jax sft --mesh data=2,fsdp=16 "
+            "--checkpoint gs://bucket/mistral-7b") in command
     assert "> ~/mistral-jax-sft.log 2>&1 < /dev/null &" in command
     assert box.real("launch.sh", *LOCATION, "--mesh", "data=2,fsdp=16", "sft", "--", *SFT_ARGS) == [call]
 
@@ -470,7 +473,8 @@ def test_copy_bucket_to_all_workers(box, tmp_path):
 
 
 def test_copy_checkpoints_says_orbax_reads_gs_directly(box):
-    result = box.run("copy.sh", *LOCATION, "--from", "gs://bucket/checkpoints/mistral-7b", "--to", "models", "--dry-run")
+    result = box.run("copy.sh", *LOCATION, "--from", "gs://bucket/checkpoints/mistral-7b", "--to", "models",
+                     "--dry-run")
     assert result.returncode == 0 and "orbax checkpoints need no copy" in result.stderr
     result = box.run("copy.sh", *LOCATION, "--from", "gs://bucket/data/train.jsonl", "--to", "data", "--dry-run")
     assert "orbax" not in result.stderr
@@ -557,7 +561,8 @@ def test_delete_queued_resource(box):
 
 
 # Quoting -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("word", ["plain", "two words", "it's", 'a "b" $c `d` \\e', "tab\there", "new\nline", "", "~/x"])
+@pytest.mark.parametrize("word", ["plain", "two words", "it's", 'a "b" $c `d` \\e', "tab\there", "new\nline", "",
+                                  "~/x"])
 def test_quote_arg_round_trips_through_bash(word):
     script = textwrap.dedent("""\
         source "$1"
