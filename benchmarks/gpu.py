@@ -109,7 +109,7 @@ class Decoder:
 
 def forward_fn(config, params, tokens):
     def last_logits(p, t):
-        return forward(config, p, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape), last_only=True)[0][:, 0]
+        return forward(config, p, t, jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape), last_only=True).logits[:, 0]
 
     fn = jax.jit(last_logits)
     compiled = fn.lower(params, tokens).compile()

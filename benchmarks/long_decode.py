@@ -32,12 +32,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax import decoding, rolling_cache  # noqa: E402
+from mistral_jax import decoding  # noqa: E402
 
 
 def filled_cache(config, position: int, slots: int, seed: int = 0) -> dict:
     """A batch-1 cache as after `position` tokens: the last min(position, slots) positions in their ring slots."""
-    cache = rolling_cache.init_cache(config, 1, slots)
+    cache = mj.init_cache(config, 1, slots)
     size = cache["pos"].shape[1]
     held = np.arange(max(0, position - size), position)
     pos = np.full((1, size), -1, np.int32)

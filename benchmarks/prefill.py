@@ -33,7 +33,7 @@ import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
 import mistral_jax.model.attention as attention_module  # noqa: E402
-from mistral_jax import decoding, rolling_cache  # noqa: E402
+from mistral_jax import decoding  # noqa: E402
 from mistral_jax.model.transformer import forward  # noqa: E402
 
 ORIGINAL_ATTEND = attention_module.attend
@@ -65,7 +65,7 @@ def patched_attend(fn):
 
 def compiled_forward(config, params, tokens, positions, attend=None):
     """forward(last_only) compiled now (with `attend` swapped in while tracing) -> callable() -> logits."""
-    fn = jax.jit(lambda p, t, q: forward(config, p, t, q, last_only=True)[0][:, 0])
+    fn = jax.jit(lambda p, t, q: forward(config, p, t, q, last_only=True).logits[:, 0])
     with patched_attend(attend or ORIGINAL_ATTEND):
         compiled = fn.lower(params, tokens, positions).compile()
     return lambda: compiled(params, tokens, positions)
@@ -81,7 +81,7 @@ class PrefillRunner:
         self.logits = self()
 
     def prepare(self):
-        self.cache = jax.block_until_ready(rolling_cache.init_cache(self.config, self.tokens.shape[0], self.slots))
+        self.cache = jax.block_until_ready(mj.init_cache(self.config, self.tokens.shape[0], self.slots))
 
     def __call__(self):
         logits, _ = self.prefill(self.params, self.cache, self.tokens, self.positions)

@@ -85,7 +85,7 @@ def sub_parts(config, params, rows, length):
     batch = {k: jnp.asarray(v) for k, v in make_rows(config, rows, length).items()}
 
     def loss(p, b):
-        logits, _, _ = forward(config, p, b["inputs"], b["positions"], b["segment_ids"])
+        logits = forward(config, p, b["inputs"], b["positions"], b["segment_ids"]).logits
         return token_loss_sum(logits, b["targets"], b["weights"])[0]
 
     out = {}

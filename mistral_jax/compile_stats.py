@@ -27,7 +27,7 @@ class CompileStats:
         if event in (BACKEND_COMPILE, TRACING):
             self.seconds += duration
 
-    def __enter__(self) -> "CompileStats":
+    def __enter__(self) -> CompileStats:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         return self
 

@@ -17,6 +17,7 @@ import os
 import jax
 
 from mistral_jax import sharding
+from mistral_jax.errors import UserError
 
 ENV_COORDINATOR = "MISTRAL_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "MISTRAL_JAX_NUM_PROCESSES"
@@ -32,7 +33,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+        raise UserError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _on_tpu_pod() -> bool:
@@ -58,20 +59,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             return True
         return False
     if num_processes is not None and num_processes < 1:
-        raise ValueError(f"the number of processes must be positive, got {num_processes}")
+        raise UserError(f"the number of processes must be positive, got {num_processes}")
     if num_processes == 1 and process_id in (None, 0):
         return False  # a single process: nothing to coordinate
     missing = [flag for flag, value in (("--coordinator", coordinator), ("--num-processes", num_processes),
                                         ("--process-id", process_id)) if value is None]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"a multi-process run needs the coordinator, the number of processes and this process's id; missing "
             f"{', '.join(missing)} (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})"
         )
     if not 0 <= process_id < num_processes:
-        raise ValueError(f"process id {process_id} is outside [0, {num_processes})")
+        raise UserError(f"process id {process_id} is outside [0, {num_processes})")
     if ":" not in coordinator:
-        raise ValueError(f"the coordinator must be HOST:PORT, got {coordinator!r}")
+        raise UserError(f"the coordinator must be HOST:PORT, got {coordinator!r}")
     # CPU devices of different processes talk through gloo (only the CPU backend reads this option).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)

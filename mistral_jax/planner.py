@@ -112,7 +112,8 @@ def _lora_elements_per_device(config: ModelConfig, mesh, rank: int) -> int:
     return config.n_layers * per_layer // max(1, mesh.shape["fsdp"])
 
 
-def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbytes: int, train: bool, remat: bool) -> int:
+def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbytes: int, train: bool,
+                      remat: bool) -> int:
     """An estimate (not a measurement) of live activations per device.
 
     Tokens are split over data*fsdp, heads and hidden units over tensor. Training keeps per layer what
@@ -137,7 +138,8 @@ def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbyte
 def candidate_meshes(config: ModelConfig, devices: int):
     """Every (data, fsdp, expert, tensor) over `devices` worth trying: expert divides the expert count,
     tensor divides the KV heads (at most 8), the rest goes to fsdp and data."""
-    experts = [e for e in range(1, devices + 1) if devices % e == 0 and (e == 1 or (config.is_moe and config.n_experts % e == 0))]
+    splits_experts = lambda e: e == 1 or (config.is_moe and config.n_experts % e == 0)  # noqa: E731
+    experts = [e for e in range(1, devices + 1) if devices % e == 0 and splits_experts(e)]
     for expert in experts:
         for tensor in (t for t in range(1, min(8, devices // expert) + 1) if (devices // expert) % t == 0):
             if config.n_kv_heads % tensor:

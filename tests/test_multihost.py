@@ -70,19 +70,21 @@ def test_cli_on_two_processes_prints_once_and_matches_one_process(tmp_path):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         argv = ["generate", "--checkpoint", str(checkpoint), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "8",
-                "--mesh", MESH, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id)]
+                "--mesh", MESH, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                "--process-id", str(process_id)]
         procs.append(subprocess.Popen([sys.executable, "-m", "mistral_jax.cli", *argv], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        config, params = mj.load(checkpoint, mesh=make_mesh(**parse_mesh(MESH)))
-        expected = mj.generate(config, params, [[5, 6, 7, 8]], 8, eos_id=config.eos_id, mesh=make_mesh(**parse_mesh(MESH)))
+        mesh = make_mesh(**parse_mesh(MESH))
+        config, params = mj.load(checkpoint, mesh=mesh)
+        expected = mj.generate(config, params, [[5, 6, 7, 8]], 8, eos_id=config.eos_id, mesh=mesh)
         outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    for process_id, (proc, (out, err)) in enumerate(zip(procs, outputs)):
+    for process_id, (proc, (_, err)) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {process_id} exited with {proc.returncode}:\n{err[-4000:]}"
     assert outputs[0][0].strip().splitlines()[-1] == ",".join(map(str, expected[0]))
     quiet = outputs[1][0] + outputs[1][1]  # gloo's own C++ logging may still appear: nothing of ours may

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import mistral_jax as mj
 from mistral_jax import decoding, distributed, sharding
@@ -38,7 +39,8 @@ def models():
 def device0_fraction(params) -> float:
     device0 = jax.devices()[0]
     total = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-    held = sum(s.data.nbytes for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards if s.device == device0)
+    shards = (s for leaf in jax.tree.leaves(params) for s in leaf.addressable_shards)
+    held = sum(s.data.nbytes for s in shards if s.device == device0)
     return held / total
 
 
@@ -59,7 +61,8 @@ def test_mixtral_parameters_split_over_experts_heads_and_fsdp(models):
     # Host numpy arrays are placed the same way, each device building only its own shard.
     from_host = mj.shard_params(config, jax.tree.map(np.asarray, params), mesh)
     assert jax.tree.map(lambda a: a.sharding, from_host) == jax.tree.map(lambda a: a.sharding, placed)
-    np.testing.assert_array_equal(np.asarray(from_host["layers"]["moe"]["w_up"]), np.asarray(params["layers"]["moe"]["w_up"]))
+    w_up = lambda tree: np.asarray(tree["layers"]["moe"]["w_up"])  # noqa: E731
+    np.testing.assert_array_equal(w_up(from_host), w_up(params))
     with pytest.raises(ValueError, match=r"missing \[\"\['lm_head'\]\"\]"):
         mj.shard_params(config, {k: v for k, v in params.items() if k != "lm_head"}, mesh)
     with pytest.raises(ValueError, match=r"\['embedding'\] has shape \(255, 64\)"):
@@ -118,7 +121,8 @@ def test_unscanned_layout_sharded_equals_unsharded(models, preset, shape):
     assert P(*placed["layers"]["1"]["attention"]["wq"].sharding.spec) == P(*stacked_spec[1:])
     assert mj.generate(config, placed, PROMPTS, NEW_TOKENS, mesh=mesh) == model["generated"]
     cache = mj.init_cache(config, 2, 32, mesh=mesh)
-    assert len(cache["k"]) == config.n_layers and cache["k"][0].shape == (2 * config.n_kv_heads, config.cache_size(32), 16)
+    assert len(cache["k"]) == config.n_layers
+    assert cache["k"][0].shape == (2 * config.n_kv_heads, config.cache_size(32), 16)
     assert cache["k"][0].sharding.spec[0] == {(1, 2, 2, 2): "fsdp", (2, 2, 1, 2): "data"}[shape]  # a batch of 2
 
 
@@ -144,7 +148,8 @@ def test_kv_cache_is_split_on_batch_and_kv_heads(models):
     np.testing.assert_allclose(np.asarray(cache["k"]), np.asarray(ref_cache["k"]), rtol=1e-5, atol=1e-6)
     with CompileStats() as compiled:
         for step in range(4, 7):  # host inputs go straight to their shards: nothing else compiles either
-            logits, cache = decoding.decode_step(config, placed, cache, np.array([7, 8]), np.array([step, step]), mesh=mesh)
+            tokens, positions = np.array([7, 8]), np.array([step, step])
+            logits, cache = decoding.decode_step(config, placed, cache, tokens, positions, mesh=mesh)
         jax.block_until_ready(logits)
     assert compiled.compilations == 0
 

@@ -15,9 +15,11 @@ def test_unstacked_model_computes_the_same_and_stacks_back_exactly(preset):
     flat, stacked = mj.unstack_layers(config, params)
     assert not flat.scan_layers and sorted(stacked["layers"], key=int) == [str(i) for i in range(config.n_layers)]
     assert stacked["layers"]["1"]["attention"]["wq"].shape == params["layers"]["attention"]["wq"].shape[1:]
-    np.testing.assert_array_equal(stacked["layers"]["1"]["attention_norm"]["scale"], params["layers"]["attention_norm"]["scale"][1])
+    norm_scale = stacked["layers"]["1"]["attention_norm"]["scale"]
+    np.testing.assert_array_equal(norm_scale, params["layers"]["attention_norm"]["scale"][1])
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 13), 0, config.vocab_size))
-    np.testing.assert_allclose(mj.logits(flat, stacked, tokens), mj.logits(config, params, tokens), rtol=1e-6, atol=1e-6)
+    expected = mj.logits(config, params, tokens)
+    np.testing.assert_allclose(mj.logits(flat, stacked, tokens), expected, rtol=1e-6, atol=1e-6)
     assert mj.generate(flat, stacked, [[1, 2, 3], [4, 5]], 6) == mj.generate(config, params, [[1, 2, 3], [4, 5]], 6)
     back_config, back = mj.stack_layers(flat, stacked)
     assert back_config == config
@@ -26,7 +28,8 @@ def test_unstacked_model_computes_the_same_and_stacks_back_exactly(preset):
 
 def test_unscanned_parameter_tree_matches_init_and_logical_axes():
     config = mj.ModelConfig.from_preset("tiny-mixtral").replace(scan_layers=False)
-    _, converted = mj.unstack_layers(config.replace(scan_layers=True), mj.init_params(config.replace(scan_layers=True), jax.random.key(0)))
+    stacked = config.replace(scan_layers=True)
+    _, converted = mj.unstack_layers(stacked, mj.init_params(stacked, jax.random.key(0)))
     fresh = mj.init_params(config, jax.random.key(0))
     assert jax.tree.structure(converted) == jax.tree.structure(fresh)
     axes = mj.logical_axes(config)

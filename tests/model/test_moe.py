@@ -61,7 +61,8 @@ def one_sided_router(params, x):
 @pytest.mark.parametrize("case", ["random", "padding rows", "one-sided", "top-1", "single token"])
 def test_blocks_equal_ragged_outputs_and_gradients(case):
     config = mj.ModelConfig.from_preset("tiny-mixtral", n_experts_per_tok=1 if case == "top-1" else 2)
-    shapes = {"random": (2, 37), "padding rows": (3, 20), "one-sided": (2, 23), "top-1": (2, 29), "single token": (1, 1)}
+    shapes = {"random": (2, 37), "padding rows": (3, 20), "one-sided": (2, 23), "top-1": (2, 29),
+              "single token": (1, 1)}
     shape = shapes[case]
     x = jax.random.normal(jax.random.key(1), (*shape, config.dim))
     valid = jnp.ones(shape, bool)
@@ -122,8 +123,8 @@ def test_load_balancing_loss_matches_transformers_formula():
     logits = rng.normal(size=(layers, n, e)).astype(np.float32)
     valid = np.ones(n, bool)
     stats = []
-    for l in logits:
-        _, experts, probs = route(jnp.asarray(l), k)
+    for layer_logits in logits:
+        _, experts, probs = route(jnp.asarray(layer_logits), k)
         stats.append(routing_stats(probs, experts, jnp.asarray(valid)))
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats)
     ours = float(load_balancing_loss(stacked, e))
