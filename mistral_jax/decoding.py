@@ -98,10 +98,12 @@ def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=Non
     a scanned cache's KV heads over tensor too: see sharding.cache_shardings).
     """
     kv_cache.layer_shape(config, batch_size, max_seq_len)  # refuses bad sizes before tracing
-    make = functools.partial(kv_cache.zeros, config, batch_size, max_seq_len, dtype)
-    if mesh is None:
-        return jax.jit(make)()
-    return jax.jit(make, out_shardings=sharding.cache_shardings(mesh, jax.eval_shape(make)))()
+    return _empty_cache(config, batch_size, max_seq_len, None if dtype is None else jnp.dtype(dtype), mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _empty_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype, mesh) -> dict:
+    return _constrain_cache(mesh, kv_cache.zeros(config, batch_size, max_seq_len, dtype))
 
 
 def logits(config: ModelConfig, params, tokens, *, mesh=None):
