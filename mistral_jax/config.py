@@ -9,6 +9,8 @@ from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
+from mistral_jax.errors import UserError
+
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
 AttentionKernel = Literal["xla", "cudnn"]  # see mistral_jax/model/attention.py
@@ -97,7 +99,7 @@ class ModelConfig:
         if self.attention not in get_args(AttentionKernel):
             problems.append(f"attention must be one of {get_args(AttentionKernel)}, got {self.attention!r}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise UserError("invalid ModelConfig: " + "; ".join(problems))
 
     # Derived quantities --------------------------------------------------------------------------
     @property
@@ -143,7 +145,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+            raise UserError(f"unknown ModelConfig fields: {unknown}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +155,7 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
         path = _presets_dir() / f"{name}.json"
         if not path.is_file():
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+            raise UserError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
         values = json.loads(path.read_text())
         values.pop("description", None)
         values.pop("reference_params", None)

@@ -11,6 +11,8 @@ import pathlib
 
 from etils import epath
 
+from mistral_jax.errors import UserError
+
 CHECKPOINT_HINT = "copy it to local disk or convert it to orbax on gs:// first"
 # What etils.epath (fsspec) needs to reach each kind of URL; tpu/install.sh installs gcsfs.
 FILESYSTEM_PACKAGES = ("gcsfs", "s3fs", "adlfs")
@@ -33,7 +35,7 @@ def path_arg(text: str) -> pathlib.Path | epath.Path:
 
 
 def require_local(path, what: str, hint: str = "copy it to local disk first",
-                  error: type[Exception] = ValueError) -> None:
+                  error: type[Exception] = UserError) -> None:
     """Raise `error` when `path` is a URL: `what` (e.g. "a GGUF file") is read from local disk only."""
     if is_url(path):
         raise error(f"{path}: {what} is read from local disk only; {hint}")
