@@ -22,6 +22,7 @@ import numpy as np
 
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import forward
 from mistral_jax.rolling_cache import cache_size, init_cache
 from mistral_jax.sampling import Sampling, sample
@@ -143,7 +144,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = prompts.tolist()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise UserError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
     width = int(lengths.max())
     tokens = np.zeros((len(prompts), width), np.int32)
@@ -151,7 +152,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int):
     for row, prompt in enumerate(prompts):
         ids = np.asarray(prompt, np.int64)
         if ids.min() < 0 or ids.max() >= vocab_size:
-            raise ValueError(f"prompt {row} has token ids outside [0, {vocab_size})")
+            raise UserError(f"prompt {row} has token ids outside [0, {vocab_size})")
         tokens[row, width - len(ids):] = ids
         positions[row, width - len(ids):] = np.arange(len(ids))
     return tokens, positions, lengths
@@ -202,9 +203,9 @@ def _decode_loop_body(config, mesh, sampling, max_new_tokens, params, cache, log
 
 def _check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int):
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt_len + max_new_tokens > config.max_seq_len:
-        raise ValueError(
+        raise UserError(
             f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
             f"{config.max_seq_len} tokens"
         )
