@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import pytest
 
@@ -66,7 +68,7 @@ def test_invalid_configs_are_refused(changes, message):
 
 def test_config_is_frozen_and_hashable():
     config = mj.ModelConfig.from_preset("tiny-mixtral")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.dim = 3
     assert hash(config) == hash(mj.ModelConfig.from_preset("tiny-mixtral"))
 

@@ -76,7 +76,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A transformers config.json dict for `config` (inverse of config_from_hf)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}[config.family]
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[config.family]
     hf = {
         "architectures": [arch],
         "model_type": config.family,
@@ -113,7 +114,9 @@ def read(path: pathlib.Path) -> tuple[ModelConfig, SafetensorsFiles]:
     config_file = path / "config.json"
     config = config_from_hf(read_json(config_file), source=str(config_file))
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-        hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)" if any(path.glob("*.bin")) else ""
+        hint = ""
+        if any(path.glob("*.bin")):
+            hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)"
         raise CheckpointError(f"no safetensors weights in {path}{hint}")
     return config, open_safetensors_dir(path)
 
@@ -158,7 +161,8 @@ def _write_shards(config: ModelConfig, params, directory: pathlib.Path, max_shar
             shards.append({name: None for name in current})
         current, size = {}, 0
 
-    for name, tensor in tqdm(hf_layout.iter_hf_tensors(config, params), desc="saving", unit="tensor", leave=False, disable=None):
+    tensors = hf_layout.iter_hf_tensors(config, params)
+    for name, tensor in tqdm(tensors, desc="saving", unit="tensor", leave=False, disable=None):
         if size and size + tensor.nbytes > max_shard_bytes:
             flush()
         current[name] = tensor
