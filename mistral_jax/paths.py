@@ -6,10 +6,16 @@ A local path is made absolute with `~` expanded; a URL (anything with "://") is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 from etils import epath
+
+from mistral_jax.errors import UserError
 
 CHECKPOINT_HINT = "copy it to local disk or convert it to orbax on gs:// first"
 # What etils.epath (fsspec) needs to reach each kind of URL; tpu/install.sh installs gcsfs.
@@ -33,7 +39,7 @@ def path_arg(text: str) -> pathlib.Path | epath.Path:
 
 
 def require_local(path, what: str, hint: str = "copy it to local disk first",
-                  error: type[Exception] = ValueError) -> None:
+                  error: type[Exception] = UserError) -> None:
     """Raise `error` when `path` is a URL: `what` (e.g. "a GGUF file") is read from local disk only."""
     if is_url(path):
         raise error(f"{path}: {what} is read from local disk only; {hint}")
@@ -44,3 +50,40 @@ def missing_filesystem(err: ImportError) -> str | None:
     text = str(err)
     package = next((name for name in FILESYSTEM_PACKAGES if name in text), None)
     return f"{text.rstrip('.')} (pip install {package})" if package else None
+
+
+def check_new_dir(path) -> None:
+    """Raise a one-line OSError unless `path` can become a new directory: missing or an empty directory, and
+    (when local) not under a file. Commands check their output this way before loading anything."""
+    path = as_path(path)
+    if path.exists():
+        if not path.is_dir() or any(path.iterdir()):
+            raise FileExistsError(f"{path} already exists and is not empty")
+        return
+    if is_url(path):
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{path}: {parent} is a file, not a directory")
+
+
+@contextlib.contextmanager
+def staged_dir(path) -> Iterator[pathlib.Path]:
+    """A temporary directory beside local `path` to write into, renamed onto `path` (missing or empty) when the
+    block ends and removed if it raises: an interrupted or killed write never leaves a half-written `path`."""
+    path = pathlib.Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; give it the mode of a normally made directory
+        if path.exists():
+            path.rmdir()
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

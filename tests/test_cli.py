@@ -5,10 +5,16 @@ import pathlib
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from etils.epath import testing as epath_testing
 
 import mistral_jax as mj
 from mistral_jax import cli
+from mistral_jax.checkpoints import orbax
+from mistral_jax.checkpoints.embedded import default_model_path
+from mistral_jax.tokenizers import load_tokenizer
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "mistral_gqa_window"
 
@@ -22,7 +28,8 @@ def run(capsys, *argv, stdin=None, monkeypatch=None):
 
 
 def test_prompt_ids_print_the_generated_ids_last(capsys):
-    code, out, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "9")
+    code, out, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8",
+                         "--max-new-tokens", "9")
     assert code == 0
     config, params = mj.load(FIXTURE)
     expected = mj.generate(config, params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]
@@ -105,27 +112,27 @@ def test_convert_to_orbax_then_generate_from_it(capsys, tmp_path):
     assert code == 0
     ids = "5,6,7,8"
     original = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", ids)[1].splitlines()[-1]
-    converted = run(capsys, "generate", "--checkpoint", str(tmp_path / "orbax"), "--prompt-ids", ids)[1].splitlines()[-1]
+    converted = run(capsys, "generate", "--checkpoint", str(tmp_path / "orbax"), "--prompt-ids", ids)[1]
+    converted = converted.splitlines()[-1]
     assert converted == original
     code, _, err = run(capsys, "convert", str(FIXTURE), str(tmp_path / "orbax"))
     assert code == 2 and "already exists" in err
 
 
 def test_export_the_gguf_model_with_its_tokenizer(capsys, tmp_path):
-    from mistral_jax.checkpoints.embedded import default_model_path
-    from mistral_jax.tokenizers import load_tokenizer
-
     gguf_path = default_model_path()
     code, _, _ = run(capsys, "export", str(gguf_path), str(tmp_path / "hf"), "--dtype", "bfloat16")
     assert code == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    written = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= written
     config, params = mj.load(tmp_path / "hf", dtype="bfloat16")
     config0, params0 = mj.load(gguf_path, dtype="bfloat16")
     assert config == config0
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    assert load_tokenizer(tmp_path / "hf").apply_chat_template(messages) == load_tokenizer(gguf_path).apply_chat_template(messages)
+    exported = load_tokenizer(tmp_path / "hf").apply_chat_template(messages)
+    assert exported == load_tokenizer(gguf_path).apply_chat_template(messages)
 
 
 # URLs (gs://): only orbax checkpoints and sft runs are read from one ---------------------------------
@@ -157,3 +164,99 @@ def test_a_non_orbax_checkpoint_url_is_a_clear_error():
 
     with pytest.raises(mj.CheckpointError, match=r"gs://bucket/hf-dir is not an orbax checkpoint: .* first"):
         read("gs://bucket/hf-dir")
+
+
+# Errors: a user's mistake is one line with exit status 2, a bug raises with its traceback ---------------
+
+@pytest.mark.parametrize("bug", [ValueError("an internal check failed"), KeyError("layers")])
+def test_a_bug_raises_instead_of_printing_one_line(monkeypatch, bug):
+    def command(args):
+        raise bug
+
+    monkeypatch.setattr(cli, "cmd_plan", command)
+    with pytest.raises(type(bug)):
+        cli.main(["plan", "--preset", "tiny-llama", "--devices", "1"])
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_an_output_under_a_file_is_one_line(capsys, tmp_path, command):
+    (tmp_path / "file").write_text("not a directory")
+    code, _, err = run(capsys, command, str(FIXTURE), str(tmp_path / "file" / "x"))
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a directory" in err
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_taken_output_fails_before_the_model_is_loaded(capsys, tmp_path, monkeypatch, command):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    monkeypatch.setattr(cli, "load_checkpoint", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    code, _, err = run(capsys, command, str(FIXTURE), str(tmp_path / "taken"))
+    assert code == 2 and "already exists and is not empty" in err
+
+
+def test_a_failed_convert_leaves_no_output_and_a_retry_succeeds(capsys, tmp_path, monkeypatch):
+    class FailsAfterSaving(ocp.StandardCheckpointer):
+        def save(self, directory, *args, **kwargs):
+            super().save(directory, *args, **kwargs)
+            self.wait_until_finished()
+            raise OSError("disk full")
+
+    monkeypatch.setattr(orbax.ocp, "StandardCheckpointer", FailsAfterSaving)
+    code, _, err = run(capsys, "convert", str(FIXTURE), str(tmp_path / "orbax"))
+    assert code == 2 and "disk full" in err
+    assert list(tmp_path.iterdir()) == []  # neither DST nor a temporary directory beside it
+    monkeypatch.undo()
+    code, _, _ = run(capsys, "convert", str(FIXTURE), str(tmp_path / "orbax"))
+    assert code == 0 and orbax.is_orbax_dir(tmp_path / "orbax")
+    assert [p.name for p in tmp_path.iterdir()] == ["orbax"]
+
+
+def test_a_convert_to_a_url_killed_part_way_can_be_rerun(capsys, tmp_path, monkeypatch):
+    """gs:// is local disk here (etils.epath mocked, as in tests/train/test_sft_urls.py); orbax's own save is
+    replaced by one that writes a file where orbax would, and dies the first time."""
+    saves = []
+
+    class Checkpointer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def save(self, directory, params):
+            directory.mkdir(parents=True)
+            (directory / "shard").write_text("x")
+            saves.append(directory)
+            if len(saves) == 1:
+                raise OSError("connection reset")
+
+        def wait_until_finished(self):
+            pass
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(orbax.ocp, "StandardCheckpointer", Checkpointer)
+    url, where = "gs://bucket/ckpt", epath.Path("gs:/bucket/ckpt")
+    with epath_testing.mock_epath():
+        code, _, err = run(capsys, "convert", str(FIXTURE), url)
+        assert code == 2 and "connection reset" in err
+        assert not (where / orbax.CONFIG_FILE).exists()
+        code, _, err = run(capsys, "convert", str(FIXTURE), url)
+        assert code == 0, err
+        assert sorted(p.name for p in where.iterdir()) == [orbax.CONFIG_FILE, orbax.PARAMS_DIR]
+        code, _, err = run(capsys, "convert", str(FIXTURE), url)  # a finished checkpoint is never replaced
+        assert code == 2 and "already exists and is not empty" in err
+        epath.Path("gs:/bucket/other/x").mkdir(parents=True)  # nor a directory that is not ours
+        code, _, err = run(capsys, "convert", str(FIXTURE), "gs://bucket/other")
+        assert code == 2 and "already exists and is not empty" in err
+
+
+def test_chat_refuses_a_message_too_long_for_the_context_and_keeps_the_conversation(capsys, monkeypatch):
+    long, last_question = "hello " * 9000, "And what did I ask you first?"  # SmolLM2's context is 8192 tokens
+    turns = f"What is the capital of France?\n{long}\n{last_question}\n"
+    code, _, err = run(capsys, "chat", "--max-new-tokens", "3", stdin=turns, monkeypatch=monkeypatch)
+    assert code == 0
+    assert "send a shorter one (the conversation is kept)" in err and "dropped" not in err
+    prompts = [int(line.split("[prefill: ")[1].split()[0]) for line in err.splitlines() if "[prefill:" in line]
+    alone = len(load_tokenizer(default_model_path()).apply_chat_template([{"role": "user", "content": last_question}]))
+    assert len(prompts) == 2 and prompts[1] > alone + 3  # the first question and answer are still in the prompt

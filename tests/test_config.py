@@ -1,8 +1,11 @@
+import dataclasses
+
 import jax
 import pytest
 
 import mistral_jax as mj
 from mistral_jax.config import preset_reference_params
+from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import param_shapes
 
 FULL_SIZE = [p for p in mj.list_presets() if not p.startswith("tiny-")]
@@ -65,6 +68,16 @@ def test_invalid_configs_are_refused(changes, message):
 
 def test_config_is_frozen_and_hashable():
     config = mj.ModelConfig.from_preset("tiny-mixtral")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.dim = 3
     assert hash(config) == hash(mj.ModelConfig.from_preset("tiny-mixtral"))
+
+
+def test_config_mistakes_are_user_errors():
+    """The CLI prints a UserError as one line; a bad preset, value or field is the user's, not a bug."""
+    with pytest.raises(UserError, match="unknown preset"):
+        mj.ModelConfig.from_preset("no-such-model")
+    with pytest.raises(UserError, match="invalid ModelConfig"):
+        mj.ModelConfig.from_preset("tiny-llama", sliding_window=0)
+    with pytest.raises(UserError, match="unknown ModelConfig fields"):
+        mj.ModelConfig.from_dict({**mj.ModelConfig.from_preset("tiny-llama").to_dict(), "no_such_field": 1})

@@ -68,7 +68,9 @@ def config_from_params(params: dict[str, Any], shapes: Mapping[str, tuple[int, .
     if missing:
         raise CheckpointError(f"{source}: required field(s) {missing} missing")
     moe = params.get("moe") or {}
-    hidden = params.get("hidden_dim") or _shape(shapes, "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.experts.0.w1.weight")[0]
+    hidden = params.get("hidden_dim") or _shape(
+        shapes, "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.experts.0.w1.weight"
+    )[0]
     vocab = params.get("vocab_size") if params.get("vocab_size", -1) > 0 else _shape(shapes, "tok_embeddings.weight")[0]
     values = dict(
         family="mixtral" if moe else "mistral",

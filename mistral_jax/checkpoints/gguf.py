@@ -112,7 +112,9 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     """ModelConfig from llama.cpp metadata (general.architecture must be "llama")."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, Mixtral)")
+        raise CheckpointError(
+            f"{source}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, Mixtral)"
+        )
 
     def need(key: str) -> Any:
         value = _field(reader, f"llama.{key}")
@@ -156,7 +158,9 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: {err}") from err
     rope_dims = _field(reader, "llama.rope.dimension_count")
     if rope_dims is not None and rope_dims != config.resolved_head_dim:
-        raise CheckpointError(f"{source}: partial RoPE ({rope_dims} of {config.resolved_head_dim} dims) is not supported")
+        raise CheckpointError(
+            f"{source}: partial RoPE ({rope_dims} of {config.resolved_head_dim} dims) is not supported"
+        )
     return config
 
 
@@ -166,8 +170,10 @@ def _sources(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> dict[
     out: dict[str, Source] = {}
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TYPES:
-            raise CheckpointError(f"{source}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which is not supported "
-                                  f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})")
+            raise CheckpointError(
+                f"{source}: tensor {t.name!r} has GGML type {t.tensor_type.name}, which is not supported "
+                f"(supported: {', '.join(q.name for q in SUPPORTED_TYPES)})"
+            )
         if t.name in GLOBAL_NAMES:
             out[GLOBAL_NAMES[t.name]] = Source(t)
             continue

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +16,7 @@ from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.checkpoints.safetensors_files import SafetensorsFiles, open_safetensors_dir
 from mistral_jax.config import ModelConfig
+from mistral_jax.paths import check_new_dir, staged_dir
 
 MODEL_TYPES = ("llama", "mistral", "mixtral")
 
@@ -77,7 +76,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A transformers config.json dict for `config` (inverse of config_from_hf)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM"}[config.family]
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "mixtral": "MixtralForCausalLM"}[config.family]
     hf = {
         "architectures": [arch],
         "model_type": config.family,
@@ -114,7 +114,9 @@ def read(path: pathlib.Path) -> tuple[ModelConfig, SafetensorsFiles]:
     config_file = path / "config.json"
     config = config_from_hf(read_json(config_file), source=str(config_file))
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-        hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)" if any(path.glob("*.bin")) else ""
+        hint = ""
+        if any(path.glob("*.bin")):
+            hint = " (only PyTorch .bin weights? convert them to safetensors; pickles are never loaded)"
         raise CheckpointError(f"no safetensors weights in {path}{hint}")
     return config, open_safetensors_dir(path)
 
@@ -135,32 +137,13 @@ def write(config: ModelConfig, params, out_dir, extra_files: Iterable[pathlib.Pa
 
     config, params = stack_layers(config, params)
     out_dir = pathlib.Path(out_dir).expanduser()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    check_new_dir(out_dir)
+    with staged_dir(out_dir) as tmp:
         _write_shards(config, params, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
         for file in extra_files:
-            shutil.copy(file, tmp / pathlib.Path(file).name)
-        publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(file, tmp / pathlib.Path(file).name)  # not the source's mode bits (read-only packages)
     return out_dir
-
-
-def publish(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Give a finished temporary directory the permissions of a normally made one and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    for file in tmp.iterdir():
-        file.chmod(0o666 & ~umask)
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.rename(tmp, out_dir)
 
 
 def _write_shards(config: ModelConfig, params, directory: pathlib.Path, max_shard_bytes: int) -> list[str]:
@@ -178,7 +161,8 @@ def _write_shards(config: ModelConfig, params, directory: pathlib.Path, max_shar
             shards.append({name: None for name in current})
         current, size = {}, 0
 
-    for name, tensor in tqdm(hf_layout.iter_hf_tensors(config, params), desc="saving", unit="tensor", leave=False, disable=None):
+    tensors = hf_layout.iter_hf_tensors(config, params)
+    for name, tensor in tqdm(tensors, desc="saving", unit="tensor", leave=False, disable=None):
         if size and size + tensor.nbytes > max_shard_bytes:
             flush()
         current[name] = tensor

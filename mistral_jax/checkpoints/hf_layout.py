@@ -54,12 +54,13 @@ def _linear(path, name, n_in_axes=1):
 
 
 def _same(path, name):
-    return Leaf(path, lambda i: [name.format(i=i)], tuple, lambda ts, shape: ts[0], lambda a: [a], per_layer="{i}" in name)
+    return Leaf(path, lambda i: [name.format(i=i)], tuple, lambda ts, shape: ts[0], lambda a: [a],
+                per_layer="{i}" in name)
 
 
 def _experts_classic(path, w, n_experts):
     """block_sparse_moe.experts.E.wN.weight [out, in] each <-> ours [experts, in, out]."""
-    name = "model.layers.{i}.block_sparse_moe.experts.{e}.%s.weight" % w
+    name = "model.layers.{i}.block_sparse_moe.experts.{e}." + w + ".weight"
     return Leaf(
         path,
         lambda i: [name.format(i=i, e=e) for e in range(n_experts)],
@@ -157,7 +158,8 @@ def leaf_arrays(config: ModelConfig, tensors: Mapping[str, np.ndarray], leaf: Le
         expected = leaf.hf_shape(tuple(target_shape))
         for name, tensor in zip(names, raw):
             if tuple(tensor.shape) != expected:
-                raise CheckpointError(f"{source}: shape mismatch for tensor {name!r}: got {tuple(tensor.shape)}, the config expects {expected}")
+                raise CheckpointError(f"{source}: shape mismatch for tensor {name!r}: got {tuple(tensor.shape)}, "
+                                      f"the config expects {expected}")
         return leaf.to_ours(raw, target_shape).astype(dtype, copy=False)
 
     if leaf.per_layer:
@@ -165,8 +167,8 @@ def leaf_arrays(config: ModelConfig, tensors: Mapping[str, np.ndarray], leaf: Le
     return one(None, shape)
 
 
-def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32", source: str = "checkpoint",
-              place: Callable[[tuple[str, ...], np.ndarray], object] | None = None):
+def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str = "float32",
+              source: str = "checkpoint", place: Callable[[tuple[str, ...], np.ndarray], object] | None = None):
     """Our parameter pytree from transformers-named tensors, built one leaf at a time.
 
     `place(path, array)` turns each finished host array into what the tree holds (a device array with
@@ -177,7 +179,8 @@ def to_params(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype: str
     np_dtype = np.dtype(DTYPES[dtype])
     shapes = param_shapes(config)
     leaves = layout(config, fused_experts=has_fused_experts(tensors))
-    used = {name for leaf in leaves for i in (range(config.n_layers) if leaf.per_layer else [None]) for name in leaf.names(i)}
+    used = {name for leaf in leaves for i in (range(config.n_layers) if leaf.per_layer else [None])
+            for name in leaf.names(i)}
     extra = sorted(n for n in tensors if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if config.tie_embeddings and "lm_head.weight" in extra:
         extra.remove("lm_head.weight")  # some tied checkpoints store the shared matrix twice

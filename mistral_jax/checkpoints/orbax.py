@@ -11,16 +11,16 @@ import json
 import pathlib
 from collections.abc import Iterable
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
-from mistral_jax.paths import as_path  # noqa: F401 (re-exported: orbax.as_path)
+from mistral_jax.paths import as_path, check_new_dir, is_url, staged_dir
 
 CONFIG_FILE = "mistral_jax_config.json"
 PARAMS_DIR = "params"
+UNFINISHED_FILE = "mistral_jax_unfinished"  # a URL being written (see write)
 
 
 def is_orbax_dir(path) -> bool:
@@ -28,16 +28,44 @@ def is_orbax_dir(path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).exists()
 
 
+def check_destination(path) -> None:
+    """Raise a one-line OSError unless `write` can write `path`: missing, an empty directory, or (a URL) the
+    remains of a write that never finished."""
+    if not _unfinished(as_path(path)):
+        check_new_dir(path)
+
+
 def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path] = ()) -> epath.Path:
     """Save params (any sharding), config and `extra_files` (tokenizer files) under `path`, which must not
-    exist yet. Always saved in the scanned layout."""
+    exist yet. Always saved in the scanned layout.
+
+    A local `path` is written under a temporary name beside it and renamed at the end. A URL is written in
+    place, marked unfinished until its config is written last; a rerun replaces such remains.
+    """
     from mistral_jax.model.layer_layout import stack_layers
 
     config, params = stack_layers(config, params)
     path = as_path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not empty")
+    check_destination(path)
+    if not is_url(path):
+        with staged_dir(path) as tmp:
+            _write_into(epath.Path(tmp), config, params, extra_files)
+        return path
+    if _unfinished(path):
+        path.rmtree()
     path.mkdir(parents=True, exist_ok=True)
+    (path / UNFINISHED_FILE).write_text("")
+    _write_into(path, config, params, extra_files)
+    (path / UNFINISHED_FILE).unlink()
+    return path
+
+
+def _unfinished(path: epath.Path) -> bool:
+    """Whether URL `path` holds what a write killed before its end left (local writes leave none)."""
+    return is_url(path) and (path / UNFINISHED_FILE).exists() and not (path / CONFIG_FILE).exists()
+
+
+def _write_into(path: epath.Path, config: ModelConfig, params, extra_files: Iterable[pathlib.Path]) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(path / PARAMS_DIR, params)
         checkpointer.wait_until_finished()
@@ -45,7 +73,6 @@ def write(config: ModelConfig, params, path, extra_files: Iterable[pathlib.Path]
         (path / pathlib.Path(file).name).write_bytes(pathlib.Path(file).read_bytes())
     # The config goes last: a directory without it is never taken for a checkpoint.
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return path
 
 
 def read_config(path) -> ModelConfig:

@@ -19,7 +19,7 @@ class SafetensorsFiles(Mapping):
         self._handles: dict[pathlib.Path, object] = {}
 
     @classmethod
-    def from_files(cls, files: list[pathlib.Path]) -> "SafetensorsFiles":
+    def from_files(cls, files: list[pathlib.Path]) -> SafetensorsFiles:
         weight_map = {}
         for file in files:
             for name in _open(file).keys():
@@ -29,7 +29,7 @@ class SafetensorsFiles(Mapping):
         return cls(weight_map)
 
     @classmethod
-    def from_index(cls, index_path: pathlib.Path) -> "SafetensorsFiles":
+    def from_index(cls, index_path: pathlib.Path) -> SafetensorsFiles:
         """Sharded checkpoints: `*.safetensors.index.json` names the file holding each tensor."""
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):

@@ -4,6 +4,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.chat_templates import ROLES, ChatFormat, JinjaTemplate, Message
 from mistral_jax.tokenizers.vocab import Vocab
 
@@ -71,7 +72,7 @@ class Tokenizer:
             ids.insert(0, self.bos_id)
         if eos:
             if self.eos_id is None:
-                raise ValueError(f"{self.source}: the tokenizer has no EOS token")
+                raise UserError(f"{self.source}: the tokenizer has no EOS token")
             ids.append(self.eos_id)
         return ids
 
@@ -89,13 +90,13 @@ class Tokenizer:
         Message text never becomes a control token, whatever it spells.
         """
         if self.chat_format is None:
-            raise ValueError(
+            raise UserError(
                 f"{self.source}: the checkpoint carries no chat template; "
                 "pass family='mistral', 'mixtral' or 'llama' to load_tokenizer to pick a default one"
             )
         for message in messages:
             if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-                raise ValueError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
+                raise UserError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
         return self.chat_format.encode(self.vocab, messages, add_generation_prompt)
 
     def save_pretrained(self, directory: str | Path) -> list[Path]:

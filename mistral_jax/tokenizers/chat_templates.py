@@ -11,6 +11,8 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from mistral_jax.errors import UserError
+from mistral_jax.tokenizers.errors import UnsupportedTokenizer
 from mistral_jax.tokenizers.vocab import Span, Vocab
 
 Message = Mapping[str, str]
@@ -25,7 +27,7 @@ class ChatFormat(Protocol):
 
 def _require(token_id: int | None, what: str) -> int:
     if token_id is None:
-        raise ValueError(f"this chat format needs a {what} token, and the tokenizer has none")
+        raise UserError(f"this chat format needs a {what} token, and the tokenizer has none")
     return token_id
 
 
@@ -43,7 +45,7 @@ class MistralInstruct:
     def uses_control_tokens(vocab: Vocab) -> bool:
         """v2/v3 layout (True) or v1 (False): v2/v3 tokenizers carry [INST]/[/INST] as control tokens."""
         if "[SYSTEM_PROMPT]" in vocab.special_tokens:
-            raise NotImplementedError("Mistral instruct v7 ([SYSTEM_PROMPT] tokens) is not supported; v1-v3 are")
+            raise UnsupportedTokenizer("Mistral instruct v7 ([SYSTEM_PROMPT] tokens) is not supported; v1-v3 are")
         return "[INST]" in vocab.special_tokens and "[/INST]" in vocab.special_tokens
 
     def encode(self, vocab: Vocab, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
@@ -71,7 +73,7 @@ class MistralInstruct:
                     ids += vocab.encode_text(f"[INST] {content} [/INST]")
             else:
                 if not content:
-                    raise ValueError("an assistant message has empty content")
+                    raise UserError("an assistant message has empty content")
                 ids += [*vocab.encode_text(content.rstrip(" ") if control_tokens else content), eos]
         return ids
 
@@ -89,11 +91,11 @@ class Llama2Chat:
         dialog = [(m["role"], m["content"]) for m in messages]
         if dialog and dialog[0][0] == "system":
             if len(dialog) < 2:
-                raise ValueError("Llama 2 chat needs a user message after the system message")
+                raise UserError("Llama 2 chat needs a user message after the system message")
             dialog = [(dialog[1][0], f"<<SYS>>\n{dialog[0][1]}\n<</SYS>>\n\n{dialog[1][1]}"), *dialog[2:]]
         roles = [role for role, _ in dialog]
         if not dialog or any(role != "user" for role in roles[::2]) or any(r != "assistant" for r in roles[1::2]):
-            raise ValueError(f"Llama 2 chat needs alternating user/assistant messages after a system one, got {roles}")
+            raise UserError(f"Llama 2 chat needs alternating user/assistant messages after a system one, got {roles}")
         bos, eos = _require(vocab.bos_id, "BOS"), _require(vocab.eos_id, "EOS")
         ids: list[int] = []
         for (_, user), (_, answer) in zip(dialog[::2], dialog[1::2]):
@@ -150,7 +152,7 @@ class JinjaTemplate:
                 eos_token=eos_token,
             )
         except jinja2.TemplateError as error:
-            raise ValueError(f"the chat template rejected the conversation: {error}") from error
+            raise UserError(f"the chat template rejected the conversation: {error}") from error
 
     def render_spans(
         self, messages: Sequence[Message], add_generation_prompt: bool, bos_token: str, eos_token: str
@@ -165,7 +167,7 @@ class JinjaTemplate:
         for k, part in enumerate(parts):
             if k % 2 == 0:
                 if not real.startswith(part, pos):
-                    raise ValueError("the chat template renders differently depending on message text; unsupported")
+                    raise UserError("the chat template renders differently depending on message text; unsupported")
                 spans.append((part, True))
                 pos += len(part)
                 continue
@@ -176,9 +178,9 @@ class JinjaTemplate:
                     pos += len(candidate)
                     break
             else:
-                raise ValueError("the chat template transforms message text beyond stripping it; unsupported")
+                raise UserError("the chat template transforms message text beyond stripping it; unsupported")
         if pos != len(real):
-            raise ValueError("the chat template renders differently depending on message text; unsupported")
+            raise UserError("the chat template renders differently depending on message text; unsupported")
         return [span for span in spans if span[0]]
 
     def encode(self, vocab: Vocab, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:

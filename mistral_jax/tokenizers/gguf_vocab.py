@@ -8,6 +8,8 @@ import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, pre_tokenizers
 
+from mistral_jax.errors import UserError
+from mistral_jax.tokenizers.errors import UnsupportedTokenizer
 from mistral_jax.tokenizers.hf import HFVocab
 from mistral_jax.tokenizers.spm import SentencePieceVocab
 from mistral_jax.tokenizers.vocab import Vocab
@@ -32,7 +34,7 @@ def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
 
     model = get("tokenizer.ggml.model")
     if model is None:
-        raise ValueError(f"{path}: the GGUF file carries no tokenizer (no tokenizer.ggml.model)")
+        raise UserError(f"{path}: the GGUF file carries no tokenizer (no tokenizer.ggml.model)")
     tokens = get("tokenizer.ggml.tokens")
     types = get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
     bos_id, eos_id = get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id")
@@ -40,7 +42,7 @@ def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
     if model == "gpt2":
         pre = get("tokenizer.ggml.pre", "gpt-2")
         if pre not in PRE_TOKENIZERS:
-            raise NotImplementedError(
+            raise UnsupportedTokenizer(
                 f"{path}: GGUF pre-tokenizer {pre!r} is not supported (supported: {sorted(PRE_TOKENIZERS)})"
             )
         tokenizer = _byte_level_bpe(tokens, types, get("tokenizer.ggml.merges"), PRE_TOKENIZERS[pre])
@@ -60,7 +62,7 @@ def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
         )
         vocab = SentencePieceVocab(proto, add_bos=add_bos)
     else:
-        raise NotImplementedError(
+        raise UnsupportedTokenizer(
             f"{path}: GGUF tokenizer model {model!r} is not supported (supported: 'gpt2', 'llama')"
         )
     return vocab, get("tokenizer.chat_template")

@@ -9,6 +9,7 @@ from typing import Any
 
 import tokenizers
 
+from mistral_jax.errors import UserError
 from mistral_jax.paths import as_path, is_url, require_local
 from mistral_jax.tokenizers.base import Tokenizer
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, default_chat_format
@@ -35,7 +36,7 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
     files copied to a temporary directory; a GGUF file must be local.
     """
     if family not in (None, *FAMILIES):
-        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
+        raise UserError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
     if is_url(path):  # e.g. an orbax checkpoint on gs:// with its tokenizer files: those few files, copied
         with tempfile.TemporaryDirectory(prefix="mistral-jax-tokenizer-") as scratch:
             tokenizer = load_tokenizer(fetch_tokenizer_files(path, Path(scratch)), family)
@@ -76,7 +77,7 @@ def fetch_tokenizer_files(url, directory: Path, required: bool = True) -> Path:
             (directory / name).write_bytes((folder / name).read_bytes())
             copied.append(name)
     if required and file is None and not set(copied) - {*SIDE_FILES, "config.json"}:
-        raise ValueError(f"no tokenizer in {url}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+        raise UserError(f"no tokenizer in {url}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
     return directory if file is None else directory / file
 
 
@@ -91,7 +92,7 @@ def _find_tokenizer_file(directory: Path) -> Path:
     ]
     if versioned:
         return max(versioned)[1]
-    raise ValueError(f"no tokenizer in {directory}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+    raise UserError(f"no tokenizer in {directory}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
 
 
 def _family_from_config(config_file: Path) -> str | None:
@@ -114,14 +115,14 @@ def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
         try:
             tokenizer = tokenizers.Tokenizer.from_file(str(file))
         except Exception as error:  # the library raises a bare Exception for malformed files
-            raise ValueError(f"{file}: not a valid tokenizer.json ({error})") from error
+            raise UserError(f"{file}: not a valid tokenizer.json ({error})") from error
         bos_id, eos_id = (_token_id(tokenizer, config.get(key)) for key in ("bos_token", "eos_token"))
         vocab: Vocab = HFVocab(tokenizer, bos_id=bos_id, eos_id=eos_id, add_bos=config.get("add_bos_token"))
     else:
         try:
             vocab = SentencePieceVocab(file.read_bytes(), add_bos=config.get("add_bos_token", True))
         except RuntimeError as error:
-            raise ValueError(f"{file}: not a sentencepiece model, tokenizer.json or GGUF file ({error})") from error
+            raise UserError(f"{file}: not a sentencepiece model, tokenizer.json or GGUF file ({error})") from error
     return vocab, _chat_template(config, file.parent)
 
 

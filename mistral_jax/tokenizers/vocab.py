@@ -3,8 +3,8 @@
 import abc
 import functools
 import re
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 # A piece of rendered chat text and whether it came from the template (True) or from a message (False).
 Span = tuple[str, bool]

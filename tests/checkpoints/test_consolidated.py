@@ -23,8 +23,9 @@ def to_consolidated(hf_dir: pathlib.Path, out: pathlib.Path, with_optional_field
     """Write hf_dir's weights as params.json + consolidated.safetensors with mistral-inference names."""
     hf_config = json.loads((hf_dir / "config.json").read_text())
     heads, kv_heads = hf_config["num_attention_heads"], hf_config["num_key_value_heads"]
-    renames = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-               "self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
+    renames = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "input_layernorm": "attention_norm",
                "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "feed_forward.w1",
                "mlp.down_proj": "feed_forward.w2", "mlp.up_proj": "feed_forward.w3",
                "block_sparse_moe.gate": "feed_forward.gate", "block_sparse_moe.experts": "feed_forward.experts"}
@@ -68,7 +69,8 @@ def test_consolidated_gives_the_hf_logits(case, tmp_path):
     path = to_consolidated(FIXTURES / case, tmp_path / case)
     config, params = mj.load(path)
     hf_config, _ = mj.load(FIXTURES / case)
-    same = dict(family=hf_config.family, max_seq_len=hf_config.max_seq_len, router_aux_loss_coef=hf_config.router_aux_loss_coef)
+    same = dict(family=hf_config.family, max_seq_len=hf_config.max_seq_len,
+                router_aux_loss_coef=hf_config.router_aux_loss_coef)
     assert config.replace(**same) == hf_config
     reference = np.load(FIXTURES / case / "reference.npz")
     ours = np.asarray(mj.logits(config, params, reference["tokens"]))

@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.checkpoints import gguf as gguf_reader
 from mistral_jax.checkpoints import hf_layout
+from mistral_jax.checkpoints.embedded import default_model_path
 
 Q = gguf.GGMLQuantizationType
 LLAMA = mj.ModelConfig(family="llama", vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
                        norm_eps=1e-6, rope_theta=500000.0, max_seq_len=256, bos_id=5, eos_id=6)
 MIXTRAL = LLAMA.replace(family="mixtral", head_dim=32, hidden_dim=96, n_experts=4, n_experts_per_tok=2)
 # Each type and the largest error it may make, relative to the largest weight of the tensor.
-TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2, Q.Q4_0: 0.13, Q.Q4_1: 0.13, Q.Q5_0: 0.07, Q.Q5_1: 0.07}
+TOLERANCE = {Q.F32: 0.0, Q.F16: 1e-3, Q.BF16: 1e-2, Q.Q8_0: 1e-2,
+             Q.Q4_0: 0.13, Q.Q4_1: 0.13, Q.Q5_0: 0.07, Q.Q5_1: 0.07}
 TOKENS = np.array([[5, 17, 3, 99, 42, 17, 3, 99, 0, 127]])
 
 # transformers name -> llama.cpp name, as convert_hf_to_gguf's tensor map has them.
@@ -43,7 +44,8 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def to_gguf_names(config: mj.ModelConfig, tensors: dict, stacked_experts: bool = True) -> dict[str, np.ndarray]:
     """llama.cpp-named tensors: q/k rows permuted, experts stacked [E, out, in] (or one tensor each)."""
-    out = {"token_embd.weight": tensors["model.embed_tokens.weight"], "output_norm.weight": tensors["model.norm.weight"]}
+    out = {"token_embd.weight": tensors["model.embed_tokens.weight"],
+           "output_norm.weight": tensors["model.norm.weight"]}
     if "lm_head.weight" in tensors:
         out["output.weight"] = tensors["lm_head.weight"]
     heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
@@ -52,7 +54,8 @@ def to_gguf_names(config: mj.ModelConfig, tensors: dict, stacked_experts: bool =
             if (w := tensors.get(f"model.layers.{i}.{hf_name}.weight")) is not None:
                 out[f"blk.{i}.{name}.weight"] = permute(w, heads[name]) if name in heads else w
         for w_name, name in EXPERTS.items() if config.is_moe else ():
-            experts = [tensors[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w_name}.weight"] for e in range(config.n_experts)]
+            experts = [tensors[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w_name}.weight"]
+                       for e in range(config.n_experts)]
             if stacked_experts:
                 out[f"blk.{i}.{name}_exps.weight"] = np.stack(experts)
             else:

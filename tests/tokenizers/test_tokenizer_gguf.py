@@ -8,6 +8,7 @@ import pytest
 import sentencepiece
 from sentencepiece import sentencepiece_model_pb2
 
+from mistral_jax.errors import UserError
 from mistral_jax.tokenizers import JinjaTemplate, Tokenizer, load_tokenizer
 
 TEXTS = [
@@ -181,3 +182,12 @@ def test_unsupported_gguf_tokenizers(tmp_path: Path) -> None:
     writer.close()
     with pytest.raises(ValueError, match="bare.gguf"):
         load_tokenizer(tmp_path / "bare.gguf")
+
+
+def test_unsupported_and_bad_tokenizers_are_user_errors(tmp_path: Path) -> None:
+    """The CLI prints a UserError as one line: an unsupported or tokenizer-less file is the user's, not a bug."""
+    with pytest.raises(UserError, match="'bert'"):
+        load_tokenizer(_write_gguf(tmp_path / "bert.gguf", "bert", ["[PAD]", "a"], [3, 1]))
+    (tmp_path / "junk.model").write_bytes(b"not a tokenizer")
+    with pytest.raises(UserError, match="junk.model"):
+        load_tokenizer(tmp_path / "junk.model")
