@@ -2,7 +2,8 @@
 
 data.py   conversations -> token rows with loss weights on assistant tokens, packed or padded, resumable
 optim.py  AdamW with warmup + cosine decay, clipping, token-weighted gradient accumulation, the loss
-lora.py   low-rank adapters on the stacked attention / MLP weights, merged functionally
+state.py  TrainState: step, trained part (params or LoRA adapters), optimizer state, frozen base params
+settings.py every sft setting with its default and help; the flags and `resolve`
 loop.py   the jitted train step (sharded under a mesh), orbax checkpoints, metrics, SIGTERM and NaN handling
 sft.py    the `mistral-jax sft` command and `latest_params` for export
 """

@@ -236,7 +236,7 @@ class SFTData:
 def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train, eval) conversation indices: a seeded random eval_fraction, at least 1 when n >= 2 and it is > 0."""
     if not 0 <= eval_fraction < 1:
-        raise ValueError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+        raise DataError(f"eval fraction must be in [0, 1), got {eval_fraction}")
     n_eval = 0 if eval_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * eval_fraction)))
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
@@ -271,7 +271,8 @@ def load_data(path, tokenizer, *, seq_len: int, rows: int, packing: bool, seed: 
     train_idx, eval_idx = split_indices(len(conversations), eval_fraction, seed)
     stats = {"conversations": len(conversations), "train": len(train_idx), "eval": len(eval_idx),
              "truncated": 0, "dropped": 0, "last_turn_only": 0}
-    train = _examples(tokenizer, conversations, train_idx[process_index::process_count], seq_len, vocab_size, path, stats)
+    own = train_idx[process_index::process_count]
+    train = _examples(tokenizer, conversations, own, seq_len, vocab_size, path, stats)
     evals = _examples(tokenizer, conversations, eval_idx, seq_len, vocab_size, path, stats)
     if not train:
         raise DataError(f"{path}: no training example has an assistant token within seq_len={seq_len}")

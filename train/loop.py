@@ -1,17 +1,15 @@
 """The training loop: one jitted train step (sharded under a mesh), orbax checkpoints, metrics.jsonl,
 SIGTERM (save and stop) and NaN (stop, keeping the last good checkpoint).
 
-The train state is a dict pytree: {"step": int32 [], "params": the model, "opt_state": optax state} plus
-"lora" (the adapters) with LoRA, where only the adapters are trained. A checkpoint holds the trained part
-("trainable": the params, or the adapters), "opt_state" and "data" (every host's iterator state, JSON);
-its step is the orbax step. Orbax writes each step to a temporary directory and renames it when complete,
-so a checkpoint cut off mid-write is never listed, hence never resumed.
+The state is a TrainState (train/state.py). The run directory's files (checkpoint items, metrics.jsonl) are
+`mistral_jax.checkpoints.run_dir`'s; a checkpoint's step is the orbax step. Orbax writes each step to a
+temporary directory and renames it when complete, so a checkpoint cut off mid-write is never listed, hence
+never resumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import signal
@@ -26,18 +24,17 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from mistral_jax import lora as lora_lib
 from mistral_jax import sharding
+from mistral_jax.checkpoints import run_dir
+from mistral_jax.checkpoints.run_dir import MetricsLog, checkpoint_manager  # noqa: F401 (train.loop's API)
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model.transformer import forward, logical_axes, param_shapes
-from mistral_jax.paths import as_path, is_url
-from train import lora as lora_lib
+from mistral_jax.model.transformer import forward, param_shapes
+from mistral_jax.paths import as_path
 from train.data import FIELDS, Batches, empty_rows
 from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer, token_loss_sum
-
-CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-ITEMS = ("trainable", "opt_state", "data")
+from train.state import TrainState
 
 
 class DivergedError(UserError):
@@ -55,7 +52,7 @@ class BatchShape:
     def __post_init__(self):
         processes = jax.process_count()
         if min(self.grad_accum, self.rows, self.seq_len) < 1 or self.rows % processes:
-            raise ValueError(f"need positive sizes and a batch size divisible by the {processes} processes, got {self}")
+            raise UserError(f"need positive sizes and a batch size divisible by the {processes} processes, got {self}")
 
     @property
     def local_rows(self) -> int:
@@ -71,7 +68,6 @@ class Trainer:
         self.config, self.shape, self.lora, self.aux_loss_coef, self.mesh = config, shape, lora, aux_loss_coef, mesh
         self.optimizer = make_optimizer(optim)
         self.schedule = learning_rate_schedule(optim)
-        self.key = "lora" if lora else "params"  # the trained part of the state
         self._abstract = self._shapes()
         self.shardings = self._shardings() if mesh is not None else None
         train_batch = (shape.grad_accum, shape.rows, shape.seq_len)
@@ -91,27 +87,23 @@ class Trainer:
                        out_shardings=(self.shardings, metrics) if returns_state else metrics)
 
     # Shapes and placement -------------------------------------------------------------------------
-    def _shapes(self):
+    def _shapes(self) -> TrainState:
         """The state as ShapeDtypeStructs (no memory used)."""
         params = param_shapes(self.config)
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params}
-        if self.lora:
-            state["lora"] = jax.eval_shape(lambda: lora_lib.init(params, self.lora, jax.random.key(0)))
-        state["opt_state"] = jax.eval_shape(self.optimizer.init, state[self.key])
-        return state
+        trainable = jax.eval_shape(lambda: lora_lib.init(params, self.lora, jax.random.key(0))) if self.lora else params
+        return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
+                          opt_state=jax.eval_shape(self.optimizer.init, trainable), base=params if self.lora else None)
 
-    def _shardings(self):
+    def _shardings(self) -> TrainState:
         """A NamedSharding for every leaf of the state: the sharding module's rules for params and adapters,
         the optimizer moments like their parameters, scalars replicated."""
         mesh, abstract, replicated = self.mesh, self._abstract, sharding.replicated(self.mesh)
-        out = {"step": replicated, "params": sharding.param_shardings(self.config, mesh)}
-        if self.lora:
-            axes = lora_lib.logical_axes(logical_axes(self.config), abstract["lora"])
-            out["lora"] = jax.tree.map(lambda s, names: sharding.named(mesh, s.shape, tuple(names)),
-                                       abstract["lora"], axes)
-        out["opt_state"] = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract["opt_state"], out[self.key],
-                                                 transform_non_params=lambda _: replicated)
-        return out
+        params = sharding.param_shardings(self.config, mesh)
+        trainable = lora_lib.shardings(self.config, mesh, abstract.trainable) if self.lora else params
+        opt_state = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract.opt_state, trainable,
+                                          transform_non_params=lambda _: replicated)
+        return TrainState(step=replicated, trainable=trainable, opt_state=opt_state,
+                          base=params if self.lora else None)
 
     def _batch_sharding(self, shape, names):
         """A batch's NamedSharding from logical names (rows split over data and fsdp); None without a mesh."""
@@ -131,23 +123,23 @@ class Trainer:
         """The state's step counter, placed (replicated on the mesh)."""
         if self.mesh is None:
             return jnp.asarray(step, jnp.int32)
-        return sharding.put(np.int32(step), self.shardings["step"])
+        return sharding.put(np.int32(step), self.shardings.step)
 
-    def init_state(self, params, adapters=None):
+    def init_state(self, params, adapters=None) -> TrainState:
         """A fresh state: params (and adapters, with LoRA) placed, optimizer state initialised in place.
 
         Device arrays passed in become the state's own: train_step donates them.
         """
-        state = {"step": self.step_array(0), "params": self.place_params(params)}
+        params = self.place_params(params)
         if self.lora:
             if adapters is None:
-                raise ValueError("a LoRA trainer needs adapters (train.lora.init)")
-            state["lora"] = adapters
+                raise ValueError("a LoRA trainer needs adapters (mistral_jax.lora.init)")
             if self.mesh is not None:
-                state["lora"] = jax.tree.map(sharding.put, adapters, self.shardings["lora"])
-        init = jax.jit(self.optimizer.init, out_shardings=None if self.mesh is None else self.shardings["opt_state"])
-        state["opt_state"] = init(state[self.key])
-        return state
+                adapters = jax.tree.map(sharding.put, adapters, self.shardings.trainable)
+        trainable = adapters if self.lora else params
+        init = jax.jit(self.optimizer.init, out_shardings=None if self.mesh is None else self.shardings.opt_state)
+        return TrainState(step=self.step_array(0), trainable=trainable, opt_state=init(trainable),
+                          base=params if self.lora else None)
 
     def _put(self, local: dict[str, np.ndarray], global_shape, batch_sharding):
         """This host's rows -> global arrays of global_shape (split on the batch dimension across hosts)."""
@@ -162,11 +154,11 @@ class Trainer:
         return self._put(local, (k, rows, length), self.batch_sharding)
 
     # The steps ------------------------------------------------------------------------------------
-    def _model_params(self, state, trainable):
+    def _model_params(self, state: TrainState, trainable):
         """The weights the forward uses: the trained params, or the base with the adapters merged in."""
-        return lora_lib.merge(state["params"], trainable, self.lora.scale) if self.lora else trainable
+        return lora_lib.merge(state.base, trainable, self.lora.scale) if self.lora else trainable
 
-    def _train_step(self, state, batch):
+    def _train_step(self, state: TrainState, batch):
         """One optimizer update from a [K, B, L] batch -> (new state, metrics of scalars)."""
 
         def loss_fn(trainable, micro):  # micro: FIELDS of [B, L]
@@ -177,23 +169,23 @@ class Trainer:
             return ce + self.aux_loss_coef * aux_loss * tokens, (ce, tokens, aux_loss)
 
         with sharding.activations(self.mesh):
-            grads, metrics = accumulate_gradients(loss_fn, state[self.key], batch)
-        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state[self.key])
-        new_state = {**state, self.key: optax.apply_updates(state[self.key], updates), "opt_state": opt_state,
-                     "step": state["step"] + 1}
-        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state["step"]),
+            grads, metrics = accumulate_gradients(loss_fn, state.trainable, batch)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
+        new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
+                                  opt_state=opt_state)
+        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step),
                        input_tokens=jnp.sum(batch["positions"] >= 0))
         return new_state, metrics
 
-    def _eval_step(self, state, batch):
+    def _eval_step(self, state: TrainState, batch):
         """Summed loss and target count of one [B, L] batch."""
         with sharding.activations(self.mesh):
-            params = self._model_params(state, state[self.key])
+            params = self._model_params(state, state.trainable)
             logits = forward(self.config, params, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
             ce, tokens = token_loss_sum(logits, batch["targets"], batch["weights"])
         return {"loss_sum": ce, "tokens": tokens}
 
-    def evaluate(self, state, rows: dict[str, np.ndarray]) -> float:
+    def evaluate(self, state: TrainState, rows: dict[str, np.ndarray]) -> float:
         """Token-mean loss over all `rows` (the same on every host), in batches of the training rows."""
         b, local, length = self.shape.rows, self.shape.local_rows, self.shape.seq_len
         n = len(rows["inputs"])
@@ -208,15 +200,7 @@ class Trainer:
         return loss_sum / max(tokens, 1.0)
 
 
-# Checkpoints ---------------------------------------------------------------------------------------
-def checkpoint_manager(output_dir, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
-    """Orbax manager of OUTPUT/checkpoints (OUTPUT local or a URL such as gs://bucket/run): async saves, the last
-    `keep` kept (None: all)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                           save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(as_path(output_dir) / CHECKPOINTS_DIR, options=options, item_names=ITEMS)
-
-
+# Checkpoints (the manager: run_dir.checkpoint_manager) ------------------------------------------
 def gather_data_state(local_state: dict[str, int]) -> dict:
     """Every host's iterator state, for the checkpoint: {"process_count", "hosts": [{"epoch", "position"}, ...]}."""
     if jax.process_count() == 1:
@@ -227,77 +211,44 @@ def gather_data_state(local_state: dict[str, int]) -> dict:
     return {"process_count": jax.process_count(), "hosts": hosts}
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, state, data_state: dict) -> int:
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> int:
     """Start an async save of `state` at its step (the arrays are copied before this returns); the step."""
-    step = int(jax.device_get(state["step"]))
+    step = int(jax.device_get(state.step))
     manager.save(step, force=True, args=ocp.args.Composite(
-        trainable=ocp.args.StandardSave(state[trainer.key]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        trainable=ocp.args.StandardSave(state.trainable),
+        opt_state=ocp.args.StandardSave(state.opt_state),
         data=ocp.args.JsonSave(data_state),
     ))
     return step
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: int, base_params=None):
+def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: int,
+                       base_params=None) -> tuple[TrainState, dict]:
     """(state, this host's data-iterator state) from checkpoint `step`, placed as the trainer shards them.
 
     With LoRA the base params are not in the checkpoint: pass them (they are placed like a fresh state).
     """
     abstract = trainer.abstract_state()
     restored = manager.restore(step, args=ocp.args.Composite(
-        trainable=ocp.args.StandardRestore(abstract[trainer.key]),
-        opt_state=ocp.args.StandardRestore(abstract["opt_state"]),
+        trainable=ocp.args.StandardRestore(abstract.trainable),
+        opt_state=ocp.args.StandardRestore(abstract.opt_state),
         data=ocp.args.JsonRestore(),
     ))
+    base = None
     if trainer.lora:
         if base_params is None:
             raise ValueError("resuming a LoRA run needs the base params")
-        params = trainer.place_params(base_params)
-    else:
-        params = restored["trainable"]
-    state = {"step": trainer.step_array(step), "params": params, "opt_state": restored["opt_state"]}
-    if trainer.lora:
-        state["lora"] = restored["trainable"]
+        base = trainer.place_params(base_params)
+    state = TrainState(step=trainer.step_array(step), trainable=restored["trainable"],
+                       opt_state=restored["opt_state"], base=base)
     data = restored["data"]
     if data["process_count"] != jax.process_count():
-        raise ValueError(f"checkpoint {step} was written by {data['process_count']} processes; resume with as many "
+        raise UserError(f"checkpoint {step} was written by {data['process_count']} processes; resume with as many "
                          f"(this run has {jax.process_count()})")
     return state, data["hosts"][jax.process_index()]
 
 
 # The loop ------------------------------------------------------------------------------------------
-class MetricsLog:
-    """metrics.jsonl, one JSON record a line, each line on storage once `write` returns.
-
-    On a local disk the file is appended to. On a URL (gs://..., whose objects cannot be appended to) the
-    lines are kept, those of an earlier run included, and the whole file is rewritten at each write.
-    """
-
-    def __init__(self, path, append: bool | None = None):
-        self.path = as_path(path)
-        self.append = not is_url(path) if append is None else append
-        self._lines: list[str] = []
-        self._file = None
-        if self.append:
-            self._file = self.path.open("a")
-        elif self.path.exists():
-            self._lines = self.path.read_text().splitlines(keepends=True)
-
-    def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        if self._file is not None:
-            self._file.write(line)
-            self._file.flush()
-        else:
-            self._lines.append(line)
-            self.path.write_text("".join(self._lines))
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
 class StopSignal:
     """SIGTERM sets a flag that the loop checks after every step (installed from the main thread only)."""
 
@@ -353,17 +304,18 @@ def _finite(metrics: dict[str, float]) -> bool:
     return math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
 
 
-def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointManager, options: LoopOptions,
-             eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None):
+def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp.CheckpointManager,
+             options: LoopOptions, eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None):
     """Train from state's step to options.steps (or stop_at), logging, evaluating and checkpointing -> (state, result).
 
     Metrics are read back every step so a non-finite loss stops the run before anything is saved from it.
+    metrics.jsonl records after the state's step (from a run killed since its last checkpoint) are dropped.
     """
     main = jax.process_index() == 0
-    step = int(jax.device_get(state["step"]))
+    step = int(jax.device_get(state.step))
     end = min(options.steps, options.stop_at or options.steps)
     status, loss = ("finished" if end == options.steps else "stopped"), None
-    log = MetricsLog(as_path(options.output_dir) / METRICS_FILE) if main else None
+    log = MetricsLog(as_path(options.output_dir) / run_dir.METRICS_FILE, resume_step=step) if main else None
     bar = tqdm(total=options.steps, initial=step, disable=not main, desc="sft", unit="step", dynamic_ncols=True)
     window_tokens, window_seconds = 0.0, 0.0  # train-step time only: not data, eval or saving
     stop = stop or StopSignal()
@@ -379,8 +331,8 @@ def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointM
                 if not _finite(metrics):
                     manager.wait_until_finished()
                     raise DivergedError(
-                        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; stopped. The last good "
-                        f"checkpoint is step {manager.latest_step()} (try a lower --learning-rate)")
+                        f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; stopped. The last "
+                        f"good checkpoint is step {manager.latest_step()} (try a lower --learning-rate)")
                 loss, window_tokens = metrics["loss"], window_tokens + metrics["input_tokens"]
                 record = {}
                 if step % options.log_every == 0 or step == end:
@@ -396,7 +348,7 @@ def run_loop(trainer: Trainer, state, batches: Batches, manager: ocp.CheckpointM
                     log.write(record)
                 preempted = stop.agreed()
                 if step % options.save_every == 0 or step == end or preempted:
-                    save_checkpoint(manager, trainer, state, gather_data_state(batches.state()))
+                    save_checkpoint(manager, state, gather_data_state(batches.state()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if preempted:

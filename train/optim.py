@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mistral_jax.errors import UserError
+
 NO_DECAY = ("scale", "bias")  # RMSNorm scales (and biases, where a model has them) are not decayed
 
 
@@ -30,10 +32,10 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"need steps >= 1 and 0 <= warmup steps <= steps, got warmup {self.warmup_steps} "
+            raise UserError(f"need steps >= 1 and 0 <= warmup steps <= steps, got warmup {self.warmup_steps} "
                              f"of {self.total_steps} steps")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise UserError(f"min lr ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -6,9 +6,10 @@ import pathlib
 
 import jax.numpy as jnp
 
-from mistral_jax.checkpoints import consolidated, hf, hf_layout, orbax
+from mistral_jax.checkpoints import consolidated, hf, hf_layout, orbax, run_dir
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
+from mistral_jax.errors import UserError
 from mistral_jax.paths import CHECKPOINT_HINT, is_url
 
 # Checkpoint files that are read from local disk only, told apart by name: a URL naming one fails before any
@@ -53,8 +54,9 @@ def read(path) -> tuple[ModelConfig, dict]:
 
 
 def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tuple[ModelConfig, dict]:
-    """(config, params) from a checkpoint. Parameters are stored in `dtype`, which is also the compute
-    dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16).
+    """(config, params) from a checkpoint, or from an sft run directory (its latest step, LoRA merged; the
+    tokenizer it trained with is `run_dir.tokenizer_source(path)`). Parameters are stored in `dtype`, which is
+    also the compute dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16).
 
     Weights stream leaf by leaf onto the device (host memory stays near one copy of the model); with a
     `mesh` (sharding.make_mesh) each leaf goes straight to its sharding, every process building only the
@@ -64,19 +66,29 @@ def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tupl
     from mistral_jax.model.layer_layout import unstack_layers
 
     scan_layers = config_overrides.pop("scan_layers", True)
-    config, params = _load_scanned(path, dtype, mesh, config_overrides)
+    if dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_url(path)
+    load_scanned = _load_run if run_dir.is_run_dir(path) else _load_scanned
+    config, params = load_scanned(path, dtype, mesh, config_overrides)
     if scan_layers:
         return config, params
     return unstack_layers(config, params, donate=True)
 
 
+def _load_run(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, dict]:
+    """A run directory's latest params (float32, LoRA merged) cast to `dtype`, where they are."""
+    import jax
+
+    config, params = run_dir.latest_params(path, mesh)
+    config = config.replace(**{"dtype": dtype, "param_dtype": dtype, **config_overrides})
+    return config, jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
+
+
 def _load_scanned(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, dict]:
     from mistral_jax import sharding
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
-    check_url(path)
     if orbax.is_orbax_dir(path):  # local or a URL (gs://...)
         config = orbax.read_config(path).replace(**overrides)
         shardings = sharding.param_shardings(config, mesh) if mesh is not None else None

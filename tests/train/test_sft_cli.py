@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sft_helpers import chats, write_jsonl
 
 import mistral_jax as mj
 from mistral_jax import cli
-from mistral_jax.checkpoints import orbax
-from train import sft
-from train.loop import checkpoint_manager
+from mistral_jax.checkpoints import orbax, run_dir
+from mistral_jax.checkpoints.run_dir import checkpoint_manager
+from train import settings, sft
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -82,7 +83,8 @@ def test_sharded_run_resumes_and_matches(tmp_path, uninterrupted, llama_dir, dat
 
 def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) -> None:
     output = tmp_path / "lora"
-    flags = ("--steps", "4", "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--compute-dtype", "bfloat16", "--remat")
+    flags = ("--steps", "4", "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--compute-dtype", "bfloat16",
+             "--remat")
     assert sft.main(_flags(llama_dir, data_file, output, *flags)) == 0
     info = json.loads((output / "run.json").read_text())
     assert info["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w_down"]}
@@ -96,6 +98,16 @@ def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) 
     assert not np.allclose(merged["layers"]["mlp"]["w_down"], base["layers"]["mlp"]["w_down"])
     np.testing.assert_array_equal(merged["layers"]["attention"]["wk"], base["layers"]["attention"]["wk"])
     np.testing.assert_array_equal(merged["embedding"], base["embedding"])
+
+    # mj.load(RUN): the same latest step, LoRA merged, in the dtype and layout asked for; the run's tokenizer.
+    _, loaded = mj.load(output)
+    jax.tree.map(np.testing.assert_array_equal, loaded, merged)
+    config16, unscanned = mj.load(output, "bfloat16", scan_layers=False)
+    assert config16.dtype == config16.param_dtype == "bfloat16" and not config16.scan_layers
+    assert unscanned["layers"]["0"]["attention"]["wq"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(unscanned["layers"]["0"]["attention"]["wq"],
+                                  merged["layers"]["attention"]["wq"][0].astype(jnp.bfloat16))
+    assert run_dir.tokenizer_source(output) == str(llama_dir)
 
     # `mistral-jax export RUN DST`: an HF directory of the merged weights, with the base's tokenizer.
     assert cli.main(["export", str(output), str(tmp_path / "hf")]) == 0
@@ -119,7 +131,8 @@ def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, llama_dir, data_file) -> None:
     output = tmp_path / "preempted"
     command = [sys.executable, "-m", "train.sft",
-               *_flags(llama_dir, data_file, output, "--steps", "100000", "--save-every", "100000", "--eval-fraction", "0")]
+               *_flags(llama_dir, data_file, output, "--steps", "100000", "--save-every", "100000",
+                       "--eval-fraction", "0")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
@@ -138,18 +151,54 @@ def test_bad_jsonl_line_is_reported(tmp_path, llama_dir, capsys) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", [*chats(2), '{"messages": [{"role": "user", "content": "hi"}]}'])
     assert sft.main(_flags(llama_dir, data, tmp_path / "out", "--steps", "2")) == 2
     assert "bad.jsonl:3: no assistant message" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # inputs are checked before anything is written
+
+
+@pytest.mark.parametrize("problem", ["missing checkpoint", "seq-len too long", "warmup too long"])
+def test_input_errors_leave_no_output_behind(tmp_path, llama_dir, data_file, capsys, problem) -> None:
+    model, extra = llama_dir, ["--steps", "2"]
+    if problem == "missing checkpoint":
+        model = tmp_path / "no-such-model"
+    elif problem == "seq-len too long":
+        extra += ["--seq-len", "100000"]
+    else:
+        extra += ["--warmup-steps", "5"]
+    assert sft.main([*_flags(model, data_file, tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mistral-jax sft: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path, llama_dir, data_file, capsys) -> None:
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "notes.txt").write_text("keep me")
+    assert sft.main(_flags(llama_dir, data_file, output, "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(output) in err and "not an sft run directory" in err
+    assert sorted(p.name for p in output.iterdir()) == ["notes.txt"]  # nothing written: no run.json, metrics
+    assert (output / "notes.txt").read_text() == "keep me"
+
+
+def test_output_under_a_file_is_one_line(tmp_path, llama_dir, data_file, capsys) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    assert sft.main(_flags(llama_dir, data_file, tmp_path / "file" / "x", "--steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a directory" in err and "Traceback" not in err
 
 
 def test_run_config_file_with_flag_overrides(tmp_path) -> None:
-    parser = sft.add_sft_flags(argparse.ArgumentParser())
+    parser = sft.add_sft_flags(argparse.ArgumentParser())  # the settings' flags and the distributed ones
     demo = REPO / "configs" / "sft" / "smollm2-demo.json"
-    s = sft.resolve(parser.parse_args(["--config", str(demo), "--steps", "3", "--output", str(tmp_path)]))
+    s = settings.resolve(parser.parse_args(["--config", str(demo), "--steps", "3", "--output", str(tmp_path)]))
     assert s.steps == 3 and s.output == tmp_path and Path(s.data).is_file() and s.checkpoint is None
     assert s.warmup_steps == 2 and s.learning_rate == 1e-4 and s.eval_every == 3
-    s = sft.resolve(parser.parse_args(["--data", "x.jsonl", "--output", "o", "--steps", "100", "--lora-rank", "8"]))
-    assert (s.warmup_steps, s.learning_rate, s.lora_alpha, s.save_every, s.eval_every) == (5, sft.LORA_LR, 16.0, 10, 10)
+    s = settings.resolve(parser.parse_args(["--data", "x.jsonl", "--output", "o", "--steps", "100",
+                                            "--lora-rank", "8"]))
+    assert (s.warmup_steps, s.learning_rate, s.lora_alpha, s.save_every, s.eval_every) == (
+        5, settings.LORA_LR, 16.0, 10, 10)
     with pytest.raises(ValueError, match="missing --data, --output"):
-        sft.resolve(parser.parse_args(["--steps", "3"]))
+        settings.resolve(parser.parse_args(["--steps", "3"]))
     (tmp_path / "typo.json").write_text('{"step": 3}')
     with pytest.raises(ValueError, match=r"unknown settings \['step'\]"):
-        sft.resolve(parser.parse_args(["--config", str(tmp_path / "typo.json")]))
+        settings.resolve(parser.parse_args(["--config", str(tmp_path / "typo.json")]))

@@ -93,7 +93,8 @@ def test_truncation_is_counted(tmp_path: Path, tokenizer) -> None:
 
 def test_batches_are_seeded_and_resume_exactly(tokenizer, data_file: Path) -> None:
     def stream(seed: int, state=None, n: int = 7):
-        data = load_data(data_file, tokenizer, seq_len=48, rows=3, packing=True, seed=seed, eval_fraction=0, vocab_size=256)
+        data = load_data(data_file, tokenizer, seq_len=48, rows=3, packing=True, seed=seed, eval_fraction=0,
+                         vocab_size=256)
         if state:
             data.train.restore(state)
         return data.train, [next(data.train)["inputs"] for _ in range(n)]

@@ -79,7 +79,7 @@ def test_gradient_accumulation_equals_one_big_batch(params, tokenizer, data_file
         state = trainer.init_state(jax.tree.map(jnp.array, params))
         for _ in range(2):
             state, metrics = trainer.train_step(state, trainer.put_batch(next(data.train)))
-        results.append((jax.device_get(state["params"]), {k: float(v) for k, v in metrics.items()}))
+        results.append((jax.device_get(state.trainable), {k: float(v) for k, v in metrics.items()}))
     (p1, m1), (p2, m2) = results
     assert m1["target_tokens"] == m2["target_tokens"] > 0
     for key in ("loss", "grad_norm"):

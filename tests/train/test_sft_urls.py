@@ -1,6 +1,7 @@
 """gs:// paths through sft, generate and the metrics log, without a bucket: etils.epath is pointed at the local
 disk (a gs://bucket/x URL becomes ./gs:/bucket/x) and the orbax calls that would reach GCS are recorded instead."""
 
+import importlib
 import json
 import shutil
 
@@ -10,9 +11,10 @@ from etils.epath import testing as epath_testing
 
 import mistral_jax as mj
 from mistral_jax import cli
-from mistral_jax.checkpoints import orbax
+from mistral_jax.checkpoints import orbax, run_dir
 from mistral_jax.paths import is_url
-from train import loop, sft
+
+load_module = importlib.import_module("mistral_jax.checkpoints.load")  # the package rebinds .load to the function
 
 
 class Reached(Exception):
@@ -69,14 +71,14 @@ def test_metrics_log_rewrites_a_url_and_appends_locally(bucket, tmp_path):
     url = "gs://bucket/run/metrics.jsonl"
     local(url).parent.mkdir(parents=True)  # GCS has no directories; the local stand-in needs this one
     steps = lambda: [json.loads(line)["step"] for line in local(url).read_text().splitlines()]  # noqa: E731
-    log = loop.MetricsLog(url)
+    log = run_dir.MetricsLog(url)
     assert not log.append
     log.write({"step": 1})
     assert steps() == [1]  # on storage as soon as it is written
     log.write({"step": 2})
     log.close()
     assert steps() == [1, 2]
-    resumed = loop.MetricsLog(url)  # a resumed run keeps the earlier lines
+    resumed = run_dir.MetricsLog(url)  # a resumed run keeps the earlier lines
     resumed.write({"step": 3})
     resumed.close()
     assert steps() == [1, 2, 3]
@@ -85,11 +87,27 @@ def test_metrics_log_rewrites_a_url_and_appends_locally(bucket, tmp_path):
     file = tmp_path / "local" / "metrics.jsonl"
     file.parent.mkdir()
     file.write_text('{"step": 1}\n')
-    log = loop.MetricsLog(file)
+    log = run_dir.MetricsLog(file)
     assert log.append and str(log.path) == str(file)
     log.write({"step": 2})
     log.close()
     assert file.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_metrics_log_of_a_resumed_run_drops_later_steps(bucket, tmp_path):
+    """Resuming from step S (on a URL or locally) drops what a killed run logged after S, a cut-off line too."""
+    url = "gs://bucket/run/metrics.jsonl"
+    local(url).parent.mkdir(parents=True)
+    file = tmp_path / "local" / "metrics.jsonl"
+    file.parent.mkdir()
+    for where, path in ((local(url), url), (file, file)):
+        where.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"ste')
+        log = run_dir.MetricsLog(path, resume_step=2)
+        log.write({"step": 3, "loss": 0.5})
+        log.close()
+        assert [json.loads(line) for line in where.read_text().splitlines()] == [
+            {"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}]
+    assert all("a" not in mode for _, mode in bucket)
 
 
 def test_sft_with_gs_output_and_checkpoint(bucket, monkeypatch, llama_dir, data_file) -> None:
@@ -98,21 +116,21 @@ def test_sft_with_gs_output_and_checkpoint(bucket, monkeypatch, llama_dir, data_
     base, run = "gs://bucket/models/base", "gs://bucket/runs/sft-1"
     shutil.copytree(llama_dir, local(base))  # the base model's tokenizer files are read from "gs://"
     loaded = []
-    real_load_model = sft._load_model
+    real_load = load_module.load
 
-    def load_model(path, mesh):  # orbax would read gs:// arrays with tensorstore's GCS driver: the same model, locally
-        loaded.append(str(path))
-        return real_load_model(llama_dir, mesh)
+    def load(path, dtype, mesh):  # orbax would read gs:// arrays with tensorstore's GCS driver: the same model, locally
+        loaded.append((str(path), dtype))
+        return real_load(llama_dir, dtype, mesh=mesh)
 
-    monkeypatch.setattr(sft, "_load_model", load_model)
-    monkeypatch.setattr(loop.ocp, "CheckpointManager", FakeManager)
+    monkeypatch.setattr(load_module, "load", load)
+    monkeypatch.setattr(run_dir.ocp, "CheckpointManager", FakeManager)
     FakeManager.made.clear()
     argv = ["sft", "--checkpoint", base, "--output", run, "--data", str(data_file), "--steps", "3", "--save-every", "2",
             "--batch-size", "2", "--seq-len", "64", "--log-every", "1", "--eval-fraction", "0"]
     assert cli.main(argv) == 0
     (manager,) = FakeManager.made
     assert str(manager.directory) == run + "/checkpoints" and manager.steps == [2, 3]
-    assert loaded == [base]
+    assert loaded == [(base, "float32")]
     info = json.loads(local(run + "/run.json").read_text())
     assert info["checkpoint"] == base and info["tokenizer"] == base and info["settings"]["output"] == run
     metrics = [json.loads(line) for line in local(run + "/metrics.jsonl").read_text().splitlines()]
@@ -133,7 +151,7 @@ def test_generate_from_gs_run_and_orbax_checkpoint(bucket, monkeypatch, capsys) 
     def manager(directory, options=None, item_names=None):
         raise Reached(str(directory))
 
-    monkeypatch.setattr(loop.ocp, "CheckpointManager", manager)
+    monkeypatch.setattr(run_dir.ocp, "CheckpointManager", manager)
     with pytest.raises(Reached, match=f"^{run}/checkpoints$"):
         cli.main(["generate", "--checkpoint", run, "--prompt-ids", "1,2"])
 

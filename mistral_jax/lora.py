@@ -3,7 +3,8 @@
 A target weight W [lead..., in..., out...] (lead = layers, or layers and experts) gets A [lead..., in..., r]
 and B [lead..., r, out...], B zero so training starts from the base model; the model runs on
 W + (alpha / r) * A @ B, and only A and B are trained. Adapters are a nested dict mirroring the params,
-each target leaf replaced by {"a", "b"}.
+each target leaf replaced by {"a", "b"}. Pure math plus where the adapters live on a mesh; the SFT program
+(train/) trains them, `mistral_jax.checkpoints.run_dir` merges a run's into its base model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from mistral_jax.errors import UserError
 
 # Target name -> (its module in the params tree, number of input dims, number of output dims).
 TARGETS = {
@@ -38,9 +41,9 @@ class LoraSpec:
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+            raise UserError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+            raise UserError(f"LoRA rank must be positive, got {self.rank}")
 
     @property
     def scale(self) -> float:
@@ -59,7 +62,7 @@ def _targets(params, spec: LoraSpec) -> list[tuple[str, str]]:
     for name in spec.targets:
         module = next((m for m in TARGETS[name][0] if name in layers.get(m, {})), None)
         if module is None:
-            raise ValueError(f"LoRA target {name} is not a weight of this model")
+            raise UserError(f"LoRA target {name} is not a weight of this model")
         found.append((module, name))
     return found
 
@@ -108,7 +111,7 @@ def logical_axes(param_axes, adapters):
     """
     out: dict = {}
     for module, weights in adapters["layers"].items():
-        for name, ab in weights.items():
+        for name in weights:
             names = tuple(param_axes["layers"][module][name])  # [lead..., in..., out...]
             _, n_in, n_out = TARGETS[name]
             lead = len(names) - n_in - n_out
@@ -117,3 +120,13 @@ def logical_axes(param_axes, adapters):
                 "b": PartitionSpec(*names[:lead], None, *names[lead + n_in:]),
             }
     return {"layers": out}
+
+
+def shardings(config, mesh, adapters):
+    """A NamedSharding for every adapter leaf (`adapters`: arrays or ShapeDtypeStructs) on `mesh`, from the base
+    weights' logical names: how the trainer places them and how a run's checkpoint restores them."""
+    from mistral_jax import sharding
+    from mistral_jax.model.transformer import logical_axes as param_logical_axes
+
+    axes = logical_axes(param_logical_axes(config), adapters)
+    return jax.tree.map(lambda x, names: sharding.named(mesh, x.shape, tuple(names)), adapters, axes)

@@ -1,0 +1,188 @@
+"""An sft run directory and its files: run.json, metrics.jsonl and checkpoints/ (orbax steps); its latest params.
+
+run.json holds the trained model's config, the base checkpoint, the tokenizer, the LoRA settings and every
+setting. A checkpoint step holds the trained part ("trainable": the params, or the LoRA adapters),
+"opt_state" and "data" (every host's iterator state, JSON). The directory may be a URL (gs://bucket/run).
+Here because `mistral_jax.load(run_dir)` reads runs and mistral_jax never imports the SFT program (train/).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import orbax.checkpoint as ocp
+
+from mistral_jax.errors import UserError
+from mistral_jax.paths import as_path, is_url
+
+RUN_FILE = "run.json"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+ITEMS = ("trainable", "opt_state", "data")  # the items of each checkpoint step
+
+
+def is_run_dir(path) -> bool:
+    """Whether `path` (local or a URL) is an sft run directory (it holds run.json)."""
+    return (as_path(path) / RUN_FILE).is_file()
+
+
+def run_info(path) -> dict:
+    """A run directory's run.json: model config, base checkpoint and tokenizer paths, LoRA settings, settings."""
+    file = as_path(path) / RUN_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not an sft run directory: {RUN_FILE} is missing")
+    return json.loads(file.read_text())
+
+
+def write_run_info(path, info: dict) -> None:
+    """Write run.json (creating the directory): `info` as run_info returns it."""
+    path = as_path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def model_config(path):
+    """The trained model's ModelConfig (float32 weights) from a run directory's run.json."""
+    from mistral_jax.config import ModelConfig
+
+    return ModelConfig.from_dict(run_info(path)["model_config"])
+
+
+def tokenizer_source(path) -> str:
+    """The tokenizer file or directory (or URL) the run trained with."""
+    return run_info(path)["tokenizer"]
+
+
+def lora_spec(info: dict):
+    """The run's LoraSpec (from run_info), or None for a full fine-tune."""
+    from mistral_jax import lora
+
+    spec = info.get("lora")
+    return lora.LoraSpec(spec["rank"], float(spec["alpha"]), tuple(spec["targets"])) if spec else None
+
+
+def check_output(path) -> None:
+    """A UserError unless `path` may hold a run: absent (its nearest existing parent a directory), empty, or
+    already a run directory. Nothing is written."""
+    if not is_url(path):
+        existing = pathlib.Path(as_path(path))
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"--output {path}: {existing} is not a directory")
+    target = as_path(path)
+    if target.is_dir() and any(target.iterdir()) and not is_run_dir(target):
+        raise UserError(f"--output {path} is not empty and is not an sft run directory (no {RUN_FILE}); "
+                        "choose a new or empty directory")
+
+
+# Checkpoints ---------------------------------------------------------------------------------------
+def checkpoint_manager(path, keep: int | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+    """Orbax manager of RUN/checkpoints (RUN local or a URL such as gs://bucket/run): async saves, the last
+    `keep` kept (None: all). A writable one creates the directory."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                           save_interval_steps=0 if read_only else 1, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(as_path(path) / CHECKPOINTS_DIR, options=options, item_names=ITEMS)
+
+
+def latest_step(path) -> int | None:
+    """The latest complete checkpoint step of a run, None when there is none (nothing is created)."""
+    if not (as_path(path) / CHECKPOINTS_DIR).is_dir():
+        return None
+    manager = checkpoint_manager(path, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def restore_trainable(manager: ocp.CheckpointManager, step: int, target):
+    """Only the trained part (params or adapters) of checkpoint `step`, placed like `target` (ShapeDtypeStructs)."""
+    return manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(target)))["trainable"]
+
+
+def latest_params(path, mesh=None):
+    """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` (sharded as
+    `mistral_jax.sharding` places parameters) or, without one, on the host's first device.
+
+    The config is the trained model's with float32 weights and compute. The run and the base checkpoint of a
+    LoRA run may be URLs (gs://...).
+    """
+    import jax
+
+    from mistral_jax import lora, sharding
+    from mistral_jax.checkpoints import orbax
+    from mistral_jax.checkpoints.load import load
+
+    output = as_path(path)
+    info = run_info(output)
+    config = model_config(output).replace(dtype="float32", remat=False)
+    manager = checkpoint_manager(output, read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{output / CHECKPOINTS_DIR} holds no complete checkpoint")
+        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
+        spec = lora_spec(info)
+        if spec is None:
+            return config, restore_trainable(manager, step, orbax.abstract_params(config, shardings))
+        _, base = load(info["checkpoint"], "float32", mesh=mesh)
+        abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
+        placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
+        adapters = restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
+        if mesh is None:
+            return config, lora.merge(base, adapters, spec.scale)
+        merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale), out_shardings=shardings, donate_argnums=0)
+        return config, merge(base, adapters)  # each merged weight computed shard by shard, where it stays
+    finally:
+        manager.close()
+
+
+# Metrics -------------------------------------------------------------------------------------------
+def _step_of(line: str) -> int | None:
+    """A metrics line's step; None for a line cut off mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record a line, each line on storage once `write` returns.
+
+    On a local disk the file is appended to. On a URL (gs://..., whose objects cannot be appended to) the
+    lines are kept, those of an earlier run included, and the whole file is rewritten at each write.
+    `resume_step`: the step a run continues from; records after it (written by a run killed before it could
+    save them in a checkpoint) are dropped, so no step is logged twice.
+    """
+
+    def __init__(self, path, append: bool | None = None, resume_step: int | None = None):
+        self.path = as_path(path)
+        self.append = not is_url(path) if append is None else append
+        self._lines: list[str] = []
+        self._file = None
+        if self.path.exists() and (resume_step is not None or not self.append):
+            lines = self.path.read_text().splitlines(keepends=True)
+            kept = lines
+            if resume_step is not None:
+                kept = [line for line in lines if (step := _step_of(line)) is not None and step <= resume_step]
+            if kept != lines:
+                self.path.write_text("".join(kept))
+            self._lines = [] if self.append else kept
+        if self.append:
+            self._file = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
