@@ -22,7 +22,6 @@ from jax.experimental import multihost_utils
 import mistral_jax as mj
 from mistral_jax import distributed, planner, sharding
 from mistral_jax.compile_stats import CompileStats
-from mistral_jax.config import DTYPES
 from mistral_jax.errors import UserError, one_line
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from train import sft  # the SFT program lives in train/; only the CLI reaches into it
@@ -155,18 +154,10 @@ def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
     generate, chat, convert and export all load through here. Orbax checkpoints and runs may be URLs (gs://);
     the other formats are local files, and a URL naming one fails with a hint before anything is read.
     """
-    from mistral_jax.checkpoints.load import check_url
+    from mistral_jax.checkpoints import run_dir
 
-    check_url(path)
-    if sft.is_run_dir(path):
-        config, params = sft.latest_params(path, mesh)
-        config = config.replace(dtype=dtype, param_dtype=dtype)
-        params = jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
-        if not scan_layers:
-            config, params = mj.unstack_layers(config, params, donate=True)
-        return config, params, sft.run_info(path)["tokenizer"]
     config, params = mj.load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
-    return config, params, path
+    return config, params, run_dir.tokenizer_source(path) if run_dir.is_run_dir(path) else path
 
 
 def _load(args, need_tokenizer: bool):

@@ -66,11 +66,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: bool = False
     init_std: float = 0.02
-    # Layer layout. True: every block's weights stacked on a leading `layers` axis and run under nn.scan
-    # (compile time flat in depth; what training, sharding plans and checkpoints use). False: one
-    # parameter subtree and one KV-cache buffer per layer, run as an unrolled loop: what decoding wants
-    # on XLA:CPU, which copies each layer's slice of a stacked weight every step (benchmarks/RESULTS.md).
-    # Convert a model with `mistral_jax.unstack_layers` / `stack_layers`, or `load(..., scan_layers=False)`.
+    # Layer layout: True stacks every block's weights under nn.scan (training, checkpoints), False keeps one
+    # subtree and cache buffer per layer (decoding). model/layer_layout.py says why, and converts.
     scan_layers: bool = True
     # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", or
     # "cudnn" (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel).

@@ -11,7 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from mistral_jax.checkpoints.run_dir import is_run_dir, run_info  # noqa: F401 (mistral_jax.cli uses them)
 from mistral_jax.errors import UserError, one_line
 from mistral_jax.paths import as_path
 from train.settings import SftSettings, add_flags, resolve
