@@ -25,7 +25,17 @@ def one_line(err: BaseException) -> str | None:
             return f"{target}: {err.strerror}"
         return str(err)
     if isinstance(err, ImportError):
-        from mistral_jax.paths import missing_filesystem
-
         return missing_filesystem(err)
     return None
+
+
+# What etils.epath (fsspec) needs to reach each kind of URL; tpu/install.sh installs gcsfs.
+FILESYSTEM_PACKAGES = ("gcsfs", "s3fs", "adlfs")
+
+
+def missing_filesystem(err: ImportError) -> str | None:
+    """One line for an ImportError raised because a URL's file system package is not installed (else None)."""
+    text = str(err)
+    package = next((name for name in FILESYSTEM_PACKAGES if name in text), None)
+    return f"{text.rstrip('.')} (pip install {package})" if package else None
+

@@ -18,8 +18,6 @@ from etils import epath
 from mistral_jax.errors import UserError
 
 CHECKPOINT_HINT = "copy it to local disk or convert it to orbax on gs:// first"
-# What etils.epath (fsspec) needs to reach each kind of URL; tpu/install.sh installs gcsfs.
-FILESYSTEM_PACKAGES = ("gcsfs", "s3fs", "adlfs")
 
 
 def is_url(path: str | os.PathLike | None) -> bool:
@@ -43,13 +41,6 @@ def require_local(path, what: str, hint: str = "copy it to local disk first",
     """Raise `error` when `path` is a URL: `what` (e.g. "a GGUF file") is read from local disk only."""
     if is_url(path):
         raise error(f"{path}: {what} is read from local disk only; {hint}")
-
-
-def missing_filesystem(err: ImportError) -> str | None:
-    """One line for an ImportError raised because a URL's file system package is not installed (else None)."""
-    text = str(err)
-    package = next((name for name in FILESYSTEM_PACKAGES if name in text), None)
-    return f"{text.rstrip('.')} (pip install {package})" if package else None
 
 
 def check_new_dir(path) -> None:

@@ -128,10 +128,10 @@ def _report_data(say, stats: dict[str, int], seq_len: int) -> None:
 
 def latest_params(output_dir, mesh=None):
     """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` or the first device
-    (mistral_jax.checkpoints.run_dir.latest_params; float32, ready for checkpoints.hf.write)."""
-    from mistral_jax.checkpoints import run_dir
+    (mistral_jax.checkpoints.load.run_params; float32, ready for checkpoints.hf.write)."""
+    from mistral_jax.checkpoints.load import run_params
 
-    return run_dir.latest_params(output_dir, mesh)
+    return run_params(output_dir, mesh)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ from mistral_jax.checkpoints import consolidated, hf, hf_layout, orbax, run_dir
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import DTYPES, ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.paths import CHECKPOINT_HINT, is_url
+from mistral_jax.paths import CHECKPOINT_HINT, as_path, is_url
 
 # Checkpoint files that are read from local disk only, told apart by name: a URL naming one fails before any
 # network access.
@@ -80,7 +80,7 @@ def _load_run(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, di
     """A run directory's latest params (float32, LoRA merged) cast to `dtype`, where they are."""
     import jax
 
-    config, params = run_dir.latest_params(path, mesh)
+    config, params = run_params(path, mesh)
     config = config.replace(**{"dtype": dtype, "param_dtype": dtype, **config_overrides})
     return config, jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
 
@@ -101,3 +101,39 @@ def _load_scanned(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig
         shardings = sharding.param_shardings(config, mesh)
         place = lambda leaf_path, array: sharding.put(array, hf_layout.get_path(shardings, leaf_path))  # noqa: E731
     return config, hf_layout.to_params(config, tensors, dtype, source=str(path), place=place)
+
+
+def run_params(path, mesh=None):
+    """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` (sharded as
+    `mistral_jax.sharding` places parameters) or, without one, on the host's first device.
+
+    The config is the trained model's with float32 weights and compute (a LoRA run's base is read with `load`,
+    whatever its format). The run and the base checkpoint of a
+    LoRA run may be URLs (gs://...).
+    """
+    import jax
+
+    from mistral_jax import lora, sharding
+
+    output = as_path(path)
+    info = run_dir.run_info(output)
+    config = run_dir.model_config(output).replace(dtype="float32", remat=False)
+    manager = run_dir.checkpoint_manager(output, read_only=True)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{output / run_dir.CHECKPOINTS_DIR} holds no complete checkpoint")
+        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
+        spec = run_dir.lora_spec(info)
+        if spec is None:
+            return config, run_dir.restore_trainable(manager, step, orbax.abstract_params(config, shardings))
+        _, base = load(info["checkpoint"], "float32", mesh=mesh)
+        abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
+        placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
+        adapters = run_dir.restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
+        if mesh is None:
+            return config, lora.merge(base, adapters, spec.scale)
+        merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale), out_shardings=shardings, donate_argnums=0)
+        return config, merge(base, adapters)  # each merged weight computed shard by shard, where it stays
+    finally:
+        manager.close()

@@ -9,12 +9,11 @@ Here because `mistral_jax.load(run_dir)` reads runs and mistral_jax never import
 from __future__ import annotations
 
 import json
-import pathlib
 
 import orbax.checkpoint as ocp
 
 from mistral_jax.errors import UserError
-from mistral_jax.paths import as_path, is_url
+from mistral_jax.paths import as_path, check_new_dir, is_url
 
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -63,18 +62,15 @@ def lora_spec(info: dict):
 
 
 def check_output(path) -> None:
-    """A UserError unless `path` may hold a run: absent (its nearest existing parent a directory), empty, or
-    already a run directory. Nothing is written."""
-    if not is_url(path):
-        existing = pathlib.Path(as_path(path))
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise UserError(f"--output {path}: {existing} is not a directory")
-    target = as_path(path)
-    if target.is_dir() and any(target.iterdir()) and not is_run_dir(target):
+    """A one-line error unless `path` may hold a run: absent (not under a file), empty, or already a run
+    directory. Nothing is written."""
+    if is_run_dir(path):
+        return
+    try:
+        check_new_dir(path)
+    except FileExistsError:
         raise UserError(f"--output {path} is not empty and is not an sft run directory (no {RUN_FILE}); "
-                        "choose a new or empty directory")
+                        "choose a new or empty directory") from None
 
 
 # Checkpoints ---------------------------------------------------------------------------------------
@@ -100,43 +96,6 @@ def latest_step(path) -> int | None:
 def restore_trainable(manager: ocp.CheckpointManager, step: int, target):
     """Only the trained part (params or adapters) of checkpoint `step`, placed like `target` (ShapeDtypeStructs)."""
     return manager.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(target)))["trainable"]
-
-
-def latest_params(path, mesh=None):
-    """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` (sharded as
-    `mistral_jax.sharding` places parameters) or, without one, on the host's first device.
-
-    The config is the trained model's with float32 weights and compute. The run and the base checkpoint of a
-    LoRA run may be URLs (gs://...).
-    """
-    import jax
-
-    from mistral_jax import lora, sharding
-    from mistral_jax.checkpoints import orbax
-    from mistral_jax.checkpoints.load import load
-
-    output = as_path(path)
-    info = run_info(output)
-    config = model_config(output).replace(dtype="float32", remat=False)
-    manager = checkpoint_manager(output, read_only=True)
-    try:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{output / CHECKPOINTS_DIR} holds no complete checkpoint")
-        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
-        spec = lora_spec(info)
-        if spec is None:
-            return config, restore_trainable(manager, step, orbax.abstract_params(config, shardings))
-        _, base = load(info["checkpoint"], "float32", mesh=mesh)
-        abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
-        placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
-        adapters = restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
-        if mesh is None:
-            return config, lora.merge(base, adapters, spec.scale)
-        merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale), out_shardings=shardings, donate_argnums=0)
-        return config, merge(base, adapters)  # each merged weight computed shard by shard, where it stays
-    finally:
-        manager.close()
 
 
 # Metrics -------------------------------------------------------------------------------------------

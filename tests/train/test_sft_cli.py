@@ -184,7 +184,7 @@ def test_output_under_a_file_is_one_line(tmp_path, llama_dir, data_file, capsys)
     (tmp_path / "file").write_text("not a directory")
     assert sft.main(_flags(llama_dir, data_file, tmp_path / "file" / "x", "--steps", "2")) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is not a directory" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "is a file, not a directory" in err and "Traceback" not in err
 
 
 def test_run_config_file_with_flag_overrides(tmp_path) -> None:
