@@ -1,4 +1,4 @@
-"""`load(path)`: pick the reader for a checkpoint path and build the parameter pytree."""
+"""`load(path)`: pick the reader for a checkpoint path (or an sft run directory) and build the parameter pytree."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An sft run directory and its files: run.json, metrics.jsonl and checkpoints/ (orbax steps); its latest params.
+"""An sft run directory and its files: run.json, metrics.jsonl and checkpoints/ (orbax steps).
 
 run.json holds the trained model's config, the base checkpoint, the tokenizer, the LoRA settings and every
 setting. A checkpoint step holds the trained part ("trainable": the params, or the LoRA adapters),

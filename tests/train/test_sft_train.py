@@ -51,7 +51,12 @@ def test_tiny_model_memorises_and_the_step_compiles_once(tokenizer, data_file) -
 def test_sharded_step_equals_unsharded(tokenizer, data_file) -> None:
     config = mj.ModelConfig.from_preset("tiny-mixtral")
     params = mj.init_params(config, jax.random.key(1))
-    optim, shape = OptimConfig(1e-3, total_steps=10, warmup_steps=1), BatchShape(1, 4, 32)
+    # Adam's eps 1e-6, not 1e-8: with 1e-8 Adam divides a near-zero gradient by its own size, so rounding in
+    # a cancelling sum (other reduction orders on the mesh) moved one w_down element of 65536 by 3.1e-5 with
+    # the packages installed on 2026-12-01 (the landed commit too); with 1e-6 the worst was 1.6e-6. A real
+    # sharding mistake (a missing reduction, a wrong split) moves weights by the order of the learning rate.
+    optim = OptimConfig(1e-3, total_steps=10, warmup_steps=1, eps=1e-6)
+    shape = BatchShape(1, 4, 32)
     batches = [next(_data(tokenizer, data_file, rows=4, seq_len=32).train) for _ in range(2)]
     mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     results = []
