@@ -21,13 +21,15 @@ from jax.experimental import multihost_utils
 
 import mistral_jax as mj
 from mistral_jax import distributed, planner, sharding
+from mistral_jax.checkpoints import hf
+from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.errors import UserError, one_line
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from train import sft  # the SFT program lives in train/; only the CLI reaches into it
 
-# mistral_jax.checkpoints (orbax, gguf) and mistral_jax.tokenizers are imported where used: at the top they
-# would make `mistral-jax --help` load orbax, gguf and the tokenizer libraries.
+# The orbax, GGUF and run-directory readers and mistral_jax.tokenizers are imported where used: at the top
+# they would make `mistral-jax --help` load orbax, gguf, jinja2 and the tokenizers library.
 
 
 class CLIError(UserError):
@@ -161,7 +163,6 @@ def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
 
 
 def _load(args, need_tokenizer: bool):
-    from mistral_jax.checkpoints.embedded import default_model_path
     from mistral_jax.tokenizers import load_tokenizer
 
     path = args.checkpoint if args.checkpoint is not None else default_model_path()
@@ -365,8 +366,6 @@ def cmd_convert(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from mistral_jax.checkpoints import hf
-
     if is_url(args.dst):
         raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
                        "copy it, or use `mistral-jax convert` to write orbax on gs://")
