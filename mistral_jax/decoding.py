@@ -215,13 +215,16 @@ _start = jax.jit(_first_state, static_argnums=(0, 1, 2), donate_argnums=4)
 _step = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=4)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=4)
-def _loop(config: ModelConfig, mesh, sampling: Sampling, params, state: DecodeState, seed_key, eos_ids, max_new_tokens):
-    """`_advance` on device until every row made an eos or `max_new_tokens` (traced) tokens exist."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=6)
+def _generate(config: ModelConfig, mesh, sampling: Sampling, buffer: int, params, logits, cache, positions, seed_key,
+              eos_ids, max_new_tokens) -> DecodeState:
+    """The first token from the prefill logits, then `_advance` on device until every row made an eos or
+    `max_new_tokens` (traced) tokens exist."""
 
     def more(state):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
+    state = _first_state(mesh, sampling, buffer, logits, cache, positions, seed_key, eos_ids)
     return jax.lax.while_loop(more, lambda s: _advance(config, mesh, sampling, params, s, seed_key, eos_ids), state)
 
 
@@ -279,7 +282,7 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class _Generation:
-    """What generate and generate_stream share once the prompts are prefilled."""
+    """What generate and generate_stream share: the request's settings and its prefilled prompts."""
 
     config: ModelConfig
     mesh: object
@@ -288,15 +291,29 @@ class _Generation:
     seed_key: jax.Array
     eos_ids: jax.Array  # int32 [E] (a -1 when there is none)
     rows: int  # the caller's rows; any after them are MIN_DECODE_ROWS copies
-    first: DecodeState
+    buffer: int  # the token buffer's length: max_new_tokens rounded up, so nearby lengths share programs
+    logits: jax.Array  # float32 [B, V] after the last prompt token
+    cache: dict  # the prompts' cache (donated by `first` or `run`: use one, once)
+    positions: jax.Array  # int32 [B] the first new token's position (each prompt's length)
+
+    def first(self) -> DecodeState:
+        """The state holding the first new token (sampled from the prefill logits)."""
+        return _start(self.mesh, self.sampling, self.buffer, self.logits, self.cache, self.positions, self.seed_key,
+                      self.eos_ids)
 
     def step(self, state: DecodeState) -> DecodeState:
         return _step(self.config, self.mesh, self.sampling, self.params, state, self.seed_key, self.eos_ids)
 
+    def run(self, max_new_tokens: int) -> DecodeState:
+        """Every token, on device: `first`, then `step` in a while loop."""
+        bound = _replicated(self.mesh, np.int32(max_new_tokens))
+        return _generate(self.config, self.mesh, self.sampling, self.buffer, self.params, self.logits, self.cache,
+                         self.positions, self.seed_key, self.eos_ids, bound)
+
 
 def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
            seed: int, eos_id, prefill_chunk: int | None, mesh) -> _Generation:
-    """Check the request, place the parameters, prefill the prompts and sample the first token."""
+    """Check the request, place the parameters and prefill the prompts."""
     sampling = Sampling(temperature, top_k, top_p)
     if mesh is not None:
         params = sharding.ensure_params(config, params, mesh)
@@ -310,8 +327,8 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperatur
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
     seed_key, eos_ids = _seed_key(seed, mesh), _replicated(mesh, np.asarray(_eos_ids(eos_id) or [-1], np.int32))
     lengths = jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths)
-    first = _start(mesh, sampling, _round_up_pow2(max_new_tokens), logits, cache, lengths, seed_key, eos_ids)
-    return _Generation(config, mesh, sampling, params, seed_key, eos_ids, rows, first)
+    return _Generation(config, mesh, sampling, params, seed_key, eos_ids, rows, _round_up_pow2(max_new_tokens),
+                       logits, cache, lengths)
 
 
 def generate(
@@ -335,9 +352,7 @@ def generate(
     """
     run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
                  mesh)
-    bound = _replicated(mesh, np.int32(max_new_tokens))
-    state = _loop(config, mesh, run.sampling, run.params, run.first, run.seed_key, run.eos_ids, bound)
-    tokens = np.asarray(state.tokens)[: run.rows, :max_new_tokens]
+    tokens = np.asarray(run.run(max_new_tokens).tokens)[: run.rows, :max_new_tokens]
     return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
 
 
@@ -362,7 +377,7 @@ def generate_stream(
     """
     run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
                  mesh)
-    state = run.first
+    state = run.first()
     while True:
         yield np.asarray(state.token)[: run.rows]
         if int(state.step) >= max_new_tokens or np.asarray(state.done)[: run.rows].all():
