@@ -12,6 +12,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model import kv_cache
 from mistral_jax.model.constraints import constrain
+from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.layers import param_init, rotary_embedding
 
 
@@ -129,8 +130,13 @@ class Attention(nn.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
         b = q.shape[0]
         if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
-            mask = attention_mask(positions, positions, window, inputs.segment_ids, inputs.segment_ids)
-            out = attend_cudnn(q, k, v, mask, causal=True) if cfg.attention == "cudnn" else attend_causal(q, k, v, mask)
+            segments = inputs.segment_ids
+            if cfg.attention == "flash":
+                out = flash_attention(q, k, v, positions, positions, window, segments, segments, causal_blocks=True)
+            else:
+                mask = attention_mask(positions, positions, window, segments, segments)
+                out = attend_cudnn(q, k, v, mask, causal=True) if cfg.attention == "cudnn" else attend_causal(
+                    q, k, v, mask)
         elif q.shape[1] == 1:
             # One new token: its slot held a position at least `size` back, outside the window, so writing
             # first and reading the cache alone is exact, and the donated buffer is updated in place.
@@ -141,8 +147,12 @@ class Attention(nn.Module):
             # A chunk may overwrite slots its own first queries still need: read the old cache and the chunk.
             keys = jnp.concatenate([kv_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
             values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
-            mask = attention_mask(positions, jnp.concatenate([inputs.cache_pos, positions], axis=1), window)
-            attend_chunk = functools.partial(attend_cudnn, causal=False) if cfg.attention == "cudnn" else attend
-            out = attend_chunk(q, keys, values, mask)
+            key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
+            if cfg.attention == "flash":
+                out = flash_attention(q, keys, values, positions, key_positions, window)
+            else:
+                mask = attention_mask(positions, key_positions, window)
+                attend_chunk = functools.partial(attend_cudnn, causal=False) if cfg.attention == "cudnn" else attend
+                out = attend_chunk(q, keys, values, mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthk,hkd->btd", out, wo), new_layer_cache

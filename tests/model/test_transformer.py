@@ -125,7 +125,7 @@ def test_causal_blocks_skip_nothing_they_need():
 
 def test_attention_kind_is_checked():
     with pytest.raises(ValueError, match="attention"):
-        mj.ModelConfig.from_preset("tiny-llama", attention="flash")
+        mj.ModelConfig.from_preset("tiny-llama", attention="splashy")
     if jax.default_backend() != "gpu":  # the CPU run of the tests: a clear refusal, not cuDNN's own error
         config = mj.ModelConfig.from_preset("tiny-llama", attention="cudnn", dtype="bfloat16", param_dtype="bfloat16")
         with pytest.raises(ValueError, match="needs a GPU"):
