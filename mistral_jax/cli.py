@@ -177,10 +177,7 @@ def _load(args, need_tokenizer: bool):
 
 def _start_devices(args):
     """jax.distributed and the mesh from --mesh / --coordinator / ...; only process 0 prints after this."""
-    try:
-        mesh = distributed.setup(args)
-    except ValueError as err:
-        raise CLIError(str(err)) from err
+    mesh = distributed.setup(args)  # its mistakes are UserErrors, printed by main
     if not distributed.is_main_process():
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     return mesh
@@ -385,7 +382,7 @@ def cmd_plan(args) -> None:
     if args.mesh:
         try:
             sizes = sharding.parse_mesh(args.mesh)
-        except ValueError as err:  # parse_mesh only checks the text it is given
+        except UserError as err:  # parse_mesh only checks the text it is given: say which flag
             raise CLIError(f"--mesh: {err}") from err
         mesh = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1, **sizes}
         result = planner.plan(config, mesh, **settings)

@@ -97,7 +97,6 @@ def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=Non
     mesh: built directly split over it, each device allocating only its own shard (batch over data/fsdp;
     a scanned cache's KV heads over tensor too: see sharding.cache_shardings).
     """
-    kv_cache.layer_shape(config, batch_size, max_seq_len)  # refuses bad sizes before tracing
     return _empty_cache(config, batch_size, max_seq_len, None if dtype is None else jnp.dtype(dtype), mesh)
 
 

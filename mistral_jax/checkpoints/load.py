@@ -107,9 +107,8 @@ def run_params(path, mesh=None):
     """(config, params) of a run's latest checkpoint, LoRA adapters merged, on `mesh` (sharded as
     `mistral_jax.sharding` places parameters) or, without one, on the host's first device.
 
-    The config is the trained model's with float32 weights and compute (a LoRA run's base is read with `load`,
-    whatever its format). The run and the base checkpoint of a
-    LoRA run may be URLs (gs://...).
+    The config is the trained model's with float32 weights and compute. A LoRA run's base is read with `load`,
+    whatever its format; the run and that base may be URLs (gs://...).
     """
     import jax
 
