@@ -1,4 +1,4 @@
-"""Chat formats (Mistral instruct v1/v3, Llama 2, checkpoint jinja) that never turn message text into control ids."""
+"""Chat formats (Mistral instruct v1/v3/v7, Llama 2, checkpoint jinja) that never turn message text into control ids."""
 
 import datetime
 import itertools
@@ -32,43 +32,51 @@ def _require(token_id: int | None, what: str) -> int:
 
 
 class MistralInstruct:
-    """Mistral's instruct format exactly as mistral-common encodes it (v1, and v2/v3 with control tokens).
+    """Mistral's instruct format exactly as mistral-common encodes it (v1, v2/v3 with control tokens, and v7).
 
-    mistral-common joins all system messages with "\\n\\n" and prepends them to the first user message (v1) or
-    to the last one (v2/v3); consecutive messages of one role are merged with "\\n\\n"; a conversation that does
-    not start with a user message gets an empty one first. v1 spells [INST]/[/INST] as text, v2/v3 use the
-    control tokens and strip trailing spaces off answers. Every answer ends with EOS. `add_generation_prompt`
-    changes nothing: a prompt ending in a user turn already ends with [/INST].
+    Consecutive user (or assistant) messages are merged with "\\n\\n", empty ones skipped. Up to v3, all system
+    messages are joined with "\\n\\n" and prepended to the first user message (v1) or the last one (v2/v3), and a
+    conversation that does not start with a user message gets an empty one first. v7 keeps each system message
+    where it stands, as [SYSTEM_PROMPT] text [/SYSTEM_PROMPT], and adds no empty user message. v1 spells
+    [INST]/[/INST] as text, later versions use the control tokens and strip trailing spaces off answers. Every
+    answer ends with EOS. `add_generation_prompt` changes nothing: a prompt ending in a user turn ends with [/INST].
     """
 
     @staticmethod
     def uses_control_tokens(vocab: Vocab) -> bool:
-        """v2/v3 layout (True) or v1 (False): v2/v3 tokenizers carry [INST]/[/INST] as control tokens."""
-        if "[SYSTEM_PROMPT]" in vocab.special_tokens:
-            raise UnsupportedTokenizer("Mistral instruct v7 ([SYSTEM_PROMPT] tokens) is not supported; v1-v3 are")
+        """v2/v3/v7 layout (True) or v1 (False): later tokenizers carry [INST]/[/INST] as control tokens."""
         return "[INST]" in vocab.special_tokens and "[/INST]" in vocab.special_tokens
 
+    @staticmethod
+    def uses_system_prompt_tokens(vocab: Vocab) -> bool:
+        """v7 layout: the tokenizer carries [SYSTEM_PROMPT]/[/SYSTEM_PROMPT] control tokens."""
+        return "[SYSTEM_PROMPT]" in vocab.special_tokens and "[/SYSTEM_PROMPT]" in vocab.special_tokens
+
     def encode(self, vocab: Vocab, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]:
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
-        turns = [
-            (role, "\n\n".join(m["content"] for m in group if m["content"]))
-            for role, group in itertools.groupby(messages, key=lambda m: m["role"])
-            if role != "system"
-        ]
-        if not turns or turns[0][0] != "user":
+        control_tokens, v7 = self.uses_control_tokens(vocab), self.uses_system_prompt_tokens(vocab)
+        if v7 and not control_tokens:
+            raise UnsupportedTokenizer("a tokenizer with [SYSTEM_PROMPT] but no [INST]/[/INST] tokens is not Mistral's")
+        turns: list[tuple[str, str]] = []
+        for role, group in itertools.groupby(messages, key=lambda m: m["role"]):
+            if role != "system":
+                turns.append((role, "\n\n".join(m["content"] for m in group if m["content"])))
+            elif v7:  # each system message is its own block, empty ones included
+                turns += [(role, m["content"]) for m in group]
+        if not turns or (not v7 and turns[0][0] != "user"):
             turns.insert(0, ("user", ""))
-        control_tokens = self.uses_control_tokens(vocab)
+        system = "" if v7 else "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
         users = [i for i, (role, _) in enumerate(turns) if role == "user"]
-        system_turn = users[-1] if control_tokens else users[0]
-        eos = _require(vocab.eos_id, "EOS")
+        system_turn = (users[-1] if control_tokens else users[0]) if system else None
+        specials, eos = vocab.special_tokens, _require(vocab.eos_id, "EOS")
         ids = [_require(vocab.bos_id, "BOS")]
         for i, (role, content) in enumerate(turns):
-            if role == "user":
-                if i == system_turn and system:
+            if role == "system":
+                ids += [specials["[SYSTEM_PROMPT]"], *vocab.encode_text(content), specials["[/SYSTEM_PROMPT]"]]
+            elif role == "user":
+                if i == system_turn:
                     content = f"{system}\n\n{content}"
                 if control_tokens:
-                    inst, end_inst = vocab.special_tokens["[INST]"], vocab.special_tokens["[/INST]"]
-                    ids += [inst, *vocab.encode_text(content), end_inst]
+                    ids += [specials["[INST]"], *vocab.encode_text(content), specials["[/INST]"]]
                 else:
                     ids += vocab.encode_text(f"[INST] {content} [/INST]")
             else:

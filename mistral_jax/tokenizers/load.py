@@ -18,8 +18,9 @@ from mistral_jax.tokenizers.spm import SentencePieceVocab
 from mistral_jax.tokenizers.vocab import Vocab
 
 FAMILIES = ("llama", "mistral", "mixtral")
-# mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...
-_MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)$")
+# mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...,
+# with an m1 suffix for the multimodal ones (tokenizer.model.v7m1)
+_MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)(?:m\d+)?$")
 # What a tokenizer is loaded from, besides the model file itself: these are copied from a URL.
 SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 MODEL_FILES = ("tokenizer.json", "tokenizer.model")

@@ -10,11 +10,11 @@ from mistral_jax.tokenizers import Tokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="session")
-def mistral_file() -> Callable[[int], Path]:
-    """mistral-common's sentencepiece file of one instruct version (tokenizer.model.v1, ...model.v3, ...)."""
+def mistral_file() -> Callable[[int | str], Path]:
+    """mistral-common's sentencepiece file of one instruct version (tokenizer.model.v1, ...model.v3, ...model.v7m1)."""
     data = Path(importlib.util.find_spec("mistral_common").origin).parent / "data"
 
-    def find(version: int) -> Path:
+    def find(version: int | str) -> Path:
         (path,) = data.glob(f"*.model.v{version}")
         return path
 
