@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from mistral_jax.errors import UserError
-from mistral_jax.tokenizers.chat_templates import ROLES, ChatFormat, JinjaTemplate, Message
+from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, Message, check_message
 from mistral_jax.tokenizers.vocab import Vocab
 
 # Special tokens that end an assistant turn in common chat formats; those in the vocabulary join EOS as stop ids.
@@ -95,8 +95,7 @@ class Tokenizer:
                 "pass family='mistral', 'mixtral' or 'llama' to load_tokenizer to pick a default one"
             )
         for message in messages:
-            if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-                raise UserError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
+            check_message(message)
         return self.chat_format.encode(self.vocab, messages, add_generation_prompt)
 
     def save_pretrained(self, directory: str | Path) -> list[Path]:

@@ -25,6 +25,17 @@ class ChatFormat(Protocol):
     def encode(self, vocab: Vocab, messages: Sequence[Message], add_generation_prompt: bool) -> list[int]: ...
 
 
+def check_message(message: Mapping[str, Any]) -> None:
+    """Raise a UserError naming what a message holds that no chat format here encodes (tool calls, images)."""
+    role, content = message.get("role"), message.get("content")
+    if role == "tool" or message.get("tool_calls"):
+        raise UserError("tool calls and tool results are not supported in chat messages; only text turns are")
+    if isinstance(content, list):
+        raise UserError("content parts (images, audio) are not supported; a message's content must be a str")
+    if role not in ROLES or not isinstance(content, str):
+        raise UserError(f"a message needs a role in {ROLES} and a str content, got {message!r}")
+
+
 def _require(token_id: int | None, what: str) -> int:
     if token_id is None:
         raise UserError(f"this chat format needs a {what} token, and the tokenizer has none")
