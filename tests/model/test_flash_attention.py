@@ -1,4 +1,5 @@
-"""Blockwise attention (attention="flash") equals the exact one, forward and gradients, and its memory is linear."""
+"""Blockwise attention (attention="flash") and Pallas splash attention (attention="splash", interpret mode on the
+CPU) equal the exact one, forward and gradients, and flash's memory is linear."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,11 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
+from mistral_jax import decoding
+from mistral_jax.errors import UserError
 from mistral_jax.model.attention import attend, attention_mask
 from mistral_jax.model.flash_attention import flash_attention
+from mistral_jax.model.splash_attention import splash_attention
 
 T = 300  # not a multiple of the blocks: the padded tail must stay invisible
 
@@ -58,6 +62,36 @@ def test_flash_equals_exact_forward_and_gradients(window, causal_blocks, heads):
     if window is not None:  # the window does change the answer: the parity above is not vacuous
         full = attention_mask(positions, positions, None, segments, segments)
         assert np.max(np.abs(np.asarray(attend(q, k, v, full) - exact(q, k, v))[real])) > 1e-2
+
+
+def test_splash_equals_exact_forward_and_gradients():
+    """Splash in interpret mode (index masks: CausalMask, LocalMask; segment ids for packing and padding), grouped
+    query heads, a length that is no multiple of its 128-row blocks: forward causal and windowed, gradients
+    windowed (the same kernels' VJP either way)."""
+    positions, segments = _rows()
+    q, k, v = _qkv()
+    real = np.asarray(positions) >= 0
+    for window in (None, 64):
+        mask = attention_mask(positions, positions, window, segments, segments)
+        _close(splash_attention(q, k, v, positions, window, segments)[real], attend(q, k, v, mask)[real])
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real[:, :, None, None]
+    kernels = (lambda q, k, v: attend(q, k, v, mask), lambda q, k, v: splash_attention(q, k, v, positions, 64,
+                                                                                       segments))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in kernels]
+    for want, got in zip(*grads):
+        _close(got, want)
+
+
+def test_splash_model_logits_and_its_refusal_to_read_a_cache():
+    """A tiny Mistral (window 8) through splash equals the exact path; a cached prefill chunk is refused by name."""
+    config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=1)
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size))
+    splash = config.replace(attention="splash")
+    _close(mj.logits(splash, params, tokens), mj.logits(config.replace(attention="xla"), params, tokens))
+    positions = np.arange(128)[None]
+    with pytest.raises(UserError, match="attention='splash' cannot read a KV cache"):
+        decoding.prefill(splash, params, mj.init_cache(splash, 1, 256), tokens, positions, 64, cache_empty=False)
 
 
 def test_flash_reads_a_cache_and_a_chunk_as_the_exact_path():
