@@ -13,7 +13,7 @@ from mistral_jax.errors import UserError
 
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
-AttentionKernel = Literal["xla", "cudnn", "flash", "splash"]  # see mistral_jax/model/attention.py
+AttentionKernel = Literal["auto", "xla", "cudnn", "flash", "splash"]  # see mistral_jax/model/attention.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -71,9 +71,10 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", "cudnn"
     # (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel), "flash" (blockwise with
-    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py) or "splash"
-    # (Pallas, TPU; interpret mode elsewhere; no cached prefill chunks; model/splash_attention.py).
-    attention: AttentionKernel = "xla"
+    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py), "splash" (Pallas,
+    # TPU; no cached prefill chunks; model/splash_attention.py) or "auto" (xla for short sequences, flash or
+    # cuDNN for long ones: attention.attention_kernel).
+    attention: AttentionKernel = "auto"
 
     def __post_init__(self):
         problems = []

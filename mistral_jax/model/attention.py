@@ -77,9 +77,20 @@ def attend_causal(q, k, v, mask):
     return jnp.concatenate(outs, axis=1)
 
 
-def attention_kernel(config: ModelConfig, keys: int) -> str:
-    """The kernel that attends over `keys` keys: config.attention."""
-    return config.attention
+# Keys from which attention="auto" takes a blockwise kernel: on the CPU flash took 0.63x the exact path's time at
+# 12k tokens and 0.71x at 16k, with 11x-15x less memory (benchmarks/RESULTS.md, "Long context").
+FLASH_MIN_KEYS = 12288
+
+
+def attention_kernel(config: ModelConfig, keys: int, backend: str | None = None) -> str:
+    """The kernel that attends over `keys` keys: config.attention, or for "auto" the exact XLA einsums below
+    FLASH_MIN_KEYS and above them cuDNN on a GPU in bfloat16/float16, flash elsewhere."""
+    if config.attention != "auto":
+        return config.attention
+    if keys < FLASH_MIN_KEYS:
+        return "xla"
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return "cudnn" if gpu and config.compute_dtype in (jnp.bfloat16, jnp.float16) else "flash"
 
 
 def attend_cudnn(q, k, v, mask, causal: bool):

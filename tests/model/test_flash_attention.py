@@ -9,7 +9,7 @@ import pytest
 import mistral_jax as mj
 from mistral_jax import decoding
 from mistral_jax.errors import UserError
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import FLASH_MIN_KEYS, attend, attention_kernel, attention_mask
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.splash_attention import splash_attention
 
@@ -112,6 +112,21 @@ def test_model_logits_equal_the_exact_path(preset):
     params = mj.init_params(config, jax.random.key(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 512), 0, config.vocab_size))
     _close(mj.logits(config.replace(attention="flash"), params, tokens), mj.logits(config, params, tokens))
+
+
+def test_the_default_takes_flash_for_long_sequences_with_the_same_logits():
+    """attention="auto": exact below FLASH_MIN_KEYS keys, flash from there (cuDNN on a GPU in bfloat16); a tiny
+    model's logits on 16k tokens equal the exact path's."""
+    config = mj.ModelConfig.from_preset("tiny-llama", n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                                        max_seq_len=16384)
+    assert config.attention == "auto" and FLASH_MIN_KEYS <= 16384
+    assert [attention_kernel(config, n) for n in (FLASH_MIN_KEYS - 1, FLASH_MIN_KEYS)] == ["xla", "flash"]
+    half = config.replace(dtype="bfloat16")
+    assert [attention_kernel(half, 16384, "gpu"), attention_kernel(config, 16384, "gpu")] == ["cudnn", "flash"]
+    assert attention_kernel(config.replace(attention="xla"), 16384) == "xla"
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 16384), 0, config.vocab_size))
+    _close(mj.logits(config, params, tokens), mj.logits(config.replace(attention="xla"), params, tokens))
 
 
 def test_chunked_prefill_generates_as_the_exact_path():
