@@ -71,9 +71,10 @@ class ModelConfig:
     scan_layers: bool = True
     # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", "cudnn"
     # (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel), "flash" (blockwise with
-    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py), "splash" (Pallas,
-    # TPU; no cached prefill chunks; model/splash_attention.py) or "auto" (xla for short sequences, flash or
-    # cuDNN for long ones: attention.attention_kernel).
+    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py), "splash"
+    # (Pallas, TPU; interpret mode elsewhere; prefill chunks that read a cache take flash;
+    # model/splash_attention.py) or "auto" (xla for short sequences, flash or cuDNN for long ones:
+    # attention.attention_kernel).
     attention: AttentionKernel = "auto"
 
     def __post_init__(self):

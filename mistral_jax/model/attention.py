@@ -168,10 +168,7 @@ class Attention(nn.Module):
             values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
             key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
             kernel = attention_kernel(cfg, keys.shape[2])
-            if kernel == "splash":
-                raise UserError("attention='splash' cannot read a KV cache (a prefill chunk after the first): "
-                                "prefill the prompt in one chunk, or use attention='flash' or 'auto'")
-            if kernel == "flash":
+            if kernel in ("flash", "splash"):  # splash masks by index: ring slots are not, so flash reads them
                 out = flash_attention(q, keys, values, positions, key_positions, window)
             else:
                 mask = attention_mask(positions, key_positions, window)

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax import decoding
-from mistral_jax.errors import UserError
 from mistral_jax.model.attention import FLASH_MIN_KEYS, attend, attention_kernel, attention_mask
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.splash_attention import splash_attention
@@ -82,16 +80,16 @@ def test_splash_equals_exact_forward_and_gradients():
         _close(got, want)
 
 
-def test_splash_model_logits_and_its_refusal_to_read_a_cache():
-    """A tiny Mistral (window 8) through splash equals the exact path; a cached prefill chunk is refused by name."""
-    config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=1)
+def test_splash_model_logits_and_generation_equal_the_exact_path():
+    """A tiny Mistral (window 8) through splash: logits without a cache; generation, whose first prefill chunk
+    runs splash, the chunks reading the ring cache flash, and the decode steps the einsums."""
+    config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=1, attention="xla")
     params = mj.init_params(config, jax.random.key(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size))
     splash = config.replace(attention="splash")
-    _close(mj.logits(splash, params, tokens), mj.logits(config.replace(attention="xla"), params, tokens))
-    positions = np.arange(128)[None]
-    with pytest.raises(UserError, match="attention='splash' cannot read a KV cache"):
-        decoding.prefill(splash, params, mj.init_cache(splash, 1, 256), tokens, positions, 64, cache_empty=False)
+    _close(mj.logits(splash, params, tokens), mj.logits(config, params, tokens))
+    prompts = [tokens[0, :40].tolist(), tokens[0, :13].tolist()]
+    assert mj.generate(splash, params, prompts, 3) == mj.generate(config, params, prompts, 3)
 
 
 def test_flash_reads_a_cache_and_a_chunk_as_the_exact_path():
