@@ -1,15 +1,18 @@
 """Decode step time at position 1k and at 16k with a 4k sliding window (ring cache of 4k slots both times).
 
-    python benchmarks/long_decode.py [--checkpoint PATH] [--window 4096] [--positions 1024,16384] [--json PATH]
+    python benchmarks/long_decode.py [--checkpoint PATH | --preset NAME --layers N] [--window 4096]
+        [--positions 1024,16384] [--json PATH]
 
-The model is SmolLM2-135M's weights (float32) with sliding_window=4096 and max_seq_len=32768, so the
-rolling cache holds min(32768, 4096) = 4096 slots whatever the position. The cache is filled directly,
-as a prefill of P tokens would leave it (prefilling 16k tokens takes minutes on a CPU): slot s holds the
-position p < P with p mod 4096 == s among the last 4096 (empty, -1, when P < 4096), keys and values random.
-Then `decoding.decode_step` runs greedy steps from position P; best of --rounds interleaved runs of
---steps steps. For contrast (the same model without a window: a cache of P + steps slots), the step at
-the largest position. Both layer layouts: unscanned (what the CLI decodes with: one weight buffer and
-one [B*K, S, D] cache buffer per layer, updated in place) and scanned (stacked layers under nn.scan).
+The model is SmolLM2-135M's weights (float32), or with --preset a preset's shapes with random weights and
+--layers of its layers (Mistral-7B's 32 do not fit a 24 GB machine in float32), with sliding_window=4096 and
+max_seq_len=32768, so the rolling cache holds min(32768, 4096) = 4096 slots whatever the position. The cache
+is filled directly, as a prefill of P tokens would leave it (prefilling 16k tokens takes minutes on a CPU):
+slot s holds the position p < P with p mod 4096 == s among the last 4096 (empty, -1, when P < 4096), keys
+and values random. Then `decoding.decode_step` runs greedy steps from position P; best of --rounds
+interleaved runs of --steps steps. Both layer layouts: unscanned (what the CLI decodes with: one weight
+buffer and one [B*K, S, D] cache buffer per layer, updated in place) and scanned (stacked layers under
+nn.scan). For contrast, the same model without a window (a cache of P + 1024 slots; Mistral v0.2 is v0.1's
+shapes without the window) at the largest position, in both layouts.
 Compilations during the timed runs are counted (must be 0). The roofline is
 (params + K and V cache) / read bandwidth, measured in the same run. Fresh memory per step: minor page
 faults x page size during the last run, i.e. the buffers the step allocates and writes anew.
@@ -74,6 +77,8 @@ class StepRunner:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the embedded SmolLM2-135M GGUF")
+    parser.add_argument("--preset", default=None, help="instead of a checkpoint: a preset's shapes, random weights")
+    parser.add_argument("--layers", type=int, default=2, help="with --preset: how many of its layers")
     parser.add_argument("--window", type=int, default=4096)
     parser.add_argument("--max-seq-len", type=int, default=32768)
     parser.add_argument("--positions", default="1024,16384")
@@ -83,7 +88,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     info = _common.machine()
-    args.checkpoint, base, params = _common.load_model(args.checkpoint)
+    if args.preset:
+        base = mj.ModelConfig.from_preset(args.preset, n_layers=args.layers)
+        args.checkpoint, params = f"{args.preset} shapes, {args.layers} layers, random", mj.init_params(
+            base, jax.random.key(0))
+    else:
+        args.checkpoint, base, params = _common.load_model(args.checkpoint)
     config = base.replace(sliding_window=args.window, max_seq_len=args.max_seq_len)
     positions = [int(p) for p in args.positions.split(",")]
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -99,10 +109,14 @@ def main() -> None:
     if not args.no_contrast:
         top = max(positions)
         plain = base.replace(sliding_window=None, max_seq_len=max(base.max_seq_len, top + 1024))
-        cache = filled_cache(plain, top, top + 1024)
-        name = f"scanned, no window (contrast), position {top}, {top + 1024} slots"
-        cache_bytes[name] = cache["k"].nbytes + cache["v"].nbytes
-        runners[name] = StepRunner(plain, params, cache, top, args.steps)
+        flat_config, flat_params = layouts["unscanned"]  # the same weights: a window is no parameter
+        flat_plain = flat_config.replace(sliding_window=None, max_seq_len=plain.max_seq_len)
+        unwindowed = {"unscanned": (flat_plain, flat_params), "scanned": (plain, params)}
+        for layout, (cfg, p_) in unwindowed.items():
+            cache = filled_cache(cfg, top, top + 1024)
+            name = f"{layout}, no window (contrast), position {top}, {top + 1024} slots"
+            cache_bytes[name] = sum(x.nbytes for x in jax.tree.leaves({"k": cache["k"], "v": cache["v"]}))
+            runners[name] = StepRunner(cfg, p_, cache, top, args.steps)
 
     bandwidth = [_common.memory_bandwidth()]
     samples, compilations = _common.interleaved_rounds(runners, args.rounds)
@@ -124,7 +138,8 @@ def main() -> None:
                         "roofline_s": roof, "page_fault_bytes_per_step": faults}
         rows.append([key, f"{cache_bytes[key] / 1e6:.0f} MB", f"{seconds * 1e3:.1f}", f"{versus:.2f}x",
                      f"{100 * roof / seconds:.0f}%", f"{faults / 1e6:.0f} MB"])
-    print(f"Long decode, {pathlib.Path(args.checkpoint).name} float32 with sliding_window {args.window}, max_seq_len "
+    model_name = args.checkpoint if args.preset else pathlib.Path(args.checkpoint).name
+    print(f"Long decode, {model_name} float32 with sliding_window {args.window}, max_seq_len "
           f"{args.max_seq_len}; batch 1; {_common.machine_line(info)}")
     print(f"Read bandwidth {bw / 1e9:.1f} GB/s; parameters {param_bytes / 1e6:.0f} MB; "
           f"best of {args.rounds} interleaved runs of {args.steps} steps")

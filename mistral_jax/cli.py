@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from typing import get_args
 
 import jax
 import numpy as np
@@ -24,6 +25,7 @@ from mistral_jax import distributed, planner, sharding
 from mistral_jax.checkpoints import hf
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
+from mistral_jax.config import AttentionKernel
 from mistral_jax.errors import UserError, one_line
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from train import sft  # the SFT program lives in train/; only the CLI reaches into it
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--lora-rank", type=_non_negative_int, default=0, help="with --train: only LoRA adapters train")
     plan.add_argument("--no-remat", dest="remat", action="store_false",
                       help="with --train: keep every layer's activations")
+    plan.add_argument("--attention", choices=get_args(AttentionKernel), default=None,
+                      help="attention kernel (default 'auto': exact for short sequences, blockwise for long)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -376,7 +380,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    config = mj.ModelConfig.from_preset(args.preset)
+    config = mj.ModelConfig.from_preset(args.preset, **({"attention": args.attention} if args.attention else {}))
     settings = dict(preset=args.preset, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, train=args.train,
                     lora_rank=args.lora_rank, remat=args.remat)
     if args.mesh:

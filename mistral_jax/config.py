@@ -13,7 +13,7 @@ from mistral_jax.errors import UserError
 
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
-AttentionKernel = Literal["xla", "cudnn", "flash"]  # see mistral_jax/model/attention.py
+AttentionKernel = Literal["auto", "xla", "cudnn", "flash", "splash"]  # see mistral_jax/model/attention.py
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -70,9 +70,12 @@ class ModelConfig:
     # subtree and cache buffer per layer (decoding). model/layer_layout.py says why, and converts.
     scan_layers: bool = True
     # Attention kernel for prompts and training (a decode step always uses the XLA einsums): "xla", "cudnn"
-    # (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel) or "flash" (blockwise with
-    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py).
-    attention: AttentionKernel = "xla"
+    # (GPU only, bfloat16/float16: jax.nn.dot_product_attention's fused cuDNN kernel), "flash" (blockwise with
+    # an online softmax, any backend: memory linear in the sequence; model/flash_attention.py), "splash"
+    # (Pallas, TPU; interpret mode elsewhere; prefill chunks that read a cache take flash;
+    # model/splash_attention.py) or "auto" (xla for short sequences, flash or cuDNN for long ones:
+    # attention.attention_kernel).
+    attention: AttentionKernel = "auto"
 
     def __post_init__(self):
         problems = []

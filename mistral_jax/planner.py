@@ -16,6 +16,8 @@ from jax.sharding import AbstractMesh, AxisType
 
 from mistral_jax import sharding
 from mistral_jax.config import DTYPES, ModelConfig
+from mistral_jax.model.attention import attention_kernel
+from mistral_jax.model.flash_attention import BLOCK
 from mistral_jax.model.transformer import logical_axes, param_shapes
 
 GIB = 1024**3
@@ -53,6 +55,10 @@ class Plan:
     gradient_bytes_per_device: int
     kv_cache_bytes_per_device: int
     activation_bytes_per_device: int
+    seq_len: int
+    attention: str  # the kernel over seq_len keys (attention.attention_kernel): "xla" keeps the scores
+    kv_bytes_per_token: int  # K and V of one token over every layer, whole model, in the compute dtype
+    kv_bytes_per_sequence: int  # one row's cache at seq_len: the window bounds it
 
     @property
     def total_bytes_per_device(self) -> int:
@@ -95,9 +101,11 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
         cache_shape = (config.n_layers, batch, config.n_kv_heads, config.cache_size(seq_len), config.resolved_head_dim)
         cache_spec = sharding.fit_spec(cache_shape, sharding.CACHE_AXES["k"], mesh)
         kv_cache = 2 * per_device_elements(cache_shape, cache_spec, mesh) * compute_bytes
-    activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat)
+    kernel = attention_kernel(config, seq_len)
+    activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat, kernel != "xla")
+    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim * compute_bytes
     return Plan(preset, dict(mesh.shape), total, counts["active"], params_bytes, optimizer, gradients, kv_cache,
-                activations)
+                activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
 
 
 def _is_spec(x) -> bool:
@@ -113,13 +121,15 @@ def _lora_elements_per_device(config: ModelConfig, mesh, rank: int) -> int:
 
 
 def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbytes: int, train: bool,
-                      remat: bool) -> int:
+                      remat: bool, blockwise: bool) -> int:
     """An estimate (not a measurement) of live activations per device.
 
     Tokens are split over data*fsdp, heads and hidden units over tensor. Training keeps per layer what
     the backward pass needs (Korthikanti et al.'s ~34*dim + 5*heads*seq per token at 2 bytes, scaled to
-    `nbytes`), or only the layer inputs plus one layer's worth under remat, and float32 logits and
-    their gradient. Inference holds one prefill chunk's largest intermediates.
+    `nbytes`; a blockwise kernel (`blockwise`: flash, splash, cuDNN) keeps a float32 log-sum-exp per head
+    instead of the scores, so memory is linear in seq), or only the layer inputs plus one layer's worth
+    under remat, and float32 logits and their gradient. Inference holds one prefill chunk's largest
+    intermediates: its scores against the cache, or one tile of them per head when blockwise.
     """
     rows = max(1, batch // (mesh.shape["data"] * mesh.shape["fsdp"]))
     tensor = mesh.shape["tensor"]
@@ -127,11 +137,13 @@ def _activation_bytes(config: ModelConfig, mesh, batch: int, seq_len: int, nbyte
     vocab = -(-config.vocab_size // tensor)
     tokens = rows * seq_len
     if train:
-        per_layer = tokens * (34 * config.dim // tensor + 5 * heads * seq_len) * nbytes // 2
+        scores = 8 * heads if blockwise else 5 * heads * seq_len * nbytes // 2  # bytes per token
+        per_layer = tokens * (34 * config.dim // tensor * nbytes // 2 + scores)
         kept = tokens * config.dim * nbytes * config.n_layers + per_layer if remat else per_layer * config.n_layers
         return kept + 2 * tokens * vocab * 4
     chunk = rows * min(seq_len, 512)
-    scores = rows * heads * min(seq_len, 512) * config.cache_size(seq_len) * 4
+    keys = BLOCK if blockwise else config.cache_size(seq_len)
+    scores = rows * heads * min(seq_len, 512) * keys * 4
     return chunk * (vocab * 4 + 3 * (-(-config.hidden_dim // tensor)) * nbytes) + scores
 
 
@@ -170,6 +182,8 @@ def format_plan(p: Plan) -> str:
     lines = [f"{p.preset or 'model'}: {p.total_params / 1e9:.2f}B parameters ({p.active_params / 1e9:.2f}B active) "
              f"on mesh {mesh}"]
     lines += [f"  {name:<24}{value / GIB:9.2f} GiB per device" for name, value in rows if value or name == "total"]
+    lines.append(f"  at {p.seq_len} tokens: attention {p.attention!r}; KV cache {p.kv_bytes_per_token / 1024:.0f} KiB "
+                 f"per token, {p.kv_bytes_per_sequence / GIB:.2f} GiB per sequence (whole model, before sharding)")
     lines.append("  fits: " + ", ".join(f"{chip} ({gib} GiB) {'yes' if ok else 'no'}"
                                         for (chip, gib), ok in zip(CHIPS.items(), p.fits.values())))
     return "\n".join(lines)

@@ -36,10 +36,33 @@ def test_training_adds_master_weights_moments_and_gradients():
 
 
 def test_cli_plan_json(capsys):
-    assert cli.main(["plan", "--preset", "mixtral-8x7b-v0.1", "--mesh", "fsdp=4,expert=2", "--json"]) == 0
+    """Mixtral 8x7B in bfloat16 at 32k tokens: 128 KiB of K and V per token, 4 GiB per sequence."""
+    assert cli.main(["plan", "--preset", "mixtral-8x7b-v0.1", "--mesh", "fsdp=4,expert=2", "--json",
+                     "--seq-len", "32768", "--attention", "flash"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["total_params"] == mj.ModelConfig.from_preset("mixtral-8x7b-v0.1").param_counts()["total"]
     assert {"params_bytes_per_device", "kv_cache_bytes_per_device", "fits", "total_bytes_per_device"} <= set(result)
+    assert (result["attention"], result["kv_bytes_per_token"], result["kv_bytes_per_sequence"]) == (
+        "flash", 128 * 1024, 4 * planner.GIB)
+    assert result["kv_cache_bytes_per_device"] == 4 * planner.GIB  # one row: the batch cannot split
+
+
+def test_long_context_training_memory_is_linear_with_a_blockwise_kernel():
+    """Training activations from 8k to 32k tokens: 4x with flash, about 16x with the exact kernel's scores; the
+    default takes the exact kernel for short sequences; a window bounds the cache of a sequence."""
+    mesh = dict(data=1, fsdp=8, expert=1, tensor=1)
+    config = mj.ModelConfig.from_preset("mistral-7b-v0.2")
+
+    def activations(kind, seq_len):
+        p = planner.plan(config.replace(attention=kind), mesh, seq_len=seq_len, train=True, remat=False)
+        return p.activation_bytes_per_device
+
+    assert activations("flash", 32768) == pytest.approx(4 * activations("flash", 8192), rel=1e-3)
+    assert activations("xla", 32768) > 10 * activations("xla", 8192)
+    assert planner.plan(config, mesh, seq_len=4096).attention == "xla"
+    assert planner.plan(config, mesh, seq_len=32768).attention != "xla"
+    window = planner.plan(mj.ModelConfig.from_preset("mistral-7b-v0.1"), mesh, seq_len=32768)
+    assert window.kv_bytes_per_sequence == 4096 * window.kv_bytes_per_token
 
 
 def test_recommended_mesh_fits_and_uses_every_device():

@@ -77,6 +77,22 @@ def attend_causal(q, k, v, mask):
     return jnp.concatenate(outs, axis=1)
 
 
+# Keys from which attention="auto" takes a blockwise kernel: on the CPU flash took 0.63x the exact path's time at
+# 12k tokens and 0.71x at 16k, with 11x-15x less memory (benchmarks/RESULTS.md, "Long context").
+FLASH_MIN_KEYS = 12288
+
+
+def attention_kernel(config: ModelConfig, keys: int, backend: str | None = None) -> str:
+    """The kernel that attends over `keys` keys: config.attention, or for "auto" the exact XLA einsums below
+    FLASH_MIN_KEYS and above them cuDNN on a GPU in bfloat16/float16, flash elsewhere."""
+    if config.attention != "auto":
+        return config.attention
+    if keys < FLASH_MIN_KEYS:
+        return "xla"
+    gpu = (backend or jax.default_backend()) == "gpu"
+    return "cudnn" if gpu and config.compute_dtype in (jnp.bfloat16, jnp.float16) else "flash"
+
+
 def attend_cudnn(q, k, v, mask, causal: bool):
     """`attend` through `jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU, bf16/fp16 only).
 
@@ -130,13 +146,16 @@ class Attention(nn.Module):
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
         b = q.shape[0]
         if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
-            segments = inputs.segment_ids
-            if cfg.attention == "flash":
+            segments, kernel = inputs.segment_ids, attention_kernel(cfg, k.shape[2])
+            if kernel == "flash":
                 out = flash_attention(q, k, v, positions, positions, window, segments, segments, causal_blocks=True)
+            elif kernel == "splash":
+                from mistral_jax.model.splash_attention import splash_attention  # Pallas loads only when asked
+
+                out = splash_attention(q, k, v, positions, window, segments)
             else:
                 mask = attention_mask(positions, positions, window, segments, segments)
-                out = attend_cudnn(q, k, v, mask, causal=True) if cfg.attention == "cudnn" else attend_causal(
-                    q, k, v, mask)
+                out = attend_cudnn(q, k, v, mask, causal=True) if kernel == "cudnn" else attend_causal(q, k, v, mask)
         elif q.shape[1] == 1:
             # One new token: its slot held a position at least `size` back, outside the window, so writing
             # first and reading the cache alone is exact, and the donated buffer is updated in place.
@@ -148,11 +167,12 @@ class Attention(nn.Module):
             keys = jnp.concatenate([kv_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
             values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
             key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
-            if cfg.attention == "flash":
+            kernel = attention_kernel(cfg, keys.shape[2])
+            if kernel in ("flash", "splash"):  # splash masks by index: ring slots are not, so flash reads them
                 out = flash_attention(q, keys, values, positions, key_positions, window)
             else:
                 mask = attention_mask(positions, key_positions, window)
-                attend_chunk = functools.partial(attend_cudnn, causal=False) if cfg.attention == "cudnn" else attend
+                attend_chunk = functools.partial(attend_cudnn, causal=False) if kernel == "cudnn" else attend
                 out = attend_chunk(q, keys, values, mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
         return jnp.einsum("bthk,hkd->btd", out, wo), new_layer_cache

@@ -1,4 +1,5 @@
-"""Blockwise attention (attention="flash") equals the exact one, forward and gradients, and its memory is linear."""
+"""Blockwise attention (attention="flash") and Pallas splash attention (attention="splash", interpret mode on the
+CPU) equal the exact one, forward and gradients, and flash's memory is linear."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import FLASH_MIN_KEYS, attend, attention_kernel, attention_mask
 from mistral_jax.model.flash_attention import flash_attention
+from mistral_jax.model.splash_attention import splash_attention
 
 T = 300  # not a multiple of the blocks: the padded tail must stay invisible
 
@@ -60,6 +62,36 @@ def test_flash_equals_exact_forward_and_gradients(window, causal_blocks, heads):
         assert np.max(np.abs(np.asarray(attend(q, k, v, full) - exact(q, k, v))[real])) > 1e-2
 
 
+def test_splash_equals_exact_forward_and_gradients():
+    """Splash in interpret mode (index masks: CausalMask, LocalMask; segment ids for packing and padding), grouped
+    query heads, a length that is no multiple of its 128-row blocks: forward causal and windowed, gradients
+    windowed (the same kernels' VJP either way)."""
+    positions, segments = _rows()
+    q, k, v = _qkv()
+    real = np.asarray(positions) >= 0
+    for window in (None, 64):
+        mask = attention_mask(positions, positions, window, segments, segments)
+        _close(splash_attention(q, k, v, positions, window, segments)[real], attend(q, k, v, mask)[real])
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real[:, :, None, None]
+    kernels = (lambda q, k, v: attend(q, k, v, mask), lambda q, k, v: splash_attention(q, k, v, positions, 64,
+                                                                                       segments))
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in kernels]
+    for want, got in zip(*grads):
+        _close(got, want)
+
+
+def test_splash_model_logits_and_generation_equal_the_exact_path():
+    """A tiny Mistral (window 8) through splash: logits without a cache; generation, whose first prefill chunk
+    runs splash, the chunks reading the ring cache flash, and the decode steps the einsums."""
+    config = mj.ModelConfig.from_preset("tiny-mistral", n_layers=1, attention="xla")
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size))
+    splash = config.replace(attention="splash")
+    _close(mj.logits(splash, params, tokens), mj.logits(config, params, tokens))
+    prompts = [tokens[0, :40].tolist(), tokens[0, :13].tolist()]
+    assert mj.generate(splash, params, prompts, 3) == mj.generate(config, params, prompts, 3)
+
+
 def test_flash_reads_a_cache_and_a_chunk_as_the_exact_path():
     """Keys that are not the queries (a cached prefix, then the chunk), without causal block skipping."""
     positions, _ = _rows()
@@ -78,6 +110,21 @@ def test_model_logits_equal_the_exact_path(preset):
     params = mj.init_params(config, jax.random.key(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 512), 0, config.vocab_size))
     _close(mj.logits(config.replace(attention="flash"), params, tokens), mj.logits(config, params, tokens))
+
+
+def test_the_default_takes_flash_for_long_sequences_with_the_same_logits():
+    """attention="auto": exact below FLASH_MIN_KEYS keys, flash from there (cuDNN on a GPU in bfloat16); a tiny
+    model's logits on 16k tokens equal the exact path's."""
+    config = mj.ModelConfig.from_preset("tiny-llama", n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
+                                        max_seq_len=16384)
+    assert config.attention == "auto" and FLASH_MIN_KEYS <= 16384
+    assert [attention_kernel(config, n) for n in (FLASH_MIN_KEYS - 1, FLASH_MIN_KEYS)] == ["xla", "flash"]
+    half = config.replace(dtype="bfloat16")
+    assert [attention_kernel(half, 16384, "gpu"), attention_kernel(config, 16384, "gpu")] == ["cudnn", "flash"]
+    assert attention_kernel(config.replace(attention="xla"), 16384) == "xla"
+    params = mj.init_params(config, jax.random.key(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 16384), 0, config.vocab_size))
+    _close(mj.logits(config, params, tokens), mj.logits(config.replace(attention="xla"), params, tokens))
 
 
 def test_chunked_prefill_generates_as_the_exact_path():
