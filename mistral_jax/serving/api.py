@@ -132,8 +132,12 @@ class _Streams:
             request.cancel()  # a no-op once finished; frees the slot of a client that left
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving `engine` under the model id `model_name`."""
+def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
+               drain_seconds: float = 30.0) -> FastAPI:
+    """The FastAPI application serving `engine` under the model id `model_name`.
+
+    drain_seconds: on the server's shutdown, how long open streams may run on before they are cut.
+    """
     app = FastAPI(title="mistral-jax", docs_url=None, redoc_url=None)
     streams = _Streams(engine)
     created = int(time.time())
@@ -240,7 +244,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 yield {"data": json.dumps(body)}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(chunks(), ping=15)
+        return EventSourceResponse(chunks(), ping=15, shutdown_grace_period=drain_seconds)
 
     def completion_prompts(body: _Body) -> list[list[int]]:
         prompt = body.data.get("prompt")
@@ -349,6 +353,6 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 yield {"data": json.dumps(out)}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(chunks(), ping=15)
+        return EventSourceResponse(chunks(), ping=15, shutdown_grace_period=drain_seconds)
 
     return app

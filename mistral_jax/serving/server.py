@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 import uvicorn
@@ -14,8 +16,9 @@ def run(engine: Engine, tokenizer, model_name: str, *, host: str = "127.0.0.1", 
         api_key: str | None = None, shutdown_timeout: float = 30.0) -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests in flight finish for up to
     `shutdown_timeout` seconds, cancel the rest and stop the engine (and the other processes' followers)."""
-    app = create_app(engine, tokenizer, model_name, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
+    app = create_app(engine, tokenizer, model_name, api_key, drain_seconds=shutdown_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+                            timeout_graceful_shutdown=shutdown_timeout + 1)  # after the streams' own grace period
     server = _Server(config, model_name)
     engine.start()
     try:
@@ -30,6 +33,13 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, model_name: str) -> None:
         super().__init__(config)
         self.model_name = model_name
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """uvicorn's, except that a SIGTERM it drained for is not raised again: the process exits 0."""
+        with super().capture_signals():
+            yield
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
