@@ -182,7 +182,8 @@ def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
     return config, params, run_dir.tokenizer_source(path) if run_dir.is_run_dir(path) else path
 
 
-def _load(args, need_tokenizer: bool):
+def _load(args, need_tokenizer: bool | str):
+    """(config, params, tokenizer) of --checkpoint; need_tokenizer "optional": None where the checkpoint has none."""
     from mistral_jax.tokenizers import load_tokenizer
 
     path = args.checkpoint if args.checkpoint is not None else default_model_path()
@@ -191,7 +192,14 @@ def _load(args, need_tokenizer: bool):
     args.mesh_ = _start_devices(args)
     # generate and chat only decode: the unscanned layout (one buffer per layer) is what decoding wants.
     config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_, scan_layers=False)
-    tokenizer = load_tokenizer(tokenizer_source, family=config.family) if need_tokenizer else None
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = load_tokenizer(tokenizer_source, family=config.family)
+        except UserError as err:
+            if need_tokenizer != "optional":
+                raise
+            print(f"no tokenizer ({one_line(err)}): serving token ids only", file=sys.stderr)
     return config, params, tokenizer
 
 
@@ -350,7 +358,7 @@ def cmd_serve(args) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from mistral_jax.serving.engine import Engine
 
-    config, params, tokenizer = _load(args, need_tokenizer=True)
+    config, params, tokenizer = _load(args, need_tokenizer="optional")
     print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,

@@ -142,8 +142,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     streams = _Streams(engine)
     created = int(time.time())
 
-    def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id]) if tokenizer is not None else ""
+    def token_text(token_id: int, as_ids: bool = False) -> str:
+        """A token as logprobs name it: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
+        if as_ids or tokenizer is None:
+            return f"token_id:{token_id}"
+        return tokenizer.decode([token_id])
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -268,10 +271,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 raise RequestError("prompt", f"token ids must lie in [0, {engine.config.vocab_size})")
         return out
 
-    def completion_logprobs(prompt: list[int], prompt_logprobs, logprobs: list[TokenLogprob], top: int) -> dict:
+    def completion_logprobs(prompt: list[int], prompt_logprobs, logprobs: list[TokenLogprob], top: int,
+                            as_ids: bool) -> dict:
         entries = [(t, None if lp is None else lp) for t, lp in zip(prompt, prompt_logprobs or ())]
         entries += [(lp.token_id, lp) for lp in logprobs]
-        tokens = [token_text(t) for t, _ in entries]
+        tokens = [token_text(t, as_ids) for t, _ in entries]
         offsets, at = [], 0
         for text in tokens:
             offsets.append(at)
@@ -279,7 +283,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return {
             "tokens": tokens,
             "token_logprobs": [None if lp is None else lp.logprob for _, lp in entries],
-            "top_logprobs": [None if lp is None else {token_text(i): v for i, v in lp.top[:top]} for _, lp in entries],
+            "top_logprobs": [None if lp is None else {token_text(i, as_ids): v for i, v in lp.top[:top]}
+                             for _, lp in entries],
             "text_offset": offsets,
         }
 
@@ -292,6 +297,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         top = body.get("logprobs", int, None, check=lambda n: 0 <= n <= TOP_LOGPROBS,
                        why=f"an integer in [0, {TOP_LOGPROBS}]")
         stream = body.get("stream", bool, False)
+        as_ids = body.get("return_tokens_as_token_ids", bool, False)
         if stream and len(prompts) > 1:
             raise RequestError("prompt", "stream takes a single prompt")
         params = [_sampling(body, len(p), engine.max_seq_len, 16, logprobs=top, echo_logprobs=echo and top is not None)
@@ -321,7 +327,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 lp = None
                 if top is not None:
                     lp = completion_logprobs(prompts[i] if echo else [], first.prompt_logprobs if echo else None,
-                                             logprobs, top)
+                                             logprobs, top, as_ids)
                 return {"index": i, "text": prefix + "".join(text), "finish_reason": last.finish_reason,
                         "logprobs": lp, "usage": usage(last)}
 
@@ -344,7 +350,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 if top is not None:
                     lp = completion_logprobs(prompts[0] if first and echo else [],
                                              event.prompt_logprobs if first and echo else None, list(event.logprobs),
-                                             top)
+                                             top, as_ids)
                 first = False
                 out = {**head, "choices": [{"index": 0, "text": text, "finish_reason": event.finish_reason,
                                             "logprobs": lp}]}

@@ -327,8 +327,9 @@ class Engine:
         token = int(sampled.tokens[row])
         request.generated.append(token)
         now = time.monotonic()
-        histogram = self.metrics.time_to_first_token if len(request.generated) == 1 else self.metrics.inter_token_latency
-        histogram.observe(now - request.last_token_at)
+        first = len(request.generated) == 1
+        (self.metrics.time_to_first_token if first else self.metrics.inter_token_latency).observe(
+            now - request.last_token_at)
         request.last_token_at = now
         self.metrics.generation_tokens.inc()
         finish, text = None, ""

@@ -40,7 +40,7 @@ def server():
     lines = []
     for line in process.stderr:
         lines.append(line)
-        if "serving " in line:
+        if " on http://" in line:
             break
     else:
         pytest.fail("the server did not start:\n" + "".join(lines))
