@@ -117,6 +117,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(chat)
     _add_sampling_flags(chat, max_new_tokens=512)
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    _add_model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=_non_negative_int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("MISTRAL_JAX_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default $MISTRAL_JAX_API_KEY; none when unset)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
+                       "checkpoint's directory or file name)")
+    serve.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots: requests decoded together")
+    serve.add_argument("--max-queue", type=_positive_int, default=64,
+                       help="requests waiting for a slot; past it, 503 with Retry-After")
+    serve.add_argument("--max-seq-len", type=_positive_int, default=None,
+                       help="context per slot, prompt plus answer (default: the model's)")
+    serve.add_argument("--prefill-chunk", type=_positive_int, default=512,
+                       help="prompt tokens prefilled between two decode steps")
+    serve.add_argument("--compilation-cache", type=path_arg, default=None, metavar="DIR",
+                       help="jax's persistent compilation cache: a restart reuses the compiled programs")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM, seconds to let requests in flight finish before they are cancelled")
+
     for name, help_text in (
         ("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
         ("export", "write any loadable checkpoint as a Hugging Face directory (safetensors)"),
@@ -166,7 +186,8 @@ def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
     return config, params, run_dir.tokenizer_source(path) if run_dir.is_run_dir(path) else path
 
 
-def _load(args, need_tokenizer: bool):
+def _load(args, need_tokenizer: bool | str):
+    """(config, params, tokenizer) of --checkpoint; need_tokenizer "optional": None where the checkpoint has none."""
     from mistral_jax.tokenizers import load_tokenizer
 
     path = args.checkpoint if args.checkpoint is not None else default_model_path()
@@ -175,7 +196,14 @@ def _load(args, need_tokenizer: bool):
     args.mesh_ = _start_devices(args)
     # generate and chat only decode: the unscanned layout (one buffer per layer) is what decoding wants.
     config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_, scan_layers=False)
-    tokenizer = load_tokenizer(tokenizer_source, family=config.family) if need_tokenizer else None
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = load_tokenizer(tokenizer_source, family=config.family)
+        except UserError as err:
+            if need_tokenizer != "optional":
+                raise
+            print(f"no tokenizer ({one_line(err)}): serving token ids only", file=sys.stderr)
     return config, params, tokenizer
 
 
@@ -327,6 +355,30 @@ def _fit_context(tokenizer, config, system: list[dict], history: list[dict], lin
     return kept, prompt
 
 
+def cmd_serve(args) -> None:
+    if args.compilation_cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    from mistral_jax.serving.engine import Engine
+
+    config, params, tokenizer = _load(args, need_tokenizer="optional")
+    print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_)
+    print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    if not distributed.is_main_process():
+        engine.follow()
+        return
+    from mistral_jax.serving import server
+
+    name = args.served_model_name or (pathlib.Path(str(args.checkpoint).rstrip("/")).name.removesuffix(".gguf")
+                                      if args.checkpoint is not None else "smollm2-135m-instruct")
+    server.run(engine, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
+               shutdown_timeout=args.shutdown_timeout)
+
+
 def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
     """The source's tokenizer files: copied as they are from a directory (fetched into `scratch` from a URL),
     written out for a GGUF file."""
@@ -399,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user's mistake (errors.one_line) prints as one line with exit status 2, a bug raises."""
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
-                "plan": cmd_plan, "sft": sft.run}
+                "plan": cmd_plan, "serve": cmd_serve, "sft": sft.run}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -138,6 +138,17 @@ def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, 
     return _constrain_logits(mesh, out.logits[:, 0]), _constrain_cache(mesh, out.cache)
 
 
+def chunk_layout(length: int, cache_size: int, chunk_size: int | None = None) -> tuple[int, int, int]:
+    """(chunk, number of chunks, left padding) for prefilling `length` tokens into a cache of `cache_size` slots.
+
+    Chunks are at most the cache size (so a chunk never overwrites itself) and short prompts round up to a
+    power of two, so that prompts of similar length share one compilation.
+    """
+    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size, _round_up_pow2(length))
+    n_chunks = math.ceil(length / chunk)
+    return chunk, n_chunks, n_chunks * chunk - length  # padded on the left: the last column is the last token
+
+
 def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: int | None = None, *, mesh=None,
             cache_empty: bool | None = None):
     """Write prompt tokens [B, T] at `positions` [B, T] (-1 = padding) into the cache, chunk by chunk.
@@ -151,10 +162,7 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
     """
     xp = jnp if mesh is None else np  # under a mesh, chunks go from the host straight to their shards
     tokens, positions = xp.asarray(tokens, xp.int32), xp.asarray(positions, xp.int32)
-    length = tokens.shape[1]
-    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, kv_cache.cache_size(cache), _round_up_pow2(length))
-    n_chunks = math.ceil(length / chunk)
-    pad = n_chunks * chunk - length  # padded on the left, so the last column stays the last real token
+    chunk, n_chunks, pad = chunk_layout(tokens.shape[1], kv_cache.cache_size(cache), chunk_size)
     tokens = xp.pad(tokens, ((0, 0), (pad, 0)))
     positions = xp.pad(positions, ((0, 0), (pad, 0)), constant_values=-1)
     if mesh is not None:

@@ -51,3 +51,35 @@ def sample(logits, key, sampling: Sampling):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _sample_row(logits, key, step, temperature, top_k, top_p):
+    """`sample` for one row whose settings are traced values; the same token as `sample` with them static."""
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)  # [V]
+    descending = jnp.sort(x)[::-1]
+    kth = descending[jnp.clip(top_k - 1, 0, x.shape[-1] - 1)]
+    x = jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)
+    descending = jnp.sort(x)[::-1]
+    probs = jax.nn.softmax(descending)
+    before = jnp.cumsum(probs) - probs  # mass strictly above each token
+    cutoff = jnp.min(jnp.where(before < top_p, descending, jnp.inf))
+    x = jnp.where((top_p < 1.0) & (x < cutoff), -jnp.inf, x)
+    key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
+    return jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
+
+
+def sample_rows(logits, keys, steps, temperature, top_k, top_p):
+    """One token per row, each row with its own settings (a server's batch mixes requests).
+
+    logits float32 [B, V]; keys uint32 [B, ...] (each row's `jax.random.key_data(jax.random.key(seed))`);
+    steps int32 [B] (the row's token index, folded into its key as `generate` folds its step); temperature
+    float32 [B] (0 = greedy); top_k int32 [B] (0 = off); top_p float32 [B] (1 = off) -> int32 [B].
+    A row sampled alone gets the same token as `sample` of the same seed, step and settings.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(
+        jnp.any(temperature > 0),
+        lambda: jax.vmap(_sample_row)(logits, keys, steps, temperature, top_k, top_p),
+        lambda: greedy,
+    )
+    return jnp.where(temperature > 0, sampled, greedy)

@@ -12,6 +12,7 @@ Positions are per row, so rows of a batch may be at different points (ragged pro
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
@@ -86,3 +87,17 @@ def write_heads(buffer, positions, values):
 def advance_positions(cache_pos, positions):
     """The cache's slot positions after writing the tokens at `positions` ([B, T])."""
     return write(cache_pos, positions, positions)
+
+
+def insert_rows(cache: dict, rows: dict, first_row):
+    """`cache` with `rows` (a cache of fewer rows, same layout and size) written over rows first_row, ... .
+
+    first_row may be traced: one compiled program serves every slot of a server's batch.
+    """
+    def put(buffer, new):
+        axis = 1 if buffer.ndim == 5 else 0  # scanned [L, B, K, S, D]; merged [B*K, S, D]; pos [B, S]
+        start = [0] * buffer.ndim
+        start[axis] = first_row * (new.shape[axis] // rows["pos"].shape[0])  # merged rows hold K per batch row
+        return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+    return jax.tree.map(put, cache, rows)

@@ -1,0 +1,179 @@
+"""`mistral-jax serve` under load: streaming clients against the real server, beside its ceilings, in one run.
+
+    python benchmarks/serve.py [--checkpoint PATH] [--clients 1,4,8,16] [--requests 16] [--json PATH]
+
+- The server: the engine and uvicorn in this process (uvicorn in a thread), on a loopback port; each client is
+  the official `openai` async client streaming completions one request after another (closed loop). Prompts
+  of mixed lengths (--min-prompt .. --max-prompt tokens), --max-tokens each (ignore_eos, so every request
+  makes exactly that many).
+- Per client count: output tokens/s (all tokens over the wall time of the level), time to first token and
+  inter-token latency (p50, p99, from the client's side: the arrival of stream chunks).
+- Beside them: the same requests through `mj.generate` one at a time, and the engine's own decode step at
+  its full batch (--max-batch rows) called back to back: the tokens/s no schedule of that batch can pass.
+Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
+TTFT p99 at 8 clients < 3x TTFT p50 at 1 client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import pathlib
+import socket
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import mistral_jax as mj  # noqa: E402
+from mistral_jax.serving import api, device  # noqa: E402
+from mistral_jax.serving.engine import Engine  # noqa: E402
+from mistral_jax.tokenizers import load_tokenizer  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(engine: Engine, tokenizer, port: int):
+    import uvicorn
+
+    app = api.create_app(engine, tokenizer, "bench")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread
+
+
+async def _client(client, prompts: list[list[int]], max_tokens: int, out: list) -> None:
+    for prompt in prompts:
+        start = time.perf_counter()
+        stamps, tokens = [], 0
+        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            stamps.append(time.perf_counter())
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        out.append((start, stamps, tokens))
+
+
+async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    shares = [prompts[i::clients] for i in range(clients)]
+    records: list = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_client(client, share, max_tokens, records) for share in shares))
+    wall = time.perf_counter() - start
+    ttft = [stamps[0] - begun for begun, stamps, _ in records]
+    itl = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
+    tokens = sum(n for *_, n in records)
+    return {"clients": clients, "requests": len(records), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p99_s": float(np.percentile(ttft, 99)), "itl_p50_s": float(np.percentile(itl, 50)),
+            "itl_p99_s": float(np.percentile(itl, 99))}
+
+
+def _decode_ceiling(engine: Engine, steps: int) -> float:
+    """Tokens/s of the engine's decode step at its full batch, called back to back."""
+    b = engine.max_batch
+    inputs, _ = engine._decode_inputs([])
+    inputs = device.DecodeInputs(*(engine.device._put(getattr(inputs, f)) for f in
+                                   ("tokens", "positions", "steps", "keys", "temperature", "top_k", "top_p")))
+    dev = engine.device
+    out, dev.cache = device._decode(dev.config, dev.mesh, dev.params, dev.cache, inputs)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out, dev.cache = device._decode(dev.config, dev.mesh, dev.params, dev.cache, inputs)
+        np.asarray(out[0])  # the engine reads every step's tokens back
+    return b * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--clients", default="1,4,8,16")
+    parser.add_argument("--requests", type=int, default=16, help="requests per client count (1 client: half)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--min-prompt", type=int, default=16)
+    parser.add_argument("--max-prompt", type=int, default=200)
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    info = _common.machine()
+    checkpoint, config, params = _common.load_model(args.checkpoint)
+    config, params = mj.unstack_layers(config, params)
+    tokenizer = load_tokenizer(checkpoint)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(args.min_prompt, args.max_prompt + 1, args.requests)
+    prompts = [rng.integers(100, config.vocab_size, n).tolist() for n in lengths]
+
+    started = time.perf_counter()
+    engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    max_queue=4 * args.requests)
+    compile_s = time.perf_counter() - started
+    port = _free_port()
+    server, thread = _serve(engine.start(), tokenizer, port)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    levels = []
+    for clients in [int(c) for c in args.clients.split(",")]:
+        share = prompts if clients > 1 else prompts[: max(2, len(prompts) // 2)]
+        asyncio.run(_level(url, share[:2], min(clients, 2), 2))  # connections and programs warm
+        levels.append(_level_result := asyncio.run(_level(url, share, clients, args.max_tokens)))
+        print(f"{clients} clients: {_level_result['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    server.should_exit = True
+    thread.join()
+    engine.stop()
+
+    # The same requests one at a time through mj.generate (each warmed first: its compilation is not counted).
+    alone_tokens, alone_s = 0, 0.0
+    for prompt in prompts:
+        mj.generate(config, params, [prompt], args.max_tokens)
+        start = time.perf_counter()
+        alone_tokens += len(mj.generate(config, params, [prompt], args.max_tokens)[0])
+        alone_s += time.perf_counter() - start
+    alone = alone_tokens / alone_s
+    ceiling = _decode_ceiling(engine, 50)
+
+    at8 = next((lv for lv in levels if lv["clients"] == 8), None)
+    at1 = next((lv for lv in levels if lv["clients"] == 1), None)
+    targets = {}
+    if at8 is not None:
+        targets["8 clients >= 4x one at a time"] = at8["tokens_per_s"] / alone >= 4
+        targets["8 clients >= 80% of the batch-8 decode step"] = at8["tokens_per_s"] / ceiling >= 0.8
+        if at1 is not None:
+            targets["TTFT p99 at 8 < 3x TTFT at 1"] = at8["ttft_p99_s"] < 3 * at1["ttft_p50_s"]
+
+    print(f"# serve: {pathlib.Path(checkpoint).name}, {args.max_batch} slots, prompts {args.min_prompt}-"
+          f"{args.max_prompt} tokens, {args.max_tokens} new tokens each\n{_common.machine_line(info)}\n"
+          f"start-up compilation {compile_s:.1f} s\n")
+    rows = [[lv["clients"], lv["requests"], f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / alone:.2f}x",
+             f"{lv['tokens_per_s'] / ceiling:.0%}", f"{lv['ttft_p50_s'] * 1e3:.0f}", f"{lv['ttft_p99_s'] * 1e3:.0f}",
+             f"{lv['itl_p50_s'] * 1e3:.0f}", f"{lv['itl_p99_s'] * 1e3:.0f}"] for lv in levels]
+    print(_common.table(["clients", "requests", "tok/s", "vs one at a time", "vs decode step", "TTFT p50 ms",
+                         "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+    print(f"\nmj.generate one at a time: {alone:.1f} tok/s; decode step at batch {args.max_batch}: {ceiling:.1f} tok/s")
+    for name, met in targets.items():
+        print(f"- {name}: {_common.status(met)}")
+    _common.write_json(args.json, {"machine": info, "settings": vars(args), "compile_s": compile_s, "levels": levels,
+                                   "generate_alone_tokens_per_s": alone, "decode_step_tokens_per_s": ceiling,
+                                   "targets": targets})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The engine's device side: one `Plan` per iteration in, its sampled tokens out (every process alike).
+
+A plan is plain numpy and Python, so on several hosts process 0 broadcasts it and every process runs the
+same programs on its shards (serving/lockstep.py). The programs: one decode step for all slots (per slot
+count and cache length), one prefill chunk per power-of-two bucket, one first-token-and-insert, and a
+prompt scorer per bucket for echoed logprobs; `warm_up` compiles all but the last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax import decoding, sharding
+from mistral_jax.config import ModelConfig
+from mistral_jax.model import kv_cache
+from mistral_jax.model.transformer import default_positions, forward
+from mistral_jax.sampling import sample_rows
+from mistral_jax.serving.requests import TOP_LOGPROBS
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """One request's sampling settings as the device reads them."""
+
+    key: np.ndarray  # uint32 [K]: jax.random.key_data(jax.random.key(seed))
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+@flax.struct.dataclass
+class DecodeInputs:
+    """One decode step's inputs for every slot; free slots decode token 0 at position 0, their output unread."""
+
+    tokens: np.ndarray  # int32 [B]: each slot's latest token
+    positions: np.ndarray  # int32 [B]: its position
+    steps: np.ndarray  # int32 [B]: tokens the slot's request made so far (folded into its key)
+    keys: np.ndarray  # uint32 [B, K]
+    temperature: np.ndarray  # float32 [B]
+    top_k: np.ndarray  # int32 [B]
+    top_p: np.ndarray  # float32 [B]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillChunk:
+    """One chunk of one request's prompt, written into that request's own one-row cache."""
+
+    request_id: int
+    tokens: np.ndarray  # int32 [1, C]
+    positions: np.ndarray  # int32 [1, C] (-1 = padding)
+    first: bool  # the prompt's first chunk: start from an empty cache
+    slot: int = -1  # the last chunk: sample the first token and copy the row into this slot
+    sampling: RowSampling | None = None  # with slot
+    echo: np.ndarray | None = None  # int32 [1, T]: the prompt, right padded, when its logprobs are asked
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What every process does in one iteration: the decode step, then the prefill chunks, in this order."""
+
+    decode: DecodeInputs | None = None
+    prefills: tuple[PrefillChunk, ...] = ()
+    dropped: tuple[int, ...] = ()  # requests cancelled mid-prefill: their one-row caches go
+    stop: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampled:
+    """Tokens chosen for rows, with logprobs: numpy, readable on every process."""
+
+    tokens: np.ndarray  # int32 [R]
+    logprobs: np.ndarray  # float32 [R]
+    top_ids: np.ndarray  # int32 [R, TOP_LOGPROBS]
+    top_logprobs: np.ndarray  # float32 [R, TOP_LOGPROBS]
+
+
+@dataclasses.dataclass
+class Results:
+    decode: Sampled | None = None  # one row per slot
+    first: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled (one row)
+    echo: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled of the prompt (logprobs of 1..T-1)
+
+
+def _chosen(logits, tokens):
+    """logits float32 [R, V], tokens int32 [R] -> (tokens, their logprobs [R], top ids [R, N], top logprobs [R, N])."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen, top_ids.astype(jnp.int32), top_logprobs
+
+
+def _replicate(mesh, tree):
+    return tree if mesh is None else jax.lax.with_sharding_constraint(tree, sharding.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _decode(config: ModelConfig, mesh, params, cache, inputs: DecodeInputs):
+    with sharding.activations(mesh):
+        out = forward(config, params, inputs.tokens[:, None], inputs.positions[:, None], cache=cache)
+    logits = out.logits[:, 0]  # [B, V]
+    tokens = sample_rows(logits, inputs.keys, inputs.steps, inputs.temperature, inputs.top_k, inputs.top_p)
+    return _replicate(mesh, _chosen(logits, tokens)), decoding._constrain_cache(mesh, out.cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=1)
+def _insert_first(mesh, cache, row_cache, slot, logits, key, temperature, top_k, top_p):
+    """The request's first token from its prefill logits [1, V], and its one-row cache copied into `slot`."""
+    token = sample_rows(logits, key[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None], top_p[None])
+    cache = kv_cache.insert_rows(cache, row_cache, slot)
+    return _replicate(mesh, _chosen(logits, token)), decoding._constrain_cache(mesh, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_prompt(config: ModelConfig, mesh, params, tokens):
+    """Logprobs of tokens[:, 1:] given what precedes each, from one causal pass: tokens int32 [1, T]."""
+    with sharding.activations(mesh):
+        logits = forward(config, params, tokens, default_positions(tokens)).logits[0, :-1]  # [T-1, V]
+    return _replicate(mesh, _chosen(logits, tokens[0, 1:]))
+
+
+def _sampled(arrays) -> Sampled:
+    return Sampled(*(np.asarray(a) for a in arrays))
+
+
+class Device:
+    """The slots' cache and the one-row caches of prompts being prefilled; runs plans."""
+
+    def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int, mesh=None) -> None:
+        self.config, self.mesh, self.max_seq_len = config, mesh, max_seq_len
+        self.params = params if mesh is None else sharding.ensure_params(config, params, mesh)
+        self.max_batch = max_batch
+        self.reset()
+        self.cache_size = kv_cache.cache_size(self.cache)
+
+    def reset(self) -> None:
+        """Empty caches (after a failed iteration, whose donated cache may be gone)."""
+        self.cache = decoding.init_cache(self.config, self.max_batch, self.max_seq_len, mesh=self.mesh)
+        self._rows: dict[int, dict] = {}
+
+    def _put(self, x):
+        """A host array as a device array, split over the batch axes under a mesh."""
+        return jax.numpy.asarray(x) if self.mesh is None else decoding._rows(self.mesh, np.asarray(x))
+
+    def run(self, plan: Plan) -> Results:
+        results = Results()
+        if plan.decode is not None:
+            inputs = DecodeInputs(*(self._put(getattr(plan.decode, f.name))
+                                    for f in dataclasses.fields(DecodeInputs)))
+            out, self.cache = _decode(self.config, self.mesh, self.params, self.cache, inputs)
+            results.decode = _sampled(out)
+        for chunk in plan.prefills:
+            self._prefill(chunk, results)
+        for request_id in plan.dropped:
+            self._rows.pop(request_id, None)
+        return results
+
+    def _prefill(self, chunk: PrefillChunk, results: Results) -> None:
+        if chunk.echo is not None:
+            results.echo[chunk.request_id] = _sampled(
+                _score_prompt(self.config, self.mesh, self.params, self._put(chunk.echo)))
+        if chunk.first:
+            row = decoding.init_cache(self.config, 1, self.max_seq_len, mesh=self.mesh)
+        else:
+            row = self._rows.pop(chunk.request_id)
+        logits, row = decoding._prefill_chunk(self.config, self.mesh, self.params, row, self._put(chunk.tokens),
+                                              self._put(chunk.positions), chunk.first)
+        if chunk.slot < 0:
+            self._rows[chunk.request_id] = row
+            return
+        s = chunk.sampling
+        put = functools.partial(decoding._replicated, self.mesh)
+        out, self.cache = _insert_first(self.mesh, self.cache, row, put(np.int32(chunk.slot)), logits, put(s.key),
+                                        put(np.float32(s.temperature)), put(np.int32(s.top_k)),
+                                        put(np.float32(s.top_p)))
+        results.first[chunk.request_id] = _sampled(out)

@@ -1,0 +1,382 @@
+"""The serving engine: continuous batching over a fixed number of decode slots (no HTTP here).
+
+Every iteration runs one decode step for all slots, then prefill chunks of waiting prompts, at most
+`prefill_chunk` tokens of them, so a long prompt stalls the streaming rows for one chunk at most. A prompt
+is prefilled into a cache of its own row and copied into a free slot with its first token; a finished or
+cancelled request frees its slot at once, and the next iteration refills it from the queue.
+
+Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/device.py),
+broadcast to every process on a multi-host mesh so all of them run the same programs in lockstep.
+
+    engine = Engine(config, params, tokenizer)
+    engine.start()
+    for event in engine.submit(prompt_ids, SamplingParams(max_tokens=32)):
+        print(event.text, end="")
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from mistral_jax import decoding
+from mistral_jax.config import ModelConfig
+from mistral_jax.serving import lockstep
+from mistral_jax.serving.device import DecodeInputs, Device, Plan, PrefillChunk, RowSampling, Sampled
+from mistral_jax.serving.metrics import ServingMetrics
+from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.text import StopText
+
+log = logging.getLogger(__name__)
+_IDLE_PLAN_SECONDS = 1.0  # an idle multi-host engine still sends an empty plan this often, so followers wait
+
+
+class Request:
+    """A submitted request. Iterate it for its `Event`s (unless submit got `on_event`); `cancel` frees its slot."""
+
+    def __init__(self, request_id: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
+                 text: StopText | None, on_event: Callable[[Event], None] | None) -> None:
+        self.id, self.prompt, self.params, self.stop_ids, self.text = request_id, prompt, params, stop_ids, text
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._on_event = on_event or self._events.put
+        self._cancelled = threading.Event()
+        self.key = np.asarray(jax.random.key_data(jax.random.key(params.seed)))
+        self.generated: list[int] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # the prompt's prefill chunks ([1, C] tokens, positions)
+        self.next_chunk = 0
+        self.slot = -1
+        self.decoding = False  # holds a slot with its first token
+        self.prompt_logprobs: tuple | None = None
+        self.submitted = self.last_token_at = time.monotonic()
+        self.finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the engine frees the slot within one step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self):
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def deliver(self, event: Event) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # a consumer that fails (a closed event loop) must not stop the engine
+            log.exception("request %d: delivering an event failed; cancelling it", self.id)
+            self.cancel()
+
+
+@dataclasses.dataclass
+class _Work:
+    """What one iteration's plan covers, to read its results back."""
+
+    plan: Plan
+    decoding: list[int]  # slots whose request the decode step advanced
+
+
+class Engine:
+    """Slots, queue and scheduler over one `Device`. `start()` runs it in a thread (process 0);
+    other processes of a multi-host mesh call `follow()`."""
+
+    def __init__(self, config: ModelConfig, params, tokenizer=None, *, max_batch: int = 8,
+                 max_seq_len: int | None = None, prefill_chunk: int = decoding.DEFAULT_PREFILL_CHUNK,
+                 max_queue: int = 64, mesh=None, warm_up: bool = True) -> None:
+        if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
+            raise RequestError(None, "max_batch, max_queue and prefill_chunk must be positive")
+        self.config, self.tokenizer = config, tokenizer
+        self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.metrics = ServingMetrics()
+        self.device = Device(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh)
+        self._multihost = jax.process_count() > 1
+        self._slots: list[Request | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._prefilling: list[Request] = []  # slot reserved, chunks left to plan
+        self._inflight: dict[int, Request] = {}
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._queued = 0  # submitted, not yet given a slot
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._accepting = True
+        self._stop_requested = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
+        if warm_up:
+            self.warm_up()
+
+    # Submitting ---------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
+               on_event: Callable[[Event], None] | None = None) -> Request:
+        """Queue a request of prompt token ids. Raises RequestError (bad input) or QueueFull (try later)."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise RequestError("prompt", "the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+            raise RequestError("prompt", f"token ids must lie in [0, {self.config.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise RequestError("max_tokens", f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} "
+                                             f"exceed the context of {self.max_seq_len} tokens")
+        if any(not 0 <= t < self.config.vocab_size for t in params.stop_token_ids):
+            raise RequestError("stop_token_ids", f"stop token ids must lie in [0, {self.config.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop", "stop strings need a tokenizer; this engine has none")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
+        text = StopText(self.tokenizer.decode_stream(), params.stop) if self.tokenizer is not None else None
+        request = Request(next(self._ids), prompt, params, stop_ids, text, on_event)
+        with self._lock:
+            if not self._accepting:
+                raise QueueFull("the server is shutting down")
+            if self._queued >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._queued += 1
+            self.metrics.queue_depth.set(self._queued)
+        self._inbox.put(request)
+        self._wake.set()
+        return request
+
+    # Running ------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Run the scheduler in a background thread (process 0 of a multi-host mesh)."""
+        self._thread = threading.Thread(target=self._run, name="mistral-jax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting; let what is in flight finish for up to `timeout` seconds, cancel the rest."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            time.sleep(0.01)
+        self._stop_requested.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queued or self._inflight)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self._slots)
+
+    def follow(self) -> None:
+        """Processes other than 0: run process 0's plans until it stops."""
+        while True:
+            plan = lockstep.broadcast(None)
+            if plan.stop:
+                return
+            self.device.run(plan)
+
+    def _run(self) -> None:
+        while True:
+            if self._stop_requested.is_set():
+                self._cancel_all()
+                if self._multihost:
+                    lockstep.broadcast(Plan(stop=True))
+                return
+            work = self._schedule()
+            if work is None:
+                self._wake.wait(_IDLE_PLAN_SECONDS)
+                self._wake.clear()
+                if self._multihost:
+                    lockstep.broadcast(Plan())
+                continue
+            plan = lockstep.broadcast(work.plan) if self._multihost else work.plan
+            try:
+                results = self.device.run(plan)
+            except Exception as err:  # a device failure fails what the plan carried, and the engine goes on
+                log.exception("an engine iteration failed")
+                self._fail(err)
+                continue
+            self._consume(work, results)
+
+    def warm_up(self) -> None:
+        """Compile the decode step and every prefill bucket now rather than on the first requests."""
+        chunks = sorted({decoding.chunk_layout(1 << n, self.device.cache_size, self.prefill_chunk)[0]
+                         for n in range(self.max_seq_len.bit_length())})
+        sampling = RowSampling(np.asarray(jax.random.key_data(jax.random.key(0))), 0.0, 0, 1.0)
+        first = [PrefillChunk(-1, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True, 0, sampling)
+                 for c in chunks]
+        c = chunks[-1]
+        if 2 * c <= self.max_seq_len:  # a prompt of several chunks: the later ones attend to the cache too
+            first += [PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True),
+                      PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, 2 * c, dtype=np.int32)[None], False,
+                                   0, sampling)]
+        self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
+
+    # Scheduling ---------------------------------------------------------------------------------
+    def _schedule(self) -> _Work | None:
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        dropped = self._drop_cancelled()
+        while self._waiting and None in self._slots:
+            request = self._waiting.popleft()
+            request.slot = self._slots.index(None)
+            self._slots[request.slot] = request
+            self._inflight[request.id] = request
+            self._prefilling.append(request)
+            self._count_queued(-1)
+            self._chunk(request)
+        self.metrics.active_slots.set(self.active_slots)
+        decode, rows = self._decode_inputs([i for i, r in enumerate(self._slots) if r is not None and r.decoding])
+        prefills, budget = [], self.prefill_chunk
+        for request in list(self._prefilling):
+            while request.next_chunk < len(request.chunks) and (not prefills or budget > 0):
+                prefills.append(self._next_chunk(request))
+                budget -= prefills[-1].tokens.shape[1]
+            if request.next_chunk == len(request.chunks):
+                self._prefilling.remove(request)
+            if budget <= 0:
+                break
+        if not rows and not prefills and not dropped:
+            return None
+        return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped)), rows)
+
+    def _chunk(self, request: Request) -> None:
+        chunk, n_chunks, pad = decoding.chunk_layout(len(request.prompt), self.device.cache_size, self.prefill_chunk)
+        tokens = np.pad(np.asarray(request.prompt, np.int32), (pad, 0))
+        positions = np.pad(np.arange(len(request.prompt), dtype=np.int32), (pad, 0), constant_values=-1)
+        request.chunks = [(tokens[None, i * chunk:(i + 1) * chunk], positions[None, i * chunk:(i + 1) * chunk])
+                          for i in range(n_chunks)]
+        self.metrics.prompt_tokens.inc(len(request.prompt))
+
+    def _next_chunk(self, request: Request) -> PrefillChunk:
+        i = request.next_chunk
+        request.next_chunk += 1
+        last = request.next_chunk == len(request.chunks)
+        p = request.params
+        echo = None
+        if i == 0 and p.echo_logprobs and len(request.prompt) > 1:
+            echo = np.zeros((1, decoding._round_up_pow2(len(request.prompt))), np.int32)
+            echo[0, : len(request.prompt)] = request.prompt
+        return PrefillChunk(request.id, *request.chunks[i], first=i == 0, slot=request.slot if last else -1,
+                            sampling=RowSampling(request.key, p.temperature, p.top_k, p.top_p) if last else None,
+                            echo=echo)
+
+    def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
+        b = self.max_batch
+        tokens, positions, steps = (np.zeros(b, np.int32) for _ in range(3))
+        keys = np.zeros((b, *np.asarray(jax.random.key_data(jax.random.key(0))).shape), np.uint32)
+        temperature, top_p, top_k = np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32)
+        for i in rows:
+            r = self._slots[i]
+            tokens[i], positions[i] = r.generated[-1], len(r.prompt) + len(r.generated) - 1
+            steps[i], keys[i] = len(r.generated), r.key
+            temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
+        return DecodeInputs(tokens, positions, steps, keys, temperature, top_k, top_p), rows
+
+    def _drop_cancelled(self) -> list[int]:
+        dropped = []
+        for request in [r for r in self._waiting if r.cancelled]:
+            self._waiting.remove(request)
+            self._count_queued(-1)
+            self._finish(request, Event((), "", finish_reason="cancelled"))
+        for request in [r for r in self._inflight.values() if r.cancelled]:
+            if request in self._prefilling:
+                self._prefilling.remove(request)
+            if request.next_chunk > 0 and not request.decoding:
+                dropped.append(request.id)
+            self._finish(request, Event((), "", finish_reason="cancelled"))
+        return dropped
+
+    def _count_queued(self, delta: int) -> None:
+        with self._lock:
+            self._queued += delta
+            self.metrics.queue_depth.set(self._queued)
+
+    # Results ------------------------------------------------------------------------------------
+    def _consume(self, work: _Work, results) -> None:
+        for slot in work.decoding:
+            request = self._slots[slot]
+            if request is not None:
+                self._on_token(request, results.decode, slot)
+        for chunk in work.plan.prefills:
+            request = self._inflight.get(chunk.request_id)
+            if request is None:
+                continue
+            if chunk.request_id in results.echo:
+                request.prompt_logprobs = (None, *_logprobs(results.echo[chunk.request_id], len(request.prompt) - 1))
+            if chunk.slot >= 0:  # the prompt's last chunk: its first token
+                request.decoding = True
+                self._on_token(request, results.first[chunk.request_id], 0)
+
+    def _on_token(self, request: Request, sampled: Sampled, row: int) -> None:
+        token = int(sampled.tokens[row])
+        request.generated.append(token)
+        now = time.monotonic()
+        first = len(request.generated) == 1
+        (self.metrics.time_to_first_token if first else self.metrics.inter_token_latency).observe(
+            now - request.last_token_at)
+        request.last_token_at = now
+        self.metrics.generation_tokens.inc()
+        finish, text = None, ""
+        if token in request.stop_ids:
+            finish, text = "stop", request.text.flush() if request.text else ""
+        elif request.text is not None:
+            text, hit = request.text.add(token)
+            finish = "stop" if hit else None
+        if finish is None and len(request.generated) >= request.params.max_tokens:
+            finish, text = "length", text + (request.text.flush() if request.text else "")
+        logprobs = () if request.params.logprobs is None else (_logprob(sampled, row),)
+        event = Event((token,), text, logprobs, finish, len(request.prompt), len(request.generated),
+                      request.prompt_logprobs if len(request.generated) == 1 else None)
+        if finish is None:
+            request.deliver(event)
+        else:
+            self._finish(request, event)
+
+    def _finish(self, request: Request, event: Event) -> None:
+        if request.slot >= 0 and self._slots[request.slot] is request:
+            self._slots[request.slot] = None
+        self._inflight.pop(request.id, None)
+        request.finish_reason = event.finish_reason
+        self.metrics.requests.labels(event.finish_reason).inc()
+        self.metrics.active_slots.set(self.active_slots)
+        request.deliver(dataclasses.replace(event, prompt_tokens=len(request.prompt),
+                                            completion_tokens=len(request.generated)))
+
+    def _fail(self, err: Exception) -> None:
+        """A failed iteration: its cache may be donated and gone, so every request in flight fails; new ones run."""
+        for request in list(self._inflight.values()):
+            if request in self._prefilling:
+                self._prefilling.remove(request)
+            self._finish(request, Event((), "", finish_reason="error", error=f"{type(err).__name__}: {err}"))
+        self.device.reset()
+
+    def _cancel_all(self) -> None:
+        for request in [*self._waiting, *self._inflight.values()]:
+            request.cancel()
+        self._drop_cancelled()
+        self._prefilling.clear()
+
+
+def _logprob(sampled: Sampled, row: int) -> TokenLogprob:
+    top = tuple((int(i), float(v)) for i, v in zip(sampled.top_ids[row], sampled.top_logprobs[row]))
+    return TokenLogprob(int(sampled.tokens[row]), float(sampled.logprobs[row]), top)
+
+
+def _logprobs(sampled: Sampled, n: int) -> tuple[TokenLogprob, ...]:
+    return tuple(_logprob(sampled, row) for row in range(n))

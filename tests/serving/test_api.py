@@ -1,0 +1,193 @@
+"""`mistral-jax serve` as a user runs it: the real server (uvicorn) on a loopback port, the embedded SmolLM2,
+spoken to with the official openai client and raw HTTP. Tests run in file order; the last sends SIGTERM."""
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+import mistral_jax as mj
+from mistral_jax.checkpoints.embedded import default_model_path
+from mistral_jax.tokenizers import load_tokenizer
+
+MODEL = "smollm2-135m-instruct"
+KEY = "test-key"
+CONTEXT = 256
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    command = [sys.executable, "-m", "mistral_jax.cli", "serve", "--port", str(port), "--api-key", KEY,
+               "--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if " on http://" in line:
+            break
+    else:
+        pytest.fail("the server did not start:\n" + "".join(lines))
+    url = f"http://127.0.0.1:{port}"
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    config, params = mj.load(default_model_path(), scan_layers=False)
+    return config, params, load_tokenizer(default_model_path())
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_chat_and_completions_streamed_and_not(client, smollm2):
+    _, _, tokenizer = smollm2
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chat.choices[0].message.content == streamed and streamed
+    assert chat.choices[0].finish_reason in ("stop", "length") and chunks[-1].choices[0].finish_reason
+    prompt_ids = tokenizer.apply_chat_template(messages)
+    assert chat.usage.prompt_tokens == len(prompt_ids) == chunks[-1].usage.prompt_tokens
+    assert chat.usage.completion_tokens == chunks[-1].usage.completion_tokens > 0
+
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    ids = client.completions.create(model=MODEL, prompt=tokenizer.encode("The capital of France is"), max_tokens=6,
+                                    temperature=0)
+    assert text.choices[0].text == ids.choices[0].text and text.usage.completion_tokens == 6
+    assert text.choices[0].finish_reason == "length"
+    stopped = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0,
+                                        stop=[text.choices[0].text.split()[1]])
+    assert stopped.choices[0].finish_reason == "stop" and text.choices[0].text.startswith(stopped.choices[0].text)
+
+
+def test_echo_logprobs_score_the_prompt_as_the_model_does(client, smollm2):
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, temperature 0."""
+    config, params, tokenizer = smollm2
+    prompt = tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(prompt) + 1 and logprobs.token_logprobs[0] is None
+    logits = np.asarray(mj.logits(config, params, [prompt]))[0]
+    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    expected = log_softmax[np.arange(len(prompt) - 1), prompt[1:]]
+    np.testing.assert_allclose(logprobs.token_logprobs[1:len(prompt)], expected, atol=1e-3)
+    assert logprobs.token_logprobs[-1] == pytest.approx(log_softmax[-1].max(), abs=1e-3)  # greedy: the top token
+
+
+def test_concurrent_greedy_requests_each_equal_generate_alone(client, smollm2):
+    config, params, _ = smollm2
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(100, config.vocab_size, n).tolist() for n in rng.integers(3, 70, 16)]
+    max_tokens = rng.integers(1, 12, 16).tolist()
+
+    def ask(i):
+        out = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens[i], temperature=0,
+                                        logprobs=0, extra_body={"ignore_eos": True})
+        return [t for t in out.choices[0].logprobs.tokens]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(ask, range(16)))
+    _, _, tokenizer = smollm2
+    alone = [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, max_tokens)]
+    assert served == [[tokenizer.decode([t]) for t in row] for row in alone]
+
+
+def test_streamed_text_never_splits_a_character(client):
+    for prompt in ("Emoji: 🙂🙃🙂🙃🙂🙃🙂🙃🙂🙃🙂🙃", "中文：你好，世界。你好，世界。你好，世界。你好，世界。"):
+        whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0).choices[0].text
+        pieces = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt=prompt, max_tokens=24,
+                                                                        temperature=0, stream=True)]
+        assert "".join(pieces) == whole and not any("\ufffd" in p for p in pieces)
+        assert any(ord(ch) > 0x2E80 for ch in whole)  # the answer has emoji or CJK characters to split
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ({"model": MODEL}, "messages"),
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, "top_p"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CONTEXT}, "max_tokens"),
+    ({"model": MODEL, "prompt": [1, 2, 10**6]}, "prompt"),
+])
+def test_bad_input_gets_a_400_naming_the_field(server, body, param):
+    url = server[1]
+    path = "/v1/completions" if isinstance(body, dict) and "prompt" in body else "/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    response = httpx.post(url + path, headers=headers, **({"content": body} if isinstance(body, bytes) else
+                                                         {"json": body}))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_api_key_disconnect_and_backpressure(server, client):
+    url = server[1]
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert client.models.list().data[0].id == MODEL
+    cancelled = _metric(url, "mistral_jax_requests_total")
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        next(r.iter_lines())
+        assert _metric(url, "mistral_jax_active_slots") == 1
+    deadline = time.monotonic() + 10
+    while _metric(url, "mistral_jax_active_slots") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(url, "mistral_jax_active_slots") == 0 and _metric(url, "mistral_jax_requests_total") > cancelled
+
+    def ask(_):
+        return httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                          json={"model": MODEL, "prompt": "Hello", "max_tokens": 30, "ignore_eos": True})
+
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(ask, range(40)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 503} and codes.count(200) >= 16  # the queue alone holds 16
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "server_busy"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(server, client):
+    process, _ = server
+    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    process.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    assert first.choices[0].finish_reason is None and rest[-1].choices[0].finish_reason == "length"
+    assert process.wait(timeout=60) == 0

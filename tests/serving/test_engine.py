@@ -1,0 +1,94 @@
+"""The engine alone (tiny models, no HTTP): every request equals mj.generate of its prompt alone, whatever shares
+the batch; slots are freed and refilled; nothing recompiles after warm-up; bad requests fail alone."""
+
+import jax
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from mistral_jax.compile_stats import CompileStats
+from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.requests import QueueFull, RequestError, SamplingParams
+
+# Lengths cross the prefill chunk (16) and the tiny Mistral's window (8); more requests than slots.
+PROMPT_LENGTHS = [3, 20, 7, 40, 11, 5, 33, 2, 17]
+MAX_TOKENS = [5, 12, 30, 8, 17, 3, 25, 9, 1]
+
+
+def _prompts(vocab_size: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _tokens(request) -> list[int]:
+    return [t for event in request for t in event.token_ids]
+
+
+@pytest.fixture(scope="module", params=["tiny-mistral", "tiny-mixtral"])
+def engine(request):
+    config = mj.ModelConfig.from_preset(request.param)
+    config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(0)))
+    engine = Engine(config, params, max_batch=4, max_seq_len=128, prefill_chunk=16, max_queue=24).start()
+    yield engine, config, params
+    engine.stop()
+
+
+def test_every_request_equals_generate_alone_and_nothing_recompiles(engine):
+    engine, config, params = engine
+    prompts = _prompts(config.vocab_size)
+    with CompileStats() as compiled:
+        greedy = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts, MAX_TOKENS)]
+        sampled = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.8, top_k=40, top_p=0.9, seed=i))
+                   for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+        greedy, sampled = [_tokens(r) for r in greedy], [_tokens(r) for r in sampled]
+    assert compiled.compilations == 0  # warm-up compiled the decode step and every prefill bucket
+    assert greedy == [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
+    assert sampled == [mj.generate(config, params, [p], m, temperature=0.8, top_k=40, top_p=0.9, seed=i)[0]
+                       for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    assert engine.active_slots == 0 and not engine.busy
+
+
+def test_stop_ids_logprobs_and_cancellation(engine):
+    engine, config, params = engine
+    prompt = _prompts(config.vocab_size)[1]
+    alone = mj.generate(config, params, [prompt], 12)[0]
+    events = list(engine.submit(prompt, SamplingParams(max_tokens=12, stop_token_ids=(alone[4],), logprobs=2)))
+    tokens = [t for e in events for t in e.token_ids]
+    assert tokens == alone[: alone.index(alone[4]) + 1] and events[-1].finish_reason == "stop"
+    assert events[-1].completion_tokens == len(tokens) and events[-1].prompt_tokens == len(prompt)
+    logits = np.asarray(mj.logits(config, params, [prompt + tokens]))[0, len(prompt) - 1:-1]
+    reference = jax.nn.log_softmax(logits)[np.arange(len(tokens)), tokens]
+    np.testing.assert_allclose([e.logprobs[0].logprob for e in events], reference, atol=2e-4)
+    assert all(e.logprobs[0].top[0][0] == t for e, t in zip(events, tokens))  # greedy: the top token is chosen
+
+    long = engine.submit(prompt, SamplingParams(max_tokens=100))
+    first = next(iter(long))
+    assert first.finish_reason is None and engine.active_slots == 1
+    long.cancel()
+    assert [e.finish_reason for e in long][-1] == "cancelled"
+    assert engine.active_slots == 0
+    assert _tokens(engine.submit(prompt, SamplingParams(max_tokens=12))) == alone  # the freed slot serves again
+
+
+def test_bad_requests_fail_alone_and_a_full_queue_refuses(engine):
+    engine, config, _ = engine
+    bad = [([], {}, "prompt"), ([config.vocab_size], {}, "prompt"), ([1, 2], {"max_tokens": 127}, "max_tokens")]
+    for prompt, settings, param in bad:
+        with pytest.raises(RequestError) as err:
+            engine.submit(prompt, SamplingParams(**settings))
+        assert err.value.param == param
+    for settings, param in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
+                            ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")]:
+        with pytest.raises(RequestError) as err:
+            SamplingParams(**settings)
+        assert err.value.param == param
+    with pytest.raises(RequestError, match="tokenizer"):
+        engine.submit([1, 2], SamplingParams(stop=("x",)))
+    held = [engine.submit([1, 2, 3], SamplingParams(max_tokens=50)) for _ in range(engine.max_batch + engine.max_queue)]
+    with pytest.raises(QueueFull):
+        for _ in range(engine.max_batch + 1):  # the engine may already have moved some into slots
+            held.append(engine.submit([1, 2, 3], SamplingParams(max_tokens=50)))
+    for request in held:
+        request.cancel()
+    assert all([e.finish_reason for e in r][-1] in ("cancelled", "length") for r in held)
+    assert len(_tokens(engine.submit([1, 2, 3], SamplingParams(max_tokens=4)))) == 4
