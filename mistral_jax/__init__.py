@@ -34,6 +34,7 @@ _EXPORTS = {
     "init_cache": "mistral_jax.decoding",
     "logits": "mistral_jax.decoding",
     "prefill": "mistral_jax.decoding",
+    "quantize": "mistral_jax.model.quant",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "logits",
     "make_mesh",
     "prefill",
+    "quantize",
     "shard_params",
     "stack_layers",
     "unstack_layers",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
     )
     from mistral_jax.errors import UserError
     from mistral_jax.model.layer_layout import stack_layers, unstack_layers
+    from mistral_jax.model.quant import quantize
     from mistral_jax.model.transformer import Output, forward, init_params, logical_axes
     from mistral_jax.sharding import make_mesh, shard_params
     from mistral_jax.tokenizers.load import load_tokenizer

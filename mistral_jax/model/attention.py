@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.layers import param_init, rotary_embedding
@@ -103,13 +103,13 @@ class Attention(nn.Module):
         prompt's first chunk), so attention skips it.
         """
         cfg = self.config
-        dt, pdt, hd = cfg.compute_dtype, cfg.weights_dtype, cfg.resolved_head_dim
+        dt, hd = cfg.compute_dtype, cfg.resolved_head_dim
         positions, window = inputs.positions, cfg.sliding_window
         init = param_init(cfg.init_std)
         d = x.shape[-1]
 
         def weight(name, axes, shape):
-            return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdt).astype(dt)
+            return quant.weight(self, name, axes, shape, cfg, init)
 
         wq = weight("wq", ("embed", "q_heads", "head_dim"), (d, cfg.n_heads, hd))
         wk = weight("wk", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
@@ -117,9 +117,9 @@ class Attention(nn.Module):
         wo = weight("wo", ("q_heads", "head_dim", "embed"), (cfg.n_heads, hd, d))
 
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq)  # [B, T, H, hd]
-        k = jnp.einsum("btd,dhk->bthk", x, wk)  # [B, T, K, hd]
-        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        q = quant.einsum("btd,dhk->bthk", x, wq, cfg)  # [B, T, H, hd]
+        k = quant.einsum("btd,dhk->bthk", x, wk, cfg)  # [B, T, K, hd]
+        v = quant.einsum("btd,dhk->bthk", x, wv, cfg)
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
 
@@ -155,4 +155,4 @@ class Attention(nn.Module):
                 attend_chunk = functools.partial(attend_cudnn, causal=False) if cfg.attention == "cudnn" else attend
                 out = attend_chunk(q, keys, values, mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthk,hkd->btd", out, wo), new_layer_cache
+        return quant.einsum("bthk,hkd->btd", out, wo, cfg), new_layer_cache

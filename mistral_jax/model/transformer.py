@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
@@ -57,7 +57,7 @@ class Block(nn.Module):
         if cfg.is_moe:
             mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
         else:
-            mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, name="mlp")
+            mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, cfg, name="mlp")
             mlp_out, stats = mlp(norm("ffn_norm")(h)), None
         out = constrain(h + mlp_out, ("batch", "length", "act_embed"))
         return out, (new_layer_cache, stats, out if self.keep_hidden else None)
@@ -99,10 +99,9 @@ class Transformer(nn.Module):
         """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
-        embedding = self.param(
-            "embedding", nn.with_logical_partitioning(param_init(cfg.init_std), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.dim), pdt)
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
+        embedding = quant.weight(self, "embedding", ("vocab", "embed"), (cfg.vocab_size, cfg.dim), cfg,
+                                 param_init(cfg.init_std))
+        x = quant.take(embedding, tokens, dt)  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
         inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
@@ -134,11 +133,11 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
         if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt), preferred_element_type=jnp.float32)
+            logits = quant.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
         else:
-            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")),
-                              (cfg.dim, cfg.vocab_size), pdt)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+            head = quant.weight(self, "lm_head", ("embed", "vocab"), (cfg.dim, cfg.vocab_size), cfg,
+                                param_init(cfg.init_std))
+            logits = quant.einsum("btd,dv->btv", x, head, cfg, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
