@@ -125,8 +125,7 @@ class Attention(nn.Module):
 
         new_layer_cache = None
         if layer_cache is not None:
-            new_layer_cache = {"k": kv_cache.write_heads(layer_cache["k"], positions, k),
-                               "v": kv_cache.write_heads(layer_cache["v"], positions, v)}
+            new_layer_cache = kv_cache.write_layer(layer_cache, positions, k, v)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
         b = q.shape[0]
         if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
@@ -141,12 +140,12 @@ class Attention(nn.Module):
             # One new token: its slot held a position at least `size` back, outside the window, so writing
             # first and reading the cache alone is exact, and the donated buffer is updated in place.
             mask = attention_mask(positions, inputs.new_cache_pos, window)
-            keys, values = (kv_cache.heads_view(new_layer_cache[n], b).astype(dt) for n in ("k", "v"))
+            keys, values = (kv_cache.read_layer(new_layer_cache, n, b, dt) for n in ("k", "v"))
             out = attend(q, keys, values, mask)
         else:
             # A chunk may overwrite slots its own first queries still need: read the old cache and the chunk.
-            keys = jnp.concatenate([kv_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
-            values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
+            keys = jnp.concatenate([kv_cache.read_layer(layer_cache, "k", b, dt), k], axis=2)
+            values = jnp.concatenate([kv_cache.read_layer(layer_cache, "v", b, dt), v], axis=2)
             key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
             if cfg.attention == "flash":
                 out = flash_attention(q, keys, values, positions, key_positions, window)

@@ -66,7 +66,7 @@ class Block(nn.Module):
 class LayerList(nn.Module):
     """The unscanned layout: blocks named "0" .. "n_layers - 1", each with its own weights and cache buffer.
 
-    Same inputs and outputs as the scanned stack: caches {"k", "v"} hold tuples of per-layer buffers, and
+    Same inputs and outputs as the scanned stack: caches {"k", "v", ...} hold tuples of per-layer buffers, and
     routing statistics and hidden states come back stacked on a leading layer axis.
     """
 
@@ -76,16 +76,16 @@ class LayerList(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_caches, inputs: BlockInputs):
-        keys, values, results = [], [], []
+        new_buffers, results = [], []
         for i in range(self.config.n_layers):
-            layer_cache = None if layer_caches is None else {"k": layer_caches["k"][i], "v": layer_caches["v"][i]}
+            layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
             x, (new_layer_cache, *result) = self.block(self.config, self.keep_hidden, name=str(i))(
                 x, layer_cache, inputs)
-            if new_layer_cache is not None:
-                keys.append(new_layer_cache["k"])
-                values.append(new_layer_cache["v"])
+            new_buffers.append(new_layer_cache)
             results.append(result)
-        new_caches = {"k": tuple(keys), "v": tuple(values)} if layer_caches is not None else None
+        new_caches = None
+        if layer_caches is not None:
+            new_caches = {n: tuple(layer[n] for layer in new_buffers) for n in layer_caches}
         stats, hidden = (None if r[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *r) for r in zip(*results))
         return x, (new_caches, stats, hidden)
 
@@ -108,7 +108,7 @@ class Transformer(nn.Module):
         if cache is not None:
             new_pos = kv_cache.advance_positions(cache["pos"], positions)
             inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            layer_caches = {name: cache[name] for name in kv_cache.buffer_names(cache)}
 
         embedded, block = x, Block
         if cfg.remat:
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": inputs.new_cache_pos}
+            new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
         aux = {"load_balancing_loss": load_balancing_loss(stats, cfg.n_experts)} if cfg.is_moe else {}
         return Output(logits, new_cache, aux, hidden)
 
