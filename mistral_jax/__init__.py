@@ -35,6 +35,8 @@ _EXPORTS = {
     "logits": "mistral_jax.decoding",
     "prefill": "mistral_jax.decoding",
     "quantize": "mistral_jax.model.quant",
+    "Perplexity": "mistral_jax.evaluation",
+    "perplexity": "mistral_jax.evaluation",
 }
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "DecodeState",
     "ModelConfig",
     "Output",
+    "Perplexity",
     "UserError",
     "decode_step",
     "forward",
@@ -55,6 +58,7 @@ __all__ = [
     "logical_axes",
     "logits",
     "make_mesh",
+    "perplexity",
     "prefill",
     "quantize",
     "shard_params",
@@ -89,6 +93,7 @@ if TYPE_CHECKING:
         prefill,
     )
     from mistral_jax.errors import UserError
+    from mistral_jax.evaluation import Perplexity, perplexity
     from mistral_jax.model.layer_layout import stack_layers, unstack_layers
     from mistral_jax.model.quant import quantize
     from mistral_jax.model.transformer import Output, forward, init_params, logical_axes

@@ -157,6 +157,9 @@ def einsum(spec: str, x, w, config: ModelConfig, preferred_element_type=None):
     }
     if config.quant_matmul == "auto":
         return jax.lax.platform_dependent(cpu=kernels["int8_dot"], default=kernels["dequant"])
+    if config.quant_matmul == "int8_dot" and jax.default_backend() != "cpu":
+        raise UserError(f"quant_matmul='int8_dot' is the CPU kernel; on {jax.default_backend()} use 'dequant' "
+                        "(weight-only, fused into the matmul) or 'auto'")
     return kernels[config.quant_matmul]()
 
 
