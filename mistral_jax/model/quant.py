@@ -1,22 +1,27 @@
-"""int8 weights and the int8 matmul per backend, on qwix's core (QArray, quantize, einsum).
+"""int8 weights and the int8 matmul per backend; weights quantized with qwix (QArray, quantize).
 
 A quantized weight is two leaves: NAME (int8, the weight's shape) and NAME_scale (float32, the same rank
 with the contracted axes of size 1: one symmetric absmax scale per output channel), under the weight's
 logical axes, so both shard alike (a size-1 axis is replicated). Norms and the router stay float.
 The matmul (ModelConfig.quant_matmul, resolved per backend as the attention kernel is):
-  int8_dot: activations quantized per row on the fly, int8 x int8 -> int32 dots, then both scales; at least
-            two rows (XLA:CPU runs a one-row int8 dot ~10x slower than two: RESULTS.md, int8);
+  int8_dot: activations quantized on the fly (a scale per row and tile of ACTIVATION_TILE contracted values),
+            int8 x int8 -> int32 dots, then both scales; at least two rows (XLA:CPU runs a one-row int8 dot ~10x
+            slower than two: RESULTS.md, int8);
   dequant:  weight-only: the weight converted to the compute dtype before the dot, which XLA:GPU/TPU fuse
             into the matmul (XLA:CPU does not: it reads the float copy);
-  auto:     int8_dot on CPU, dequant elsewhere (`lax.platform_dependent`: only the chosen one compiles).
-qwix is imported on first use (it adds seconds to start-up); a float model never loads it. Its model-level
-interception (quantize_model) is not used: it rewrites flax modules' calls, while our
-parameter tree, its logical axes and orbax checkpoints stay plain arrays that this file alone interprets.
+  auto:     int8_dot on CPU for up to INT8_DOT_MAX_ROWS rows (decode), dequant for more and on other backends
+            (`lax.platform_dependent`: only the chosen one compiles).
+The int8 dot is ours: qwix.einsum's int8 x int8 path scales activations per row only (+5.2% SmolLM2
+perplexity, measured), and its sub-channel path refuses tiles under 128 (it dequantizes both operands instead),
+which does not divide SmolLM2's 576. qwix is imported on first use (it adds seconds to start-up); a float model
+never loads it. Its model-level interception (quantize_model) is not used: it rewrites flax modules' calls,
+while our parameter tree, its logical axes and orbax checkpoints stay plain arrays that this file interprets.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import flax.linen as nn
@@ -35,6 +40,12 @@ CONTRACTED = {
     "embedding": (-1,),  # [V, D]: a scale per row serves both the lookup and the tied head
 }
 MIN_INT8_ROWS = 2
+# Activation scales per row and per tile of this many contracted values: per row alone, SmolLM2's activation
+# outliers cost +5% perplexity; tiles of 64 cost none (RESULTS.md, int8).
+ACTIVATION_TILE = 64
+# auto on CPU: at most this many rows (decode) take the int8 dots; more (prefill, eval) are compute-bound, and
+# the dequantized weight's float copy is read once for them all.
+INT8_DOT_MAX_ROWS = 64
 
 
 def _qwix():
@@ -143,35 +154,50 @@ def take(w, ids, dtype):
 def einsum(spec: str, x, w, config: ModelConfig, preferred_element_type=None):
     """jnp.einsum(spec, x, w) with x [B, T, ...] in the compute dtype and w a float or quantized weight.
 
-    spec's output starts with x's two leading (batch, length) axes, which the int8 dot merges into rows.
+    Every spec here contracts all of x's axes after (B, T), and its output is (B, T) then w's free axes in order.
     """
     dt = config.compute_dtype
     x = x.astype(dt)
     if not is_quantized(w):
         return jnp.einsum(spec, x, w.astype(dt), preferred_element_type=preferred_element_type)
     out_dtype = preferred_element_type or dt
-    kernels = {
-        "int8_dot": lambda: _int8_dot(spec, x, w).astype(out_dtype),
-        "dequant": lambda: jnp.einsum(spec, x, dequantize(w, dt), preferred_element_type=preferred_element_type
-                                      ).astype(out_dtype),
-    }
+
+    def dequant():
+        return jnp.einsum(spec, x, dequantize(w, dt), preferred_element_type=preferred_element_type).astype(out_dtype)
+
+    def int8_dot():
+        return _int8_dot(spec, x, w).astype(out_dtype)
+
+    rows = x.shape[0] * x.shape[1]
     if config.quant_matmul == "auto":
-        return jax.lax.platform_dependent(cpu=kernels["int8_dot"], default=kernels["dequant"])
+        return jax.lax.platform_dependent(cpu=int8_dot if rows <= INT8_DOT_MAX_ROWS else dequant, default=dequant)
     if config.quant_matmul == "int8_dot" and jax.default_backend() != "cpu":
         raise UserError(f"quant_matmul='int8_dot' is the CPU kernel; on {jax.default_backend()} use 'dequant' "
                         "(weight-only, fused into the matmul) or 'auto'")
-    return kernels[config.quant_matmul]()
+    return int8_dot() if config.quant_matmul == "int8_dot" else dequant()
 
 
 def _int8_dot(spec: str, x, w):
-    """Rows of x quantized on the fly (absmax over the contracted axes), padded to MIN_INT8_ROWS rows."""
+    """x's rows quantized on the fly per tile of ACTIVATION_TILE contracted values, padded to MIN_INT8_ROWS rows;
+    int8 x int8 -> int32 dots per tile, then the tiles' scales, summed, and the weight's scales."""
+    x_subs, w_subs = spec.split("->")[0].split(",")
     b, t = x.shape[:2]
-    if b * t < MIN_INT8_ROWS:
-        x = jnp.concatenate([x] * MIN_INT8_ROWS, axis=1)  # a copy of the row: its scale is the row's own
-    inputs, _ = spec.split("->")
-    x_subs, w_subs = inputs.split(",")
-    free = tuple(i for i, c in enumerate(x_subs) if c not in w_subs)
-    qwix = _qwix()
-    xq = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=free)
-    out = qwix.einsum(spec, xq, w)
-    return out[:, :t] if b * t < MIN_INT8_ROWS else out
+    c, n_contracted = math.prod(x.shape[2:]), x.ndim - 2
+    leading = w_subs[0] in x_subs  # w is [C..., O...] (else [O..., C], the tied embedding)
+    free = w.shape[n_contracted:] if leading else w.shape[: w.ndim - n_contracted]
+    o = math.prod(free)
+    rows = x.reshape(b * t, c).astype(jnp.float32)
+    n = max(b * t, MIN_INT8_ROWS)
+    if n > b * t:
+        rows = jnp.concatenate([rows] * n, axis=0)[:n]  # copies of the row: their scales are the row's own
+    tile = ACTIVATION_TILE if c % ACTIVATION_TILE == 0 else c
+    tiles = rows.reshape(n, c // tile, tile)  # [N, G, g]
+    scale = jnp.max(jnp.abs(tiles), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    xq = jnp.clip(jnp.round(tiles / scale), -127, 127).astype(jnp.int8)
+    if leading:
+        acc = jnp.einsum("ngk,gko->gno", xq, w.qvalue.reshape(c // tile, tile, o), preferred_element_type=jnp.int32)
+    else:
+        acc = jnp.einsum("ngk,ogk->gno", xq, w.qvalue.reshape(o, c // tile, tile), preferred_element_type=jnp.int32)
+    y = jnp.einsum("gno,ng->no", acc.astype(jnp.float32), scale[..., 0]) * w.scale.reshape(1, o)  # [N, O]
+    return y[: b * t].reshape(b, t, *free)
