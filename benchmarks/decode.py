@@ -17,6 +17,8 @@ runs once per round, interleaved with the others, and the best of --rounds round
     reads in full) over the read bandwidth measured in the same run (`_common.memory_bandwidth`).
   - compilations during the timed rounds (must be 0), and the decode step's optimized HLO: how many
     per-layer weight slices XLA materialises inside the layer loop, and how many whole-cache copies.
+  - --int8: also the int8 model (`mj.quantize`, unscanned, the CPU's int8 x int8 dots) and the same with an int8
+    KV cache, against float32 `mj.generate` and their own roofline (int8 weights + scales + cache bytes).
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="decode_step calls per timed run")
     parser.add_argument("--rounds", type=int, default=3, help="every measurement once per round; best of the rounds")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--int8", action="store_true", help="also the int8 model, with and without an int8 cache")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -187,6 +190,11 @@ def main() -> None:
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     slots = decoding.cache_length(config, args.prompt_len + args.long)
     layouts = {"unscanned": mj.unstack_layers(config, jax.tree.map(jnp.copy, params)), "scanned": (config, params)}
+    if args.int8:
+        int8_config, int8_params = mj.quantize(*mj.unstack_layers(config, jax.tree.map(jnp.copy, params)))
+        layouts["int8"] = int8_config, int8_params
+        layouts["int8, int8 KV cache"] = int8_config.replace(kv_cache_dtype="int8"), int8_params
+        int8_bytes = sum(x.nbytes for x in jax.tree.leaves(int8_params))
 
     hf = None
     if args.no_transformers:
@@ -222,6 +230,8 @@ def main() -> None:
             runners[batch, f"decode_step {layout}"] = StepRunner(step, prefilled(cfg, p, prompts, slots), args.steps)
             r["hlo"][layout] = hlo_evidence(cfg, p, batch, slots)
         r["kv_bytes"] = kv_bytes(config, batch, slots)
+        r["kv_bytes_int8"] = kv_bytes(config, batch, slots, itemsize=1) * (config.resolved_head_dim + 4) // (
+            config.resolved_head_dim)
 
     bandwidth = [_common.memory_bandwidth()]
     samples, compilations = _common.interleaved_rounds(runners, args.rounds)
@@ -256,6 +266,14 @@ def main() -> None:
             else:  # every round of a length was cut off (see TransformersChild)
                 hf_s = None
         row = functools.partial(table_row, batch, hf_s, roof_s)
+        if args.int8:
+            r["int8_roofline_s_per_step"] = (int8_bytes + r["kv_bytes"]) / bw
+            r["int8_int8_kv_roofline_s_per_step"] = (int8_bytes + r["kv_bytes_int8"]) / bw
+            for name, key in (("int8", "int8"), ("int8, int8 KV cache", "int8_int8_kv")):
+                r[f"generate_{key}_vs_float32"] = r["generate_s_per_step"] / r[f"generate_{name}_s_per_step"]
+                r[f"generate_{key}_pct_of_int8_roofline"] = (100 * r[f"{key}_roofline_s_per_step"]
+                                                            / r[f"generate_{name}_s_per_step"])
+                r[f"generate_{key}_tokens_per_s"] = batch / r[f"generate_{name}_s_per_step"]
         for layout in layouts:
             for what, key in ((f"mj.generate, {layout} (while loop)", f"generate_{layout}_s_per_step"),
                               (f"decode_step, {layout} (one call per token)", f"decode_step_{layout}_s_per_step")):
@@ -263,6 +281,12 @@ def main() -> None:
         if hf_s and "transformers_s_per_step" in first:
             rows.append(row("transformers generate", hf_s, f"{first['transformers_s_per_step'] / hf_s * batch:.2f}x"))
         rows.append(row("roofline: (params + whole KV cache) / read bandwidth", roof_s))
+        if args.int8:
+            for key, what in (("int8", "int8 weights"), ("int8_int8_kv", "int8 weights and cache")):
+                rows.append(row(f"roofline, {what}: (int8 params + scales + KV) / bandwidth",
+                                r[f"{key}_roofline_s_per_step"],
+                                f"mj.generate at {r[f'generate_{key}_pct_of_int8_roofline']:.0f}% of it, "
+                                f"{r[f'generate_{key}_vs_float32']:.2f}x float32"))
 
     print(f"Decode, {pathlib.Path(args.checkpoint).name} float32, prompt {args.prompt_len}, {slots} cache slots; "
           f"{_common.machine_line(info)}")

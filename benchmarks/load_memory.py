@@ -1,10 +1,11 @@
 """Peak host memory of `mj.load` on a synthetic ~2 GB safetensors checkpoint.
 
-    python benchmarks/load_memory.py [--gb 2] [--keep DIR]
+    python benchmarks/load_memory.py [--gb 2] [--keep DIR] [--quantize int8]
 
 Writes a random Llama-shaped HF directory (float32), then loads it in a fresh process and reports that
 process's peak RSS next to the checkpoint size. Streaming loads keep the peak near one copy of the
 model plus a leaf; a naive load (all tensors on the host, then copied to the device) needs about two.
+--quantize int8 loads with mj.load(quantize="int8"), each leaf quantized as it is read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json, resource, sys, time
 import jax
 import mistral_jax as mj
 start = time.perf_counter()
-config, params = mj.load(sys.argv[1])
+config, params = mj.load(sys.argv[1], quantize=None if sys.argv[2] == "none" else sys.argv[2])
 jax.block_until_ready(params)
 seconds = time.perf_counter() - start
 param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
@@ -66,20 +67,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--keep", type=pathlib.Path, default=None, help="write the checkpoint here and keep it")
+    parser.add_argument("--quantize", default="none", help="int8: quantize as it loads")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         directory = args.keep or pathlib.Path(tmp) / "ckpt"
         if not (directory / "config.json").is_file():
             write_checkpoint(directory, args.gb)
         size = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
-        out = subprocess.run([sys.executable, "-c", CHILD, str(directory)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(directory), args.quantize], capture_output=True,
+                             text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
     gib = 1024**3
-    print("| checkpoint | params | peak RSS | peak / params | load time |")
-    print("|---|---|---|---|---|")
-    print(f"| {size / gib:.2f} GiB | {result['param_bytes'] / gib:.2f} GiB | {result['peak_rss_bytes'] / gib:.2f} GiB "
-          f"| {result['peak_rss_bytes'] / result['param_bytes']:.2f}x | {result['seconds']:.1f} s |")
-    print(json.dumps({"checkpoint_bytes": size, **result}))
+    print("| checkpoint | quantize | params | peak RSS | peak / params | peak / checkpoint | load time |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {size / gib:.2f} GiB | {args.quantize} | {result['param_bytes'] / gib:.2f} GiB "
+          f"| {result['peak_rss_bytes'] / gib:.2f} GiB | {result['peak_rss_bytes'] / result['param_bytes']:.2f}x "
+          f"| {result['peak_rss_bytes'] / size:.2f}x | {result['seconds']:.1f} s |")
+    print(json.dumps({"checkpoint_bytes": size, "quantize": args.quantize, **result}))
 
 
 if __name__ == "__main__":

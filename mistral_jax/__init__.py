@@ -34,6 +34,9 @@ _EXPORTS = {
     "init_cache": "mistral_jax.decoding",
     "logits": "mistral_jax.decoding",
     "prefill": "mistral_jax.decoding",
+    "quantize": "mistral_jax.model.quant",
+    "Perplexity": "mistral_jax.evaluation",
+    "perplexity": "mistral_jax.evaluation",
 }
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "DecodeState",
     "ModelConfig",
     "Output",
+    "Perplexity",
     "UserError",
     "decode_step",
     "forward",
@@ -54,7 +58,9 @@ __all__ = [
     "logical_axes",
     "logits",
     "make_mesh",
+    "perplexity",
     "prefill",
+    "quantize",
     "shard_params",
     "stack_layers",
     "unstack_layers",
@@ -87,7 +93,9 @@ if TYPE_CHECKING:
         prefill,
     )
     from mistral_jax.errors import UserError
+    from mistral_jax.evaluation import Perplexity, perplexity
     from mistral_jax.model.layer_layout import stack_layers, unstack_layers
+    from mistral_jax.model.quant import quantize
     from mistral_jax.model.transformer import Output, forward, init_params, logical_axes
     from mistral_jax.sharding import make_mesh, shard_params
     from mistral_jax.tokenizers.load import load_tokenizer

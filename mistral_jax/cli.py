@@ -85,7 +85,17 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
                              "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype (default float32)")
+    _add_quantize_flag(parser)
+    parser.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
+                        help="the KV cache's dtype: int8 (a scale per token and KV head), bfloat16, ... "
+                             "(default: --dtype)")
     distributed.add_distributed_flags(parser)
+
+
+def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", default=None, metavar="int8",
+                        help="int8: matmul weights in int8 with a float32 scale per output channel, quantized as "
+                             "they load (a quantized orbax checkpoint loads as it is, without this flag)")
 
 
 def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -147,7 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "directory (the last two also on gs://)")
         sub.add_argument("dst", type=path_arg, help="output directory (must not exist yet; convert's also on gs://)")
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    _add_quantize_flag(commands.choices["convert"])
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+
+    ev = commands.add_parser("eval", help="perplexity of a text file, or of the assistant tokens of a JSONL chat file")
+    _add_model_flags(ev)
+    ev.add_argument("--data", type=path_arg, required=True,
+                    help="a text file, or a .jsonl chat file (one {\"messages\": [...]} a line: its assistant "
+                         "tokens are scored, as sft trains on them)")
+    ev.add_argument("--seq-len", type=_positive_int, default=1024, help="tokens per window (default 1024)")
+    ev.add_argument("--stride", type=_positive_int, default=None, help="tokens between windows (default seq-len/2)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sft.add_sft_parser(commands)
 
@@ -172,21 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Model and streaming ------------------------------------------------------------------------------
 
-def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True):
+def load_checkpoint(path, dtype: str, mesh=None, scan_layers: bool = True, quantize: str | None = None,
+                    kv_cache_dtype: str | None = None):
     """(config, params, tokenizer source) of any checkpoint `mj.load` reads, or of an sft run directory: its
     latest step, LoRA merged, with the tokenizer the run trained with (run.json's "tokenizer").
-    scan_layers=False: in the unscanned layout that decoding prefers (model/layer_layout.py).
+    scan_layers=False: in the unscanned layout that decoding prefers (model/layer_layout.py). quantize,
+    kv_cache_dtype: as mj.load and ModelConfig take them (None: as the checkpoint has them).
 
     generate, chat, convert and export all load through here. Orbax checkpoints and runs may be URLs (gs://);
     the other formats are local files, and a URL naming one fails with a hint before anything is read.
     """
     from mistral_jax.checkpoints import run_dir
 
-    config, params = mj.load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
+    overrides = {} if kv_cache_dtype is None else {"kv_cache_dtype": kv_cache_dtype}
+    config, params = mj.load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers, quantize=quantize, **overrides)
     return config, params, run_dir.tokenizer_source(path) if run_dir.is_run_dir(path) else path
 
 
-def _load(args, need_tokenizer: bool | str):
+def _load(args, need_tokenizer: bool | str, scan_layers: bool = False):
     """(config, params, tokenizer) of --checkpoint; need_tokenizer "optional": None where the checkpoint has none."""
     from mistral_jax.tokenizers import load_tokenizer
 
@@ -195,7 +218,8 @@ def _load(args, need_tokenizer: bool | str):
         raise CLIError(f"no such checkpoint: {path}")
     args.mesh_ = _start_devices(args)
     # generate and chat only decode: the unscanned layout (one buffer per layer) is what decoding wants.
-    config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_, scan_layers=False)
+    config, params, tokenizer_source = load_checkpoint(path, args.dtype, args.mesh_, scan_layers, args.quantize,
+                                                       args.kv_cache_dtype)
     tokenizer = None
     if need_tokenizer:
         try:
@@ -404,7 +428,7 @@ def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
 def _load_source(args, scratch: pathlib.Path):
     """(config, params, tokenizer files) of convert/export's SRC (see load_checkpoint). Tokenizer files
     rebuilt from a GGUF or fetched from a URL go to `scratch`."""
-    config, params, tokenizer_source = load_checkpoint(args.src, args.dtype)
+    config, params, tokenizer_source = load_checkpoint(args.src, args.dtype, quantize=getattr(args, "quantize", None))
     return config, params, _tokenizer_files(tokenizer_source, scratch)
 
 
@@ -423,12 +447,57 @@ def cmd_export(args) -> None:
         raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
                        "copy it, or use `mistral-jax convert` to write orbax on gs://")
     check_new_dir(args.dst)  # before the model is loaded, which may take minutes
+    _refuse_quantized(args.src)
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))
         hf.write(config, params, args.dst, extra_files=tokenizer_files,
                  max_shard_bytes=int(args.max_shard_gb * 1024**3))
     print(f"wrote Hugging Face directory {args.dst}" + ("" if tokenizer_files else " (the source had no tokenizer)"),
           file=sys.stderr)
+
+
+def _refuse_quantized(src) -> None:
+    """export writes float weights: a quantized orbax checkpoint is refused before it is read (not dequantized:
+    its float original is the better source)."""
+    from mistral_jax.checkpoints import orbax
+
+    if orbax.is_orbax_dir(src) and (quant := orbax.read_config(src).quant) != "none":
+        raise CLIError(f"{src} is a quantized ({quant}) checkpoint: export writes float Hugging Face weights; "
+                       "export the float checkpoint it was converted from")
+
+
+def cmd_eval(args) -> None:
+    config, params, tokenizer = _load(args, need_tokenizer=True, scan_layers=True)
+    tokens, weights = _eval_tokens(args.data, tokenizer, config)
+    stride = args.stride or max(1, args.seq_len // 2)
+    result = mj.perplexity(config, params, tokens, weights=weights, seq_len=min(args.seq_len, config.max_seq_len),
+                           stride=stride, mesh=args.mesh_, progress=not args.json)
+    report = {"data": str(args.data), "checkpoint": str(args.checkpoint or default_model_path()),
+              "quantize": config.quant, "kv_cache_dtype": config.kv_cache_dtype, "seq_len": args.seq_len,
+              "stride": stride, **result.to_dict()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens ({result.windows} windows, "
+              f"{result.tokens_per_second:.1f} tok/s)")
+
+
+def _eval_tokens(path, tokenizer, config):
+    """(token sequences, weights or None) of eval's --data: a text file's tokens, or each JSONL conversation's
+    tokens with its assistant mask (train/data.py, as sft masks them)."""
+    from train import data
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CLIError(f"no such data file: {path}")
+    if path.suffix == ".jsonl":
+        rows = [data.tokenize(tokenizer, messages, f"{path}:{n}")[:2] for n, messages in data.read_conversations(path)]
+        return [ids for ids, _ in rows], [mask for _, mask in rows]
+    text = path.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise CLIError(f"{path}: needs at least 2 tokens to score, has {len(ids)}")
+    return ids, None
 
 
 def cmd_plan(args) -> None:
@@ -451,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user's mistake (errors.one_line) prints as one line with exit status 2, a bug raises."""
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
-                "plan": cmd_plan, "serve": cmd_serve, "sft": sft.run}
+                "eval": cmd_eval, "plan": cmd_plan, "serve": cmd_serve, "sft": sft.run}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

@@ -14,6 +14,9 @@ from mistral_jax.errors import UserError
 Family = Literal["llama", "mistral", "mixtral"]
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
 AttentionKernel = Literal["auto", "xla", "cudnn", "flash", "splash"]  # see mistral_jax/model/attention.py
+Quant = Literal["none", "int8"]  # see mistral_jax/model/quant.py
+QuantMatmul = Literal["auto", "int8_dot", "dequant"]
+KV_CACHE_DTYPES = ("int8",)  # besides DTYPES
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -76,6 +79,13 @@ class ModelConfig:
     # model/splash_attention.py) or "auto" (xla for short sequences, flash or cuDNN for long ones:
     # attention.attention_kernel).
     attention: AttentionKernel = "auto"
+    # int8 (model/quant.py): quant="int8" stores every large matmul weight in int8 with float32 scales per output
+    # channel; quant_matmul picks the int8 matmul ("int8_dot": int8 x int8 dots, the CPU's; "dequant": weight-only,
+    # fused on GPU/TPU; "auto": per backend). kv_cache_dtype: the cache's dtype (None: dtype; "int8": with a
+    # float32 scale per token and KV head, model/kv_cache.py).
+    quant: Quant = "none"
+    quant_matmul: QuantMatmul = "auto"
+    kv_cache_dtype: str | None = None
 
     def __post_init__(self):
         problems = []
@@ -99,6 +109,12 @@ class ModelConfig:
                 problems.append(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if self.attention not in get_args(AttentionKernel):
             problems.append(f"attention must be one of {get_args(AttentionKernel)}, got {self.attention!r}")
+        for name, kind in (("quant", Quant), ("quant_matmul", QuantMatmul)):
+            if getattr(self, name) not in get_args(kind):
+                problems.append(f"{name} must be one of {get_args(kind)}, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype is not None and self.kv_cache_dtype not in (*DTYPES, *KV_CACHE_DTYPES):
+            problems.append(f"kv_cache_dtype must be None or one of {sorted(DTYPES) + list(KV_CACHE_DTYPES)}, "
+                            f"got {self.kv_cache_dtype!r}")
         if problems:
             raise UserError("invalid ModelConfig: " + "; ".join(problems))
 

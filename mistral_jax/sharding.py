@@ -230,6 +230,8 @@ def ensure_params(config: ModelConfig, params, mesh: Mesh):
 CACHE_AXES = {  # a scanned model's cache (model/kv_cache.py)
     "k": ("layers", "batch", "kv_heads", None, "head_dim"),
     "v": ("layers", "batch", "kv_heads", None, "head_dim"),
+    "k_scale": ("layers", "batch", "kv_heads", None, None),  # an int8 cache's scales: [..., size, 1]
+    "v_scale": ("layers", "batch", "kv_heads", None, None),
     "pos": ("batch", None),
 }
 
@@ -249,7 +251,7 @@ def cache_shardings(mesh: Mesh, cache) -> dict:
             return tuple(NamedSharding(mesh, PartitionSpec(rows, None, None)) for _ in cache[name])
         return named(mesh, cache[name].shape, CACHE_AXES[name])
 
-    return {"k": kv("k"), "v": kv("v"), "pos": pos}
+    return {**{name: kv(name) for name in cache if name != "pos"}, "pos": pos}
 
 
 def place_cache(mesh: Mesh, cache):

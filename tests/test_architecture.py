@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("mistral_jax", "train")
 # What model/ may not import: it is pure math, below every other layer.
 ABOVE_MODEL = ("sharding", "checkpoints", "decoding", "tokenizers", "cli", "planner", "distributed", "serving")
-HEAVY = ("orbax", "jinja2", "gguf", "tokenizers")  # what `import mistral_jax` must not load
+HEAVY = ("orbax", "jinja2", "gguf", "tokenizers", "qwix")  # what `import mistral_jax` must not load
 
 
 def _module_name(path: pathlib.Path) -> str:

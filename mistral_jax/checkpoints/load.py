@@ -53,7 +53,8 @@ def read(path) -> tuple[ModelConfig, dict]:
     )
 
 
-def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tuple[ModelConfig, dict]:
+def load(path, dtype: str = "float32", *, mesh=None, quantize: str | None = None,
+         **config_overrides) -> tuple[ModelConfig, dict]:
     """(config, params) from a checkpoint, or from an sft run directory (its latest step, LoRA merged; the
     tokenizer it trained with is `run_dir.tokenizer_source(path)`). Parameters are stored in `dtype`, which is
     also the compute dtype unless `config_overrides` says otherwise (e.g. dtype="float32", compute in bfloat16).
@@ -61,16 +62,29 @@ def load(path, dtype: str = "float32", *, mesh=None, **config_overrides) -> tupl
     Weights stream leaf by leaf onto the device (host memory stays near one copy of the model); with a
     `mesh` (sharding.make_mesh) each leaf goes straight to its sharding, every process building only the
     shards it addresses. scan_layers=False (in config_overrides) returns the unscanned layout that
-    inference prefers (model/layer_layout.py), split leaf by leaf as it loads.
+    inference prefers (model/layer_layout.py), split leaf by leaf as it loads. quantize="int8": the
+    large matmul weights in int8 (model/quant.py), each quantized as it is read (Hugging Face, consolidated,
+    GGUF) or once restored (orbax, run directories); a quantized orbax checkpoint restores as it is.
     """
+    from mistral_jax.model import quant
     from mistral_jax.model.layer_layout import unstack_layers
 
     scan_layers = config_overrides.pop("scan_layers", True)
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None:
+        quant.check_mode(quantize)
     check_url(path)
-    load_scanned = _load_run if run_dir.is_run_dir(path) else _load_scanned
-    config, params = load_scanned(path, dtype, mesh, config_overrides)
+    if run_dir.is_run_dir(path):
+        config, params = _load_run(path, dtype, mesh, config_overrides)
+    else:
+        config, params = _load_scanned(path, dtype, mesh, config_overrides, quantize)
+    if quantize is not None and config.quant == "none":
+        config, params = quant.quantize(config, params, quantize)
+        if mesh is not None:
+            from mistral_jax import sharding
+
+            params = sharding.shard_params(config, params, mesh)
     if scan_layers:
         return config, params
     return unstack_layers(config, params, donate=True)
@@ -85,22 +99,34 @@ def _load_run(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, di
     return config, jax.tree.map(lambda x: x.astype(DTYPES[dtype]), params)
 
 
-def _load_scanned(path, dtype: str, mesh, config_overrides) -> tuple[ModelConfig, dict]:
+def _load_scanned(path, dtype: str, mesh, config_overrides, quantize: str | None) -> tuple[ModelConfig, dict]:
     from mistral_jax import sharding
+    from mistral_jax.model import quant
 
     overrides = {"dtype": dtype, "param_dtype": dtype, **config_overrides}
     if orbax.is_orbax_dir(path):  # local or a URL (gs://...)
         config = orbax.read_config(path).replace(**overrides)
+        if quantize is not None:
+            quant.quantized_config(config, quantize)  # refuses a quantized checkpoint before reading it
         shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
         return config, orbax.restore(path, orbax.abstract_params(config, shardings))
     config, tensors = read(path)
     config = config.replace(**overrides)
-    if mesh is None:
-        place = lambda _, array: jnp.asarray(array)  # noqa: E731
-    else:
-        shardings = sharding.param_shardings(config, mesh)
-        place = lambda leaf_path, array: sharding.put(array, hf_layout.get_path(shardings, leaf_path))  # noqa: E731
-    return config, hf_layout.to_params(config, tensors, dtype, source=str(path), place=place)
+    target = config if quantize is None else quant.quantized_config(config, quantize)
+    shardings = sharding.param_shardings(target, mesh) if mesh is not None else None
+
+    def put(leaf_path, array):
+        return jnp.asarray(array) if mesh is None else sharding.put(array, hf_layout.get_path(shardings, leaf_path))
+
+    def place(leaf_path, array):
+        if quantize is None or leaf_path[-1] not in quant.CONTRACTED:
+            return put(leaf_path, array)
+        qvalue, scale = quant.quantize_array(leaf_path[-1], array)  # one float leaf on the host at a time
+        scale_path = leaf_path[:-1] + (leaf_path[-1] + quant.SCALE_SUFFIX,)
+        return quant.QArray(put(leaf_path, qvalue), put(scale_path, scale))
+
+    params = hf_layout.to_params(config, tensors, dtype, source=str(path), place=place)
+    return target, quant.split_scales(params) if quantize is not None else params
 
 
 def run_params(path, mesh=None):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.layers import param_init, rotary_embedding
@@ -119,13 +119,13 @@ class Attention(nn.Module):
         prompt's first chunk), so attention skips it.
         """
         cfg = self.config
-        dt, pdt, hd = cfg.compute_dtype, cfg.weights_dtype, cfg.resolved_head_dim
+        dt, hd = cfg.compute_dtype, cfg.resolved_head_dim
         positions, window = inputs.positions, cfg.sliding_window
         init = param_init(cfg.init_std)
         d = x.shape[-1]
 
         def weight(name, axes, shape):
-            return self.param(name, nn.with_logical_partitioning(init, axes), shape, pdt).astype(dt)
+            return quant.weight(self, name, axes, shape, cfg, init)
 
         wq = weight("wq", ("embed", "q_heads", "head_dim"), (d, cfg.n_heads, hd))
         wk = weight("wk", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
@@ -133,16 +133,15 @@ class Attention(nn.Module):
         wo = weight("wo", ("q_heads", "head_dim", "embed"), (cfg.n_heads, hd, d))
 
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq)  # [B, T, H, hd]
-        k = jnp.einsum("btd,dhk->bthk", x, wk)  # [B, T, K, hd]
-        v = jnp.einsum("btd,dhk->bthk", x, wv)
+        q = quant.einsum("btd,dhk->bthk", x, wq, cfg)  # [B, T, H, hd]
+        k = quant.einsum("btd,dhk->bthk", x, wk, cfg)  # [B, T, K, hd]
+        v = quant.einsum("btd,dhk->bthk", x, wv, cfg)
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
 
         new_layer_cache = None
         if layer_cache is not None:
-            new_layer_cache = {"k": kv_cache.write_heads(layer_cache["k"], positions, k),
-                               "v": kv_cache.write_heads(layer_cache["v"], positions, v)}
+            new_layer_cache = kv_cache.write_layer(layer_cache, positions, k, v)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # heads-major [B, K, T, hd], as cached
         b = q.shape[0]
         if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
@@ -160,12 +159,12 @@ class Attention(nn.Module):
             # One new token: its slot held a position at least `size` back, outside the window, so writing
             # first and reading the cache alone is exact, and the donated buffer is updated in place.
             mask = attention_mask(positions, inputs.new_cache_pos, window)
-            keys, values = (kv_cache.heads_view(new_layer_cache[n], b).astype(dt) for n in ("k", "v"))
+            keys, values = (kv_cache.read_layer(new_layer_cache, n, b, dt) for n in ("k", "v"))
             out = attend(q, keys, values, mask)
         else:
             # A chunk may overwrite slots its own first queries still need: read the old cache and the chunk.
-            keys = jnp.concatenate([kv_cache.heads_view(layer_cache["k"], b).astype(dt), k], axis=2)
-            values = jnp.concatenate([kv_cache.heads_view(layer_cache["v"], b).astype(dt), v], axis=2)
+            keys = jnp.concatenate([kv_cache.read_layer(layer_cache, "k", b, dt), k], axis=2)
+            values = jnp.concatenate([kv_cache.read_layer(layer_cache, "v", b, dt), v], axis=2)
             key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
             kernel = attention_kernel(cfg, keys.shape[2])
             if kernel in ("flash", "splash"):  # splash masks by index: ring slots are not, so flash reads them
@@ -175,4 +174,4 @@ class Attention(nn.Module):
                 attend_chunk = functools.partial(attend_cudnn, causal=False) if kernel == "cudnn" else attend
                 out = attend_chunk(q, keys, values, mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return jnp.einsum("bthk,hkd->btd", out, wo), new_layer_cache
+        return quant.einsum("bthk,hkd->btd", out, wo, cfg), new_layer_cache

@@ -6,6 +6,9 @@ A cache is a plain dict pytree (`zeros` here; `mistral_jax.init_cache` builds on
         a tuple of `layers` buffers [batch * kv_heads, size, head_dim] otherwise (rows batch-major),
         which a donated decode step updates in place (layer_layout.py says why the rows stay merged)
   pos:  int32 [batch, size]  the position held by each slot, -1 where empty
+  k_scale, v_scale: only in an int8 cache (config.kv_cache_dtype="int8", as MaxText's quantize_kvcache): k and v
+        hold int8 values and these their float32 scales, one per token and KV head (symmetric absmax over
+        head_dim), in k's layout with head_dim 1: [layers, batch, kv_heads, size, 1] or [batch * kv_heads, size, 1]
 `size` is min(max_seq_len, sliding_window): memory stays flat however long the generation runs.
 Positions are per row, so rows of a batch may be at different points (ragged prompts).
 """
@@ -27,15 +30,54 @@ def layer_shape(config: ModelConfig, batch_size: int, max_seq_len: int) -> tuple
 
 
 def zeros(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) -> dict:
-    """An empty cache in the layout of config.scan_layers (dtype: default the compute dtype)."""
-    dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(config.compute_dtype)
+    """An empty cache in the layout of config.scan_layers (dtype: default config.kv_cache_dtype, else the compute
+    dtype; int8 adds the scales)."""
+    dtype = jnp.dtype(dtype if dtype is not None else config.kv_cache_dtype or config.compute_dtype)
     b, kv_heads, size, head_dim = layer_shape(config, batch_size, max_seq_len)
-    if config.scan_layers:
-        k, v = (jnp.zeros((config.n_layers, b, kv_heads, size, head_dim), dtype) for _ in range(2))
-    else:
-        k, v = (tuple(jnp.zeros((b * kv_heads, size, head_dim), dtype) for _ in range(config.n_layers))
-                for _ in range(2))
-    return {"k": k, "v": v, "pos": jnp.full((b, size), -1, jnp.int32)}
+
+    def buffers(width, dtype):
+        if config.scan_layers:
+            return jnp.zeros((config.n_layers, b, kv_heads, size, width), dtype)
+        return tuple(jnp.zeros((b * kv_heads, size, width), dtype) for _ in range(config.n_layers))
+
+    cache = {"k": buffers(head_dim, dtype), "v": buffers(head_dim, dtype), "pos": jnp.full((b, size), -1, jnp.int32)}
+    if dtype == jnp.int8:
+        cache.update(k_scale=buffers(1, jnp.float32), v_scale=buffers(1, jnp.float32))
+    return cache
+
+
+def buffer_names(cache: dict) -> tuple[str, ...]:
+    """The per-layer buffers of a cache: k, v and, in an int8 cache, their scales."""
+    return tuple(name for name in ("k", "v", "k_scale", "v_scale") if name in cache)
+
+
+def quantize_heads(values):
+    """values [B, T, K, D] -> (int8 [B, T, K, D], float32 scales [B, T, K, 1]): symmetric absmax per token and head."""
+    x = values.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def write_layer(layer_cache: dict, positions, keys, values) -> dict:
+    """One layer's cache ({k, v} or, int8, with their scales) after writing keys and values [B, T, K, D]."""
+    if "k_scale" not in layer_cache:
+        return {"k": write_heads(layer_cache["k"], positions, keys),
+                "v": write_heads(layer_cache["v"], positions, values)}
+    out = {}
+    for name, x in (("k", keys), ("v", values)):
+        q, scale = quantize_heads(x)
+        out[name] = write_heads(layer_cache[name], positions, q)
+        out[name + "_scale"] = write_heads(layer_cache[name + "_scale"], positions, scale)
+    return out
+
+
+def read_layer(layer_cache: dict, name: str, batch: int, dtype):
+    """One layer's K or V ("k", "v") as [B, K, S, D] in `dtype`, dequantized from an int8 cache."""
+    x = heads_view(layer_cache[name], batch)
+    if name + "_scale" not in layer_cache:
+        return x.astype(dtype)
+    return (x.astype(jnp.float32) * heads_view(layer_cache[name + "_scale"], batch)).astype(dtype)
 
 
 def cache_size(cache: dict) -> int:

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mistral_jax.config import ModelConfig
+from mistral_jax.model import quant
 from mistral_jax.model.constraints import constrain
 
 
@@ -50,19 +52,27 @@ class SwiGLU(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     init_std: float
+    config: ModelConfig | None = None  # given: its quant says whether the weights are int8 (model/quant.py)
 
     @nn.compact
     def __call__(self, x):  # [B, T, D]
         d = x.shape[-1]
         init = param_init(self.init_std)
         def weight(name, axes, shape):
+            if self.config is not None:
+                return quant.weight(self, name, axes, shape, self.config, init)
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+        def dot(spec, a, w):
+            if self.config is not None:
+                return quant.einsum(spec, a, w, self.config)
+            return jnp.einsum(spec, a, w.astype(self.dtype))
 
         w_gate = weight("w_gate", ("embed", "mlp"), (d, self.hidden_dim))
         w_up = weight("w_up", ("embed", "mlp"), (d, self.hidden_dim))
         w_down = weight("w_down", ("mlp", "embed"), (self.hidden_dim, d))
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, w_gate.astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, w_up.astype(self.dtype))
+        gate = dot("btd,df->btf", x, w_gate)
+        up = dot("btd,df->btf", x, w_up)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", h, w_down.astype(self.dtype))
+        return dot("btf,fd->btd", h, w_down)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.model import quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import param_init
 
@@ -237,9 +238,9 @@ class MoE(nn.Module):
         b, t, d = x.shape
         e, f, k = cfg.n_experts, cfg.hidden_dim, cfg.n_experts_per_tok
         router = self.param("router", nn.with_logical_partitioning(init, ("embed", None)), (d, e), pdt)
-        w_gate = self.param("w_gate", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
-        w_up = self.param("w_up", nn.with_logical_partitioning(init, ("expert", "embed", "mlp")), (e, d, f), pdt)
-        w_down = self.param("w_down", nn.with_logical_partitioning(init, ("expert", "mlp", "embed")), (e, f, d), pdt)
+        w_gate = quant.weight(self, "w_gate", ("expert", "embed", "mlp"), (e, d, f), cfg, init)
+        w_up = quant.weight(self, "w_up", ("expert", "embed", "mlp"), (e, d, f), cfg, init)
+        w_down = quant.weight(self, "w_down", ("expert", "mlp", "embed"), (e, f, d), cfg, init)
 
         tokens = x.reshape(b * t, d).astype(dt)  # [N, D]
         weights, experts, probs = route(jnp.dot(tokens, router.astype(dt)), k)
@@ -247,7 +248,7 @@ class MoE(nn.Module):
 
         order, sorted_experts, group_sizes = _sort_by_expert(experts, e)
         rows = tokens[order // k]  # [N * k, D], grouped by expert
-        w = (w_gate.astype(dt), w_up.astype(dt), w_down.astype(dt))
+        w = tuple(quant.dequantize(w_, dt) for w_ in (w_gate, w_up, w_down))  # int8 experts: dequantized whole
         capacity = expert_capacity(b * t, cfg)
         grouped = {  # each: [N * k, D] rows grouped by expert -> their expert's SwiGLU, [N * k, D]
             "ragged": lambda: _grouped_swiglu_ragged(rows, group_sizes, *w),

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
@@ -57,7 +57,7 @@ class Block(nn.Module):
         if cfg.is_moe:
             mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
         else:
-            mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, name="mlp")
+            mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, cfg, name="mlp")
             mlp_out, stats = mlp(norm("ffn_norm")(h)), None
         out = constrain(h + mlp_out, ("batch", "length", "act_embed"))
         return out, (new_layer_cache, stats, out if self.keep_hidden else None)
@@ -66,7 +66,7 @@ class Block(nn.Module):
 class LayerList(nn.Module):
     """The unscanned layout: blocks named "0" .. "n_layers - 1", each with its own weights and cache buffer.
 
-    Same inputs and outputs as the scanned stack: caches {"k", "v"} hold tuples of per-layer buffers, and
+    Same inputs and outputs as the scanned stack: caches {"k", "v", ...} hold tuples of per-layer buffers, and
     routing statistics and hidden states come back stacked on a leading layer axis.
     """
 
@@ -76,16 +76,16 @@ class LayerList(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_caches, inputs: BlockInputs):
-        keys, values, results = [], [], []
+        new_buffers, results = [], []
         for i in range(self.config.n_layers):
-            layer_cache = None if layer_caches is None else {"k": layer_caches["k"][i], "v": layer_caches["v"][i]}
+            layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
             x, (new_layer_cache, *result) = self.block(self.config, self.keep_hidden, name=str(i))(
                 x, layer_cache, inputs)
-            if new_layer_cache is not None:
-                keys.append(new_layer_cache["k"])
-                values.append(new_layer_cache["v"])
+            new_buffers.append(new_layer_cache)
             results.append(result)
-        new_caches = {"k": tuple(keys), "v": tuple(values)} if layer_caches is not None else None
+        new_caches = None
+        if layer_caches is not None:
+            new_caches = {n: tuple(layer[n] for layer in new_buffers) for n in layer_caches}
         stats, hidden = (None if r[0] is None else jax.tree.map(lambda *s: jnp.stack(s), *r) for r in zip(*results))
         return x, (new_caches, stats, hidden)
 
@@ -99,17 +99,16 @@ class Transformer(nn.Module):
         """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
-        embedding = self.param(
-            "embedding", nn.with_logical_partitioning(param_init(cfg.init_std), ("vocab", "embed")),
-            (cfg.vocab_size, cfg.dim), pdt)
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)  # [B, T, D]
+        embedding = quant.weight(self, "embedding", ("vocab", "embed"), (cfg.vocab_size, cfg.dim), cfg,
+                                 param_init(cfg.init_std))
+        x = quant.take(embedding, tokens, dt)  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
         inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
         if cache is not None:
             new_pos = kv_cache.advance_positions(cache["pos"], positions)
             inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            layer_caches = {name: cache[name] for name in kv_cache.buffer_names(cache)}
 
         embedded, block = x, Block
         if cfg.remat:
@@ -134,16 +133,16 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
         if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
-            logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt), preferred_element_type=jnp.float32)
+            logits = quant.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
         else:
-            head = self.param("lm_head", nn.with_logical_partitioning(param_init(cfg.init_std), ("embed", "vocab")),
-                              (cfg.dim, cfg.vocab_size), pdt)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+            head = quant.weight(self, "lm_head", ("embed", "vocab"), (cfg.dim, cfg.vocab_size), cfg,
+                                param_init(cfg.init_std))
+            logits = quant.einsum("btd,dv->btv", x, head, cfg, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_layer_caches["k"], "v": new_layer_caches["v"], "pos": inputs.new_cache_pos}
+            new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
         aux = {"load_balancing_loss": load_balancing_loss(stats, cfg.n_experts)} if cfg.is_moe else {}
         return Output(logits, new_cache, aux, hidden)
 

@@ -1,0 +1,43 @@
+"""`--quantize int8` and `--kv-cache-dtype int8` on the command line: generate, convert, export, bad input."""
+
+import pathlib
+
+import mistral_jax as mj
+from mistral_jax import cli
+
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "mistral_gqa_window"
+IDS = "5,6,7,8"
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantized_generate_convert_and_the_refusals(capsys, tmp_path):
+    config, params = mj.quantize(*mj.load(FIXTURE, scan_layers=False))
+    want = mj.generate(config.replace(kv_cache_dtype="int8"), params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--max-new-tokens", "9",
+                       "--quantize", "int8", "--kv-cache-dtype", "int8")
+    assert code == 0 and out.splitlines()[-1] == ",".join(map(str, want))
+
+    int8 = tmp_path / "int8"
+    assert run(capsys, "convert", str(FIXTURE), str(int8), "--quantize", "int8")[0] == 0
+    assert mj.load(int8)[0].quant == "int8"  # restored as it is, without --quantize
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(int8), "--prompt-ids", IDS, "--max-new-tokens", "9",
+                       "--kv-cache-dtype", "int8")
+    assert code == 0 and out.splitlines()[-1] == ",".join(map(str, want))
+
+    refusals = [
+        (("export", str(int8), str(tmp_path / "hf")), "is a quantized (int8) checkpoint: export writes float"),
+        (("convert", str(int8), str(tmp_path / "again"), "--quantize", "int8"), "already quantized"),
+        (("generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--quantize", "fp8"),
+         "unknown quantize mode 'fp8'"),
+        (("generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--kv-cache-dtype", "int4"),
+         "kv_cache_dtype must be None or one of"),
+    ]
+    for argv, message in refusals:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "again").exists()
