@@ -231,14 +231,13 @@ class Trainer:
 
 
 # Checkpoints (the manager: run_dir.checkpoint_manager) ------------------------------------------
-def gather_data_state(local_state: dict[str, int]) -> dict:
-    """Every host's iterator state, for the checkpoint: {"process_count", "hosts": [{"epoch", "position"}, ...]}."""
+def gather_data_state(local_state: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every process's stream indices in row order, for the checkpoint: {"streams": [R ints]}, the same table
+    whatever the number of processes (train/data.py), so a run resumes on any number of them."""
     if jax.process_count() == 1:
-        hosts = [local_state]
-    else:
-        table = multihost_utils.process_allgather(np.array([local_state["epoch"], local_state["position"]]))  # [P, 2]
-        hosts = [{"epoch": int(e), "position": int(p)} for e, p in np.asarray(table)]
-    return {"process_count": jax.process_count(), "hosts": hosts}
+        return {"streams": list(local_state["streams"])}
+    table = multihost_utils.process_allgather(np.asarray(local_state["streams"], np.int64))  # [P, R / P]
+    return {"streams": [int(i) for i in np.asarray(table).reshape(-1)]}
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> int:
@@ -254,7 +253,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_stat
 
 def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: int,
                        base_params=None) -> tuple[TrainState, dict]:
-    """(state, this host's data-iterator state) from checkpoint `step`, placed as the trainer shards them.
+    """(state, the data streams' table) from checkpoint `step`, placed as the trainer shards them.
 
     With LoRA the base params are not in the checkpoint: pass them (they are placed like a fresh state).
     """
@@ -271,11 +270,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: i
         base = trainer.place_params(base_params)
     state = TrainState(step=trainer.step_array(step), trainable=restored["trainable"],
                        opt_state=restored["opt_state"], base=base)
-    data = restored["data"]
-    if data["process_count"] != jax.process_count():
-        raise UserError(f"checkpoint {step} was written by {data['process_count']} processes; resume with as many "
-                         f"(this run has {jax.process_count()})")
-    return state, data["hosts"][jax.process_index()]
+    return state, restored["data"]
 
 
 # The loop ------------------------------------------------------------------------------------------

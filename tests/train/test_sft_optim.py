@@ -55,7 +55,7 @@ def test_only_assistant_targets_count(params, tokenizer, data_file) -> None:
 
 def test_packed_row_logits_equal_each_example_alone(params, tokenizer, data_file) -> None:
     data = load_data(data_file, tokenizer, seq_len=128, rows=1, packing=True, seed=0, eval_fraction=0, vocab_size=256)
-    examples = data.train.examples[:3]
+    examples = [data.train.streams[0].examples[i] for i in range(3)]
     packed = make_rows(examples, 128, packing=True)
     assert packed["inputs"].shape[0] == 1 and packed["segment_ids"].max() == 3
     logits = forward(CONFIG, params, packed["inputs"], packed["positions"], packed["segment_ids"]).logits
@@ -73,8 +73,8 @@ def _accumulated_and_whole(config, params, tokenizer, data_file, aux_loss_coef=0
     optim = OptimConfig(1e-3, total_steps=10, warmup_steps=1, eps=adam_eps)
     results = []
     for accum, rows in ((2, 2), (1, 4)):
-        data = load_data(data_file, tokenizer, seq_len=32, rows=accum * rows, packing=False, seed=0, eval_fraction=0,
-                         vocab_size=256)
+        data = load_data(data_file, tokenizer, seq_len=32, rows=rows, micro_batches=accum, packing=False, seed=0,
+                         eval_fraction=0, vocab_size=256)
         trainer = Trainer(config, optim, BatchShape(accum, rows, 32), aux_loss_coef=aux_loss_coef)
         state = trainer.init_state(jax.tree.map(jnp.array, params))
         for _ in range(steps):
