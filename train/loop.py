@@ -374,6 +374,8 @@ def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp
                 preempted = stop.agreed()
                 if step % options.save_every == 0 or step == end or preempted:
                     save_checkpoint(manager, state, gather_data_state(batches.state()))
+                    if log:
+                        log.flush()  # on a URL the lines up to the checkpoint reach storage now
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if preempted:
