@@ -3,13 +3,13 @@ and a run resumes across process counts (2 -> 1 and 1 -> 2) with the losses of a
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+from processes import free_port, kill_all
 
 from train import sft
 
@@ -24,15 +24,9 @@ def _flags(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
             "--eval-fraction", "0.2", "--learning-rate", "3e-3", "--mesh", MESH, *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(flags: list[str]) -> list[subprocess.Popen]:
     """`mistral-jax sft FLAGS --coordinator ...` as 2 processes of 4 CPU devices, sharing the compilation cache."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
@@ -48,10 +42,7 @@ def _wait(procs: list[subprocess.Popen]) -> list[str]:
     try:
         outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all(procs)
     for i, (proc, (_, err)) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {i} exited with {proc.returncode}:\n{err[-4000:]}"
     return [out + err for out, err in outputs]
@@ -67,8 +58,10 @@ def test_two_processes_train_as_one_and_resume_across_process_counts(tmp_path, l
     try:  # while the two processes run steps 1-2: the 1-process runs on this process's 8 devices
         assert sft.main(_flags(llama_dir, data_file, reference)) == 0
         assert sft.main(_flags(llama_dir, data_file, one_then_two, "--stop-at", "2")) == 0
-    finally:
-        first = _wait(procs)
+    except BaseException:
+        kill_all(procs)
+        raise
+    first = _wait(procs)
     assert sft.main(_flags(llama_dir, data_file, two_then_one, "--resume")) == 0  # 2 processes -> 1
     second = _wait(_launch(_flags(llama_dir, data_file, one_then_two, "--resume")))  # 1 process -> 2
 
