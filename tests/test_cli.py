@@ -213,8 +213,8 @@ def test_a_failed_convert_leaves_no_output_and_a_retry_succeeds(capsys, tmp_path
 
 
 def test_a_convert_to_a_url_killed_part_way_can_be_rerun(capsys, tmp_path, monkeypatch):
-    """gs:// is local disk here (etils.epath mocked, as in tests/train/test_sft_urls.py); orbax's own save is
-    replaced by one that writes a file where orbax would, and dies the first time."""
+    """gs:// is local disk here (etils.epath mocked; tests/train/test_sft_urls.py has a real GCS emulator); orbax's
+    own save is replaced by one that writes a file where orbax would, and dies the first time."""
     saves = []
 
     class Checkpointer:

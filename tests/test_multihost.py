@@ -3,11 +3,11 @@
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import jax
+from processes import free_port, kill_all
 
 import mistral_jax as mj
 from mistral_jax.sharding import make_mesh, parse_mesh
@@ -16,12 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multihost_worker.py"
 PRESET, MESH = "tiny-mixtral", "data=1,fsdp=2,expert=2,tensor=2"
 TIMEOUT_S = 120  # a hung collective fails the test instead of blocking the run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_generate_the_same_tokens_as_one(tmp_path):
@@ -49,10 +43,7 @@ def test_two_processes_generate_the_same_tokens_as_one(tmp_path):
         expected = mj.generate(config, params, [[1, 2, 3, 4, 5], [7, 8]], 10, mesh=mesh)
         logs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all(procs)
     for process_id, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"process {process_id} exited with {proc.returncode}:\n{log[-4000:]}"
     result = json.loads(out_path.read_text())
@@ -80,10 +71,7 @@ def test_cli_on_two_processes_prints_once_and_matches_one_process(tmp_path):
         expected = mj.generate(config, params, [[5, 6, 7, 8]], 8, eos_id=config.eos_id, mesh=mesh)
         outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        kill_all(procs)
     for process_id, (proc, (_, err)) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"process {process_id} exited with {proc.returncode}:\n{err[-4000:]}"
     assert outputs[0][0].strip().splitlines()[-1] == ",".join(map(str, expected[0]))

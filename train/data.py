@@ -4,17 +4,26 @@ One conversation a line: {"messages": [{"role": "system"|"user"|"assistant", "co
 rendered with the checkpoint's chat template; the tokens an assistant turn adds (its end-of-turn / EOS token
 included) are targets, everything else is context. Examples become (input, target) pairs packed into
 fixed-length rows with segment ids (attention never crosses examples, positions restart per example) or
-padded one per row (positions -1). `Batches` streams rows over shuffled epochs and its state is a small
-dict, so a resumed run continues exactly.
+padded one per row (positions -1).
+
+The stream goes through grain and never holds the file: a first pass validates every line and keeps only its
+byte offset; a grain MapDataset over those offsets is shuffled by seed (reshuffled each epoch) and repeated.
+Global row j of every micro-batch is fed by stream j, the elements j, j + R, j + 2R, ... of that sequence (R
+rows a micro-batch), packed greedily: so the global batch of every step is the same whatever the number of
+processes, and each process reads and tokenizes only the streams of its rows. A stream's state is the index
+of its next element; `Batches` (a thin layer: the process's streams stacked into step batches) saves the
+table of every stream's index, so a run resumes exactly, on any number of processes.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import grain
 import numpy as np
 
 from mistral_jax.errors import UserError
@@ -51,19 +60,54 @@ def parse_line(line: str, where: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_conversations(path: str | pathlib.Path) -> list[tuple[int, list[dict[str, str]]]]:
-    """(line number, messages) of every conversation of a JSONL file (blank lines skipped); DataError names
-    the first bad line."""
+def iter_conversations(path: str | pathlib.Path) -> Iterator[tuple[int, list[dict[str, str]]]]:
+    """(line number, messages) of every conversation of a JSONL file, streamed (blank lines skipped); DataError
+    names the first bad line."""
+    for number, _, messages in _scan(path):
+        yield number, messages
+
+
+def _scan(path) -> Iterator[tuple[int, int, list[dict[str, str]]]]:
+    """(line number, byte offset, messages) of every non-blank line, one line in memory at a time."""
     require_local(path, "JSONL data (--data)")
     path = pathlib.Path(path)
-    conversations = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.decode("utf-8")
             if line.strip():
-                conversations.append((number, parse_line(line, f"{path}:{number}")))
-    if not conversations:
+                yield number, offset, parse_line(line, f"{path}:{number}")
+            offset += len(raw)
+
+
+def index_lines(path) -> tuple[np.ndarray, np.ndarray]:
+    """Validate every line of a JSONL file -> (line numbers int64 [N], byte offsets int64 [N]) of its conversations."""
+    numbers, offsets = array.array("q"), array.array("q")
+    for number, offset, _ in _scan(path):
+        numbers.append(number)
+        offsets.append(offset)
+    if not numbers:
         raise DataError(f"{path}: no conversations")
-    return conversations
+    return np.frombuffer(numbers, np.int64), np.frombuffer(offsets, np.int64)
+
+
+class JsonlLines:
+    """A grain data source: conversation i is the line at offsets[i], read from disk when asked for."""
+
+    def __init__(self, path, numbers: np.ndarray, offsets: np.ndarray):
+        self.path, self.numbers, self.offsets = pathlib.Path(path), numbers, offsets
+        self._handle = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> tuple[int, list[dict[str, str]]]:
+        """(line number, messages) of conversation i."""
+        if self._handle is None:
+            self._handle = self.path.open("rb")
+        self._handle.seek(int(self.offsets[i]))
+        number = int(self.numbers[i])
+        return number, parse_line(self._handle.readline().decode("utf-8"), f"{self.path}:{number}")
 
 
 # Tokenizing ----------------------------------------------------------------------------------------
@@ -175,52 +219,69 @@ def make_rows(examples: Sequence[Example], seq_len: int, packing: bool) -> dict[
     return rows
 
 
-class Batches:
-    """An endless stream of batches [rows, seq_len] over epochs, each epoch a seeded shuffle of the examples.
+# Streams -------------------------------------------------------------------------------------------
+class RowStream:
+    """Rows [seq_len] packed (or padded) from the examples of a grain MapDataset, in order; None elements
+    (dropped conversations) are skipped. state() is the index of the next element, so it is exact at row ends."""
 
-    state() = {"epoch", "position"} (rows of that epoch already served); restore(state) resumes exactly.
+    def __init__(self, examples: grain.MapDataset, seq_len: int, packing: bool, patience: int):
+        self.examples, self.seq_len, self.packing, self.patience = examples, seq_len, packing, patience
+        self.index = 0
+        self._pending: tuple[int, Example | None] | None = None  # the example that did not fit the last row
+
+    def _example(self, index: int) -> Example | None:
+        if self._pending is None or self._pending[0] != index:
+            self._pending = index, self.examples[index]
+        return self._pending[1]
+
+    def next_row(self) -> dict[str, np.ndarray]:
+        """The next row of FIELDS [1, seq_len]: examples that fit, greedily (one with packing off)."""
+        row, used, skipped = [], 0, 0
+        while True:
+            example = self._example(self.index)
+            if example is None:
+                skipped += 1
+                if skipped > self.patience:
+                    raise DataError("no conversation of this data stream has an assistant token within seq_len")
+                self.index += 1
+                continue
+            if row and (not self.packing or used + len(example) > self.seq_len):
+                return make_rows(row, self.seq_len, self.packing)
+            row.append(example)
+            used += len(example)
+            self.index += 1
+
+
+class Batches:
+    """This process's batches: `micro_batches` micro-batches of its rows of the global `rows`, micro-batch-major
+    [micro_batches * local rows, seq_len]. Row j of every micro-batch comes from stream j.
+
+    state() = {"streams": [next index of each of this process's streams]}; train.loop.gather_data_state makes
+    the table of all of them that a checkpoint holds and `restore` takes.
     """
 
-    def __init__(self, examples: Sequence[Example], seq_len: int, rows: int, packing: bool, seed: int, shard: int = 0):
-        """shard (the process index) varies the shuffle between hosts, which hold different examples."""
-        if not examples:
-            raise DataError("no training examples")
-        self.examples, self.seq_len, self.rows, self.packing = list(examples), seq_len, rows, packing
-        self.seed, self.shard = seed, shard
-        self.epoch, self.position = 0, 0
-        self._cache: tuple[int, dict[str, np.ndarray]] | None = None
-
-    def epoch_rows(self, epoch: int) -> dict[str, np.ndarray]:
-        """All rows of one epoch: the examples shuffled by (seed, epoch, shard), then packed or padded."""
-        if self._cache is None or self._cache[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch, self.shard]).permutation(len(self.examples))
-            self._cache = (epoch, make_rows([self.examples[i] for i in order], self.seq_len, self.packing))
-        return self._cache[1]
+    def __init__(self, streams: dict[int, RowStream], rows: int, micro_batches: int):
+        """streams: this process's, by global row; rows: the global rows of a micro-batch."""
+        self.streams, self.rows, self.micro_batches = streams, rows, micro_batches
 
     def __iter__(self) -> Batches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        """The next `rows` rows, continuing into the next epoch when this one runs out."""
-        parts = []
-        needed = self.rows
-        while needed:
-            rows = self.epoch_rows(self.epoch)
-            take = min(needed, len(rows["inputs"]) - self.position)
-            parts.append({k: v[self.position : self.position + take] for k, v in rows.items()})
-            needed -= take
-            self.position += take
-            if self.position == len(rows["inputs"]):
-                self.epoch, self.position = self.epoch + 1, 0
-        return {k: np.concatenate([p[k] for p in parts]) for k in FIELDS}
+        rows = [stream.next_row() for _ in range(self.micro_batches) for stream in self.streams.values()]
+        return {k: np.concatenate([r[k] for r in rows]) for k in FIELDS}
 
-    def state(self) -> dict[str, int]:
-        """Where the stream is: JSON-ready, saved in checkpoints."""
-        return {"epoch": self.epoch, "position": self.position}
+    def state(self) -> dict[str, list[int]]:
+        """The next element of each of this process's streams, in row order: JSON-ready."""
+        return {"streams": [stream.index for stream in self.streams.values()]}
 
-    def restore(self, state: dict[str, int]) -> None:
-        """Continue from a `state()`: the next batch is the one that followed it."""
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def restore(self, table: dict[str, list[int]]) -> None:
+        """Continue from the table of every stream (all processes' states concatenated in process order)."""
+        indices = table["streams"]
+        if len(indices) != self.rows:
+            raise DataError(f"the data state has {len(indices)} rows a micro-batch; this run has {self.rows}")
+        for j, stream in self.streams.items():
+            stream.index = int(indices[j])
 
 
 # The whole file ------------------------------------------------------------------------------------
@@ -242,39 +303,62 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def _examples(tokenizer, conversations, indices, seq_len, vocab_size, path, stats) -> list[Example]:
-    """Tokenize the chosen conversations; count truncated, dropped and last-turn-only ones in `stats`."""
-    examples = []
-    for i in indices:
-        line, messages = conversations[i]
-        ids, mask, last_only = tokenize(tokenizer, messages, f"{path}:{line}")
-        if ids.size and ids.max() >= vocab_size:
-            raise DataError(f"{path}:{line}: token id {ids.max()} is not below the model's vocab_size {vocab_size}")
-        example, truncated = to_example(ids, mask, seq_len)
-        stats["truncated"] += truncated
-        stats["last_turn_only"] += last_only
-        if example.weights.sum() == 0:
-            stats["dropped"] += 1  # no assistant token left within seq_len
-            continue
-        examples.append(example)
-    return examples
+class _Tokenize:
+    """(line number, messages) -> Example, or None when no assistant token is left within seq_len; counts what
+    it tokenized in `stats` while `counting`."""
+
+    def __init__(self, tokenizer, seq_len: int, vocab_size: int, path, stats: dict[str, int]):
+        self.tokenizer, self.seq_len, self.vocab_size = tokenizer, seq_len, vocab_size
+        self.path, self.stats = path, stats
+        self.counting = True
+
+    def __call__(self, item) -> Example | None:
+        line, messages = item
+        ids, mask, last_only = tokenize(self.tokenizer, messages, f"{self.path}:{line}")
+        if ids.size and ids.max() >= self.vocab_size:
+            raise DataError(f"{self.path}:{line}: token id {ids.max()} is not below the model's vocab_size "
+                            f"{self.vocab_size}")
+        example, truncated = to_example(ids, mask, self.seq_len)
+        kept = example.weights.sum() > 0
+        if self.counting:
+            self.stats["truncated"] += truncated
+            self.stats["last_turn_only"] += last_only
+            self.stats["dropped"] += not kept  # no assistant token left within seq_len
+        return example if kept else None
 
 
 def load_data(path, tokenizer, *, seq_len: int, rows: int, packing: bool, seed: int, eval_fraction: float,
-              vocab_size: int, process_index: int = 0, process_count: int = 1) -> SFTData:
-    """Read, split and tokenize a JSONL file into this host's `Batches` of `rows` rows and the eval rows.
+              vocab_size: int, micro_batches: int = 1, process_index: int = 0, process_count: int = 1,
+              check: int = 1024) -> SFTData:
+    """Index, split and stream a JSONL file: this host's `Batches` of its share of `rows` global rows a
+    micro-batch, and the eval rows.
 
-    Every host validates every line (errors are the same everywhere) but tokenizes only its share of the
-    training conversations (every process_count-th); the small eval split is tokenized by all.
+    Every host validates every line (errors are the same everywhere). Each tokenizes the small eval split and,
+    up front, the first `check` conversations of its streams (template and vocabulary errors and the counts
+    before training, without a pass over a large file); the rest only as it is trained on.
     """
-    conversations = read_conversations(path)
-    train_idx, eval_idx = split_indices(len(conversations), eval_fraction, seed)
-    stats = {"conversations": len(conversations), "train": len(train_idx), "eval": len(eval_idx),
+    if rows % process_count:
+        raise DataError(f"{rows} rows a micro-batch do not split over {process_count} processes")
+    numbers, offsets = index_lines(path)
+    train_idx, eval_idx = split_indices(len(offsets), eval_fraction, seed)
+    stats = {"conversations": len(offsets), "train": len(train_idx), "eval": len(eval_idx),
              "truncated": 0, "dropped": 0, "last_turn_only": 0}
-    own = train_idx[process_index::process_count]
-    train = _examples(tokenizer, conversations, own, seq_len, vocab_size, path, stats)
-    evals = _examples(tokenizer, conversations, eval_idx, seq_len, vocab_size, path, stats)
-    if not train:
+    to_examples = _Tokenize(tokenizer, seq_len, vocab_size, path, stats)
+    every = JsonlLines(path, numbers, offsets)
+    evals = [e for i in eval_idx if (e := to_examples(every[i])) is not None]
+    source = JsonlLines(path, numbers[train_idx], offsets[train_idx])
+    order = grain.MapDataset.source(source).shuffle(seed=seed).repeat()  # reshuffled every epoch
+    local = rows // process_count
+    own = range(process_index * local, (process_index + 1) * local)
+    streams = {j: RowStream(order[j::rows].map(to_examples), seq_len, packing, patience=100 * len(train_idx))
+               for j in own}
+    first_epoch = [(j, i) for i in range(-(-len(train_idx) // rows)) for j in own if j + i * rows < len(train_idx)]
+    checked = first_epoch[:check]  # (stream, element) pairs: this process's share of the first epoch, in order
+    kept = sum(streams[j].examples[i] is not None for j, i in checked)
+    to_examples.counting = False
+    if not kept and process_count == 1:
         raise DataError(f"{path}: no training example has an assistant token within seq_len={seq_len}")
+    batches = Batches(streams, rows, micro_batches)
+    stats.update(own=len(first_epoch), checked=len(checked))
     eval_rows = make_rows(evals, seq_len, packing) if evals else None
-    return SFTData(Batches(train, seq_len, rows, packing, seed, shard=process_index), eval_rows, stats)
+    return SFTData(batches, eval_rows, stats)

@@ -30,6 +30,7 @@ from mistral_jax.checkpoints import run_dir
 from mistral_jax.checkpoints.run_dir import MetricsLog, checkpoint_manager  # noqa: F401 (train.loop's API)
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.model.moe import balance_loss
 from mistral_jax.model.transformer import forward, param_shapes
 from mistral_jax.paths import as_path
 from train.data import FIELDS, Batches, empty_rows
@@ -159,23 +160,52 @@ class Trainer:
         return lora_lib.merge(state.base, trainable, self.lora.scale) if self.lora else trainable
 
     def _train_step(self, state: TrainState, batch):
-        """One optimizer update from a [K, B, L] batch -> (new state, metrics of scalars)."""
+        """One optimizer update from a [K, B, L] batch -> (new state, metrics of scalars).
+
+        The load-balancing loss is the whole batch's, as without accumulation: with K > 1 micro-batches
+        (and a coefficient) a forward-only pass over all of them first counts the experts' shares f_e, then
+        each micro-batch adds its part of the router probabilities (moe.balance_loss).
+        """
+        moe, n_experts = self.config.is_moe, self.config.n_experts
+        routed = None
+        if moe and self.aux_loss_coef and self.shape.grad_accum > 1:
+            routed = self._batch_routing(self._model_params(state, state.trainable), batch)
+        batch_tokens = jnp.sum(batch["weights"])
 
         def loss_fn(trainable, micro):  # micro: FIELDS of [B, L]
             params = self._model_params(state, trainable)
             out = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"])
             ce, tokens = token_loss_sum(out.logits, micro["targets"], micro["weights"])
-            aux_loss = out.aux.get("load_balancing_loss", jnp.zeros((), jnp.float32))
-            return ce + self.aux_loss_coef * aux_loss * tokens, (ce, tokens, aux_loss)
+            sums = {"ce": ce, "tokens": tokens}
+            if not moe:
+                return ce, sums
+            routing = out.aux["routing"]
+            whole = jax.lax.stop_gradient(routing if routed is None else routed)
+            aux_loss = balance_loss(routing, n_experts, whole)  # this micro-batch's share of the batch's
+            return ce + self.aux_loss_coef * aux_loss * batch_tokens, {**sums, "routing": routing}
 
         with sharding.activations(self.mesh):
-            grads, metrics = accumulate_gradients(loss_fn, state.trainable, batch)
+            grads, sums = accumulate_gradients(loss_fn, state.trainable, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.trainable)
         new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                                   opt_state=opt_state)
-        metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(state.step),
-                       input_tokens=jnp.sum(batch["positions"] >= 0))
+        aux_loss = balance_loss(sums["routing"], n_experts) if moe else jnp.zeros((), jnp.float32)
+        metrics = {"loss": sums["ce"] / jnp.maximum(sums["tokens"], 1.0), "aux_loss": aux_loss,
+                   "target_tokens": sums["tokens"], "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": self.schedule(state.step), "input_tokens": jnp.sum(batch["positions"] >= 0)}
         return new_state, metrics
+
+    def _batch_routing(self, params, batch):
+        """moe.routing_totals of the whole [K, B, L] batch, forward only (the head on the last position only)."""
+
+        def body(total, micro):
+            out = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"],
+                          last_only=True)
+            return jax.tree.map(jnp.add, total, out.aux["routing"]), None
+
+        e = self.config.n_experts
+        zero = {"assigned": jnp.zeros(e), "probs": jnp.zeros(e), "tokens": jnp.zeros(())}
+        return jax.lax.scan(body, zero, batch)[0]
 
     def _eval_step(self, state: TrainState, batch):
         """Summed loss and target count of one [B, L] batch."""
@@ -201,14 +231,13 @@ class Trainer:
 
 
 # Checkpoints (the manager: run_dir.checkpoint_manager) ------------------------------------------
-def gather_data_state(local_state: dict[str, int]) -> dict:
-    """Every host's iterator state, for the checkpoint: {"process_count", "hosts": [{"epoch", "position"}, ...]}."""
+def gather_data_state(local_state: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every process's stream indices in row order, for the checkpoint: {"streams": [R ints]}, the same table
+    whatever the number of processes (train/data.py), so a run resumes on any number of them."""
     if jax.process_count() == 1:
-        hosts = [local_state]
-    else:
-        table = multihost_utils.process_allgather(np.array([local_state["epoch"], local_state["position"]]))  # [P, 2]
-        hosts = [{"epoch": int(e), "position": int(p)} for e, p in np.asarray(table)]
-    return {"process_count": jax.process_count(), "hosts": hosts}
+        return {"streams": list(local_state["streams"])}
+    table = multihost_utils.process_allgather(np.asarray(local_state["streams"], np.int64))  # [P, R / P]
+    return {"streams": [int(i) for i in np.asarray(table).reshape(-1)]}
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_state: dict) -> int:
@@ -224,7 +253,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_stat
 
 def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: int,
                        base_params=None) -> tuple[TrainState, dict]:
-    """(state, this host's data-iterator state) from checkpoint `step`, placed as the trainer shards them.
+    """(state, the data streams' table) from checkpoint `step`, placed as the trainer shards them.
 
     With LoRA the base params are not in the checkpoint: pass them (they are placed like a fresh state).
     """
@@ -241,11 +270,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: i
         base = trainer.place_params(base_params)
     state = TrainState(step=trainer.step_array(step), trainable=restored["trainable"],
                        opt_state=restored["opt_state"], base=base)
-    data = restored["data"]
-    if data["process_count"] != jax.process_count():
-        raise UserError(f"checkpoint {step} was written by {data['process_count']} processes; resume with as many "
-                         f"(this run has {jax.process_count()})")
-    return state, data["hosts"][jax.process_index()]
+    return state, restored["data"]
 
 
 # The loop ------------------------------------------------------------------------------------------
@@ -349,6 +374,8 @@ def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp
                 preempted = stop.agreed()
                 if step % options.save_every == 0 or step == end or preempted:
                     save_checkpoint(manager, state, gather_data_state(batches.state()))
+                    if log:
+                        log.flush()  # on a URL the lines up to the checkpoint reach storage now
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if preempted:

@@ -85,25 +85,23 @@ def token_loss_sum(logits, targets, weights):
 
 
 def accumulate_gradients(loss_fn: Callable, trainable, micro_batches):
-    """Gradient of the token-mean loss over K micro-batches together, one micro-batch at a time.
+    """Gradient of the token-mean objective over K micro-batches together, one micro-batch at a time.
 
-    loss_fn(trainable, micro) -> (objective_sum, (ce_sum, tokens, aux)) where objective_sum is summed over
-    tokens (the auxiliary term already multiplied by the micro-batch's tokens). Gradients and sums add up
-    over a scan and are divided by the total token count at the end, so K micro-batches equal one batch
-    of K times the rows (up to float rounding). micro_batches: pytree of [K, B, ...].
-    Returns (grads, {"loss", "aux_loss", "target_tokens"}).
+    loss_fn(trainable, micro) -> (objective_sum, sums): the objective summed over tokens, and a pytree of
+    sums to add up over micro-batches, with the target count under "tokens". Gradients and sums add up over
+    a scan and the gradient is divided by the total token count at the end, so K micro-batches equal one
+    batch of K times the rows (up to float rounding). micro_batches: pytree of [K, B, ...].
+    Returns (grads, sums over all micro-batches).
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def body(carry, micro):
-        grads, ce, tokens, aux = carry
-        g, (ce_k, tokens_k, aux_k) = grad_fn(trainable, micro)
-        grads = jax.tree.map(jnp.add, grads, g)
-        return (grads, ce + ce_k, tokens + tokens_k, aux + aux_k * tokens_k), None
+        grads, sums = carry
+        g, sums_k = grad_fn(trainable, micro)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, sums_k)), None
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (jax.tree.map(jnp.zeros_like, trainable), zero, zero, zero)
-    (grads, ce, tokens, aux), _ = jax.lax.scan(body, init, micro_batches)
-    total = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g: g / total, grads)
-    return grads, {"loss": ce / total, "aux_loss": aux / total, "target_tokens": tokens}
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_fn, trainable, first)[1])
+    (grads, sums), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, trainable), zero_sums), micro_batches)
+    total = jnp.maximum(sums["tokens"], 1.0)
+    return jax.tree.map(lambda g: g / total, grads), sums

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace):
     main = distributed.is_main_process()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if main else (lambda text: None)  # noqa: E731
     checkpoint = as_path(s.checkpoint) if s.checkpoint else default_model_path()
-    latest = run_dir.latest_step(output)
+    latest = _agreed_latest_step(output)
     if latest is not None and not s.resume:
         raise UserError(f"{output} already has checkpoints (latest step {latest}); pass --resume or another --output")
     spec = _lora_spec(s)
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace):
         raise UserError(f"--seq-len {s.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     shape = loop.BatchShape(s.grad_accum, s.batch_size, s.seq_len)
     data = load_data(s.data, load_tokenizer(tokenizer_path, family=config.family), seq_len=s.seq_len,
-                     rows=s.grad_accum * shape.local_rows, packing=s.packing, seed=s.seed,
+                     rows=s.batch_size, micro_batches=s.grad_accum, packing=s.packing, seed=s.seed,
                      eval_fraction=s.eval_fraction, vocab_size=config.vocab_size,
                      process_index=jax.process_index(), process_count=jax.process_count())
     _report_data(say, data.stats, s.seq_len)
@@ -115,9 +115,26 @@ def run(args: argparse.Namespace):
     return result
 
 
+def _agreed_latest_step(output) -> int | None:
+    """The run's latest checkpoint step as process 0 saw it, before any process writes: without the barrier a
+    slow process could look after process 0 had created checkpoints/ (or saved) and see another run."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from mistral_jax.checkpoints import run_dir
+
+    latest = run_dir.latest_step(output)
+    if jax.process_count() == 1:
+        return latest
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if latest is None else latest)))
+    return None if agreed < 0 else agreed
+
+
 def _report_data(say, stats: dict[str, int], seq_len: int) -> None:
     """One line of counts, and a warning for each kind of example that lost something."""
-    say(f"data: {stats['conversations']} conversations, {stats['train']} train / {stats['eval']} eval")
+    say(f"data: {stats['conversations']} conversations, {stats['train']} train / {stats['eval']} eval; "
+        f"counts below of the eval split and the {stats['checked']} first train conversations of this process")
     for key, what in (("truncated", f"longer than --seq-len {seq_len}, truncated"),
                       ("dropped", "without an assistant token within --seq-len, dropped"),
                       ("last_turn_only",

@@ -9,11 +9,12 @@ Here because `mistral_jax.load(run_dir)` reads runs and mistral_jax never import
 from __future__ import annotations
 
 import json
+import time
 
 import orbax.checkpoint as ocp
 
 from mistral_jax.errors import UserError
-from mistral_jax.paths import as_path, check_new_dir, is_url
+from mistral_jax.paths import as_path, check_new_dir, check_writable, is_url
 
 RUN_FILE = "run.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -65,6 +66,8 @@ def check_output(path) -> None:
     """A one-line error unless `path` may hold a run: absent (not under a file), empty, or already a run
     directory. Nothing is written."""
     if is_run_dir(path):
+        if not is_url(path):
+            check_writable(as_path(path), path)
         return
     try:
         check_new_dir(path)
@@ -108,19 +111,25 @@ def _step_of(line: str) -> int | None:
 
 
 class MetricsLog:
-    """metrics.jsonl, one JSON record a line, each line on storage once `write` returns.
+    """metrics.jsonl, one JSON record a line.
 
-    On a local disk the file is appended to. On a URL (gs://..., whose objects cannot be appended to) the
-    lines are kept, those of an earlier run included, and the whole file is rewritten at each write.
+    On a local disk the file is appended to and each line is on disk once `write` returns. On a URL
+    (gs://..., whose objects cannot be appended to) the lines are kept, those of an earlier run included,
+    and the file is rewritten at `flush` (the loop calls it at every checkpoint), at `close`, and at most
+    every `flush_seconds` otherwise: never once a line. Lines after the last checkpoint are the ones a
+    resumed run drops anyway.
     `resume_step`: the step a run continues from; records after it (written by a run killed before it could
     save them in a checkpoint) are dropped, so no step is logged twice.
     """
 
-    def __init__(self, path, append: bool | None = None, resume_step: int | None = None):
+    def __init__(self, path, append: bool | None = None, resume_step: int | None = None, flush_seconds: float = 60.0):
         self.path = as_path(path)
         self.append = not is_url(path) if append is None else append
+        self.flush_seconds = flush_seconds
         self._lines: list[str] = []
         self._file = None
+        self._unflushed = False
+        self._flushed_at = time.monotonic()
         if self.path.exists() and (resume_step is not None or not self.append):
             lines = self.path.read_text().splitlines(keepends=True)
             kept = lines
@@ -137,11 +146,20 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(line)
             self._file.flush()
-        else:
-            self._lines.append(line)
+            return
+        self._lines.append(line)
+        self._unflushed = True
+        if time.monotonic() - self._flushed_at >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """On a URL, rewrite the file with every line so far (a no-op when nothing is new or when appending)."""
+        if self._file is None and self._unflushed:
             self.path.write_text("".join(self._lines))
+            self._unflushed, self._flushed_at = False, time.monotonic()
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None

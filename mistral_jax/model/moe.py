@@ -60,16 +60,29 @@ def routing_stats(probs, experts, valid):
     }
 
 
+def routing_totals(stats):
+    """Per-layer routing_stats summed over the layer axis: {"assigned": [E], "probs": [E], "tokens": []}."""
+    return jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+
+
+def balance_loss(totals, n_experts: int, routed=None):
+    """E * sum_e f_e * P_e from routing_totals; f_e (no gradient: a count) comes from `routed` (default `totals`).
+
+    With `routed` the totals of a whole batch and `totals` one micro-batch's, the loss is linear in that
+    micro-batch's probability sums, and the micro-batches' losses add up to the whole batch's.
+    """
+    routed = totals if routed is None else routed
+    tokens = jnp.maximum(routed["tokens"], 1.0)
+    return n_experts * jnp.sum(routed["assigned"] / tokens * totals["probs"] / tokens)
+
+
 def load_balancing_loss(stats, n_experts: int):
     """transformers' `load_balancing_loss_func`: E * sum_e f_e * P_e over all layers' tokens.
 
     stats: routing_stats with a leading layer axis. f_e is the fraction of (token, slot) pairs routed
     to e, P_e the mean router probability of e, both over the tokens of every layer together.
     """
-    tokens = jnp.maximum(jnp.sum(stats["tokens"]), 1.0)
-    assigned = jnp.sum(stats["assigned"], axis=0) / tokens
-    probs = jnp.sum(stats["probs"], axis=0) / tokens
-    return n_experts * jnp.sum(assigned * probs)
+    return balance_loss(routing_totals(stats), n_experts)
 
 
 def _sort_by_expert(experts, n_experts: int):

@@ -18,7 +18,7 @@ from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
-from mistral_jax.model.moe import MoE, load_balancing_loss
+from mistral_jax.model.moe import MoE, balance_loss, routing_totals
 
 
 @flax.struct.dataclass
@@ -27,7 +27,8 @@ class Output:
 
     logits: jax.Array  # float32 [B, T, V] ([B, 1, V] with last_only)
     cache: dict | None = None  # the updated cache, when one was given
-    aux: dict = dataclasses.field(default_factory=dict)  # "load_balancing_loss" for a mixture of experts
+    # a mixture of experts: "load_balancing_loss" and "routing" (moe.routing_totals, for accumulating it)
+    aux: dict = dataclasses.field(default_factory=dict)
     hidden: jax.Array | None = None  # return_hidden: [n_layers + 1, B, T, D], the embeddings then each block's output
 
 
@@ -143,7 +144,10 @@ class Transformer(nn.Module):
         new_cache = None
         if cache is not None:
             new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
-        aux = {"load_balancing_loss": load_balancing_loss(stats, cfg.n_experts)} if cfg.is_moe else {}
+        aux = {}
+        if cfg.is_moe:
+            routing = routing_totals(stats)
+            aux = {"load_balancing_loss": balance_loss(routing, cfg.n_experts), "routing": routing}
         return Output(logits, new_cache, aux, hidden)
 
 

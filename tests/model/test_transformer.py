@@ -154,4 +154,5 @@ def test_forward_returns_a_named_output_with_every_layer_on_request(preset):
     head = params["embedding"].T if config.tie_embeddings else params["lm_head"]
     np.testing.assert_allclose(normed @ head, out.logits, rtol=1e-4, atol=1e-4)
     leaves = jax.tree.leaves(jax.jit(lambda p: forward(config, p, tokens, positions))(params))
-    assert len(leaves) == 1 + config.is_moe  # a pytree: logits (and the aux loss) come back whole from jit
+    # a pytree: logits (and the aux loss with its routing totals: assigned, probs, tokens) come back whole from jit
+    assert len(leaves) == 1 + 4 * config.is_moe

@@ -19,6 +19,7 @@ import mistral_jax as mj
 from mistral_jax import cli
 from mistral_jax.checkpoints import orbax, run_dir
 from mistral_jax.checkpoints.run_dir import checkpoint_manager
+from mistral_jax.compile_stats import CompileStats
 from train import settings, sft
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,6 +129,35 @@ def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) 
     assert generate(output, *ids, "--mesh", "fsdp=4,tensor=2") == generate(tmp_path / "hf", *ids)
 
 
+def test_sigkill_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, uninterrupted, llama_dir,
+                                                                           data_file) -> None:
+    """SIGKILL while step 10's checkpoint is being committed: it is never listed, --resume continues from step 5
+    and the run ends as the uninterrupted one (the metrics logged after step 5 by the killed run dropped)."""
+    output, marker = tmp_path / "killed", tmp_path / "in-save"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    command = [sys.executable, str(REPO / "tests" / "train" / "slow_save_worker.py"), "10", str(marker),
+               *_flags(llama_dir, data_file, output, *COMMON)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.is_file():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.kill()  # SIGKILL: no handler runs
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert Path(marker.read_text()).is_dir()  # step 10's complete-but-uncommitted files are still there
+    assert checkpoint_manager(output, read_only=True).all_steps() == [5]
+    assert sft.main(_flags(llama_dir, data_file, output, *COMMON, "--resume")) == 0
+    _assert_same_run(uninterrupted, output, atol=1e-6, params_atol=1e-6)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, llama_dir, data_file) -> None:
     output = tmp_path / "preempted"
     command = [sys.executable, "-m", "train.sft",
@@ -180,11 +210,16 @@ def test_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path, llama_dir, da
     assert (output / "notes.txt").read_text() == "keep me"
 
 
-def test_output_under_a_file_is_one_line(tmp_path, llama_dir, data_file, capsys) -> None:
+def test_output_under_a_file_or_unwritable_is_one_line_before_any_compilation(tmp_path, llama_dir, data_file,
+                                                                              capsys) -> None:
     (tmp_path / "file").write_text("not a directory")
-    assert sft.main(_flags(llama_dir, data_file, tmp_path / "file" / "x", "--steps", "2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a file, not a directory" in err and "Traceback" not in err
+    for output, message in ((tmp_path / "file" / "x", "is a file, not a directory"),
+                            (Path("/sys/mistral-jax-run"), "/sys/mistral-jax-run: cannot write in /sys")):  # root too
+        with CompileStats() as compiled:
+            assert sft.main(_flags(llama_dir, data_file, output, "--steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+        assert compiled.lowerings == 0
 
 
 def test_run_config_file_with_flag_overrides(tmp_path) -> None:

@@ -9,7 +9,7 @@ import pytest
 from sft_helpers import chats, write_jsonl
 
 from mistral_jax.tokenizers import load_tokenizer
-from train.data import Batches, DataError, load_data, make_rows, read_conversations, split_indices, to_example, tokenize
+from train.data import DataError, iter_conversations, load_data, make_rows, split_indices, to_example, tokenize
 
 GOOD = json.dumps(chats(1)[0])
 
@@ -25,7 +25,7 @@ GOOD = json.dumps(chats(1)[0])
 def test_bad_lines_name_their_line_number(tmp_path: Path, bad: str, message: str) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", bad, GOOD])
     with pytest.raises(DataError, match=f"bad.jsonl:3: .*{message}"):
-        read_conversations(path)
+        list(iter_conversations(path))
 
 
 def test_loss_mask_covers_assistant_turns_and_their_end_token(tokenizer) -> None:
@@ -86,39 +86,50 @@ def test_packing_restarts_positions_and_numbers_segments() -> None:
 def test_truncation_is_counted(tmp_path: Path, tokenizer) -> None:
     path = write_jsonl(tmp_path / "c.jsonl", chats())
     data = load_data(path, tokenizer, seq_len=30, rows=2, packing=True, seed=0, eval_fraction=0, vocab_size=256)
-    lengths = [len(tokenize(tokenizer, c)[0]) - 1 for _, c in read_conversations(path)]
+    lengths = [len(tokenize(tokenizer, c)[0]) - 1 for _, c in iter_conversations(path)]
     assert data.stats["truncated"] == sum(n > 30 for n in lengths) > 0
-    assert data.train.epoch_rows(0)["inputs"].shape[1] == 30
+    assert next(data.train)["inputs"].shape == (2, 30)
 
 
-def test_batches_are_seeded_and_resume_exactly(tokenizer, data_file: Path) -> None:
-    def stream(seed: int, state=None, n: int = 7):
-        data = load_data(data_file, tokenizer, seq_len=48, rows=3, packing=True, seed=seed, eval_fraction=0,
-                         vocab_size=256)
-        if state:
-            data.train.restore(state)
-        return data.train, [next(data.train)["inputs"] for _ in range(n)]
+def _global_batches(data_file, tokenizer, process_count: int, steps: int, seed: int = 0, table=None, packing=True):
+    """`steps` global batches [K * R, L] assembled from every process's share (micro-batch-major), the final
+    stream table, and each process's count of first-epoch conversations."""
+    kwargs = dict(seq_len=48, rows=4, micro_batches=2, packing=packing, seed=seed, eval_fraction=0.2, vocab_size=256)
+    hosts = [load_data(data_file, tokenizer, process_index=i, process_count=process_count, **kwargs)
+             for i in range(process_count)]
+    if table:
+        for host in hosts:
+            host.train.restore(table)
+    batches = []
+    for _ in range(steps):
+        parts = [next(host.train)["inputs"].reshape(2, 4 // process_count, 48) for host in hosts]  # [K, local, L]
+        batches.append(np.concatenate(parts, axis=1).reshape(8, 48))
+    table = {"streams": [i for host in hosts for i in host.train.state()["streams"]]}
+    return batches, table, hosts
 
-    batches, first = stream(0)
-    assert batches.state()["epoch"] >= 2  # several epochs, reshuffled each time
-    _, again = stream(0)
-    assert all((a == b).all() for a, b in zip(first, again))
-    assert any((a != b).any() for a, b in zip(first, stream(1)[1]))
-    partial, _ = stream(0, n=3)
-    _, rest = stream(0, state=json.loads(json.dumps(partial.state())), n=4)  # the state survives JSON
-    assert all((a == b).all() for a, b in zip(first[3:], rest))
+
+def test_global_batches_and_eval_split_are_the_same_on_any_number_of_processes(tokenizer, data_file: Path) -> None:
+    """Seeded, reshuffled each epoch, identical on 1 and 2 processes (each tokenizing only its streams), and a
+    saved stream table resumes exactly on another number of processes."""
+    one, table_one, (host,) = _global_batches(data_file, tokenizer, 1, steps=6)
+    two, table_two, hosts = _global_batches(data_file, tokenizer, 2, steps=6)
+    assert all((a == b).all() for a, b in zip(one, two)) and table_one == table_two
+    assert [h.stats["own"] for h in hosts] == [3, 2] and host.stats["own"] == host.stats["train"] == 5
+    assert all((h.eval_rows["inputs"] == host.eval_rows["inputs"]).all() for h in hosts)
+    assert min(table_one["streams"]) > 4  # several epochs, each reshuffled (else steps would repeat)
+    assert any((a != b).any() for a, b in zip(one, one[2:]))
+    assert any((a != b).any() for a, b in zip(one, _global_batches(data_file, tokenizer, 1, steps=6, seed=1)[0]))
+    _, half, _ = _global_batches(data_file, tokenizer, 2, steps=2)
+    table = json.loads(json.dumps(half))  # the state survives JSON
+    assert all((a == b).all() for a, b in zip(one[2:], _global_batches(data_file, tokenizer, 1, 4, table=table)[0]))
+    one_half = _global_batches(data_file, tokenizer, 1, steps=2)[1]
+    assert all((a == b).all() for a, b in zip(one[2:], _global_batches(data_file, tokenizer, 2, 4, table=one_half)[0]))
 
 
-def test_eval_split_and_host_shares(tokenizer, data_file: Path) -> None:
+def test_eval_split_sizes() -> None:
     assert [len(part) for part in split_indices(1, 0.05, 0)] == [1, 0]
     assert [len(part) for part in split_indices(6, 0.05, 0)] == [5, 1]
     assert [len(part) for part in split_indices(100, 0.05, 0)] == [95, 5]
-    kwargs = dict(seq_len=64, rows=1, packing=False, seed=0, eval_fraction=0.2, vocab_size=256)
-    hosts = [load_data(data_file, tokenizer, process_index=i, process_count=2, **kwargs) for i in range(2)]
-    inputs = [sorted(tuple(e.inputs) for e in h.train.examples) for h in hosts]
-    everything = sorted(tuple(e.inputs) for e in load_data(data_file, tokenizer, **kwargs).train.examples)
-    assert sorted(inputs[0] + inputs[1]) == everything and min(map(len, inputs)) >= len(everything) // 2
-    assert (hosts[0].eval_rows["inputs"] == hosts[1].eval_rows["inputs"]).all()  # every host evaluates all
 
 
 def test_token_ids_beyond_the_model_vocabulary(tokenizer, data_file: Path) -> None:
@@ -126,6 +137,6 @@ def test_token_ids_beyond_the_model_vocabulary(tokenizer, data_file: Path) -> No
         load_data(data_file, tokenizer, seq_len=64, rows=1, packing=True, seed=0, eval_fraction=0, vocab_size=50)
 
 
-def test_batches_need_examples() -> None:
-    with pytest.raises(DataError, match="no training examples"):
-        Batches([], 8, 1, True, 0)
+def test_data_without_a_trainable_token_is_refused(tokenizer, data_file: Path) -> None:
+    with pytest.raises(DataError, match="no training example has an assistant token within seq_len=2"):
+        load_data(data_file, tokenizer, seq_len=2, rows=1, packing=True, seed=0, eval_fraction=0, vocab_size=256)

@@ -55,7 +55,7 @@ def test_only_assistant_targets_count(params, tokenizer, data_file) -> None:
 
 def test_packed_row_logits_equal_each_example_alone(params, tokenizer, data_file) -> None:
     data = load_data(data_file, tokenizer, seq_len=128, rows=1, packing=True, seed=0, eval_fraction=0, vocab_size=256)
-    examples = data.train.examples[:3]
+    examples = [data.train.streams[0].examples[i] for i in range(3)]
     packed = make_rows(examples, 128, packing=True)
     assert packed["inputs"].shape[0] == 1 and packed["segment_ids"].max() == 3
     logits = forward(CONFIG, params, packed["inputs"], packed["positions"], packed["segment_ids"]).logits
@@ -68,20 +68,44 @@ def test_packed_row_logits_equal_each_example_alone(params, tokenizer, data_file
         offset += n
 
 
-def test_gradient_accumulation_equals_one_big_batch(params, tokenizer, data_file) -> None:
-    """2 micro-batches of 2 rows equal one batch of 4 rows: the same rows, token-weighted."""
-    optim = OptimConfig(1e-3, total_steps=10, warmup_steps=1)
+def _accumulated_and_whole(config, params, tokenizer, data_file, aux_loss_coef=0.0, steps=2, adam_eps=1e-8):
+    """`steps` steps of 2 micro-batches of 2 rows, and of one batch of the same 4 rows -> [(params, metrics, rows)]."""
+    optim = OptimConfig(1e-3, total_steps=10, warmup_steps=1, eps=adam_eps)
     results = []
     for accum, rows in ((2, 2), (1, 4)):
-        data = load_data(data_file, tokenizer, seq_len=32, rows=accum * rows, packing=False, seed=0, eval_fraction=0,
-                         vocab_size=256)
-        trainer = Trainer(CONFIG, optim, BatchShape(accum, rows, 32))
+        data = load_data(data_file, tokenizer, seq_len=32, rows=rows, micro_batches=accum, packing=False, seed=0,
+                         eval_fraction=0, vocab_size=256)
+        trainer = Trainer(config, optim, BatchShape(accum, rows, 32), aux_loss_coef=aux_loss_coef)
         state = trainer.init_state(jax.tree.map(jnp.array, params))
-        for _ in range(2):
-            state, metrics = trainer.train_step(state, trainer.put_batch(next(data.train)))
-        results.append((jax.device_get(state.trainable), {k: float(v) for k, v in metrics.items()}))
-    (p1, m1), (p2, m2) = results
+        for _ in range(steps):
+            batch = next(data.train)
+            state, metrics = trainer.train_step(state, trainer.put_batch(batch))
+        results.append((jax.device_get(state.trainable), {k: float(v) for k, v in metrics.items()}, batch))
+    (p1, m1, _), (p2, m2, _) = results
     assert m1["target_tokens"] == m2["target_tokens"] > 0
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "aux_loss"):
         np.testing.assert_allclose(m1[key], m2[key], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
+    return results
+
+
+def test_gradient_accumulation_equals_one_big_batch(params, tokenizer, data_file) -> None:
+    """2 micro-batches of 2 rows equal one batch of 4 rows: the same rows, token-weighted."""
+    _accumulated_and_whole(CONFIG, params, tokenizer, data_file)
+
+
+def test_moe_accumulation_balances_over_the_whole_batch(tokenizer, data_file) -> None:
+    """With the load-balancing loss in the objective (coefficient 1), 2 micro-batches still equal one batch:
+    its f_e and P_e are the whole batch's, which the mean of the micro-batches' own losses is not. One step, and an
+    Adam eps far above rounding noise: otherwise Adam's g / sqrt(v) turns the rounding of a near-zero gradient
+    entry into a move of up to the learning rate (1 of 65536 weights moved 1.6e-5 with eps 1e-8)."""
+    config = mj.ModelConfig.from_preset("tiny-mixtral").replace(n_layers=1)  # one layer: half the compile time
+    moe_params = mj.init_params(config, jax.random.key(0))
+    results = _accumulated_and_whole(config, moe_params, tokenizer, data_file, aux_loss_coef=1.0, steps=1,
+                                     adam_eps=1e-3)
+    final, metrics, rows = jax.tree.map(jnp.asarray, results[0][0]), results[0][1], results[0][2]
+    whole = float(forward(config, final, rows["inputs"], rows["positions"], None).aux["load_balancing_loss"])
+    halves = [float(forward(config, final, rows["inputs"][i:i + 2], rows["positions"][i:i + 2], None)
+                    .aux["load_balancing_loss"]) for i in (0, 2)]
+    assert abs(whole - np.mean(halves)) > 1e-3, (whole, halves)  # per-micro-batch losses would not have matched
+    assert metrics["aux_loss"] > 0
