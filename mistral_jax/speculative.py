@@ -31,6 +31,11 @@ from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import Sampling, filter_logits, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
+# Prompt lookup backs off where it does not pay: a draft that kept fewer than MIN_KEPT tokens doubles the row's
+# pause before it drafts again (1, 3, 7, .. MAX_PAUSE steps), one that kept more ends it. A verify forward costs
+# more than a decode step on a CPU (benchmarks/RESULTS.md), so open chat would otherwise run slower than plain.
+MIN_KEPT = 2
+MAX_PAUSE = 63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +80,11 @@ class SpeculativeState:
     history: jax.Array  # int32 [B, H]: the token at each position, -1 past `token` (prompt lookup reads it)
     draft_cache: dict | None  # the draft model's cache, like `cache` (None for prompt lookup)
     steps: jax.Array  # int32 []: target forwards after the first token
-    drafted: jax.Array  # int32 [B]: draft tokens verified while the row was generating
+    drafted: jax.Array  # int32 [B]: draft tokens verified while the row was generating (a row without a
+    # match of its own rides along with its zeros when another row drafts)
     accepted: jax.Array  # int32 [B]: ... and kept
+    pause: jax.Array  # int32 [B]: prompt lookup steps left before the row drafts again (MIN_KEPT)
+    backoff: jax.Array  # int32 [B]: the pause after the row's next unpaid draft
 
 
 # Drafting -----------------------------------------------------------------------------------------
@@ -205,7 +213,7 @@ def first_state(spec: Speculation, sampling: Sampling, buffer: int, logits, cach
     history = history.at[jnp.arange(b), positions].set(token, mode="drop")
     zeros = jnp.zeros((b,), jnp.int32)
     return SpeculativeState(zeros + 1, tokens, token, positions, jnp.isin(token, eos_ids), cache, history,
-                            draft_cache, jnp.int32(0), zeros, zeros)
+                            draft_cache, jnp.int32(0), zeros, zeros, zeros, zeros)
 
 
 def _check(config, mesh, sampling, params, state: SpeculativeState, drafts, q, key):
@@ -239,6 +247,8 @@ def _record(state: SpeculativeState, kept, emitted, cache, draft_cache, drafted,
         steps=state.steps + 1,
         drafted=state.drafted + jnp.where(active, drafted, 0),
         accepted=state.accepted + jnp.where(active, kept, 0),
+        pause=state.pause,
+        backoff=state.backoff,
     )
 
 
@@ -257,17 +267,22 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
         return _record(state, kept, emitted, cache, draft_cache, k, eos_ids, limit)
 
     drafts, found = lookup_drafts(state.history, state.positions + 1, k, spec.max_ngram, spec.min_ngram)
-    active = ~state.done & (state.counts < limit)
+    drafting = found & (state.pause == 0) & ~state.done & (state.counts < limit)
+    waited = jnp.maximum(state.pause - 1, 0)
 
     def speculate(state):
         kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts, None, key_check)
-        return _record(state, kept, emitted, cache, None, jnp.where(found, k, 0), eos_ids, limit)
+        unpaid = drafting & (kept < min(MIN_KEPT, k))
+        backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * state.backoff + 1, MAX_PAUSE), 0),
+                            state.backoff)
+        state = state.replace(pause=jnp.where(unpaid, backoff, waited), backoff=backoff)
+        return _record(state, kept, emitted, cache, None, k, eos_ids, limit)
 
     def plain(state):
         kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :0], None, key_check)
-        return _record(state, kept, emitted, cache, None, 0, eos_ids, limit)
+        return _record(state.replace(pause=waited), kept, emitted, cache, None, 0, eos_ids, limit)
 
-    return jax.lax.cond(jnp.any(found & active), speculate, plain, state)
+    return jax.lax.cond(jnp.any(drafting), speculate, plain, state)
 
 
 def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, params, draft_params,
