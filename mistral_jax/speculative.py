@@ -44,8 +44,8 @@ class Speculation:
 
     draft_tokens: int = 4  # k, drafted and verified per step
     draft_config: ModelConfig | None = None
-    max_ngram: int = 3  # prompt lookup matches the longest n-gram it finds, from max_ngram down to min_ngram
-    min_ngram: int = 2
+    max_ngram: int = 4  # prompt lookup matches the longest n-gram it finds, from max_ngram down to min_ngram
+    min_ngram: int = 3  # shorter n-grams match by chance in open chat, where their drafts are mostly rejected
 
     def __post_init__(self):
         if self.draft_tokens < 1:

@@ -34,21 +34,22 @@ def _perturbed(params, scale: float):
 
 @pytest.mark.parametrize("preset", ["tiny-mistral", "tiny-mixtral", "tiny-llama"])
 def test_greedy_equals_plain_greedy_token_for_token(preset):
-    """Prompt lookup (and, on the windowed Mistral, a draft model) gives plain greedy's 40 tokens, with drafts
-    both kept and rejected along the way; rows of the batch keep different counts."""
-    config = mj.ModelConfig.from_preset(preset, scan_layers=False)  # tiny-mistral: a window of 8 < 40 tokens
+    """Prompt lookup (and, on the windowed Mistral, a draft model) gives plain greedy's 16 tokens, with drafts
+    both kept and rejected along the way; rows of the batch keep different counts. (Plain generate's shapes are
+    test_decoding's ragged batch's, so a whole run compiles them once.)"""
+    config = mj.ModelConfig.from_preset(preset)  # tiny-mistral: a window of 8 < 12 + 16 tokens
     params = mj.init_params(config, jax.random.key(0))
-    expected = mj.generate(config, params, PROMPTS, 40)
-    assert mj.generate(config, params, PROMPTS, 40, draft="prompt-lookup", draft_tokens=3) == expected
+    expected = mj.generate(config, params, PROMPTS, 16)
+    assert mj.generate(config, params, PROMPTS, 16, draft="prompt-lookup", draft_tokens=3) == expected
     drafts = {"prompt-lookup": "prompt-lookup"}
     if preset == "tiny-mistral":
         drafts |= {"agreeing model": (config, params), "noisy model": (config, _perturbed(params, 0.2))}
     for name, draft in drafts.items():
-        state = _state(config, params, PROMPTS, 40, draft, 3)
-        assert np.asarray(state.tokens)[:, :40].tolist() == expected, name
+        state = _state(config, params, PROMPTS, 16, draft, 3)
+        assert np.asarray(state.tokens)[:, :16].tolist() == expected, name
         drafted, kept = int(state.drafted.sum()), int(state.accepted.sum())
         if name == "agreeing model":
-            assert kept == drafted and int(state.steps) == -(-39 // 4)  # k + 1 tokens every step
+            assert kept == drafted and int(state.steps) == -(-15 // 4)  # k + 1 tokens every step
         else:
             assert 0 < kept < drafted, name
             assert len(set(np.asarray(state.counts).tolist())) > 1  # the rows' counts differ
@@ -60,22 +61,22 @@ def test_rejected_tokens_leave_the_cache_as_if_never_written():
     loses slots the next query needs, so the bound is not slack."""
     config = mj.ModelConfig.from_preset("tiny-mistral")
     params = mj.init_params(config, jax.random.key(0))
-    prompt = list(range(40, 60))
+    prompt = list(range(40, 46))  # the first token at 6, drafts at 7..10: a window-sized ring wraps onto 0..2
     k = 4
     errors, verify = {}, jax.jit(functools.partial(speculative.verify, config, None))
     for lookahead in (k, 0):
         cache = mj.init_cache(config, 1, 64, lookahead=lookahead)
         assert kv_cache.cache_size(cache) == config.sliding_window + lookahead
-        logits, cache = decoding.prefill(config, params, cache, [prompt], [list(range(20))])
-        token = jnp.argmax(logits, -1).astype(jnp.int32)  # position 20
+        logits, cache = decoding.prefill(config, params, cache, [prompt], [list(range(6))])
+        token = jnp.argmax(logits, -1).astype(jnp.int32)  # position 6
         drafts = jnp.array([[1, 1, 1, 1]], jnp.int32)
-        step_logits, cache = verify(params, cache, token, jnp.array([20]), drafts)
+        step_logits, cache = verify(params, cache, token, jnp.array([6]), drafts)
         kept, emitted = speculative.accept_greedy(step_logits, drafts)
         assert int(kept[0]) == 0
-        cache = speculative.keep_accepted(cache, 20 + kept)
-        assert int(cache["pos"].max()) == 20
+        cache = speculative.keep_accepted(cache, 6 + kept)
+        assert int(cache["pos"].max()) == 6
         sequence = prompt + [int(token[0]), int(emitted[0, 0])]
-        next_logits, _ = decoding.decode_step(config, params, cache, emitted[:, 0], jnp.array([21]))
+        next_logits, _ = decoding.decode_step(config, params, cache, emitted[:, 0], jnp.array([7]))
         full = np.asarray(mj.logits(config, params, [sequence]))[0, -1]
         errors[lookahead] = np.max(np.abs(np.asarray(next_logits)[0] - full)) / np.max(np.abs(full))
     assert errors[k] <= 1e-5
@@ -139,18 +140,3 @@ def test_draft_errors():
     with pytest.raises(mj.UserError, match="draft_tokens"):
         mj.generate(config, params, [[1, 2]], 4, draft="prompt-lookup", draft_tokens=0)
 
-
-def test_smollm2_greedy_is_unchanged_and_copies_in_fewer_steps():
-    """The real SmolLM2 asked to repeat a sentence: prompt lookup gives plain greedy's 32 tokens in fewer target
-    forwards (it copies once past its preamble)."""
-    from mistral_jax.checkpoints.embedded import default_model_path
-
-    path = default_model_path()
-    config, params = mj.load(path)
-    passage = "The quick brown fox jumps over the lazy dog near the river bank, then runs into the old forest."
-    prompt = mj.load_tokenizer(path).apply_chat_template(
-        [{"role": "user", "content": f"Repeat this sentence exactly: {passage}"}])
-    expected = mj.generate(config, params, [prompt], 32)
-    state = _state(config, params, [prompt], 32, "prompt-lookup", 8)
-    assert np.asarray(state.tokens)[0, :32].tolist() == expected[0]
-    assert int(state.steps) <= 24 and int(state.accepted[0]) >= 8  # measured: 22 forwards, 9 drafts kept
