@@ -9,7 +9,8 @@ around one user message, greedy, unscanned layout (what the CLI decodes with). P
 the whole generate call (prefill included, the same for both) against plain `mj.generate`, best of --rounds
 interleaved runs; whether the tokens are identical; acceptance (draft tokens kept / verified) and mean
 tokens per target forward (new tokens after the first / verify forwards). Compilations during the timed
-rounds are counted (must be 0).
+rounds are counted (must be 0). Then what bounds the speedup: one verify forward of k + 1 tokens against one
+decode step, over a cache holding 256 positions (best of --rounds * 5 interleaved calls).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax import decoding  # noqa: E402
+from mistral_jax import decoding, speculative  # noqa: E402
 
 PASSAGE = (
     "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
@@ -62,6 +65,20 @@ def speculative_run(config, params, prompt, max_new_tokens, draft_tokens, eos_id
     state = decoding._begin_speculative(args, "prompt-lookup", draft_tokens).run(max_new_tokens)
     tokens = np.asarray(state.tokens)[0, :max_new_tokens]
     return decoding._trim_at_eos(tokens, {eos_id}), state
+
+
+def verify_cost(config, params, ks, rounds):
+    """Seconds of one verify forward of k + 1 tokens (k = 0: a decode step) at position 256, best of `rounds`."""
+    runners = {}
+    for k in [0, *ks]:
+        cache = mj.init_cache(config, 1, 512, lookahead=k)
+        _, cache = decoding.prefill(config, params, cache, [list(range(256))], [list(range(256))])
+        verify = jax.jit(functools.partial(speculative.verify, config, None))  # the cache not donated: reused
+        args = (params, cache, jnp.array([7]), jnp.array([256]), jnp.zeros((1, k), jnp.int32))
+        jax.block_until_ready(verify(*args))
+        runners[k] = functools.partial(verify, *args)
+    samples, _ = _common.interleaved_rounds(runners, rounds, lambda fn: _common.best(fn, 1))
+    return {k: min(v) for k, v in samples.items()}
 
 
 def main():
@@ -131,6 +148,7 @@ def main():
 
     grounded, opened = speedups("grounded"), speedups("open")
     identical = all(stats[(t, k)]["identical"] for t in prompts for k in ks)
+    cost = verify_cost(config, params, ks, args.rounds * 5)
     print(f"Speculative decoding (prompt lookup), {pathlib.Path(checkpoint).name} float32 unscanned, batch 1, greedy, "
           f"max {n} new tokens; {_common.machine_line(info)}")
     print(f"best of {args.rounds} interleaved rounds; compilations during the timed rounds: {compilations}")
@@ -143,10 +161,13 @@ def main():
     if opened:
         print(f"open chat: min speedup {min(opened):.2f}x (target >= 0.9x: {_common.status(min(opened) >= 0.9)})")
     print(f"identical greedy output everywhere: {identical}")
+    print("verify forward / decode step: " + ", ".join(f"k={k}: {cost[k] / cost[0]:.2f}x" for k in ks) +
+          f" (decode step {cost[0] * 1e3:.1f} ms)")
     _common.write_json(args.json, {"benchmark": "speculative", "machine": info, "checkpoint": checkpoint,
                                    "max_new_tokens": n, "rounds": args.rounds,
                                    "compilations_after_warmup": compilations,
                                    "identical": identical, "results": results,
+                                   "verify_s": {str(k): v for k, v in cost.items()},
                                    "samples_s": {f"{t}/{k}": v for (t, k), v in samples.items()}})
 
 

@@ -349,7 +349,7 @@ class _Speculation:
 
     def first(self) -> speculative.SpeculativeState:
         g = self.gen
-        return speculative.start(self.spec, g.sampling, self.buffer, g.logits, g.cache, g.positions, self.history,
+        return speculative.start(g.sampling, self.buffer, g.logits, g.cache, g.positions, self.history,
                                  self.draft_cache, g.seed_key, g.eos_ids)
 
     def step(self, state: speculative.SpeculativeState, max_new_tokens: int) -> speculative.SpeculativeState:

@@ -199,14 +199,13 @@ def _as_key(key):
     return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
 
 
-def first_state(spec: Speculation, sampling: Sampling, buffer: int, logits, cache, positions, history, draft_cache,
-                seed_key, eos_ids) -> SpeculativeState:
+def first_state(sampling: Sampling, buffer: int, logits, cache, positions, history, draft_cache, seed_key,
+                eos_ids) -> SpeculativeState:
     """The state after sampling the first new token from the prefill logits [B, V] (as decoding does).
 
     positions: int32 [B] the first token's position (each prompt's length); history: int32 [B, H] the prompts by
     position, -1 elsewhere.
     """
-    del spec
     b = logits.shape[0]
     token = sample(logits, jax.random.fold_in(_as_key(seed_key), 0), sampling)
     tokens = jnp.zeros((b, buffer), jnp.int32).at[:, 0].set(token)
@@ -294,16 +293,16 @@ def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampli
 
     step = functools.partial(speculative_step, spec, config, mesh, sampling, params, draft_params,
                              seed_key=seed_key, eos_ids=eos_ids, limit=limit)
-    return jax.lax.while_loop(more, lambda s: step(s), state)
+    return jax.lax.while_loop(more, step, state)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(7, 9))
 def run(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, buffer: int, params, logits, cache,
         positions, draft_cache, draft_params, history, seed_key, eos_ids, limit) -> SpeculativeState:
     """The whole generation on device: the first token from the prefill logits, then the loop."""
-    state = first_state(spec, sampling, buffer, logits, cache, positions, history, draft_cache, seed_key, eos_ids)
+    state = first_state(sampling, buffer, logits, cache, positions, history, draft_cache, seed_key, eos_ids)
     return generate_loop(spec, config, mesh, sampling, params, draft_params, state, seed_key, eos_ids, limit)
 
 
-start = jax.jit(first_state, static_argnums=(0, 1, 2), donate_argnums=(4, 7))
+start = jax.jit(first_state, static_argnums=(0, 1), donate_argnums=(3, 6))
 step = jax.jit(speculative_step, static_argnums=(0, 1, 2, 3), donate_argnums=6)
