@@ -31,9 +31,11 @@ from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import Sampling, filter_logits, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
-# Prompt lookup backs off where it does not pay: a draft that kept fewer than MIN_KEPT tokens doubles the row's
-# pause before it drafts again (1, 3, 7, .. MAX_PAUSE steps), one that kept more ends it. A verify forward costs
-# more than a decode step on a CPU (benchmarks/RESULTS.md), so open chat would otherwise run slower than plain.
+# Prompt lookup backs off where it does not pay, since a verify forward costs more than a decode step on a CPU
+# (benchmarks/RESULTS.md) and open chat would otherwise run slower than plain: a row first drafts PROBE_TOKENS,
+# and all k only after a draft that kept MIN_KEPT or more; a draft that kept fewer doubles the row's pause before
+# it drafts again (1, 3, 7, .. MAX_PAUSE steps).
+PROBE_TOKENS = 2
 MIN_KEPT = 2
 MAX_PAUSE = 63
 
@@ -84,7 +86,7 @@ class SpeculativeState:
     # match of its own rides along with its zeros when another row drafts)
     accepted: jax.Array  # int32 [B]: ... and kept
     pause: jax.Array  # int32 [B]: prompt lookup steps left before the row drafts again (MIN_KEPT)
-    backoff: jax.Array  # int32 [B]: the pause after the row's next unpaid draft
+    backoff: jax.Array  # int32 [B]: the pause after the row's next unpaid draft; 0 once a draft paid (then all k)
 
 
 # Drafting -----------------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def first_state(sampling: Sampling, buffer: int, logits, cache, positions, histo
     history = history.at[jnp.arange(b), positions].set(token, mode="drop")
     zeros = jnp.zeros((b,), jnp.int32)
     return SpeculativeState(zeros + 1, tokens, token, positions, jnp.isin(token, eos_ids), cache, history,
-                            draft_cache, jnp.int32(0), zeros, zeros, zeros, zeros)
+                            draft_cache, jnp.int32(0), zeros, zeros, zeros, zeros + 1)
 
 
 def _check(config, mesh, sampling, params, state: SpeculativeState, drafts, q, key):
@@ -269,19 +271,23 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
     drafting = found & (state.pause == 0) & ~state.done & (state.counts < limit)
     waited = jnp.maximum(state.pause - 1, 0)
 
-    def speculate(state):
-        kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts, None, key_check)
-        unpaid = drafting & (kept < min(MIN_KEPT, k))
+    def speculate(width, state):
+        kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :width], None, key_check)
+        unpaid = drafting & (kept < min(MIN_KEPT, width))
         backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * state.backoff + 1, MAX_PAUSE), 0),
                             state.backoff)
         state = state.replace(pause=jnp.where(unpaid, backoff, waited), backoff=backoff)
-        return _record(state, kept, emitted, cache, None, k, eos_ids, limit)
+        return _record(state, kept, emitted, cache, None, width, eos_ids, limit)
 
     def plain(state):
         kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :0], None, key_check)
         return _record(state.replace(pause=waited), kept, emitted, cache, None, 0, eos_ids, limit)
 
-    return jax.lax.cond(jnp.any(drafting), speculate, plain, state)
+    if k <= PROBE_TOKENS:
+        return jax.lax.cond(jnp.any(drafting), functools.partial(speculate, k), plain, state)
+    branch = jnp.where(jnp.any(drafting & (state.backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0))
+    return jax.lax.switch(branch, [plain, functools.partial(speculate, PROBE_TOKENS), functools.partial(speculate, k)],
+                          state)
 
 
 def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, params, draft_params,
