@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import mistral_jax as mj
-from mistral_jax import distributed, planner, sharding
+from mistral_jax import distributed, planner, sharding, speculative
 from mistral_jax.checkpoints import hf
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
@@ -107,6 +107,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) ->
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt (chat mode)")
+    parser.add_argument("--draft", default=None, metavar="prompt-lookup|PATH",
+                        help="speculative decoding: draft by prompt lookup or with a smaller checkpoint sharing the "
+                             "tokenizer (greedy output unchanged; sampling keeps its distribution)")
+    parser.add_argument("--draft-tokens", type=_positive_int, default=8, help="tokens drafted per step (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +232,11 @@ def _load(args, need_tokenizer: bool | str, scan_layers: bool = False):
             if need_tokenizer != "optional":
                 raise
             print(f"no tokenizer ({one_line(err)}): serving token ids only", file=sys.stderr)
+    args.draft_ = getattr(args, "draft", None)  # generate and chat take --draft
+    if args.draft_ not in (None, speculative.PROMPT_LOOKUP):
+        if not is_url(args.draft) and not pathlib.Path(args.draft).expanduser().exists():
+            raise CLIError(f"--draft: no such checkpoint: {args.draft} (or give {speculative.PROMPT_LOOKUP})")
+        args.draft_ = load_checkpoint(args.draft, args.dtype, args.mesh_, scan_layers=False)[:2]
     return config, params, tokenizer
 
 
@@ -271,7 +280,8 @@ class Generation:
                 for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
                                                       temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                                                       seed=a.seed, eos_id=list(self.stop_ids) or None,
-                                                      mesh=getattr(a, "mesh_", None)):
+                                                      mesh=getattr(a, "mesh_", None),
+                                                      draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens):
                     if first_at is None:
                         first_at, prefill_compile = time.perf_counter(), clock.seconds
                     count += 1

@@ -135,9 +135,12 @@ class ModelConfig:
     def weights_dtype(self):
         return DTYPES[self.param_dtype]
 
-    def cache_size(self, max_seq_len: int) -> int:
-        """Slots of the rolling KV cache: the window bounds it, however long the generation."""
-        return min(max_seq_len, self.sliding_window) if self.sliding_window else max_seq_len
+    def cache_size(self, max_seq_len: int, lookahead: int = 0) -> int:
+        """Slots of the rolling KV cache: the window bounds it, however long the generation.
+
+        lookahead: slots past the window for tokens written ahead and maybe taken back (speculative.py).
+        """
+        return min(max_seq_len, self.sliding_window + lookahead) if self.sliding_window else max_seq_len
 
     def param_counts(self) -> dict[str, int]:
         """Total parameters, and those a single token uses (fewer for a mixture of experts)."""

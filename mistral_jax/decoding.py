@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import sharding
+from mistral_jax import sharding, speculative
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model import kv_cache
@@ -91,18 +91,21 @@ def _constrain_state(mesh, state: DecodeState) -> DecodeState:
 
 
 # The cache and the uncached forward -------------------------------------------------------------
-def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None) -> dict:
+def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, mesh=None,
+               lookahead: int = 0) -> dict:
     """An empty cache (model/kv_cache.py) for `batch_size` rows of at most `max_seq_len` tokens each.
 
     mesh: built directly split over it, each device allocating only its own shard (batch over data/fsdp;
     a scanned cache's KV heads over tensor too: see sharding.cache_shardings).
+    lookahead: ring slots past a sliding window, for speculative tokens written and maybe taken back.
     """
-    return _empty_cache(config, batch_size, max_seq_len, None if dtype is None else jnp.dtype(dtype), mesh)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    return _empty_cache(config, batch_size, max_seq_len, dtype, mesh, lookahead)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _empty_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype, mesh) -> dict:
-    return _constrain_cache(mesh, kv_cache.zeros(config, batch_size, max_seq_len, dtype))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype, mesh, lookahead: int = 0) -> dict:
+    return _constrain_cache(mesh, kv_cache.zeros(config, batch_size, max_seq_len, dtype, lookahead))
 
 
 def logits(config: ModelConfig, params, tokens, *, mesh=None):
@@ -302,6 +305,7 @@ class _Generation:
     logits: jax.Array  # float32 [B, V] after the last prompt token
     cache: dict  # the prompts' cache (donated by `first` or `run`: use one, once)
     positions: jax.Array  # int32 [B] the first new token's position (each prompt's length)
+    prompts: tuple = ()  # the padded prompts: numpy (tokens [B, T], positions [B, T]), as prefilled
 
     def first(self) -> DecodeState:
         """The state holding the first new token (sampled from the prefill logits)."""
@@ -319,8 +323,8 @@ class _Generation:
 
 
 def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           seed: int, eos_id, prefill_chunk: int | None, mesh) -> _Generation:
-    """Check the request, place the parameters and prefill the prompts."""
+           seed: int, eos_id, prefill_chunk: int | None, mesh, lookahead: int = 0) -> _Generation:
+    """Check the request, place the parameters and prefill the prompts (lookahead: init_cache's)."""
     sampling = Sampling(temperature, top_k, top_p)
     if mesh is not None:
         params = sharding.ensure_params(config, params, mesh)
@@ -330,12 +334,84 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperatur
     prompts = prompts + prompts[-1:] * max(0, min_rows - rows)
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
-    cache = init_cache(config, tokens.shape[0], cache_length(config, tokens.shape[1] + max_new_tokens), mesh=mesh)
+    needed = tokens.shape[1] + max_new_tokens + lookahead
+    cache = init_cache(config, tokens.shape[0], cache_length(config, needed), mesh=mesh, lookahead=lookahead)
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
     seed_key, eos_ids = _seed_key(seed, mesh), _replicated(mesh, np.asarray(_eos_ids(eos_id) or [-1], np.int32))
     lengths = jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths)
     return _Generation(config, mesh, sampling, params, seed_key, eos_ids, rows, _round_up_pow2(max_new_tokens),
-                       logits, cache, lengths)
+                       logits, cache, lengths, (tokens, positions))
+
+
+# Speculative decoding (speculative.py) -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Speculation:
+    """A prefilled request (its cache sized for k tokens ahead) and what speculative.py's programs take besides."""
+
+    gen: _Generation
+    spec: speculative.Speculation
+    draft_params: object
+    draft_cache: dict | None  # the draft model's prefilled cache (donated, like gen.cache: use one, once)
+    history: jax.Array  # int32 [B, H]: the prompts' tokens by position, -1 elsewhere
+    buffer: int  # the token buffer: max_new_tokens + k + 1 rounded up
+
+    def first(self) -> speculative.SpeculativeState:
+        g = self.gen
+        return speculative.start(g.sampling, self.buffer, g.logits, g.cache, g.positions, self.history,
+                                 self.draft_cache, g.seed_key, g.eos_ids)
+
+    def step(self, state: speculative.SpeculativeState, max_new_tokens: int) -> speculative.SpeculativeState:
+        g = self.gen
+        return speculative.step(self.spec, g.config, g.mesh, g.sampling, g.params, self.draft_params, state,
+                                g.seed_key, g.eos_ids, _replicated(g.mesh, np.int32(max_new_tokens)))
+
+    def run(self, max_new_tokens: int) -> speculative.SpeculativeState:
+        g = self.gen
+        return speculative.run(self.spec, g.config, g.mesh, g.sampling, self.buffer, g.params, g.logits, g.cache,
+                               g.positions, self.draft_cache, self.draft_params, self.history, g.seed_key, g.eos_ids,
+                               _replicated(g.mesh, np.int32(max_new_tokens)))
+
+
+def _begin_speculative(begin_args: tuple, draft, draft_tokens: int) -> _Speculation:
+    """`_begin` (begin_args: its arguments) with room for k tokens ahead, and the draft model's prefill."""
+    config, _, _, max_new_tokens, *_, prefill_chunk, mesh = begin_args
+    spec, draft_params = speculative.from_draft(config, draft, draft_tokens)
+    k = spec.draft_tokens
+    gen = _begin(*begin_args, lookahead=k)
+    tokens, positions = gen.prompts
+    draft_cache = None
+    if spec.draft_config is not None:
+        draft_config = spec.draft_config
+        _check_context(draft_config, tokens.shape[1], max_new_tokens)
+        if mesh is not None:
+            draft_params = sharding.ensure_params(draft_config, draft_params, mesh)
+        needed = tokens.shape[1] + max_new_tokens + k
+        draft_cache = init_cache(draft_config, tokens.shape[0], cache_length(draft_config, needed), mesh=mesh,
+                                 lookahead=k)
+        _, draft_cache = prefill(draft_config, draft_params, draft_cache, tokens, positions, prefill_chunk,
+                                 mesh=mesh, cache_empty=True)
+    buffer = _round_up_pow2(max_new_tokens + k + 1)
+    history = np.full((tokens.shape[0], -(-(tokens.shape[1] + buffer) // 256) * 256), -1, np.int32)
+    rows, columns = np.nonzero(positions >= 0)
+    history[rows, positions[rows, columns]] = tokens[rows, columns]
+    history = jnp.asarray(history) if mesh is None else _rows(mesh, history)
+    return _Speculation(gen, spec, draft_params, draft_cache, history, buffer)
+
+
+def _stream_speculative(run: _Speculation, rows: int, max_new_tokens: int, eos_ids: list[int]) -> Iterator[np.ndarray]:
+    """generate_stream's columns from speculative steps: column t once every row has made t + 1 tokens."""
+    state, sent, finished = run.first(), 0, np.zeros(rows, bool)
+    while True:
+        ready = min(int(np.asarray(state.counts)[:rows].min()), max_new_tokens)
+        for column in np.asarray(state.tokens)[:rows, sent:ready].T:
+            yield column
+            finished |= np.isin(column, eos_ids)
+            if finished.all():
+                return
+        sent = ready
+        if sent >= max_new_tokens:
+            return
+        state = run.step(state, max_new_tokens)
 
 
 def generate(
@@ -351,15 +427,22 @@ def generate(
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
     mesh=None,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), up to and including the first eos.
 
     temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The token loop runs on device.
     mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
+    draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
+    a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
     """
-    run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
-                 mesh)
-    tokens = np.asarray(run.run(max_new_tokens).tokens)[: run.rows, :max_new_tokens]
+    args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
+    if draft is None:
+        run = _begin(*args)
+    else:
+        run = _begin_speculative(args, draft, draft_tokens)
+    tokens = np.asarray(run.run(max_new_tokens).tokens)[: len(prompts), :max_new_tokens]
     return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
 
 
@@ -376,14 +459,21 @@ def generate_stream(
     eos_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
     mesh=None,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
-    should ignore. Same seed, same tokens as `generate`.
+    should ignore. Same seed, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
+    row, yielded one [B] column at a time once every row has it.
     """
-    run = _begin(config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk,
-                 mesh)
+    args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
+    if draft is not None:
+        yield from _stream_speculative(_begin_speculative(args, draft, draft_tokens), len(prompts), max_new_tokens,
+                                       _eos_ids(eos_id))
+        return
+    run = _begin(*args)
     state = run.first()
     while True:
         yield np.asarray(state.token)[: run.rows]

@@ -37,6 +37,17 @@ def test_prompt_ids_print_the_generated_ids_last(capsys):
     assert "prefill:" in err and "decode:" in err and "tok/s" in err
 
 
+def test_draft_flags_keep_the_greedy_ids(capsys):
+    """--draft with a checkpoint (here the model itself) prints plain greedy's ids; a missing one is one line."""
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8", "--max-new-tokens",
+                       "9", "--draft", str(FIXTURE), "--draft-tokens", "3")
+    config, params = mj.load(FIXTURE)
+    assert code == 0 and out.strip().splitlines()[-1] == ",".join(map(str, mj.generate(
+        config, params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]))
+    code, _, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6", "--draft", "nowhere")
+    assert code == 2 and "--draft: no such checkpoint: nowhere" in err
+
+
 def test_sampling_flags_reach_the_sampler(capsys):
     args = ["generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6", "--max-new-tokens", "12",
             "--temperature", "1.0", "--top-k", "50", "--top-p", "0.9", "--seed"]

@@ -22,18 +22,20 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 
 
-def layer_shape(config: ModelConfig, batch_size: int, max_seq_len: int) -> tuple[int, int, int, int]:
-    """[batch, kv_heads, size, head_dim] of one layer's K (or V) for `batch_size` rows of `max_seq_len` tokens."""
+def layer_shape(config: ModelConfig, batch_size: int, max_seq_len: int,
+                lookahead: int = 0) -> tuple[int, int, int, int]:
+    """[batch, kv_heads, size, head_dim] of one layer's K (or V) for `batch_size` rows of `max_seq_len` tokens
+    (lookahead: ModelConfig.cache_size)."""
     if batch_size <= 0 or max_seq_len <= 0:
         raise UserError(f"batch_size and max_seq_len must be positive, got {batch_size}, {max_seq_len}")
-    return batch_size, config.n_kv_heads, config.cache_size(max_seq_len), config.resolved_head_dim
+    return batch_size, config.n_kv_heads, config.cache_size(max_seq_len, lookahead), config.resolved_head_dim
 
 
-def zeros(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None) -> dict:
+def zeros(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, lookahead: int = 0) -> dict:
     """An empty cache in the layout of config.scan_layers (dtype: default config.kv_cache_dtype, else the compute
-    dtype; int8 adds the scales)."""
+    dtype; int8 adds the scales). lookahead: slots beyond the window for speculative drafts (speculative.py)."""
     dtype = jnp.dtype(dtype if dtype is not None else config.kv_cache_dtype or config.compute_dtype)
-    b, kv_heads, size, head_dim = layer_shape(config, batch_size, max_seq_len)
+    b, kv_heads, size, head_dim = layer_shape(config, batch_size, max_seq_len, lookahead)
 
     def buffers(width, dtype):
         if config.scan_layers:

@@ -250,3 +250,19 @@ def test_smollm2_logits_match_transformers(smollm2):
     ours_top = np.take_along_axis(ours, reference["top_ids"], axis=-1)
     assert np.max(np.abs(ours_top - reference["top_logits"])) <= 1e-4 * scale
     assert (np.argmax(ours, -1) == reference["top_ids"][:, 0]).all()
+
+
+def test_smollm2_speculative_greedy_is_unchanged_and_copies_in_fewer_steps(smollm2):
+    """Asked to repeat a sentence, prompt lookup (mistral_jax/speculative.py) gives plain greedy's 32 tokens in
+    fewer target forwards: it copies once past the answer's preamble."""
+    from mistral_jax import decoding
+
+    config, params = smollm2
+    passage = "The quick brown fox jumps over the lazy dog near the river bank, then runs into the old forest."
+    prompt = mj.load_tokenizer(default_model_path()).apply_chat_template(
+        [{"role": "user", "content": f"Repeat this sentence exactly: {passage}"}])
+    expected = mj.generate(config, params, [prompt], 32)
+    args = (config, params, [prompt], 32, 0.0, 0, 1.0, 0, None, None, None)
+    state = decoding._begin_speculative(args, "prompt-lookup", 8).run(32)
+    assert np.asarray(state.tokens)[0, :32].tolist() == expected[0]
+    assert int(state.steps) <= 27 and int(state.accepted[0]) >= 5  # measured: 26 forwards for 31 tokens, 5 kept
