@@ -501,7 +501,7 @@ def _eval_tokens(path, tokenizer, config):
     if not path.is_file():
         raise CLIError(f"no such data file: {path}")
     if path.suffix == ".jsonl":
-        rows = [data.tokenize(tokenizer, messages, f"{path}:{n}")[:2] for n, messages in data.read_conversations(path)]
+        rows = [data.tokenize(tokenizer, messages, f"{path}:{n}")[:2] for n, messages in data.iter_conversations(path)]
         return [ids for ids, _ in rows], [mask for _, mask in rows]
     text = path.read_text(encoding="utf-8")
     ids = tokenizer.encode(text)

@@ -3,7 +3,9 @@
 
 import itertools
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -11,6 +13,22 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, shared by the xdist workers and every process a test starts
+# (they inherit this environment from the process that made it): the same programs compile once per run. jax may
+# already be imported (by a plugin), so the settings go to jax.config too.
+_own_cache = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # made here: removed when the session ends
+if _own_cache:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mistral-jax-tests-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 # gcsfs reads this when imported: true (its default) makes every call ask a gRPC storage-layout API first,
 # which the emulator lacks (60 s a call). Only zonal / hierarchical real buckets need it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -74,3 +92,9 @@ def gcs_bucket(gcs_server):
         gcsfs.GCSFileSystem(token="anon").mkdir(name)
         yield f"gs://{name}"
         gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's compilation cache goes with it (in the process that made it: the xdist controller)."""
+    if _own_cache and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

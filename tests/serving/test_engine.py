@@ -84,10 +84,11 @@ def test_bad_requests_fail_alone_and_a_full_queue_refuses(engine):
         assert err.value.param == param
     with pytest.raises(RequestError, match="tokenizer"):
         engine.submit([1, 2], SamplingParams(stop=("x",)))
-    held = [engine.submit([1, 2, 3], SamplingParams(max_tokens=50)) for _ in range(engine.max_batch + engine.max_queue)]
+    long = SamplingParams(max_tokens=120)  # outlasts the submissions below by far
+    held = [engine.submit([1, 2, 3], long) for _ in range(engine.max_queue)]  # fits: nothing else is queued
     with pytest.raises(QueueFull):
-        for _ in range(engine.max_batch + 1):  # the engine may already have moved some into slots
-            held.append(engine.submit([1, 2, 3], SamplingParams(max_tokens=50)))
+        for _ in range(engine.max_batch + 1):  # the slots take at most max_batch of them off the queue
+            held.append(engine.submit([1, 2, 3], long))
     for request in held:
         request.cancel()
     assert all([e.finish_reason for e in r][-1] in ("cancelled", "length") for r in held)

@@ -1,26 +1,13 @@
-"""Fixtures for the SFT tests: the tokenizer, a tiny model saved with it, a chat JSONL file, a compilation cache."""
+"""Fixtures for the SFT tests: the tokenizer, a tiny model saved with it, a chat JSONL file (tests/conftest.py
+sets up the session's compilation cache)."""
 
 import json
 from pathlib import Path
 
-import jax
 import pytest
 from sft_helpers import CHATML, chats, save_model, train_tokenizer, write_jsonl
 
 from mistral_jax.tokenizers import Tokenizer, load_tokenizer
-
-
-@pytest.fixture(scope="package", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Identical programs (the runs of one resume test) compile once: a persistent cache for these tests only."""
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.5, "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
 
 
 @pytest.fixture(scope="session")
