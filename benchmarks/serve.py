@@ -76,6 +76,7 @@ async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: i
     start = time.perf_counter()
     await asyncio.gather(*(_client(client, share, max_tokens, records) for share in shares))
     wall = time.perf_counter() - start
+    await client.close()  # inside the loop: closing it after asyncio.run ends fails
     ttft = [stamps[0] - begun for begun, stamps, _ in records]
     itl = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
     tokens = sum(n for *_, n in records)
