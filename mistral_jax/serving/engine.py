@@ -118,6 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
+        self._key_shape = np.asarray(jax.random.key_data(jax.random.key(0))).shape  # once: not a device op per step
         if warm_up:
             self.warm_up()
 
@@ -279,7 +280,7 @@ class Engine:
     def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
         b = self.max_batch
         tokens, positions, steps = (np.zeros(b, np.int32) for _ in range(3))
-        keys = np.zeros((b, *np.asarray(jax.random.key_data(jax.random.key(0))).shape), np.uint32)
+        keys = np.zeros((b, *self._key_shape), np.uint32)
         temperature, top_p, top_k = np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32)
         for i in rows:
             r = self._slots[i]
