@@ -27,6 +27,7 @@ from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.config import AttentionKernel
 from mistral_jax.errors import UserError, one_line
+from mistral_jax.model import quant
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from train import sft  # the SFT program lives in train/; only the CLI reaches into it
 
@@ -86,10 +87,14 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype (default float32)")
     _add_quantize_flag(parser)
+    _add_kv_cache_dtype_flag(parser)
+    distributed.add_distributed_flags(parser)
+
+
+def _add_kv_cache_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
                         help="the KV cache's dtype: int8 (a scale per token and KV head), bfloat16, ... "
                              "(default: --dtype)")
-    distributed.add_distributed_flags(parser)
 
 
 def _add_quantize_flag(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --train: keep every layer's activations")
     plan.add_argument("--attention", choices=get_args(AttentionKernel), default=None,
                       help="attention kernel (default 'auto': exact for short sequences, blockwise for long)")
+    _add_quantize_flag(plan)
+    _add_kv_cache_dtype_flag(plan)
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
@@ -511,7 +518,10 @@ def _eval_tokens(path, tokenizer, config):
 
 
 def cmd_plan(args) -> None:
-    config = mj.ModelConfig.from_preset(args.preset, **({"attention": args.attention} if args.attention else {}))
+    overrides = {"attention": args.attention, "kv_cache_dtype": args.kv_cache_dtype}
+    config = mj.ModelConfig.from_preset(args.preset, **{k: v for k, v in overrides.items() if v})
+    if args.quantize:
+        config = quant.quantized_config(config, args.quantize)
     settings = dict(preset=args.preset, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, train=args.train,
                     lora_rank=args.lora_rank, remat=args.remat)
     if args.mesh:

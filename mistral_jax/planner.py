@@ -16,6 +16,8 @@ from jax.sharding import AbstractMesh, AxisType
 
 from mistral_jax import sharding
 from mistral_jax.config import DTYPES, ModelConfig
+from mistral_jax.errors import UserError
+from mistral_jax.model import quant
 from mistral_jax.model.attention import attention_kernel
 from mistral_jax.model.flash_attention import BLOCK
 from mistral_jax.model.transformer import logical_axes, param_shapes
@@ -57,7 +59,7 @@ class Plan:
     activation_bytes_per_device: int
     seq_len: int
     attention: str  # the kernel over seq_len keys (attention.attention_kernel): "xla" keeps the scores
-    kv_bytes_per_token: int  # K and V of one token over every layer, whole model, in the compute dtype
+    kv_bytes_per_token: int  # K and V of one token over every layer, whole model, in the cache's dtype
     kv_bytes_per_sequence: int  # one row's cache at seq_len: the window bounds it
 
     @property
@@ -81,11 +83,16 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     shapes = param_shapes(config)
     names = logical_axes(config)
     specs = jax.tree.map(lambda s, n: sharding.fit_spec(s.shape, tuple(n), mesh), shapes, names)
-    per_device = sum(per_device_elements(s.shape, spec, mesh)
-                     for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=_is_spec)))
-    total = sum(s.size for s in jax.tree.leaves(shapes))
-    counts = config.param_counts()
     compute_bytes = np.dtype(DTYPES[dtype]).itemsize
+    if train and config.quant != "none":
+        raise UserError(f"training plans float weights; this config is quantized ({config.quant})")
+    leaves = list(zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(specs, is_leaf=_is_spec),
+                      strict=True))
+    per_device = sum(per_device_elements(s.shape, spec, mesh) for (_, s), spec in leaves)
+    stored_bytes = sum(per_device_elements(s.shape, spec, mesh) * _stored_itemsize(path, s.dtype, compute_bytes)
+                       for (path, s), spec in leaves)
+    total = sum(s.size for s in jax.tree.leaves(param_shapes(config.replace(quant="none"))))  # scales not counted
+    counts = config.param_counts()
 
     optimizer = gradients = kv_cache = 0
     if train and lora_rank:
@@ -97,15 +104,32 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
         params_bytes = per_device * 4  # float32 master weights
         optimizer, gradients = 2 * per_device * 4, per_device * 4
     else:
-        params_bytes = per_device * compute_bytes
+        params_bytes = stored_bytes
         cache_shape = (config.n_layers, batch, config.n_kv_heads, config.cache_size(seq_len), config.resolved_head_dim)
         cache_spec = sharding.fit_spec(cache_shape, sharding.CACHE_AXES["k"], mesh)
-        kv_cache = 2 * per_device_elements(cache_shape, cache_spec, mesh) * compute_bytes
+        kv_values = 2 * per_device_elements(cache_shape, cache_spec, mesh)
+        kv_cache = round(kv_values * _kv_bytes_per_value(config, compute_bytes))
     kernel = attention_kernel(config, seq_len)
     activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat, kernel != "xla")
-    kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim * compute_bytes
+    kv_per_token = round(2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim
+                         * _kv_bytes_per_value(config, compute_bytes))
     return Plan(preset, dict(mesh.shape), total, counts["active"], params_bytes, optimizer, gradients, kv_cache,
                 activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
+
+
+def _stored_itemsize(path, dtype, compute_bytes: int) -> int:
+    """Bytes per element of a parameter held for inference: quantized weights' int8 values and float32 scales
+    as stored (model/quant.py), every other weight in the compute dtype."""
+    if np.dtype(dtype) == np.int8 or str(getattr(path[-1], "key", "")).endswith(quant.SCALE_SUFFIX):
+        return np.dtype(dtype).itemsize
+    return compute_bytes
+
+
+def _kv_bytes_per_value(config: ModelConfig, compute_bytes: int) -> float:
+    """Bytes per cached K or V value: the cache dtype, an int8 cache with its float32 scale per token and head."""
+    if config.kv_cache_dtype == "int8":
+        return 1 + 4 / config.resolved_head_dim
+    return np.dtype(DTYPES[config.kv_cache_dtype]).itemsize if config.kv_cache_dtype else compute_bytes
 
 
 def _is_spec(x) -> bool:

@@ -73,3 +73,27 @@ def test_recommended_mesh_fits_and_uses_every_device():
              for m in planner.candidate_meshes(config, 32)]
     assert best.total_bytes_per_device <= 1.05 * min(p.total_bytes_per_device for p in every)
     assert best.fits["TPU v5p"]
+
+
+def test_quantized_plans_count_int8_weights_scales_and_cache():
+    """int8 weights plan as placed (int8 values, float32 scales); an int8 cache costs 1 byte + a float32 scale per
+    head_dim values; training a quantized config and an unknown mode are refused with one line."""
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    mesh = dict(data=1, fsdp=2, expert=2, tensor=2)
+    qconfig, qparams = mj.quantize(config, mj.init_params(config, jax.random.key(0)))
+    planned = planner.plan(qconfig, mesh, dtype="float32").params_bytes_per_device
+    placed = mj.shard_params(qconfig, qparams, mj.make_mesh(**mesh))
+    device0 = jax.devices()[0]
+    assert planned == pytest.approx(sum(s.data.nbytes for leaf in jax.tree.leaves(placed)
+                                        for s in leaf.addressable_shards if s.device == device0), rel=0.05)
+    mistral = mj.ModelConfig.from_preset("mistral-7b-v0.1")
+    one = dict(data=1, fsdp=1, expert=1, tensor=1)
+    bf16 = planner.plan(mistral, one, seq_len=4096)
+    int8 = planner.plan(mistral.replace(quant="int8", kv_cache_dtype="int8"), one, seq_len=4096)
+    assert int8.total_params == bf16.total_params
+    assert int8.params_bytes_per_device == pytest.approx(bf16.params_bytes_per_device / 2, rel=0.01)
+    assert int8.kv_bytes_per_token == 2 * 32 * 8 * (128 + 4)  # int8 values and a float32 scale per token and head
+    assert int8.kv_cache_bytes_per_device == 4096 * int8.kv_bytes_per_token
+    with pytest.raises(mj.UserError, match="quantized"):
+        planner.plan(mistral.replace(quant="int8"), one, train=True)
+    assert cli.main(["plan", "--preset", "tiny-llama", "--devices", "1", "--quantize", "int4"]) == 2
