@@ -29,8 +29,12 @@ def test_quantized_generate_convert_and_the_refusals(capsys, tmp_path):
                        "--kv-cache-dtype", "int8")
     assert code == 0 and out.splitlines()[-1] == ",".join(map(str, want))
 
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
     refusals = [
         (("export", str(int8), str(tmp_path / "hf")), "is a quantized (int8) checkpoint: export writes float"),
+        (("sft", "--checkpoint", str(int8), "--data", str(data), "--output", str(tmp_path / "run"), "--steps", "1"),
+         "is a quantized (int8) checkpoint: sft trains float weights"),
         (("convert", str(int8), str(tmp_path / "again"), "--quantize", "int8"), "already quantized"),
         (("generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--quantize", "fp8"),
          "unknown quantize mode 'fp8'"),
@@ -40,4 +44,4 @@ def test_quantized_generate_convert_and_the_refusals(capsys, tmp_path):
     for argv, message in refusals:
         code, _, err = run(capsys, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
-    assert not (tmp_path / "hf").exists() and not (tmp_path / "again").exists()
+    assert not any((tmp_path / name).exists() for name in ("hf", "again", "run"))

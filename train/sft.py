@@ -80,6 +80,9 @@ def run(args: argparse.Namespace):
         config, params = run_dir.model_config(output), None
     else:
         config, params = load(checkpoint, "float32", mesh=mesh)
+    if config.quant != "none":
+        raise UserError(f"{checkpoint} is a quantized ({config.quant}) checkpoint: sft trains float weights; "
+                        "train from the float checkpoint it was converted from")
     config = config.replace(dtype=s.compute_dtype, remat=bool(s.remat))
     tokenizer_path = as_path(s.tokenizer) if s.tokenizer else checkpoint
     if s.seq_len > config.max_seq_len:
