@@ -277,6 +277,9 @@ class Batches:
 
     def restore(self, table: dict[str, list[int]]) -> None:
         """Continue from the table of every stream (all processes' states concatenated in process order)."""
+        if "streams" not in table:  # saved before the data moved to per-row grain streams
+            raise DataError(f"the checkpoint's data state ({', '.join(sorted(table)) or 'empty'}) is from an older "
+                            "mistral-jax; resume it with that version, or start a new run from its exported weights")
         indices = table["streams"]
         if len(indices) != self.rows:
             raise DataError(f"the data state has {len(indices)} rows a micro-batch; this run has {self.rows}")
