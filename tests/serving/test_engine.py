@@ -93,3 +93,18 @@ def test_bad_requests_fail_alone_and_a_full_queue_refuses(engine):
         request.cancel()
     assert all([e.finish_reason for e in r][-1] in ("cancelled", "length") for r in held)
     assert len(_tokens(engine.submit([1, 2, 3], SamplingParams(max_tokens=4)))) == 4
+
+
+def test_a_quantized_model_with_an_int8_cache_serves_as_it_generates():
+    """int8 weights (the CPU's int8 dots, activation scales per row: a row's tokens do not depend on its batch)
+    and an int8 KV cache: each request equals mj.generate alone on the same quantized model."""
+    config = mj.ModelConfig.from_preset("tiny-mistral")
+    config, params = mj.quantize(*mj.unstack_layers(config, mj.init_params(config, jax.random.key(1))))
+    config = config.replace(kv_cache_dtype="int8")
+    prompts = _prompts(config.vocab_size)[:3]  # 3, 20 and 7 tokens on 2 slots
+    engine = Engine(config, params, max_batch=2, max_seq_len=64, prefill_chunk=8).start()
+    try:
+        served = [_tokens(r) for r in [engine.submit(p, SamplingParams(max_tokens=10)) for p in prompts]]
+    finally:
+        engine.stop()
+    assert served == [mj.generate(config, params, [p], 10)[0] for p in prompts]
