@@ -28,7 +28,7 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import forward
-from mistral_jax.sampling import Sampling, filter_logits, sample
+from mistral_jax.sampling import Sampling, filter_logits, filter_row, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
 # Prompt lookup backs off where it does not pay, since a verify forward costs more than a decode step on a CPU
@@ -168,8 +168,12 @@ def accept_greedy(logits, drafts):
 def accept_sampled(logits, drafts, q, key, sampling: Sampling):
     """Leviathan et al.'s rule. logits [B, k + 1, V]; drafts [B, k]; q: float32 [B, k, V], the draft's
     distributions (None: point masses at the drafts, as prompt lookup proposes) -> (kept [B], emitted [B, k + 1])."""
+    return accept_probs(token_probs(logits, sampling), drafts, q, key)
+
+
+def accept_probs(p, drafts, q, key):
+    """`accept_sampled` given the target's distributions p: float32 [B, k + 1, V] (as `token_probs` makes them)."""
     b, k = drafts.shape
-    p = token_probs(logits, sampling)  # [B, k + 1, V]
     q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype) if q is None else q
     p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
     q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
@@ -184,6 +188,28 @@ def accept_sampled(logits, drafts, q, key, sampling: Sampling):
     token = jax.random.categorical(key_token, jnp.log(residual), axis=-1).astype(jnp.int32)
     emitted = jnp.pad(drafts, ((0, 0), (0, 1))).at[rows, kept].set(token)
     return kept, emitted
+
+
+def _accept_row(logits, drafts, key, step, temperature, top_k, top_p):
+    """One row of `accept_rows`: logits [k + 1, V], drafts [k], key uint32 [K] -> (kept [], emitted [k + 1])."""
+    filtered = jax.vmap(filter_row, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+    key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
+    kept, emitted = accept_probs(jax.nn.softmax(filtered, axis=-1)[None], drafts[None], None, key)
+    return kept[0], emitted[0]
+
+
+def accept_rows(logits, drafts, keys, steps, temperature, top_k, top_p):
+    """Prompt lookup's acceptance for rows with their own traced settings, as `sample_rows` is `sample`'s: greedy
+    rows (temperature 0) as `accept_greedy`, the others by Leviathan's rule with their own key data (uint32
+    [B, K], folded with steps int32 [B]) -> (kept [B], emitted [B, k + 1])."""
+    kept, emitted = accept_greedy(logits, drafts)
+    hot = temperature > 0
+    kept_hot, emitted_hot = jax.lax.cond(
+        jnp.any(hot),
+        lambda: jax.vmap(_accept_row)(logits, drafts, keys, steps, temperature, top_k, top_p),
+        lambda: (kept, emitted),
+    )
+    return jnp.where(hot, kept_hot, kept), jnp.where(hot[:, None], emitted_hot, emitted)
 
 
 def keep_accepted(cache: dict, last_positions) -> dict:
@@ -269,25 +295,31 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
 
     drafts, found = lookup_drafts(state.history, state.positions + 1, k, spec.max_ngram, spec.min_ngram)
     drafting = found & (state.pause == 0) & ~state.done & (state.counts < limit)
-    waited = jnp.maximum(state.pause - 1, 0)
 
-    def speculate(width, state):
+    def verify_width(width, state):
         kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :width], None, key_check)
-        unpaid = drafting & (kept < min(MIN_KEPT, width))
-        backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * state.backoff + 1, MAX_PAUSE), 0),
-                            state.backoff)
-        state = state.replace(pause=jnp.where(unpaid, backoff, waited), backoff=backoff)
-        return _record(state, kept, emitted, cache, None, width, eos_ids, limit)
+        pause, backoff = back_off(drafting, kept, width, state.pause, state.backoff)
+        return _record(state.replace(pause=pause, backoff=backoff), kept, emitted, cache, None, width, eos_ids, limit)
 
-    def plain(state):
-        kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :0], None, key_check)
-        return _record(state.replace(pause=waited), kept, emitted, cache, None, 0, eos_ids, limit)
+    return by_lookup_width(k, drafting, state.backoff, verify_width, state)
 
+
+def back_off(drafting, kept, width: int, pause, backoff):
+    """Each row's (pause, backoff) [B] after a step that verified `width` drafts, of which the rows `drafting`
+    (bool [B]) drafted their own: a draft that kept under MIN_KEPT doubles the pause, one that paid clears it."""
+    unpaid = drafting & (kept < min(MIN_KEPT, width))
+    backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * backoff + 1, MAX_PAUSE), 0), backoff)
+    return jnp.where(unpaid, backoff, jnp.maximum(pause - 1, 0)), backoff
+
+
+def by_lookup_width(k: int, drafting, backoff, verify_width, *operands):
+    """verify_width(width, *operands) at the width prompt lookup checks this step: 0 (a plain decode step) where no
+    row drafts, PROBE_TOKENS where no drafting row has paid yet (backoff > 0), else k."""
     if k <= PROBE_TOKENS:
-        return jax.lax.cond(jnp.any(drafting), functools.partial(speculate, k), plain, state)
-    branch = jnp.where(jnp.any(drafting & (state.backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0))
-    return jax.lax.switch(branch, [plain, functools.partial(speculate, PROBE_TOKENS), functools.partial(speculate, k)],
-                          state)
+        return jax.lax.cond(jnp.any(drafting), functools.partial(verify_width, k),
+                            functools.partial(verify_width, 0), *operands)
+    branch = jnp.where(jnp.any(drafting & (backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0))
+    return jax.lax.switch(branch, [functools.partial(verify_width, w) for w in (0, PROBE_TOKENS, k)], *operands)
 
 
 def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, params, draft_params,
