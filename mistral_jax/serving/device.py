@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import decoding, sharding
+from mistral_jax import decoding, sharding, speculative
 from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache
 from mistral_jax.model.transformer import default_positions, forward
@@ -58,6 +58,7 @@ class PrefillChunk:
     slot: int = -1  # the last chunk: sample the first token and copy the row into this slot
     sampling: RowSampling | None = None  # with slot
     echo: np.ndarray | None = None  # int32 [1, T]: the prompt, right padded, when its logprobs are asked
+    history: np.ndarray | None = None  # int32 [H]: with slot, when speculating: the prompt by position, -1 after
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,19 @@ class Sampled:
     top_logprobs: np.ndarray  # float32 [R, TOP_LOGPROBS]
 
 
+@flax.struct.dataclass
+class LookupState:
+    """Prompt lookup's per-slot state on device (speculative.py): what it matches in, and its back-off."""
+
+    history: jax.Array  # int32 [B, H]: each slot's tokens by position, -1 past its latest
+    pause: jax.Array  # int32 [B]: steps left before the slot drafts again
+    backoff: jax.Array  # int32 [B]: its pause after its next unpaid draft; 0 once a draft paid
+
+
 @dataclasses.dataclass
 class Results:
-    decode: Sampled | None = None  # one row per slot
+    decode: Sampled | None = None  # one row per slot; speculating, [B, k + 1] tokens per slot, kept + 1 of them new
+    kept: np.ndarray | None = None  # int32 [B]: speculating, the drafts each slot kept
     first: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled (one row)
     echo: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled of the prompt (logprobs of 1..T-1)
 
@@ -108,6 +119,43 @@ def _decode(config: ModelConfig, mesh, params, cache, inputs: DecodeInputs):
     return _replicate(mesh, _chosen(logits, tokens)), decoding._constrain_cache(mesh, out.cache)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
+def _speculate(spec: speculative.Speculation, config: ModelConfig, mesh, params, cache, lookup: LookupState,
+               inputs: DecodeInputs):
+    """`_decode` by prompt lookup: every slot drafts from its own history, one verify forward checks them all, each
+    slot keeps what its own sampling settings accept. -> ((kept [B], Sampled arrays [B, k + 1, ...]), cache, lookup)."""
+    k = spec.draft_tokens
+    b = inputs.tokens.shape[0]
+    drafts, found = speculative.lookup_drafts(lookup.history, inputs.positions + 1, k, spec.max_ngram, spec.min_ngram)
+    drafting = found & (lookup.pause == 0) & (inputs.positions > 0)  # a free slot decodes at position 0
+
+    def verify_width(width, cache):
+        logits, cache = speculative.verify(config, mesh, params, cache, inputs.tokens, inputs.positions,
+                                           drafts[:, :width])  # [B, w + 1, V]
+        kept, emitted = speculative.accept_rows(logits, drafts[:, :width], inputs.keys, inputs.steps,
+                                                inputs.temperature, inputs.top_k, inputs.top_p)
+        chosen = _chosen(logits.reshape(b * (width + 1), -1), emitted.reshape(-1))
+        chosen = [jnp.pad(x.reshape(b, width + 1, *x.shape[1:]), [(0, 0), (0, k - width)] + [(0, 0)] * (x.ndim - 1))
+                  for x in chosen]  # [B, k + 1, ...]
+        pause, backoff = speculative.back_off(drafting, kept, width, lookup.pause, lookup.backoff)
+        return kept, chosen, speculative.keep_accepted(cache, inputs.positions + kept), pause, backoff
+
+    kept, chosen, cache, pause, backoff = speculative.by_lookup_width(k, drafting, lookup.backoff, verify_width, cache)
+    column = jnp.arange(k + 1)[None]
+    at = jnp.where(column <= kept[:, None], inputs.positions[:, None] + 1 + column, lookup.history.shape[1])
+    history = lookup.history.at[jnp.arange(b)[:, None], at].set(chosen[0], mode="drop")
+    lookup = LookupState(history, pause, backoff)
+    return _replicate(mesh, (kept, chosen)), decoding._constrain_cache(mesh, cache), lookup
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _insert_history(lookup: LookupState, slot, row, token):
+    """A new request's slot: its history row int32 [H] (the prompt, then -1) with its first token int32 [] after."""
+    row = row.at[jnp.sum(row >= 0)].set(token)
+    return LookupState(jax.lax.dynamic_update_slice(lookup.history, row[None], (slot, 0)),
+                       lookup.pause.at[slot].set(0), lookup.backoff.at[slot].set(1))
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=1)
 def _insert_first(mesh, cache, row_cache, slot, logits, key, temperature, top_k, top_p):
     """The request's first token from its prefill logits [1, V], and its one-row cache copied into `slot`."""
@@ -131,8 +179,10 @@ def _sampled(arrays) -> Sampled:
 class Device:
     """The slots' cache and the one-row caches of prompts being prefilled; runs plans."""
 
-    def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int, mesh=None) -> None:
-        self.config, self.mesh, self.max_seq_len = config, mesh, max_seq_len
+    def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int, mesh=None,
+                 speculation: speculative.Speculation | None = None) -> None:
+        self.config, self.mesh, self.max_seq_len, self.speculation = config, mesh, max_seq_len, speculation
+        self.lookahead = 0 if speculation is None else speculation.draft_tokens  # ring slots for rejected drafts
         self.params = params if mesh is None else sharding.ensure_params(config, params, mesh)
         self.max_batch = max_batch
         self.reset()
@@ -140,8 +190,23 @@ class Device:
 
     def reset(self) -> None:
         """Empty caches (after a failed iteration, whose donated cache may be gone)."""
-        self.cache = decoding.init_cache(self.config, self.max_batch, self.max_seq_len, mesh=self.mesh)
+        self.cache = self._empty_cache(self.max_batch)
         self._rows: dict[int, dict] = {}
+        self.lookup = None
+        if self.speculation is not None:
+            b = self.max_batch
+            self.lookup = LookupState(self._put(np.full((b, self.history_length), -1, np.int32)),
+                                      self._put(np.zeros(b, np.int32)), self._put(np.ones(b, np.int32)))
+
+    @property
+    def history_length(self) -> int:
+        """Positions a slot's history holds: the context, and the drafts written past it and maybe taken back."""
+        return self.max_seq_len + self.lookahead
+
+    def _empty_cache(self, rows: int) -> dict:
+        # Speculating, a slot writes up to k positions past its last token (past max_seq_len near the end).
+        return decoding.init_cache(self.config, rows, self.max_seq_len + self.lookahead, mesh=self.mesh,
+                                   lookahead=self.lookahead)
 
     def _put(self, x):
         """A host array as a device array, split over the batch axes under a mesh."""
@@ -152,8 +217,13 @@ class Device:
         if plan.decode is not None:
             inputs = DecodeInputs(*(self._put(getattr(plan.decode, f.name))
                                     for f in dataclasses.fields(DecodeInputs)))
-            out, self.cache = _decode(self.config, self.mesh, self.params, self.cache, inputs)
-            results.decode = _sampled(out)
+            if self.speculation is None:
+                out, self.cache = _decode(self.config, self.mesh, self.params, self.cache, inputs)
+                results.decode = _sampled(out)
+            else:
+                (kept, out), self.cache, self.lookup = _speculate(self.speculation, self.config, self.mesh,
+                                                                  self.params, self.cache, self.lookup, inputs)
+                results.decode, results.kept = _sampled(out), np.asarray(kept)
         for chunk in plan.prefills:
             self._prefill(chunk, results)
         for request_id in plan.dropped:
@@ -165,7 +235,7 @@ class Device:
             results.echo[chunk.request_id] = _sampled(
                 _score_prompt(self.config, self.mesh, self.params, self._put(chunk.echo)))
         if chunk.first:
-            row = decoding.init_cache(self.config, 1, self.max_seq_len, mesh=self.mesh)
+            row = self._empty_cache(1)
         else:
             row = self._rows.pop(chunk.request_id)
         logits, row = decoding._prefill_chunk(self.config, self.mesh, self.params, row, self._put(chunk.tokens),
@@ -178,4 +248,6 @@ class Device:
         out, self.cache = _insert_first(self.mesh, self.cache, row, put(np.int32(chunk.slot)), logits, put(s.key),
                                         put(np.float32(s.temperature)), put(np.int32(s.top_k)),
                                         put(np.float32(s.top_p)))
+        if self.lookup is not None:
+            self.lookup = _insert_history(self.lookup, put(np.int32(chunk.slot)), put(chunk.history), out[0][0])
         results.first[chunk.request_id] = _sampled(out)
