@@ -107,6 +107,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) ->
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt (chat mode)")
+    _add_draft_flags(parser)
+
+
+def _add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, metavar="prompt-lookup|PATH",
                         help="speculative decoding: draft by prompt lookup or with a smaller checkpoint sharing the "
                              "tokenizer (greedy output unchanged; sampling keeps its distribution)")
@@ -139,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default $MISTRAL_JAX_API_KEY; none when unset)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
                        "checkpoint's directory or file name)")
+    _add_draft_flags(serve)
     serve.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots: requests decoded together")
     serve.add_argument("--max-queue", type=_positive_int, default=64,
                        help="requests waiting for a slot; past it, 503 with Retry-After")
@@ -396,11 +401,15 @@ def cmd_serve(args) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from mistral_jax.serving.engine import Engine
 
+    if args.draft not in (None, speculative.PROMPT_LOOKUP):
+        raise UserError(f"serve drafts by {speculative.PROMPT_LOOKUP} only (--draft {speculative.PROMPT_LOOKUP}); "
+                        f"a draft model is for generate and chat")
     config, params, tokenizer = _load(args, need_tokenizer="optional")
     print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_)
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
+                    speculation=None if args.draft is None else speculative.Speculation(args.draft_tokens))
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()
