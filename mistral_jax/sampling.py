@@ -31,6 +31,11 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def as_key(key):
+    """A typed PRNG key from a key or its raw data (host code passes `jax.random.key_data`: plain arrays)."""
+    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
 def filter_logits(logits, top_k: int, top_p: float):
     """Logits outside the top-k / the top-p nucleus set to -inf. logits: float32 [B, V]."""
     if top_k > 0 and top_k < logits.shape[-1]:

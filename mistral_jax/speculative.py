@@ -28,7 +28,7 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import forward
-from mistral_jax.sampling import Sampling, filter_logits, filter_row, sample
+from mistral_jax.sampling import Sampling, as_key, filter_logits, filter_row, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
 # Prompt lookup backs off where it does not pay, since a verify forward costs more than a decode step on a CPU
@@ -133,7 +133,7 @@ def model_drafts(config: ModelConfig, mesh, sampling: Sampling, params, cache, t
         logits = out.logits[:, 0]  # [B, V]
         nxt = sample(logits, jax.random.fold_in(key, i), sampling)
         q = None if sampling.greedy else token_probs(logits, sampling)
-        return (_constrain_cache(mesh, out.cache), nxt), (nxt, q)
+        return (sharding.constrain_cache(mesh, out.cache), nxt), (nxt, q)
 
     (cache, _), (drafts, q) = jax.lax.scan(one, (cache, token), jnp.arange(k + 1))
     q = None if q is None else q[:k].transpose(1, 0, 2)
@@ -149,7 +149,7 @@ def verify(config: ModelConfig, mesh, params, cache, token, positions, drafts):
     tokens = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, k + 1]
     with sharding.activations(mesh):
         out = forward(config, params, tokens, positions[:, None] + jnp.arange(tokens.shape[1]), cache=cache)
-    return out.logits, _constrain_cache(mesh, out.cache)
+    return out.logits, sharding.constrain_cache(mesh, out.cache)
 
 
 def token_probs(logits, sampling: Sampling):
@@ -219,14 +219,6 @@ def keep_accepted(cache: dict, last_positions) -> dict:
 
 
 # One step and the loop ------------------------------------------------------------------------------
-def _constrain_cache(mesh, cache):
-    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(mesh, cache))
-
-
-def _as_key(key):
-    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
 def first_state(sampling: Sampling, buffer: int, logits, cache, positions, history, draft_cache, seed_key,
                 eos_ids) -> SpeculativeState:
     """The state after sampling the first new token from the prefill logits [B, V] (as decoding does).
@@ -235,7 +227,7 @@ def first_state(sampling: Sampling, buffer: int, logits, cache, positions, histo
     position, -1 elsewhere.
     """
     b = logits.shape[0]
-    token = sample(logits, jax.random.fold_in(_as_key(seed_key), 0), sampling)
+    token = sample(logits, jax.random.fold_in(as_key(seed_key), 0), sampling)
     tokens = jnp.zeros((b, buffer), jnp.int32).at[:, 0].set(token)
     history = history.at[jnp.arange(b), positions].set(token, mode="drop")
     zeros = jnp.zeros((b,), jnp.int32)
@@ -283,7 +275,7 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
                      state: SpeculativeState, seed_key, eos_ids, limit) -> SpeculativeState:
     """Draft, verify and keep, for every row at once. limit: int32 [] tokens wanted (rows past it are not counted
     in the acceptance statistics). Prompt lookup runs a plain decode step when no row found a match."""
-    key = jax.random.fold_in(_as_key(seed_key), state.steps + 1)
+    key = jax.random.fold_in(as_key(seed_key), state.steps + 1)
     key_draft, key_check = jax.random.split(key)
     k = spec.draft_tokens
     if spec.draft_config is not None:
@@ -312,14 +304,23 @@ def back_off(drafting, kept, width: int, pause, backoff):
     return jnp.where(unpaid, backoff, jnp.maximum(pause - 1, 0)), backoff
 
 
-def by_lookup_width(k: int, drafting, backoff, verify_width, *operands):
-    """verify_width(width, *operands) at the width prompt lookup checks this step: 0 (a plain decode step) where no
-    row drafts, PROBE_TOKENS where no drafting row has paid yet (backoff > 0), else k."""
+def lookup_widths(k: int) -> tuple[int, ...]:
+    """The widths prompt lookup verifies at: 0 (a plain decode step), PROBE_TOKENS where it is less than k, k."""
+    return (0, k) if k <= PROBE_TOKENS else (0, PROBE_TOKENS, k)
+
+
+def lookup_width_index(k: int, drafting, backoff):
+    """Which of `lookup_widths(k)` this step verifies (int32 []): 0 where no row drafts, PROBE_TOKENS where no
+    drafting row has paid yet (backoff > 0), else k."""
     if k <= PROBE_TOKENS:
-        return jax.lax.cond(jnp.any(drafting), functools.partial(verify_width, k),
-                            functools.partial(verify_width, 0), *operands)
-    branch = jnp.where(jnp.any(drafting & (backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0))
-    return jax.lax.switch(branch, [functools.partial(verify_width, w) for w in (0, PROBE_TOKENS, k)], *operands)
+        return jnp.any(drafting).astype(jnp.int32)
+    return jnp.where(jnp.any(drafting & (backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0)).astype(jnp.int32)
+
+
+def by_lookup_width(k: int, drafting, backoff, verify_width, *operands):
+    """verify_width(width, *operands) at the width `lookup_width_index` picks, as one switch on device."""
+    branches = [functools.partial(verify_width, w) for w in lookup_widths(k)]
+    return jax.lax.switch(lookup_width_index(k, drafting, backoff), branches, *operands)
 
 
 def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, params, draft_params,

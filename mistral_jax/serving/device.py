@@ -116,36 +116,40 @@ def _decode(config: ModelConfig, mesh, params, cache, inputs: DecodeInputs):
         out = forward(config, params, inputs.tokens[:, None], inputs.positions[:, None], cache=cache)
     logits = out.logits[:, 0]  # [B, V]
     tokens = sample_rows(logits, inputs.keys, inputs.steps, inputs.temperature, inputs.top_k, inputs.top_p)
-    return _replicate(mesh, _chosen(logits, tokens)), decoding._constrain_cache(mesh, out.cache)
+    return _replicate(mesh, _chosen(logits, tokens)), sharding.constrain_cache(mesh, out.cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4, 5))
-def _speculate(spec: speculative.Speculation, config: ModelConfig, mesh, params, cache, lookup: LookupState,
-               inputs: DecodeInputs):
-    """`_decode` by prompt lookup: every slot drafts from its own history, one verify forward checks them all, each
-    slot keeps what its own sampling settings accept. -> ((kept [B], Sampled arrays [B, k + 1, ...]), cache, lookup)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _lookup(spec: speculative.Speculation, lookup: LookupState, positions):
+    """Every slot's prompt lookup drafts [B, k], whether it drafts [B], and the width index to verify at ([])."""
+    drafts, found = speculative.lookup_drafts(lookup.history, positions + 1, spec.draft_tokens, spec.max_ngram,
+                                              spec.min_ngram)
+    drafting = found & (lookup.pause == 0) & (positions > 0)  # a free slot decodes at position 0
+    return drafts, drafting, speculative.lookup_width_index(spec.draft_tokens, drafting, lookup.backoff)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
+def _speculate(spec: speculative.Speculation, width: int, config: ModelConfig, mesh, params, cache,
+               lookup: LookupState, inputs: DecodeInputs, drafts, drafting):
+    """`_decode` verifying `width` of each slot's drafts [B, k] in one forward, each slot keeping what its own
+    sampling settings accept. The host picks the width (`_lookup`): a switch on device would copy the cache.
+    -> ((kept [B], Sampled arrays [B, k + 1, ...]), cache, lookup)."""
     k = spec.draft_tokens
     b = inputs.tokens.shape[0]
-    drafts, found = speculative.lookup_drafts(lookup.history, inputs.positions + 1, k, spec.max_ngram, spec.min_ngram)
-    drafting = found & (lookup.pause == 0) & (inputs.positions > 0)  # a free slot decodes at position 0
-
-    def verify_width(width, cache):
-        logits, cache = speculative.verify(config, mesh, params, cache, inputs.tokens, inputs.positions,
-                                           drafts[:, :width])  # [B, w + 1, V]
-        kept, emitted = speculative.accept_rows(logits, drafts[:, :width], inputs.keys, inputs.steps,
-                                                inputs.temperature, inputs.top_k, inputs.top_p)
-        chosen = _chosen(logits.reshape(b * (width + 1), -1), emitted.reshape(-1))
-        chosen = [jnp.pad(x.reshape(b, width + 1, *x.shape[1:]), [(0, 0), (0, k - width)] + [(0, 0)] * (x.ndim - 1))
-                  for x in chosen]  # [B, k + 1, ...]
-        pause, backoff = speculative.back_off(drafting, kept, width, lookup.pause, lookup.backoff)
-        return kept, chosen, speculative.keep_accepted(cache, inputs.positions + kept), pause, backoff
-
-    kept, chosen, cache, pause, backoff = speculative.by_lookup_width(k, drafting, lookup.backoff, verify_width, cache)
+    drafts = drafts[:, :width]
+    logits, cache = speculative.verify(config, mesh, params, cache, inputs.tokens, inputs.positions, drafts)
+    kept, emitted = speculative.accept_rows(logits, drafts, inputs.keys, inputs.steps, inputs.temperature,
+                                            inputs.top_k, inputs.top_p)  # [B], [B, w + 1]
+    chosen = _chosen(logits.reshape(b * (width + 1), -1), emitted.reshape(-1))
+    chosen = [jnp.pad(x.reshape(b, width + 1, *x.shape[1:]), [(0, 0), (0, k - width)] + [(0, 0)] * (x.ndim - 1))
+              for x in chosen]  # [B, k + 1, ...]
+    pause, backoff = speculative.back_off(drafting, kept, width, lookup.pause, lookup.backoff)
+    cache = speculative.keep_accepted(cache, inputs.positions + kept)
     column = jnp.arange(k + 1)[None]
     at = jnp.where(column <= kept[:, None], inputs.positions[:, None] + 1 + column, lookup.history.shape[1])
     history = lookup.history.at[jnp.arange(b)[:, None], at].set(chosen[0], mode="drop")
     lookup = LookupState(history, pause, backoff)
-    return _replicate(mesh, (kept, chosen)), decoding._constrain_cache(mesh, cache), lookup
+    return _replicate(mesh, (kept, chosen)), sharding.constrain_cache(mesh, cache), lookup
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -161,7 +165,7 @@ def _insert_first(mesh, cache, row_cache, slot, logits, key, temperature, top_k,
     """The request's first token from its prefill logits [1, V], and its one-row cache copied into `slot`."""
     token = sample_rows(logits, key[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None], top_p[None])
     cache = kv_cache.insert_rows(cache, row_cache, slot)
-    return _replicate(mesh, _chosen(logits, token)), decoding._constrain_cache(mesh, cache)
+    return _replicate(mesh, _chosen(logits, token)), sharding.constrain_cache(mesh, cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -221,14 +225,28 @@ class Device:
                 out, self.cache = _decode(self.config, self.mesh, self.params, self.cache, inputs)
                 results.decode = _sampled(out)
             else:
-                (kept, out), self.cache, self.lookup = _speculate(self.speculation, self.config, self.mesh,
-                                                                  self.params, self.cache, self.lookup, inputs)
+                drafts, drafting, index = _lookup(self.speculation, self.lookup, inputs.positions)
+                width = speculative.lookup_widths(self.speculation.draft_tokens)[int(index)]
+                kept, out = self._speculate(width, inputs, drafts, drafting)
                 results.decode, results.kept = _sampled(out), np.asarray(kept)
         for chunk in plan.prefills:
             self._prefill(chunk, results)
         for request_id in plan.dropped:
             self._rows.pop(request_id, None)
         return results
+
+    def _speculate(self, width: int, inputs: DecodeInputs, drafts, drafting):
+        (kept, out), self.cache, self.lookup = _speculate(self.speculation, width, self.config, self.mesh,
+                                                          self.params, self.cache, self.lookup, inputs, drafts,
+                                                          drafting)
+        return kept, out
+
+    def warm_up_speculation(self, inputs: DecodeInputs) -> None:
+        """Compile the speculative step at every width (free slots only: what they write is never read)."""
+        inputs = DecodeInputs(*(self._put(getattr(inputs, f.name)) for f in dataclasses.fields(DecodeInputs)))
+        drafts, drafting, _ = _lookup(self.speculation, self.lookup, inputs.positions)
+        for width in speculative.lookup_widths(self.speculation.draft_tokens):
+            self._speculate(width, inputs, drafts, drafting)
 
     def _prefill(self, chunk: PrefillChunk, results: Results) -> None:
         if chunk.echo is not None:

@@ -237,6 +237,8 @@ class Engine:
                       PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, 2 * c, dtype=np.int32)[None], False,
                                    0, sampling, history=history)]
         self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
+        if self.device.speculation is not None:
+            self.device.warm_up_speculation(self._decode_inputs([])[0])
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Work | None:
