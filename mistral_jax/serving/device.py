@@ -3,7 +3,8 @@
 A plan is plain numpy and Python, so on several hosts process 0 broadcasts it and every process runs the
 same programs on its shards (serving/lockstep.py). The programs: one decode step for all slots (per slot
 count and cache length), one prefill chunk per power-of-two bucket, one first-token-and-insert, and a
-prompt scorer per bucket for echoed logprobs; `warm_up` compiles all but the last.
+prompt scorer per bucket for echoed logprobs; `warm_up` compiles all but the last. Speculating (prompt lookup),
+the decode step is a lookup program, which picks the width, and one verify step per width (0, probe, k).
 """
 
 from __future__ import annotations

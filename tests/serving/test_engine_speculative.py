@@ -21,7 +21,7 @@ from mistral_jax.compile_stats import CompileStats
 from mistral_jax.sampling import filter_row
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.requests import SamplingParams
-from tests.processes import free_port, kill_all
+from tests.processes import free_port, kill_all, wait_until_serving
 
 K = 4  # drafts per step; tiny-mistral's window of 8 makes its ring 8 + K slots
 LOOP = 40  # a looping prompt: a random one plus this many of its own greedy tokens, which prompt lookup then finds
@@ -129,13 +129,7 @@ def test_serve_with_prompt_lookup_answers_through_the_openai_client():
                "--draft-tokens", "2"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
     try:
-        lines = []
-        for line in process.stderr:
-            lines.append(line)
-            if " on http://" in line:
-                break
-        else:
-            pytest.fail("the server did not start:\n" + "".join(lines))
+        wait_until_serving(process)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         config, params = mj.load(FIXTURE, scan_layers=False)
         rng = np.random.default_rng(1)
