@@ -237,7 +237,7 @@ def _load(args, need_tokenizer: bool | str, scan_layers: bool = False):
             if need_tokenizer != "optional":
                 raise
             print(f"no tokenizer ({one_line(err)}): serving token ids only", file=sys.stderr)
-    args.draft_ = getattr(args, "draft", None)  # generate and chat take --draft
+    args.draft_ = getattr(args, "draft", None)  # generate, chat and serve take --draft
     if args.draft_ not in (None, speculative.PROMPT_LOOKUP):
         if not is_url(args.draft) and not pathlib.Path(args.draft).expanduser().exists():
             raise CLIError(f"--draft: no such checkpoint: {args.draft} (or give {speculative.PROMPT_LOOKUP})")
@@ -401,15 +401,14 @@ def cmd_serve(args) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     from mistral_jax.serving.engine import Engine
 
-    if args.draft not in (None, speculative.PROMPT_LOOKUP):
-        raise UserError(f"serve drafts by {speculative.PROMPT_LOOKUP} only (--draft {speculative.PROMPT_LOOKUP}); "
-                        f"a draft model is for generate and chat")
     config, params, tokenizer = _load(args, need_tokenizer="optional")
+    speculation, draft_params = (None, None) if args.draft_ is None else speculative.from_draft(config, args.draft_,
+                                                                                                 args.draft_tokens)
     print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
-                    speculation=None if args.draft is None else speculative.Speculation(args.draft_tokens))
+                    speculation=speculation, draft_params=draft_params)
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()

@@ -190,26 +190,59 @@ def accept_probs(p, drafts, q, key):
     return kept, emitted
 
 
-def _accept_row(logits, drafts, key, step, temperature, top_k, top_p):
-    """One row of `accept_rows`: logits [k + 1, V], drafts [k], key uint32 [K] -> (kept [], emitted [k + 1])."""
-    filtered = jax.vmap(filter_row, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+def _accept_row(logits, drafts, q, key, step, temperature, top_k, top_p):
+    """One row of `accept_rows`: logits [k + 1, V], drafts [k], q [k, V] or None, key uint32 [K] ->
+    (kept [], emitted [k + 1])."""
     key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
-    kept, emitted = accept_probs(jax.nn.softmax(filtered, axis=-1)[None], drafts[None], None, key)
+    p = jax.nn.softmax(_filter_rows(logits, temperature, top_k, top_p), axis=-1)
+    kept, emitted = accept_probs(p[None], drafts[None], None if q is None else q[None], key)
     return kept[0], emitted[0]
 
 
-def accept_rows(logits, drafts, keys, steps, temperature, top_k, top_p):
-    """Prompt lookup's acceptance for rows with their own traced settings, as `sample_rows` is `sample`'s: greedy
-    rows (temperature 0) as `accept_greedy`, the others by Leviathan's rule with their own key data (uint32
-    [B, K], folded with steps int32 [B]) -> (kept [B], emitted [B, k + 1])."""
+def _filter_rows(logits, temperature, top_k, top_p):
+    """`filter_row` of each of one row's positions: [N, V] -> [N, V]."""
+    return jax.vmap(filter_row, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+
+
+def accept_rows(logits, drafts, keys, steps, temperature, top_k, top_p, q=None):
+    """Acceptance for rows with their own traced settings, as `sample_rows` is `sample`'s: greedy rows
+    (temperature 0) as `accept_greedy`, the others by Leviathan's rule with their own key data (uint32 [B, K],
+    folded with steps int32 [B]) and the draft's distributions q [B, k, V] (None: prompt lookup's point masses)
+    -> (kept [B], emitted [B, k + 1])."""
     kept, emitted = accept_greedy(logits, drafts)
     hot = temperature > 0
+    in_axes = (0, 0, None if q is None else 0, 0, 0, 0, 0, 0)
     kept_hot, emitted_hot = jax.lax.cond(
         jnp.any(hot),
-        lambda: jax.vmap(_accept_row)(logits, drafts, keys, steps, temperature, top_k, top_p),
+        lambda: jax.vmap(_accept_row, in_axes)(logits, drafts, q, keys, steps, temperature, top_k, top_p),
         lambda: (kept, emitted),
     )
     return jnp.where(hot, kept_hot, kept), jnp.where(hot[:, None], emitted_hot, emitted)
+
+
+def _draw_row(logits, key, step, i, temperature, top_k, top_p):
+    """A draft model's token for one row with traced settings (argmax when greedy) and its distribution [V]."""
+    x = filter_row(logits, temperature, top_k, top_p)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), step), 1 + i)  # not the accept key
+    token = jnp.where(temperature > 0, jax.random.categorical(key, x), jnp.argmax(logits)).astype(jnp.int32)
+    return token, jax.nn.softmax(x)
+
+
+def model_drafts_rows(config: ModelConfig, mesh, params, cache, token, positions, k: int, keys, steps, temperature,
+                      top_k, top_p):
+    """`model_drafts` for rows with their own traced settings and keys (as `accept_rows` takes them) ->
+    (drafts int32 [B, k], q float32 [B, k, V], cache)."""
+
+    def one(carry, i):
+        cache, token = carry
+        with sharding.activations(mesh):
+            out = forward(config, params, token[:, None], (positions + i)[:, None], cache=cache)
+        nxt, q = jax.vmap(_draw_row, (0, 0, 0, None, 0, 0, 0))(out.logits[:, 0], keys, steps, i, temperature, top_k,
+                                                               top_p)
+        return (sharding.constrain_cache(mesh, out.cache), nxt), (nxt, q)
+
+    (cache, _), (drafts, q) = jax.lax.scan(one, (cache, token), jnp.arange(k + 1))
+    return drafts[:k].T, q[:k].transpose(1, 0, 2), cache
 
 
 def keep_accepted(cache: dict, last_positions) -> dict:

@@ -153,6 +153,34 @@ def _speculate(spec: speculative.Speculation, width: int, config: ModelConfig, m
     return _replicate(mesh, (kept, chosen)), sharding.constrain_cache(mesh, cache), lookup
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5, 7))
+def _speculate_with_model(spec: speculative.Speculation, config: ModelConfig, mesh, params, draft_params, cache,
+                          inputs: DecodeInputs, draft_cache):
+    """`_decode` with k drafts per slot from the draft model (its own cache rows), verified in one forward, each slot
+    keeping what its own settings accept (Leviathan's rule with the draft's q). -> ((kept, Sampled arrays [B, k + 1,
+    ...]), cache, draft_cache)."""
+    k, b = spec.draft_tokens, inputs.tokens.shape[0]
+    drafts, q, draft_cache = speculative.model_drafts_rows(spec.draft_config, mesh, draft_params, draft_cache,
+                                                           inputs.tokens, inputs.positions, k, inputs.keys,
+                                                           inputs.steps, inputs.temperature, inputs.top_k,
+                                                           inputs.top_p)
+    logits, cache = speculative.verify(config, mesh, params, cache, inputs.tokens, inputs.positions, drafts)
+    kept, emitted = speculative.accept_rows(logits, drafts, inputs.keys, inputs.steps, inputs.temperature,
+                                            inputs.top_k, inputs.top_p, q)
+    chosen = _chosen(logits.reshape(b * (k + 1), -1), emitted.reshape(-1))
+    chosen = [x.reshape(b, k + 1, *x.shape[1:]) for x in chosen]  # [B, k + 1, ...]
+    last = inputs.positions + kept
+    cache, draft_cache = (sharding.constrain_cache(mesh, speculative.keep_accepted(c, last))
+                          for c in (cache, draft_cache))
+    return _replicate(mesh, (kept, chosen)), cache, draft_cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _insert_rows(mesh, cache, row_cache, slot):
+    """A prefilled one-row cache copied into `slot` (the draft model's, beside `_insert_first`)."""
+    return sharding.constrain_cache(mesh, kv_cache.insert_rows(cache, row_cache, slot))
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _insert_history(lookup: LookupState, slot, row, token):
     """A new request's slot: its history row int32 [H] (the prompt, then -1) with its first token int32 [] after."""
@@ -185,20 +213,29 @@ class Device:
     """The slots' cache and the one-row caches of prompts being prefilled; runs plans."""
 
     def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int, mesh=None,
-                 speculation: speculative.Speculation | None = None) -> None:
+                 speculation: speculative.Speculation | None = None, draft_params=None) -> None:
         self.config, self.mesh, self.max_seq_len, self.speculation = config, mesh, max_seq_len, speculation
         self.lookahead = 0 if speculation is None else speculation.draft_tokens  # ring slots for rejected drafts
         self.params = params if mesh is None else sharding.ensure_params(config, params, mesh)
+        self.draft_config = None if speculation is None else speculation.draft_config
+        if self.draft_config is not None and mesh is not None:
+            draft_params = sharding.ensure_params(self.draft_config, draft_params, mesh)
+        self.draft_params = draft_params
         self.max_batch = max_batch
         self.reset()
-        self.cache_size = kv_cache.cache_size(self.cache)
+        self.cache_size = kv_cache.cache_size(self.cache)  # a prefill chunk fits both models' rings
+        if self.draft_cache is not None:
+            self.cache_size = min(self.cache_size, kv_cache.cache_size(self.draft_cache))
 
     def reset(self) -> None:
         """Empty caches (after a failed iteration, whose donated cache may be gone)."""
         self.cache = self._empty_cache(self.max_batch)
         self._rows: dict[int, dict] = {}
-        self.lookup = None
-        if self.speculation is not None:
+        self.lookup = self.draft_cache = None
+        if self.draft_config is not None:
+            self.draft_cache = self._empty_cache(self.max_batch, self.draft_config)
+            self._draft_rows: dict[int, dict] = {}
+        elif self.speculation is not None:
             b = self.max_batch
             self.lookup = LookupState(self._put(np.full((b, self.history_length), -1, np.int32)),
                                       self._put(np.zeros(b, np.int32)), self._put(np.ones(b, np.int32)))
@@ -208,9 +245,9 @@ class Device:
         """Positions a slot's history holds: the context, and the drafts written past it and maybe taken back."""
         return self.max_seq_len + self.lookahead
 
-    def _empty_cache(self, rows: int) -> dict:
+    def _empty_cache(self, rows: int, config: ModelConfig | None = None) -> dict:
         # Speculating, a slot writes up to k positions past its last token (past max_seq_len near the end).
-        return decoding.init_cache(self.config, rows, self.max_seq_len + self.lookahead, mesh=self.mesh,
+        return decoding.init_cache(config or self.config, rows, self.max_seq_len + self.lookahead, mesh=self.mesh,
                                    lookahead=self.lookahead)
 
     def _put(self, x):
@@ -225,6 +262,11 @@ class Device:
             if self.speculation is None:
                 out, self.cache = _decode(self.config, self.mesh, self.params, self.cache, inputs)
                 results.decode = _sampled(out)
+            elif self.draft_config is not None:
+                (kept, out), self.cache, self.draft_cache = _speculate_with_model(
+                    self.speculation, self.config, self.mesh, self.params, self.draft_params, self.cache, inputs,
+                    self.draft_cache)
+                results.decode, results.kept = _sampled(out), np.asarray(kept)
             else:
                 drafts, drafting, index = _lookup(self.speculation, self.lookup, inputs.positions)
                 width = speculative.lookup_widths(self.speculation.draft_tokens)[int(index)]
@@ -234,6 +276,8 @@ class Device:
             self._prefill(chunk, results)
         for request_id in plan.dropped:
             self._rows.pop(request_id, None)
+            if self.draft_cache is not None:
+                self._draft_rows.pop(request_id, None)
         return results
 
     def _speculate(self, width: int, inputs: DecodeInputs, drafts, drafting):
@@ -244,6 +288,8 @@ class Device:
 
     def warm_up_speculation(self, inputs: DecodeInputs) -> None:
         """Compile the speculative step at every width (free slots only: what they write is never read)."""
+        if self.draft_config is not None:
+            return  # one program, compiled by the engine's warm-up plan
         inputs = DecodeInputs(*(self._put(getattr(inputs, f.name)) for f in dataclasses.fields(DecodeInputs)))
         drafts, drafting, _ = _lookup(self.speculation, self.lookup, inputs.positions)
         for width in speculative.lookup_widths(self.speculation.draft_tokens):
@@ -257,8 +303,18 @@ class Device:
             row = self._empty_cache(1)
         else:
             row = self._rows.pop(chunk.request_id)
-        logits, row = decoding._prefill_chunk(self.config, self.mesh, self.params, row, self._put(chunk.tokens),
-                                              self._put(chunk.positions), chunk.first)
+        tokens, positions = self._put(chunk.tokens), self._put(chunk.positions)
+        logits, row = decoding._prefill_chunk(self.config, self.mesh, self.params, row, tokens, positions, chunk.first)
+        if self.draft_cache is not None:  # the draft model's own row, prefilled alike
+            draft_row = (self._empty_cache(1, self.draft_config) if chunk.first
+                         else self._draft_rows.pop(chunk.request_id))
+            _, draft_row = decoding._prefill_chunk(self.draft_config, self.mesh, self.draft_params, draft_row, tokens,
+                                                   positions, chunk.first)
+            if chunk.slot < 0:
+                self._draft_rows[chunk.request_id] = draft_row
+            else:
+                self.draft_cache = _insert_rows(self.mesh, self.draft_cache, draft_row,
+                                                decoding._replicated(self.mesh, np.int32(chunk.slot)))
         if chunk.slot < 0:
             self._rows[chunk.request_id] = row
             return

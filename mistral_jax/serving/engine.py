@@ -105,17 +105,19 @@ class Engine:
                  max_seq_len: int | None = None, prefill_chunk: int = decoding.DEFAULT_PREFILL_CHUNK,
                  max_queue: int = 64, mesh=None, warm_up: bool = True, speculation: Speculation | None = None,
                  draft_params=None) -> None:
-        """speculation: speculative decoding per slot (prompt lookup only: a draft model is refused)."""
+        """speculation: speculative decoding per slot, by prompt lookup or (speculation.draft_config, draft_params)."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise RequestError(None, "max_batch, max_queue and prefill_chunk must be positive")
-        if speculation is not None and (speculation.draft_config is not None or draft_params is not None):
-            raise UserError("the server drafts by prompt lookup only, not with a draft model")
+        draft_config = None if speculation is None else speculation.draft_config
+        if draft_config is not None and draft_config.vocab_size != config.vocab_size:
+            raise UserError(f"the draft model's vocabulary ({draft_config.vocab_size}) differs from the model's "
+                            f"({config.vocab_size}): a draft model must share the tokenizer")
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = ServingMetrics()
         self.device = Device(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
-                             speculation=speculation)
+                             speculation=speculation, draft_params=draft_params)
         self._multihost = jax.process_count() > 1
         self._slots: list[Request | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -294,7 +296,7 @@ class Engine:
 
     def _history(self, prompt: list[int]) -> np.ndarray | None:
         """A slot's prompt lookup history for a new request: its prompt by position, then -1 (None: no lookup)."""
-        if self.device.speculation is None:
+        if self.device.lookup is None:
             return None
         row = np.full(self.device.history_length, -1, np.int32)
         row[: len(prompt)] = prompt

@@ -122,7 +122,8 @@ FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "hf" / "llama_mha"  #
 @pytest.mark.slow
 def test_serve_with_prompt_lookup_answers_through_the_openai_client():
     """`serve --draft prompt-lookup --draft-tokens 2` on a tiny Llama starts and answers concurrent greedy
-    completions of token ids as mj.generate does each alone; a draft model is refused with one line."""
+    completions of token ids as mj.generate does each alone; --draft-tokens 0 is refused (the vocabulary check of
+    a draft model: test_a_draft_model_per_slot_..., and test_speculative's through from_draft, which serve calls)."""
     port = free_port()
     command = [sys.executable, "-m", "mistral_jax.cli", "serve", "--checkpoint", str(FIXTURE), "--port", str(port),
                "--max-batch", "2", "--max-seq-len", "48", "--prefill-chunk", "8", "--draft", "prompt-lookup",
@@ -147,5 +148,34 @@ def test_serve_with_prompt_lookup_answers_through_the_openai_client():
     finally:
         kill_all([process])
     refused = subprocess.run([sys.executable, "-m", "mistral_jax.cli", "serve", "--checkpoint", str(FIXTURE),
-                              "--draft", str(FIXTURE)], capture_output=True, text=True)
-    assert refused.returncode == 2 and "prompt-lookup" in refused.stderr and len(refused.stderr.splitlines()) == 1
+                              "--draft-tokens", "0"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--draft-tokens: must be a positive integer" in refused.stderr
+
+
+def test_a_draft_model_per_slot_keeps_greedy_and_compiles_once():
+    """A noisy copy of the tiny Mistral drafts 3 tokens per slot (its own cache rows, prefilled on insert): five
+    greedy requests on three slots equal generate alone, with drafts kept and rejected; sampled ones run beside
+    them; nothing compiles once warm. A draft of another vocabulary is refused."""
+    config = mj.ModelConfig.from_preset("tiny-mistral")
+    config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(0)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = jax.tree.unflatten(tree, [x + 0.2 * jnp.std(x) * jax.random.normal(key, x.shape)
+                                      for key, x in zip(keys, leaves)])
+    with pytest.raises(mj.UserError, match="share the tokenizer"):
+        Engine(config, params, speculation=speculative.Speculation(3, config.replace(vocab_size=64)), warm_up=False)
+    engine = Engine(config, params, max_batch=3, max_seq_len=64, prefill_chunk=16,
+                    speculation=speculative.Speculation(3, config), draft_params=noisy).start()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (3, 12, 7, 30, 5)]
+    try:
+        with CompileStats() as compiled:
+            greedy = [engine.submit(p, SamplingParams(max_tokens=20)) for p in prompts]
+            sampled = [engine.submit(p, SamplingParams(max_tokens=9, temperature=0.8, seed=1)) for p in prompts[:2]]
+            tokens, sampled_tokens = [_tokens(r) for r in greedy], [_tokens(r) for r in sampled]
+    finally:
+        engine.stop()
+    assert compiled.compilations == 0
+    assert tokens == mj.generate(config, params, prompts, 20)
+    assert 0 < sum(r.accepted_drafts for r in greedy) < 3 * sum(len(t) for t in tokens) // 4  # kept and rejected
+    assert [len(t) for t in sampled_tokens] == [9, 9]
