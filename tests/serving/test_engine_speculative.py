@@ -91,29 +91,33 @@ def _chi_square_fit(tokens: np.ndarray, probs: np.ndarray) -> float:
 
 
 def test_accept_rows_follows_each_rows_own_settings():
-    """accept_rows on 4096 rows of two settings (vocabulary 16, point-mass drafts): in each group the first new
-    token is distributed as that group's plain sampling distribution, and so is the second where the first draft
-    was kept (chi-square, significance 0.001, fixed seeds); greedy rows equal accept_greedy."""
+    """accept_rows on 4096 rows of two settings (vocabulary 16), with prompt lookup's point-mass drafts and with
+    drafts drawn from a draft model's q: in each group the first new token is distributed as that group's plain
+    sampling distribution, and so is the second where the first draft was kept (chi-square, significance 0.001,
+    fixed seeds); greedy rows equal accept_greedy."""
     n, vocab = 4096, 16
     logits = jax.random.normal(jax.random.key(1), (1, 3, vocab)).repeat(n, 0) * 2  # [N, k + 1, V], k = 2
     settings = [(0.7, 5, 1.0), (1.3, 0, 0.8)]
     group = np.arange(n) % 2
     temperature, top_k, top_p = (jnp.asarray(np.array([s[i] for s in settings])[group]) for i in range(3))
+    row_settings = (temperature.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32))
     probs = [np.asarray(jax.nn.softmax(jax.vmap(filter_row, (0, None, None, None))(logits[0], *s), -1))
              for s in settings]  # [k + 1, V] per group
-    drafts = jnp.tile(jnp.asarray([[int(np.argmax(probs[0][0])), 3]]), (n, 1))  # often kept, sometimes not
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.key(i)))(jnp.arange(n))
+    steps = jnp.arange(n) % 7
+    lookup = jnp.tile(jnp.asarray([[int(np.argmax(probs[0][0])), 3]]), (n, 1))  # often kept, sometimes not
+    q = jax.nn.softmax(jax.random.normal(jax.random.key(2), (1, 2, vocab)), -1).repeat(n, 0)  # [N, k, V]
+    from_q = jax.random.categorical(jax.random.key(3), jnp.log(q)).astype(jnp.int32)  # [N, k]
     accept = jax.jit(speculative.accept_rows)
-    kept, emitted = accept(logits, drafts, keys, jnp.arange(n) % 7, temperature.astype(jnp.float32),
-                           top_k.astype(jnp.int32), top_p.astype(jnp.float32))
-    kept, emitted = np.asarray(kept), np.asarray(emitted)
-    for g in (0, 1):
-        rows = group == g
-        assert 0 < np.mean(kept[rows] >= 1) < 1
-        assert _chi_square_fit(emitted[rows, 0], probs[g][0]) > 1e-3
-        assert _chi_square_fit(emitted[rows & (kept >= 1), 1], probs[g][1]) > 1e-3
-    greedy = accept(logits, drafts, keys, jnp.zeros(n, jnp.int32), jnp.zeros(n), jnp.zeros(n, jnp.int32), jnp.ones(n))
-    assert all(np.array_equal(a, b) for a, b in zip(greedy, speculative.accept_greedy(logits, drafts)))
+    for drafts, draft_q in [(lookup, None), (from_q, q)]:
+        kept, emitted = (np.asarray(x) for x in accept(logits, drafts, keys, steps, *row_settings, draft_q))
+        for g in (0, 1):
+            rows = group == g
+            assert 0 < np.mean(kept[rows] >= 1) < 1
+            assert _chi_square_fit(emitted[rows, 0], probs[g][0]) > 1e-3
+            assert _chi_square_fit(emitted[rows & (kept >= 1), 1], probs[g][1]) > 1e-3
+    greedy = accept(logits, lookup, keys, steps, jnp.zeros(n), jnp.zeros(n, jnp.int32), jnp.ones(n))
+    assert all(np.array_equal(a, b) for a, b in zip(greedy, speculative.accept_greedy(logits, lookup)))
 
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "hf" / "llama_mha"  # a tiny Llama without a tokenizer
