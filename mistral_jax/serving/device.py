@@ -120,13 +120,15 @@ def _decode(config: ModelConfig, mesh, params, cache, inputs: DecodeInputs):
     return _replicate(mesh, _chosen(logits, tokens)), sharding.constrain_cache(mesh, out.cache)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _lookup(spec: speculative.Speculation, lookup: LookupState, positions):
-    """Every slot's prompt lookup drafts [B, k], whether it drafts [B], and the width index to verify at ([])."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _lookup(spec: speculative.Speculation, mesh, lookup: LookupState, positions):
+    """Every slot's prompt lookup drafts [B, k], whether it drafts [B], and the width index to verify at ([]:
+    replicated, every process reads it)."""
     drafts, found = speculative.lookup_drafts(lookup.history, positions + 1, spec.draft_tokens, spec.max_ngram,
                                               spec.min_ngram)
     drafting = found & (lookup.pause == 0) & (positions > 0)  # a free slot decodes at position 0
-    return drafts, drafting, speculative.lookup_width_index(spec.draft_tokens, drafting, lookup.backoff)
+    index = speculative.lookup_width_index(spec.draft_tokens, drafting, lookup.backoff)
+    return drafts, drafting, _replicate(mesh, index)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
@@ -268,7 +270,7 @@ class Device:
                     self.draft_cache)
                 results.decode, results.kept = _sampled(out), np.asarray(kept)
             else:
-                drafts, drafting, index = _lookup(self.speculation, self.lookup, inputs.positions)
+                drafts, drafting, index = _lookup(self.speculation, self.mesh, self.lookup, inputs.positions)
                 width = speculative.lookup_widths(self.speculation.draft_tokens)[int(index)]
                 kept, out = self._speculate(width, inputs, drafts, drafting)
                 results.decode, results.kept = _sampled(out), np.asarray(kept)
@@ -291,7 +293,7 @@ class Device:
         if self.draft_config is not None:
             return  # one program, compiled by the engine's warm-up plan
         inputs = DecodeInputs(*(self._put(getattr(inputs, f.name)) for f in dataclasses.fields(DecodeInputs)))
-        drafts, drafting, _ = _lookup(self.speculation, self.lookup, inputs.positions)
+        drafts, drafting, _ = _lookup(self.speculation, self.mesh, self.lookup, inputs.positions)
         for width in speculative.lookup_widths(self.speculation.draft_tokens):
             self._speculate(width, inputs, drafts, drafting)
 
