@@ -1,6 +1,7 @@
 """`mistral-jax serve` under load: streaming clients against the real server, beside its ceilings, in one run.
 
     python benchmarks/serve.py [--checkpoint PATH] [--clients 1,4,8,16] [--requests 16] [--json PATH]
+                               [--draft-tokens K]
 
 - The server: the engine and uvicorn in this process (uvicorn in a thread), on a loopback port; each client is
   the official `openai` async client streaming completions one request after another (closed loop). Prompts
@@ -10,6 +11,11 @@
   inter-token latency (p50, p99, from the client's side: the arrival of stream chunks).
 - Beside them: the same requests through `mj.generate` one at a time, and the engine's own decode step at
   its full batch (--max-batch rows) called back to back: the tokens/s no schedule of that batch can pass.
+- With --draft-tokens K: a second engine drafting by prompt lookup (`serve --draft prompt-lookup`), and per
+  prompt set (quote-like: passages and code to repeat or lightly edit; chat-like: open questions; each a chat
+  template around one message, greedy, up to --draft-max-tokens, stopping at eos) --clients' largest count of
+  streaming clients with and without drafts, interleaved over --draft-rounds (best kept), and whether every
+  answer is identical. (--clients '' skips the levels above.)
 Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
 TTFT p99 at 8 clients < 3x TTFT p50 at 1 client.
 """
@@ -29,11 +35,24 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from speculative import CODE, PASSAGE, TASKS  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
 from mistral_jax.serving import api, device  # noqa: E402
 from mistral_jax.serving.engine import Engine  # noqa: E402
+from mistral_jax.speculative import Speculation  # noqa: E402
 from mistral_jax.tokenizers import load_tokenizer  # noqa: E402
+
+QUOTE_LIKE = [TASKS["quote"][1], TASKS["rewrite"][1], TASKS["edit_code"][1],
+              f"Copy this passage exactly, then stop.\n\n{PASSAGE}",
+              f"Show this code unchanged.\n\n```python\n{CODE}```",
+              f"Quote the second sentence of this passage, then the whole passage.\n\n{PASSAGE}",
+              f"Add a docstring to `mean` and show the whole code.\n\n```python\n{CODE}```",
+              f"Repeat this passage, replacing 'rainforest' with 'jungle'.\n\n{PASSAGE}"]
+CHAT_LIKE = [TASKS["chat_story"][1], TASKS["chat_advice"][1], "Why is the sky blue?",
+             "Give me three ideas for a birthday party.", "How do I make a good cup of tea?",
+             "What is the difference between a virus and a bacterium?", "Write a haiku about autumn.",
+             "What should I pack for a weekend of hiking?"]
 
 
 def _free_port() -> int:
@@ -54,33 +73,35 @@ def _serve(engine: Engine, tokenizer, port: int):
     return server, thread
 
 
-async def _client(client, prompts: list[list[int]], max_tokens: int, out: list) -> None:
+async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, ignore_eos: bool) -> None:
     for prompt in prompts:
         start = time.perf_counter()
-        stamps, tokens = [], 0
+        stamps, tokens, text = [], 0, []
         stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": True})
+                                                 stream=True, extra_body={"ignore_eos": ignore_eos})
         async for chunk in stream:
             stamps.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
-        out.append((start, stamps, tokens))
+            text += [c.text for c in chunk.choices]
+        out.append((start, stamps, tokens, (tuple(prompt), "".join(text))))
 
 
-async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int) -> dict:
+async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int, ignore_eos: bool = True) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     shares = [prompts[i::clients] for i in range(clients)]
     records: list = []
     start = time.perf_counter()
-    await asyncio.gather(*(_client(client, share, max_tokens, records) for share in shares))
+    await asyncio.gather(*(_client(client, share, max_tokens, records, ignore_eos) for share in shares))
     wall = time.perf_counter() - start
     await client.close()  # inside the loop: closing it after asyncio.run ends fails
-    ttft = [stamps[0] - begun for begun, stamps, _ in records]
-    itl = [b - a for _, stamps, _ in records for a, b in zip(stamps, stamps[1:])]
-    tokens = sum(n for *_, n in records)
+    ttft = [stamps[0] - begun for begun, stamps, *_ in records]
+    itl = [b - a for _, stamps, *_ in records for a, b in zip(stamps, stamps[1:])]
+    tokens = sum(n for _, _, n, _ in records)
     return {"clients": clients, "requests": len(records), "tokens": tokens, "wall_s": wall,
+            "texts": dict(r[3] for r in records),
             "tokens_per_s": tokens / wall, "ttft_p50_s": float(np.percentile(ttft, 50)),
             "ttft_p99_s": float(np.percentile(ttft, 99)), "itl_p50_s": float(np.percentile(itl, 50)),
             "itl_p99_s": float(np.percentile(itl, 99))}
@@ -102,6 +123,41 @@ def _decode_ceiling(engine: Engine, steps: int) -> float:
     return b * steps / (time.perf_counter() - start)
 
 
+def _draft_rows(args, config, params, tokenizer, plain_url: str) -> list[dict]:
+    """Per prompt set: tokens/s of the largest client count with and without prompt lookup, best of rounds."""
+    started = time.perf_counter()
+    engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    max_queue=4 * args.requests, speculation=Speculation(args.draft_tokens))
+    print(f"prompt lookup engine compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    port = _free_port()
+    server, thread = _serve(engine.start(), tokenizer, port)
+    urls = {"plain": plain_url, "lookup": f"http://127.0.0.1:{port}/v1"}
+    clients = max([int(c) for c in args.clients.split(",") if c] or [args.max_batch])
+    rows = []
+    for name, messages in {"quote-like": QUOTE_LIKE, "chat-like": CHAT_LIKE}.items():
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": m}]) for m in messages]
+        best: dict = {}
+        for url in urls.values():
+            asyncio.run(_level(url, prompts[:2], 2, 2))  # connections and programs warm
+        for _ in range(args.draft_rounds):
+            for kind, url in urls.items():
+                level = asyncio.run(_level(url, prompts, clients, args.draft_max_tokens, ignore_eos=False))
+                if kind not in best or level["tokens_per_s"] > best[kind]["tokens_per_s"]:
+                    best[kind] = level
+        rows.append({"prompts": name, "clients": clients, "plain_tokens_per_s": best["plain"]["tokens_per_s"],
+                     "lookup_tokens_per_s": best["lookup"]["tokens_per_s"],
+                     "speedup": best["lookup"]["tokens_per_s"] / best["plain"]["tokens_per_s"],
+                     "tokens": best["plain"]["tokens"], "identical": best["plain"]["texts"] == best["lookup"]["texts"]})
+        print(f"{name}: {rows[-1]['speedup']:.2f}x", file=sys.stderr, flush=True)
+    accepted = engine.metrics.accepted_draft_tokens._value.get()
+    generated = engine.metrics.generation_tokens._value.get()
+    rows[-1]["note"] = f"drafts kept over all rounds: {accepted:.0f} of {generated:.0f} tokens made"
+    server.should_exit = True
+    thread.join()
+    engine.stop()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
@@ -113,6 +169,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=512)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--draft-tokens", type=int, default=0, help="also compare prompt lookup with k drafts (0: no)")
+    parser.add_argument("--draft-max-tokens", type=int, default=96)
+    parser.add_argument("--draft-rounds", type=int, default=2)
     args = parser.parse_args()
 
     info = _common.machine()
@@ -132,24 +191,28 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}/v1"
 
     levels = []
-    for clients in [int(c) for c in args.clients.split(",")]:
+    for clients in [int(c) for c in args.clients.split(",") if c]:
         share = prompts if clients > 1 else prompts[: max(2, len(prompts) // 2)]
         asyncio.run(_level(url, share[:2], min(clients, 2), 2))  # connections and programs warm
         levels.append(_level_result := asyncio.run(_level(url, share, clients, args.max_tokens)))
         print(f"{clients} clients: {_level_result['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+    drafts = _draft_rows(args, config, params, tokenizer, url) if args.draft_tokens else []
     server.should_exit = True
     thread.join()
     engine.stop()
+    for level in levels:
+        level.pop("texts")
 
-    # The same requests one at a time through mj.generate (each warmed first: its compilation is not counted).
-    alone_tokens, alone_s = 0, 0.0
-    for prompt in prompts:
-        mj.generate(config, params, [prompt], args.max_tokens)
-        start = time.perf_counter()
-        alone_tokens += len(mj.generate(config, params, [prompt], args.max_tokens)[0])
-        alone_s += time.perf_counter() - start
-    alone = alone_tokens / alone_s
-    ceiling = _decode_ceiling(engine, 50)
+    alone = ceiling = None
+    if levels:  # the same requests one at a time through mj.generate (each warmed first: its compilation not counted)
+        alone_tokens, alone_s = 0, 0.0
+        for prompt in prompts:
+            mj.generate(config, params, [prompt], args.max_tokens)
+            start = time.perf_counter()
+            alone_tokens += len(mj.generate(config, params, [prompt], args.max_tokens)[0])
+            alone_s += time.perf_counter() - start
+        alone = alone_tokens / alone_s
+        ceiling = _decode_ceiling(engine, 50)
 
     at8 = next((lv for lv in levels if lv["clients"] == 8), None)
     at1 = next((lv for lv in levels if lv["clients"] == 1), None)
@@ -163,17 +226,26 @@ def main() -> None:
     print(f"# serve: {pathlib.Path(checkpoint).name}, {args.max_batch} slots, prompts {args.min_prompt}-"
           f"{args.max_prompt} tokens, {args.max_tokens} new tokens each\n{_common.machine_line(info)}\n"
           f"start-up compilation {compile_s:.1f} s\n")
-    rows = [[lv["clients"], lv["requests"], f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / alone:.2f}x",
-             f"{lv['tokens_per_s'] / ceiling:.0%}", f"{lv['ttft_p50_s'] * 1e3:.0f}", f"{lv['ttft_p99_s'] * 1e3:.0f}",
-             f"{lv['itl_p50_s'] * 1e3:.0f}", f"{lv['itl_p99_s'] * 1e3:.0f}"] for lv in levels]
-    print(_common.table(["clients", "requests", "tok/s", "vs one at a time", "vs decode step", "TTFT p50 ms",
-                         "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
-    print(f"\nmj.generate one at a time: {alone:.1f} tok/s; decode step at batch {args.max_batch}: {ceiling:.1f} tok/s")
+    if drafts:
+        print(f"prompt lookup, k = {args.draft_tokens}, {drafts[0]['clients']} streaming clients, up to "
+              f"{args.draft_max_tokens} new tokens each (best of {args.draft_rounds} interleaved rounds):\n")
+        print(_common.table(["prompts", "plain tok/s", "prompt lookup tok/s", "speedup", "identical"],
+                            [[d["prompts"], f"{d['plain_tokens_per_s']:.1f}", f"{d['lookup_tokens_per_s']:.1f}",
+                              f"{d['speedup']:.2f}x", d["identical"]] for d in drafts]) + "\n")
+    if levels:
+        rows = [[lv["clients"], lv["requests"], f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / alone:.2f}x",
+                 f"{lv['tokens_per_s'] / ceiling:.0%}", f"{lv['ttft_p50_s'] * 1e3:.0f}",
+                 f"{lv['ttft_p99_s'] * 1e3:.0f}", f"{lv['itl_p50_s'] * 1e3:.0f}", f"{lv['itl_p99_s'] * 1e3:.0f}"]
+                for lv in levels]
+        print(_common.table(["clients", "requests", "tok/s", "vs one at a time", "vs decode step", "TTFT p50 ms",
+                             "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"], rows))
+        print(f"\nmj.generate one at a time: {alone:.1f} tok/s; decode step at batch {args.max_batch}: "
+              f"{ceiling:.1f} tok/s")
     for name, met in targets.items():
         print(f"- {name}: {_common.status(met)}")
     _common.write_json(args.json, {"machine": info, "settings": vars(args), "compile_s": compile_s, "levels": levels,
                                    "generate_alone_tokens_per_s": alone, "decode_step_tokens_per_s": ceiling,
-                                   "targets": targets})
+                                   "targets": targets, "drafts": drafts})
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) ->
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt (chat mode)")
+    _add_draft_flags(parser)
+
+
+def _add_draft_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=None, metavar="prompt-lookup|PATH",
                         help="speculative decoding: draft by prompt lookup or with a smaller checkpoint sharing the "
                              "tokenizer (greedy output unchanged; sampling keeps its distribution)")
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require 'Authorization: Bearer KEY' (default $MISTRAL_JAX_API_KEY; none when unset)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
                        "checkpoint's directory or file name)")
+    _add_draft_flags(serve)
     serve.add_argument("--max-batch", type=_positive_int, default=8, help="decode slots: requests decoded together")
     serve.add_argument("--max-queue", type=_positive_int, default=64,
                        help="requests waiting for a slot; past it, 503 with Retry-After")
@@ -239,7 +244,7 @@ def _load(args, need_tokenizer: bool | str, scan_layers: bool = False):
             if need_tokenizer != "optional":
                 raise
             print(f"no tokenizer ({one_line(err)}): serving token ids only", file=sys.stderr)
-    args.draft_ = getattr(args, "draft", None)  # generate and chat take --draft
+    args.draft_ = getattr(args, "draft", None)  # generate, chat and serve take --draft
     if args.draft_ not in (None, speculative.PROMPT_LOOKUP):
         if not is_url(args.draft) and not pathlib.Path(args.draft).expanduser().exists():
             raise CLIError(f"--draft: no such checkpoint: {args.draft} (or give {speculative.PROMPT_LOOKUP})")
@@ -404,10 +409,13 @@ def cmd_serve(args) -> None:
     from mistral_jax.serving.engine import Engine
 
     config, params, tokenizer = _load(args, need_tokenizer="optional")
+    speculation, draft_params = (None, None) if args.draft_ is None else speculative.from_draft(config, args.draft_,
+                                                                                                 args.draft_tokens)
     print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_)
+                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
+                    speculation=speculation, draft_params=draft_params)
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()

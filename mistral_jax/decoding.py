@@ -32,7 +32,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model import kv_cache
 from mistral_jax.model.transformer import default_positions, forward
-from mistral_jax.sampling import Sampling, sample
+from mistral_jax.sampling import Sampling, as_key, sample
 
 DEFAULT_PREFILL_CHUNK = 512
 # Fewest rows generate decodes per backend: XLA:GPU runs a one-row matmul far slower than a two-row one
@@ -65,16 +65,8 @@ def _replicated(mesh, x):
 
 
 def _seed_key(seed: int, mesh):
-    """The sampling key's raw data (jitted code wraps it back: `_as_key`), replicated."""
+    """The sampling key's raw data (jitted code wraps it back: `sampling.as_key`), replicated."""
     return _replicated(mesh, jax.random.key_data(jax.random.key(seed)))
-
-
-def _as_key(key):
-    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
-def _constrain_cache(mesh, cache):
-    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(mesh, cache))
 
 
 def _constrain_logits(mesh, logits):  # [B, V]
@@ -87,7 +79,7 @@ def _constrain_state(mesh, state: DecodeState) -> DecodeState:
         return state
     small = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "cache"}
     small = jax.lax.with_sharding_constraint(small, sharding.replicated(mesh))
-    return DecodeState(**small, cache=_constrain_cache(mesh, state.cache))
+    return DecodeState(**small, cache=sharding.constrain_cache(mesh, state.cache))
 
 
 # The cache and the uncached forward -------------------------------------------------------------
@@ -105,7 +97,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=Non
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _empty_cache(config: ModelConfig, batch_size: int, max_seq_len: int, dtype, mesh, lookahead: int = 0) -> dict:
-    return _constrain_cache(mesh, kv_cache.zeros(config, batch_size, max_seq_len, dtype, lookahead))
+    return sharding.constrain_cache(mesh, kv_cache.zeros(config, batch_size, max_seq_len, dtype, lookahead))
 
 
 def logits(config: ModelConfig, params, tokens, *, mesh=None):
@@ -138,7 +130,7 @@ def _logits(config, mesh, params, tokens):
 def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, cache_empty: bool = False):
     with sharding.activations(mesh):
         out = forward(config, params, tokens, positions, cache=cache, last_only=True, cache_empty=cache_empty)
-    return _constrain_logits(mesh, out.logits[:, 0]), _constrain_cache(mesh, out.cache)
+    return _constrain_logits(mesh, out.logits[:, 0]), sharding.constrain_cache(mesh, out.cache)
 
 
 def chunk_layout(length: int, cache_size: int, chunk_size: int | None = None) -> tuple[int, int, int]:
@@ -199,13 +191,13 @@ def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=N
 def _decode_step(config: ModelConfig, mesh, params, cache, tokens, positions):
     with sharding.activations(mesh):
         out = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
-    return _constrain_logits(mesh, out.logits[:, 0]), _constrain_cache(mesh, out.cache)
+    return _constrain_logits(mesh, out.logits[:, 0]), sharding.constrain_cache(mesh, out.cache)
 
 
 # The generation step, shared by generate's loop and generate_stream ----------------------------
 def _first_state(mesh, sampling: Sampling, buffer: int, logits, cache, positions, seed_key, eos_ids) -> DecodeState:
     """The state after sampling the first new token from the prefill logits [B, V]."""
-    token = sample(logits, jax.random.fold_in(_as_key(seed_key), 0), sampling)
+    token = sample(logits, jax.random.fold_in(as_key(seed_key), 0), sampling)
     tokens = jnp.zeros((logits.shape[0], buffer), jnp.int32).at[:, 0].set(token)
     state = DecodeState(jnp.int32(1), tokens, token, positions, jnp.isin(token, eos_ids), cache)
     return _constrain_state(mesh, state)
@@ -215,7 +207,7 @@ def _advance(config: ModelConfig, mesh, sampling: Sampling, params, state: Decod
     """One decode step: every row reads its latest token, writes it to the cache and samples the next."""
     with sharding.activations(mesh):
         out = forward(config, params, state.token[:, None], state.positions[:, None], cache=state.cache)
-    token = sample(out.logits[:, 0], jax.random.fold_in(_as_key(seed_key), state.step), sampling)
+    token = sample(out.logits[:, 0], jax.random.fold_in(as_key(seed_key), state.step), sampling)
     state = DecodeState(state.step + 1, state.tokens.at[:, state.step].set(token), token, state.positions + 1,
                         state.done | jnp.isin(token, eos_ids), out.cache)
     return _constrain_state(mesh, state)

@@ -31,6 +31,11 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def as_key(key):
+    """A typed PRNG key from a key or its raw data (host code passes `jax.random.key_data`: plain arrays)."""
+    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+
+
 def filter_logits(logits, top_k: int, top_p: float):
     """Logits outside the top-k / the top-p nucleus set to -inf. logits: float32 [B, V]."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -53,8 +58,8 @@ def sample(logits, key, sampling: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _sample_row(logits, key, step, temperature, top_k, top_p):
-    """`sample` for one row whose settings are traced values; the same token as `sample` with them static."""
+def filter_row(logits, temperature, top_k, top_p):
+    """`filter_logits` of logits / temperature for one row whose settings are traced values: [V] -> [V]."""
     x = logits / jnp.where(temperature > 0, temperature, 1.0)  # [V]
     descending = jnp.sort(x)[::-1]
     kth = descending[jnp.clip(top_k - 1, 0, x.shape[-1] - 1)]
@@ -63,7 +68,12 @@ def _sample_row(logits, key, step, temperature, top_k, top_p):
     probs = jax.nn.softmax(descending)
     before = jnp.cumsum(probs) - probs  # mass strictly above each token
     cutoff = jnp.min(jnp.where(before < top_p, descending, jnp.inf))
-    x = jnp.where((top_p < 1.0) & (x < cutoff), -jnp.inf, x)
+    return jnp.where((top_p < 1.0) & (x < cutoff), -jnp.inf, x)
+
+
+def _sample_row(logits, key, step, temperature, top_k, top_p):
+    """`sample` for one row whose settings are traced values; the same token as `sample` with them static."""
+    x = filter_row(logits, temperature, top_k, top_p)
     key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
     return jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
 

@@ -254,6 +254,11 @@ def cache_shardings(mesh: Mesh, cache) -> dict:
     return {**{name: kv(name) for name in cache if name != "pos"}, "pos": pos}
 
 
+def constrain_cache(mesh: Mesh | None, cache):
+    """Inside a traced function: the cache kept split as `cache_shardings` says; identity without a mesh."""
+    return cache if mesh is None else constrain_tree(cache, cache_shardings(mesh, cache))
+
+
 def place_cache(mesh: Mesh, cache):
     """A cache's arrays placed as `cache_shardings` says (kept where they already are)."""
     return jax.tree.map(put, cache, cache_shardings(mesh, cache))

@@ -28,7 +28,7 @@ from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model.transformer import forward
-from mistral_jax.sampling import Sampling, filter_logits, sample
+from mistral_jax.sampling import Sampling, as_key, filter_logits, filter_row, sample
 
 PROMPT_LOOKUP = "prompt-lookup"
 # Prompt lookup backs off where it does not pay, since a verify forward costs more than a decode step on a CPU
@@ -133,7 +133,7 @@ def model_drafts(config: ModelConfig, mesh, sampling: Sampling, params, cache, t
         logits = out.logits[:, 0]  # [B, V]
         nxt = sample(logits, jax.random.fold_in(key, i), sampling)
         q = None if sampling.greedy else token_probs(logits, sampling)
-        return (_constrain_cache(mesh, out.cache), nxt), (nxt, q)
+        return (sharding.constrain_cache(mesh, out.cache), nxt), (nxt, q)
 
     (cache, _), (drafts, q) = jax.lax.scan(one, (cache, token), jnp.arange(k + 1))
     q = None if q is None else q[:k].transpose(1, 0, 2)
@@ -149,7 +149,7 @@ def verify(config: ModelConfig, mesh, params, cache, token, positions, drafts):
     tokens = jnp.concatenate([token[:, None], drafts], axis=1)  # [B, k + 1]
     with sharding.activations(mesh):
         out = forward(config, params, tokens, positions[:, None] + jnp.arange(tokens.shape[1]), cache=cache)
-    return out.logits, _constrain_cache(mesh, out.cache)
+    return out.logits, sharding.constrain_cache(mesh, out.cache)
 
 
 def token_probs(logits, sampling: Sampling):
@@ -168,8 +168,12 @@ def accept_greedy(logits, drafts):
 def accept_sampled(logits, drafts, q, key, sampling: Sampling):
     """Leviathan et al.'s rule. logits [B, k + 1, V]; drafts [B, k]; q: float32 [B, k, V], the draft's
     distributions (None: point masses at the drafts, as prompt lookup proposes) -> (kept [B], emitted [B, k + 1])."""
+    return accept_probs(token_probs(logits, sampling), drafts, q, key)
+
+
+def accept_probs(p, drafts, q, key):
+    """`accept_sampled` given the target's distributions p: float32 [B, k + 1, V] (as `token_probs` makes them)."""
     b, k = drafts.shape
-    p = token_probs(logits, sampling)  # [B, k + 1, V]
     q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype) if q is None else q
     p_draft = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]  # [B, k]
     q_draft = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
@@ -186,6 +190,61 @@ def accept_sampled(logits, drafts, q, key, sampling: Sampling):
     return kept, emitted
 
 
+def _accept_row(logits, drafts, q, key, step, temperature, top_k, top_p):
+    """One row of `accept_rows`: logits [k + 1, V], drafts [k], q [k, V] or None, key uint32 [K] ->
+    (kept [], emitted [k + 1])."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
+    p = jax.nn.softmax(_filter_rows(logits, temperature, top_k, top_p), axis=-1)
+    kept, emitted = accept_probs(p[None], drafts[None], None if q is None else q[None], key)
+    return kept[0], emitted[0]
+
+
+def _filter_rows(logits, temperature, top_k, top_p):
+    """`filter_row` of each of one row's positions: [N, V] -> [N, V]."""
+    return jax.vmap(filter_row, in_axes=(0, None, None, None))(logits, temperature, top_k, top_p)
+
+
+def accept_rows(logits, drafts, keys, steps, temperature, top_k, top_p, q=None):
+    """Acceptance for rows with their own traced settings, as `sample_rows` is `sample`'s: greedy rows
+    (temperature 0) as `accept_greedy`, the others by Leviathan's rule with their own key data (uint32 [B, K],
+    folded with steps int32 [B]) and the draft's distributions q [B, k, V] (None: prompt lookup's point masses)
+    -> (kept [B], emitted [B, k + 1])."""
+    kept, emitted = accept_greedy(logits, drafts)
+    hot = temperature > 0
+    in_axes = (0, 0, None if q is None else 0, 0, 0, 0, 0, 0)
+    kept_hot, emitted_hot = jax.lax.cond(
+        jnp.any(hot),
+        lambda: jax.vmap(_accept_row, in_axes)(logits, drafts, q, keys, steps, temperature, top_k, top_p),
+        lambda: (kept, emitted),
+    )
+    return jnp.where(hot, kept_hot, kept), jnp.where(hot[:, None], emitted_hot, emitted)
+
+
+def _draw_row(logits, key, step, i, temperature, top_k, top_p):
+    """A draft model's token for one row with traced settings (argmax when greedy) and its distribution [V]."""
+    x = filter_row(logits, temperature, top_k, top_p)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key), step), 1 + i)  # not the accept key
+    token = jnp.where(temperature > 0, jax.random.categorical(key, x), jnp.argmax(logits)).astype(jnp.int32)
+    return token, jax.nn.softmax(x)
+
+
+def model_drafts_rows(config: ModelConfig, mesh, params, cache, token, positions, k: int, keys, steps, temperature,
+                      top_k, top_p):
+    """`model_drafts` for rows with their own traced settings and keys (as `accept_rows` takes them) ->
+    (drafts int32 [B, k], q float32 [B, k, V], cache)."""
+
+    def one(carry, i):
+        cache, token = carry
+        with sharding.activations(mesh):
+            out = forward(config, params, token[:, None], (positions + i)[:, None], cache=cache)
+        nxt, q = jax.vmap(_draw_row, (0, 0, 0, None, 0, 0, 0))(out.logits[:, 0], keys, steps, i, temperature, top_k,
+                                                               top_p)
+        return (sharding.constrain_cache(mesh, out.cache), nxt), (nxt, q)
+
+    (cache, _), (drafts, q) = jax.lax.scan(one, (cache, token), jnp.arange(k + 1))
+    return drafts[:k].T, q[:k].transpose(1, 0, 2), cache
+
+
 def keep_accepted(cache: dict, last_positions) -> dict:
     """The cache with every slot past each row's last kept position (int32 [B]) emptied."""
     pos = cache["pos"]  # [B, S]
@@ -193,14 +252,6 @@ def keep_accepted(cache: dict, last_positions) -> dict:
 
 
 # One step and the loop ------------------------------------------------------------------------------
-def _constrain_cache(mesh, cache):
-    return cache if mesh is None else sharding.constrain_tree(cache, sharding.cache_shardings(mesh, cache))
-
-
-def _as_key(key):
-    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
-
-
 def first_state(sampling: Sampling, buffer: int, logits, cache, positions, history, draft_cache, seed_key,
                 eos_ids) -> SpeculativeState:
     """The state after sampling the first new token from the prefill logits [B, V] (as decoding does).
@@ -209,7 +260,7 @@ def first_state(sampling: Sampling, buffer: int, logits, cache, positions, histo
     position, -1 elsewhere.
     """
     b = logits.shape[0]
-    token = sample(logits, jax.random.fold_in(_as_key(seed_key), 0), sampling)
+    token = sample(logits, jax.random.fold_in(as_key(seed_key), 0), sampling)
     tokens = jnp.zeros((b, buffer), jnp.int32).at[:, 0].set(token)
     history = history.at[jnp.arange(b), positions].set(token, mode="drop")
     zeros = jnp.zeros((b,), jnp.int32)
@@ -257,7 +308,7 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
                      state: SpeculativeState, seed_key, eos_ids, limit) -> SpeculativeState:
     """Draft, verify and keep, for every row at once. limit: int32 [] tokens wanted (rows past it are not counted
     in the acceptance statistics). Prompt lookup runs a plain decode step when no row found a match."""
-    key = jax.random.fold_in(_as_key(seed_key), state.steps + 1)
+    key = jax.random.fold_in(as_key(seed_key), state.steps + 1)
     key_draft, key_check = jax.random.split(key)
     k = spec.draft_tokens
     if spec.draft_config is not None:
@@ -269,25 +320,40 @@ def speculative_step(spec: Speculation, config: ModelConfig, mesh, sampling: Sam
 
     drafts, found = lookup_drafts(state.history, state.positions + 1, k, spec.max_ngram, spec.min_ngram)
     drafting = found & (state.pause == 0) & ~state.done & (state.counts < limit)
-    waited = jnp.maximum(state.pause - 1, 0)
 
-    def speculate(width, state):
+    def verify_width(width, state):
         kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :width], None, key_check)
-        unpaid = drafting & (kept < min(MIN_KEPT, width))
-        backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * state.backoff + 1, MAX_PAUSE), 0),
-                            state.backoff)
-        state = state.replace(pause=jnp.where(unpaid, backoff, waited), backoff=backoff)
-        return _record(state, kept, emitted, cache, None, width, eos_ids, limit)
+        pause, backoff = back_off(drafting, kept, width, state.pause, state.backoff)
+        return _record(state.replace(pause=pause, backoff=backoff), kept, emitted, cache, None, width, eos_ids, limit)
 
-    def plain(state):
-        kept, emitted, cache = _check(config, mesh, sampling, params, state, drafts[:, :0], None, key_check)
-        return _record(state.replace(pause=waited), kept, emitted, cache, None, 0, eos_ids, limit)
+    return by_lookup_width(k, drafting, state.backoff, verify_width, state)
 
+
+def back_off(drafting, kept, width: int, pause, backoff):
+    """Each row's (pause, backoff) [B] after a step that verified `width` drafts, of which the rows `drafting`
+    (bool [B]) drafted their own: a draft that kept under MIN_KEPT doubles the pause, one that paid clears it."""
+    unpaid = drafting & (kept < min(MIN_KEPT, width))
+    backoff = jnp.where(drafting, jnp.where(unpaid, jnp.minimum(2 * backoff + 1, MAX_PAUSE), 0), backoff)
+    return jnp.where(unpaid, backoff, jnp.maximum(pause - 1, 0)), backoff
+
+
+def lookup_widths(k: int) -> tuple[int, ...]:
+    """The widths prompt lookup verifies at: 0 (a plain decode step), PROBE_TOKENS where it is less than k, k."""
+    return (0, k) if k <= PROBE_TOKENS else (0, PROBE_TOKENS, k)
+
+
+def lookup_width_index(k: int, drafting, backoff):
+    """Which of `lookup_widths(k)` this step verifies (int32 []): 0 where no row drafts, PROBE_TOKENS where no
+    drafting row has paid yet (backoff > 0), else k."""
     if k <= PROBE_TOKENS:
-        return jax.lax.cond(jnp.any(drafting), functools.partial(speculate, k), plain, state)
-    branch = jnp.where(jnp.any(drafting & (state.backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0))
-    return jax.lax.switch(branch, [plain, functools.partial(speculate, PROBE_TOKENS), functools.partial(speculate, k)],
-                          state)
+        return jnp.any(drafting).astype(jnp.int32)
+    return jnp.where(jnp.any(drafting & (backoff == 0)), 2, jnp.where(jnp.any(drafting), 1, 0)).astype(jnp.int32)
+
+
+def by_lookup_width(k: int, drafting, backoff, verify_width, *operands):
+    """verify_width(width, *operands) at the width `lookup_width_index` picks, as one switch on device."""
+    branches = [functools.partial(verify_width, w) for w in lookup_widths(k)]
+    return jax.lax.switch(lookup_width_index(k, drafting, backoff), branches, *operands)
 
 
 def generate_loop(spec: Speculation, config: ModelConfig, mesh, sampling: Sampling, params, draft_params,

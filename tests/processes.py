@@ -3,6 +3,8 @@
 import socket
 import subprocess
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -16,3 +18,13 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def wait_until_serving(process: subprocess.Popen) -> None:
+    """Read a `mistral-jax serve` process's stderr (text) until it says where it listens; fail with what it said."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if " on http://" in line:
+            return
+    pytest.fail("the server did not start:\n" + "".join(lines))

@@ -5,6 +5,10 @@ Every iteration runs one decode step for all slots, then prefill chunks of waiti
 is prefilled into a cache of its own row and copied into a free slot with its first token; a finished or
 cancelled request frees its slot at once, and the next iteration refills it from the queue.
 
+With a `Speculation` (speculative.py, prompt lookup), each decode step drafts k tokens per slot from the slot's own
+prompt and output, verifies them in one forward for all slots, and keeps per slot what its own sampling settings
+accept (greedy: plain greedy's tokens); the host then hands each request its one to k + 1 new tokens in order.
+
 Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/device.py),
 broadcast to every process on a multi-host mesh so all of them run the same programs in lockstep.
 
@@ -30,11 +34,13 @@ import numpy as np
 
 from mistral_jax import decoding
 from mistral_jax.config import ModelConfig
+from mistral_jax.errors import UserError
 from mistral_jax.serving import lockstep
 from mistral_jax.serving.device import DecodeInputs, Device, Plan, PrefillChunk, RowSampling, Sampled
 from mistral_jax.serving.metrics import ServingMetrics
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
 from mistral_jax.serving.text import StopText
+from mistral_jax.speculative import Speculation
 
 log = logging.getLogger(__name__)
 _IDLE_PLAN_SECONDS = 1.0  # an idle multi-host engine still sends an empty plan this often, so followers wait
@@ -58,6 +64,7 @@ class Request:
         self.prompt_logprobs: tuple | None = None
         self.submitted = self.last_token_at = time.monotonic()
         self.finish_reason: str | None = None
+        self.accepted_drafts = 0  # speculating: drafted tokens the model kept for this request
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the engine frees the slot within one step."""
@@ -96,14 +103,21 @@ class Engine:
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = decoding.DEFAULT_PREFILL_CHUNK,
-                 max_queue: int = 64, mesh=None, warm_up: bool = True) -> None:
+                 max_queue: int = 64, mesh=None, warm_up: bool = True, speculation: Speculation | None = None,
+                 draft_params=None) -> None:
+        """speculation: speculative decoding per slot, by prompt lookup or (speculation.draft_config, draft_params)."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise RequestError(None, "max_batch, max_queue and prefill_chunk must be positive")
+        draft_config = None if speculation is None else speculation.draft_config
+        if draft_config is not None and draft_config.vocab_size != config.vocab_size:
+            raise UserError(f"the draft model's vocabulary ({draft_config.vocab_size}) differs from the model's "
+                            f"({config.vocab_size}): a draft model must share the tokenizer")
         self.config, self.tokenizer = config, tokenizer
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = ServingMetrics()
-        self.device = Device(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh)
+        self.device = Device(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
+                             speculation=speculation, draft_params=draft_params)
         self._multihost = jax.process_count() > 1
         self._slots: list[Request | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -216,14 +230,17 @@ class Engine:
         chunks = sorted({decoding.chunk_layout(1 << n, self.device.cache_size, self.prefill_chunk)[0]
                          for n in range(self.max_seq_len.bit_length())})
         sampling = RowSampling(np.asarray(jax.random.key_data(jax.random.key(0))), 0.0, 0, 1.0)
-        first = [PrefillChunk(-1, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True, 0, sampling)
-                 for c in chunks]
+        history = self._history([0])
+        first = [PrefillChunk(-1, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True, 0, sampling,
+                              history=history) for c in chunks]
         c = chunks[-1]
         if 2 * c <= self.max_seq_len:  # a prompt of several chunks: the later ones attend to the cache too
             first += [PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True),
                       PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, 2 * c, dtype=np.int32)[None], False,
-                                   0, sampling)]
+                                   0, sampling, history=history)]
         self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
+        if self.device.speculation is not None:
+            self.device.warm_up_speculation(self._decode_inputs([])[0])
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Work | None:
@@ -275,7 +292,15 @@ class Engine:
             echo[0, : len(request.prompt)] = request.prompt
         return PrefillChunk(request.id, *request.chunks[i], first=i == 0, slot=request.slot if last else -1,
                             sampling=RowSampling(request.key, p.temperature, p.top_k, p.top_p) if last else None,
-                            echo=echo)
+                            echo=echo, history=self._history(request.prompt) if last else None)
+
+    def _history(self, prompt: list[int]) -> np.ndarray | None:
+        """A slot's prompt lookup history for a new request: its prompt by position, then -1 (None: no lookup)."""
+        if self.device.lookup is None:
+            return None
+        row = np.full(self.device.history_length, -1, np.int32)
+        row[: len(prompt)] = prompt
+        return row
 
     def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
         b = self.max_batch
@@ -312,8 +337,18 @@ class Engine:
     def _consume(self, work: _Work, results) -> None:
         for slot in work.decoding:
             request = self._slots[slot]
-            if request is not None:
+            if request is None:
+                continue
+            if results.kept is None:
                 self._on_token(request, results.decode, slot)
+                continue
+            kept = int(results.kept[slot])
+            self.metrics.accepted_draft_tokens.inc(kept)
+            request.accepted_drafts += kept
+            for column in range(kept + 1):  # past a stop or max_tokens the rest is dropped, never streamed
+                self._on_token(request, _column(results.decode, column), slot)
+                if request.finish_reason is not None:
+                    break
         for chunk in work.plan.prefills:
             request = self._inflight.get(chunk.request_id)
             if request is None:
@@ -372,6 +407,11 @@ class Engine:
             request.cancel()
         self._drop_cancelled()
         self._prefilling.clear()
+
+
+def _column(sampled: Sampled, column: int) -> Sampled:
+    """One of a speculative step's k + 1 token columns: [B, k + 1, ...] arrays -> [B, ...]."""
+    return Sampled(*(getattr(sampled, f.name)[:, column] for f in dataclasses.fields(Sampled)))
 
 
 def _logprob(sampled: Sampled, row: int) -> TokenLogprob:

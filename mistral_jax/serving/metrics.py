@@ -19,6 +19,8 @@ class ServingMetrics:
         self.active_slots = Gauge("mistral_jax_active_slots", "Decode slots held by a request", registry=r)
         self.prompt_tokens = Counter("mistral_jax_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.generation_tokens = Counter("mistral_jax_generation_tokens", "Tokens generated", registry=r)
+        self.accepted_draft_tokens = Counter("mistral_jax_accepted_draft_tokens",
+                                             "Drafted tokens the model kept (speculative decoding)", registry=r)
         self.time_to_first_token = Histogram("mistral_jax_time_to_first_token_seconds",
                                              "From submission to the first generated token",
                                              buckets=_LATENCY_BUCKETS, registry=r)
