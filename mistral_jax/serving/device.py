@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import flax.struct
 import jax
@@ -70,6 +71,7 @@ class Plan:
     prefills: tuple[PrefillChunk, ...] = ()
     dropped: tuple[int, ...] = ()  # requests cancelled mid-prefill: their one-row caches go
     stop: bool = False
+    max_width: int | None = None  # prompt lookup: the widest verify this step may take (serving/gate.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +97,8 @@ class LookupState:
 class Results:
     decode: Sampled | None = None  # one row per slot; speculating, [B, k + 1] tokens per slot, kept + 1 of them new
     kept: np.ndarray | None = None  # int32 [B]: speculating, the drafts each slot kept
+    width: int = 0  # prompt lookup: the drafts verified per slot this step
+    drafting: int = 0  # prompt lookup: the slots that had drafts this step
     first: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled (one row)
     echo: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled of the prompt (logprobs of 1..T-1)
 
@@ -128,7 +132,7 @@ def _lookup(spec: speculative.Speculation, mesh, lookup: LookupState, positions)
                                               spec.min_ngram)
     drafting = found & (lookup.pause == 0) & (positions > 0)  # a free slot decodes at position 0
     index = speculative.lookup_width_index(spec.draft_tokens, drafting, lookup.backoff)
-    return drafts, drafting, _replicate(mesh, index)
+    return drafts, drafting, _replicate(mesh, (index, jnp.sum(drafting)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
@@ -270,10 +274,15 @@ class Device:
                     self.draft_cache)
                 results.decode, results.kept = _sampled(out), np.asarray(kept)
             else:
-                drafts, drafting, index = _lookup(self.speculation, self.mesh, self.lookup, inputs.positions)
-                width = speculative.lookup_widths(self.speculation.draft_tokens)[int(index)]
+                drafts, drafting, (index, count) = _lookup(self.speculation, self.mesh, self.lookup,
+                                                           inputs.positions)
+                widths = speculative.lookup_widths(self.speculation.draft_tokens)
+                width = widths[int(index)]
+                if plan.max_width is not None:  # the engine's gate: the widest allowed width under the lookup's
+                    width = max(w for w in widths if w <= min(width, plan.max_width))
                 kept, out = self._speculate(width, inputs, drafts, drafting)
                 results.decode, results.kept = _sampled(out), np.asarray(kept)
+                results.width, results.drafting = width, int(count)
         for chunk in plan.prefills:
             self._prefill(chunk, results)
         for request_id in plan.dropped:
@@ -288,14 +297,22 @@ class Device:
                                                           drafting)
         return kept, out
 
-    def warm_up_speculation(self, inputs: DecodeInputs) -> None:
-        """Compile the speculative step at every width (free slots only: what they write is never read)."""
+    def warm_up_speculation(self, inputs: DecodeInputs, repeats: int = 3) -> dict[int, float] | None:
+        """Compile the speculative step at every width (free slots only: what they write is never read), then
+        time each: {width: seconds, best of `repeats`} for the gate (None with a draft model: one program, compiled
+        by the engine's warm-up plan)."""
         if self.draft_config is not None:
-            return  # one program, compiled by the engine's warm-up plan
+            return None
         inputs = DecodeInputs(*(self._put(getattr(inputs, f.name)) for f in dataclasses.fields(DecodeInputs)))
         drafts, drafting, _ = _lookup(self.speculation, self.mesh, self.lookup, inputs.positions)
-        for width in speculative.lookup_widths(self.speculation.draft_tokens):
-            self._speculate(width, inputs, drafts, drafting)
+        widths = speculative.lookup_widths(self.speculation.draft_tokens)
+        costs = dict.fromkeys(widths, float("inf"))
+        for _ in range(1 + repeats):  # the first round compiles
+            for width in widths:
+                start = time.perf_counter()
+                jax.block_until_ready(self._speculate(width, inputs, drafts, drafting))
+                costs[width] = min(costs[width], time.perf_counter() - start)
+        return costs
 
     def _prefill(self, chunk: PrefillChunk, results: Results) -> None:
         if chunk.echo is not None:

@@ -8,6 +8,8 @@ cancelled request frees its slot at once, and the next iteration refills it from
 With a `Speculation` (speculative.py, prompt lookup), each decode step drafts k tokens per slot from the slot's own
 prompt and output, verifies them in one forward for all slots, and keeps per slot what its own sampling settings
 accept (greedy: plain greedy's tokens); the host then hands each request its one to k + 1 new tokens in order.
+A gate (serving/gate.py) lets a step verify drafts only where the expected tokens per second beat a plain step,
+from each width's cost timed at warm-up and the drafts kept so far (a full CPU batch of chat rarely pays).
 
 Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/device.py),
 broadcast to every process on a multi-host mesh so all of them run the same programs in lockstep.
@@ -37,6 +39,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.serving import lockstep
 from mistral_jax.serving.device import DecodeInputs, Device, Plan, PrefillChunk, RowSampling, Sampled
+from mistral_jax.serving.gate import WidthGate
 from mistral_jax.serving.metrics import ServingMetrics
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
 from mistral_jax.serving.text import StopText
@@ -104,8 +107,10 @@ class Engine:
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = decoding.DEFAULT_PREFILL_CHUNK,
                  max_queue: int = 64, mesh=None, warm_up: bool = True, speculation: Speculation | None = None,
-                 draft_params=None) -> None:
-        """speculation: speculative decoding per slot, by prompt lookup or (speculation.draft_config, draft_params)."""
+                 draft_params=None, gate: bool | WidthGate = True) -> None:
+        """speculation: speculative decoding per slot, by prompt lookup or (speculation.draft_config, draft_params).
+        gate: prompt lookup verifies drafts only where that is expected to pay (serving/gate.py): True times the
+        widths at warm-up, a WidthGate brings its own costs, False verifies wherever slots draft."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise RequestError(None, "max_batch, max_queue and prefill_chunk must be positive")
         draft_config = None if speculation is None else speculation.draft_config
@@ -133,6 +138,7 @@ class Engine:
         self._ids = itertools.count()
         self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
         self._key_shape = np.asarray(jax.random.key_data(jax.random.key(0))).shape  # once: not a device op per step
+        self._use_gate, self._gate = gate, None  # the gate needs warm-up's timings
         if warm_up:
             self.warm_up()
 
@@ -240,7 +246,9 @@ class Engine:
                                    0, sampling, history=history)]
         self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
         if self.device.speculation is not None:
-            self.device.warm_up_speculation(self._decode_inputs([])[0])
+            costs = self.device.warm_up_speculation(self._decode_inputs([])[0])
+            if costs is not None and self._use_gate:
+                self._gate = self._use_gate if isinstance(self._use_gate, WidthGate) else WidthGate(costs)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Work | None:
@@ -271,7 +279,8 @@ class Engine:
                 break
         if not rows and not prefills and not dropped:
             return None
-        return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped)), rows)
+        max_width = self._gate.max_width(len(rows)) if self._gate is not None and rows else None
+        return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width), rows)
 
     def _chunk(self, request: Request) -> None:
         chunk, n_chunks, pad = decoding.chunk_layout(len(request.prompt), self.device.cache_size, self.prefill_chunk)
@@ -335,6 +344,8 @@ class Engine:
 
     # Results ------------------------------------------------------------------------------------
     def _consume(self, work: _Work, results) -> None:
+        if self._gate is not None and results.kept is not None:
+            self._gate.observe(results.width, results.drafting, int(np.sum(results.kept)))
         for slot in work.decoding:
             request = self._slots[slot]
             if request is None:

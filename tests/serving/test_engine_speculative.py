@@ -20,6 +20,7 @@ from mistral_jax import speculative
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.sampling import filter_row
 from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.gate import EXPLORE_EVERY, WidthGate
 from mistral_jax.serving.requests import SamplingParams
 from tests.processes import free_port, kill_all, wait_until_serving
 
@@ -36,7 +37,7 @@ def engine():
     config = mj.ModelConfig.from_preset("tiny-mistral")  # initialised (key 6, found by trying a few) where greedy
     config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(6)))  # output loops
     engine = Engine(config, params, max_batch=3, max_seq_len=96, prefill_chunk=16,
-                    speculation=speculative.Speculation(K)).start()
+                    speculation=speculative.Speculation(K), gate=False).start()  # every draft verified: no timings
     yield engine, config, params
     engine.stop()
 
@@ -79,6 +80,26 @@ def test_slots_keep_different_counts_and_equal_generate_alone(engine):
     np.testing.assert_allclose([e.logprobs[0].logprob for e in events[4]], reference_logprobs, atol=2e-4)
     assert all(e.logprobs[0].top[0][0] == t for e, t in zip(events[4], tokens))
     assert engine.active_slots == 0 and not engine.busy
+
+
+def test_a_gate_that_finds_verifying_too_costly_keeps_to_plain_steps(engine):
+    """Costs where no draft can pay: greedy is unchanged, and drafts are verified only at the gate's exploration
+    steps (one every EXPLORE_EVERY held-back steps), whose kept drafts update its gains."""
+    _, config, params = engine
+    gate = WidthGate({0: 1.0, 2: 50.0, K: 60.0})
+    gate.gains = {2: 0.0, K: 0.0}
+    costly = Engine(config, params, max_batch=3, max_seq_len=96, prefill_chunk=16,
+                    speculation=speculative.Speculation(K), gate=gate).start()
+    try:
+        random = np.random.default_rng(1).integers(0, config.vocab_size, 5).tolist()
+        looping = random + mj.generate(config, params, [random], LOOP)[0]
+        want = mj.generate(config, params, [looping], 40)[0]
+        request = costly.submit(looping, SamplingParams(max_tokens=40))
+        assert _tokens(request) == want
+    finally:
+        costly.stop()
+    assert request.accepted_drafts <= (40 // EXPLORE_EVERY + 1) * K  # only exploration steps verified
+    assert gate.gains[K] > 0 or gate.gains[2] > 0  # and what they kept was observed
 
 
 def _chi_square_fit(tokens: np.ndarray, probs: np.ndarray) -> float:
