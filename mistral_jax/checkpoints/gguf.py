@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import gguf
 import numpy as np
 
+from mistral_jax import gguf_file
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
@@ -92,7 +93,7 @@ def _open(path: pathlib.Path) -> gguf.GGUFReader:
     if not is_gguf(path):
         raise CheckpointError(f"{path} is not a GGUF file (no 'GGUF' magic bytes)")
     try:
-        return gguf.GGUFReader(path)
+        return gguf_file.reader(path)
     except (ValueError, IndexError, OSError) as err:
         raise CheckpointError(f"{path}: cannot read GGUF file (truncated or corrupt?): {err}") from err
 

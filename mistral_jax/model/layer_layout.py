@@ -15,6 +15,8 @@ checkpoints stay in one layout; `load(..., scan_layers=False)` splits one as it 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -51,6 +53,7 @@ def stack_layers(config: ModelConfig, params):
     return config.replace(scan_layers=True), {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+@functools.lru_cache(maxsize=64)  # one program per (sharding, n): a fresh jit per leaf would compile per load
 def _split_fn(sharding, n: int):
     if sharding is None or not hasattr(sharding, "spec"):
         return jax.jit(lambda a: tuple(a[i] for i in range(n)))

@@ -3,11 +3,11 @@
 import os
 from typing import Any
 
-import gguf
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 from tokenizers import decoders, models, pre_tokenizers
 
+from mistral_jax import gguf_file
 from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.errors import UnsupportedTokenizer
 from mistral_jax.tokenizers.hf import HFVocab
@@ -27,7 +27,7 @@ PRE_TOKENIZERS = {
 
 def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
     """The vocabulary and chat template (`tokenizer.chat_template`, if any) of a GGUF file."""
-    fields = gguf.GGUFReader(path).fields
+    fields = gguf_file.reader(path).fields
 
     def get(key: str, default: Any = None) -> Any:
         return fields[key].contents() if key in fields else default

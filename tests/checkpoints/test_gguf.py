@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
+from mistral_jax import gguf_file
 from mistral_jax.checkpoints import gguf as gguf_reader
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.embedded import default_model_path
@@ -158,6 +159,17 @@ def test_tensors_are_dequantized_only_when_asked_for(tmp_path, monkeypatch):
     assert calls == []
     tensors["model.layers.1.mlp.up_proj.weight"]
     assert calls == [Q.Q8_0]
+
+
+def test_a_file_is_parsed_once_until_it_changes(tmp_path):
+    """The loader and the tokenizer share one parse per process; a rewritten file is parsed again."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, LLAMA, hf_tensors(LLAMA), name="tiny")
+    first = gguf_file.reader(path)
+    assert gguf_file.reader(str(path)) is first
+    write_gguf(path, LLAMA, hf_tensors(LLAMA), name="Mistral 7B (tiny)")
+    assert gguf_file.reader(path) is not first
+    assert gguf_reader.read(path)[0] == LLAMA.replace(family="mistral")  # the new file's metadata, not the old
 
 
 # Errors ------------------------------------------------------------------------------------------
