@@ -8,6 +8,7 @@ so a TPU pod slice can be planned on a laptop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -78,8 +79,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     """Memory per device of inference (params + KV cache + activations) or SFT (with `train`: float32
     master weights, AdamW moments and gradients, or LoRA adapters only with `lora_rank`)."""
     mesh = abstract_mesh(**mesh_sizes)
-    shapes = param_shapes(config)
-    names = logical_axes(config)
+    shapes, names = _shapes_and_axes(config)
     specs = jax.tree.map(lambda s, n: sharding.fit_spec(s.shape, tuple(n), mesh), shapes, names)
     per_device = sum(per_device_elements(s.shape, spec, mesh)
                      for s, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=_is_spec)))
@@ -106,6 +106,12 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     kv_per_token = 2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim * compute_bytes
     return Plan(preset, dict(mesh.shape), total, counts["active"], params_bytes, optimizer, gradients, kv_cache,
                 activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_and_axes(config: ModelConfig):
+    """(param shapes, logical axes) of a config: traced once, not once per candidate mesh of `recommend`."""
+    return param_shapes(config), logical_axes(config)
 
 
 def _is_spec(x) -> bool:
