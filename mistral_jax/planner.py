@@ -8,6 +8,7 @@ so a TPU pod slice can be planned on a laptop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -80,8 +81,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     """Memory per device of inference (params + KV cache + activations) or SFT (with `train`: float32
     master weights, AdamW moments and gradients, or LoRA adapters only with `lora_rank`)."""
     mesh = abstract_mesh(**mesh_sizes)
-    shapes = param_shapes(config)
-    names = logical_axes(config)
+    shapes, names = _shapes_and_axes(config)
     specs = jax.tree.map(lambda s, n: sharding.fit_spec(s.shape, tuple(n), mesh), shapes, names)
     compute_bytes = np.dtype(DTYPES[dtype]).itemsize
     if train and config.quant != "none":
@@ -91,7 +91,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     per_device = sum(per_device_elements(s.shape, spec, mesh) for (_, s), spec in leaves)
     stored_bytes = sum(per_device_elements(s.shape, spec, mesh) * _stored_itemsize(path, s.dtype, compute_bytes)
                        for (path, s), spec in leaves)
-    total = sum(s.size for s in jax.tree.leaves(param_shapes(config.replace(quant="none"))))  # scales not counted
+    total = sum(s.size for s in jax.tree.leaves(_shapes_and_axes(config.replace(quant="none"))[0]))  # no scales
     counts = config.param_counts()
 
     optimizer = gradients = kv_cache = 0
@@ -130,6 +130,12 @@ def _kv_bytes_per_value(config: ModelConfig, compute_bytes: int) -> float:
     if config.kv_cache_dtype == "int8":
         return 1 + 4 / config.resolved_head_dim
     return np.dtype(DTYPES[config.kv_cache_dtype]).itemsize if config.kv_cache_dtype else compute_bytes
+
+
+@functools.lru_cache(maxsize=8)
+def _shapes_and_axes(config: ModelConfig):
+    """(param shapes, logical axes) of a config: traced once, not once per candidate mesh of `recommend`."""
+    return param_shapes(config), logical_axes(config)
 
 
 def _is_spec(x) -> bool:

@@ -122,11 +122,13 @@ def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) 
         return capsys.readouterr().out  # the generated ids, or the streamed text
 
     capsys.readouterr()
-    for flags in (["--prompt-ids", "5,6,7,8"], ["--prompt", "Who runs the Orbit Cafe?"]):
-        assert generate(output, *flags) == generate(tmp_path / "hf", *flags)
-    # On a mesh (8 devices): base and adapters restored sharded, merged shard by shard.
     ids = ["--prompt-ids", "5,6,7,8"]
-    assert generate(output, *ids, "--mesh", "fsdp=4,tensor=2") == generate(tmp_path / "hf", *ids)
+    exported_ids = generate(tmp_path / "hf", *ids)
+    assert generate(output, *ids) == exported_ids
+    text = ["--prompt", "Who runs the Orbit Cafe?"]
+    assert generate(output, *text) == generate(tmp_path / "hf", *text)
+    # On a mesh (8 devices): base and adapters restored sharded, merged shard by shard.
+    assert generate(output, *ids, "--mesh", "fsdp=4,tensor=2") == exported_ids
 
 
 def test_sigkill_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, uninterrupted, llama_dir,
