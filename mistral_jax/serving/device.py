@@ -299,8 +299,8 @@ class Device:
 
     def warm_up_speculation(self, inputs: DecodeInputs, repeats: int = 3) -> dict[int, float] | None:
         """Compile the speculative step at every width (free slots only: what they write is never read), then
-        time each: {width: seconds, best of `repeats`} for the gate (None with a draft model: one program, compiled
-        by the engine's warm-up plan)."""
+        time each: {width: seconds, best of `repeats` after the compiling call} for the gate (None with a draft
+        model: one program, compiled by the engine's warm-up plan)."""
         if self.draft_config is not None:
             return None
         inputs = DecodeInputs(*(self._put(getattr(inputs, f.name)) for f in dataclasses.fields(DecodeInputs)))

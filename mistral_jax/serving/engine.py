@@ -138,7 +138,8 @@ class Engine:
         self._ids = itertools.count()
         self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
         self._key_shape = np.asarray(jax.random.key_data(jax.random.key(0))).shape  # once: not a device op per step
-        self._use_gate, self._gate = gate, None  # the gate needs warm-up's timings
+        self._gate = gate if isinstance(gate, WidthGate) else None
+        self._time_widths = gate is True  # the gate is built from warm-up's timings
         if warm_up:
             self.warm_up()
 
@@ -246,9 +247,9 @@ class Engine:
                                    0, sampling, history=history)]
         self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
         if self.device.speculation is not None:
-            costs = self.device.warm_up_speculation(self._decode_inputs([])[0])
-            if costs is not None and self._use_gate:
-                self._gate = self._use_gate if isinstance(self._use_gate, WidthGate) else WidthGate(costs)
+            costs = self.device.warm_up_speculation(self._decode_inputs([])[0], repeats=3 if self._time_widths else 0)
+            if costs is not None and self._time_widths:
+                self._gate = WidthGate(costs)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Work | None:
