@@ -91,8 +91,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     per_device = sum(per_device_elements(s.shape, spec, mesh) for (_, s), spec in leaves)
     stored_bytes = sum(per_device_elements(s.shape, spec, mesh) * _stored_itemsize(path, s.dtype, compute_bytes)
                        for (path, s), spec in leaves)
-    total = sum(s.size for s in jax.tree.leaves(_shapes_and_axes(config.replace(quant="none"))[0]))  # no scales
-    counts = config.param_counts()
+    counts = config.param_counts()  # of the float model: quantized weights' scales are not parameters
 
     optimizer = gradients = kv_cache = 0
     if train and lora_rank:
@@ -113,8 +112,8 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat, kernel != "xla")
     kv_per_token = round(2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim
                          * _kv_bytes_per_value(config, compute_bytes))
-    return Plan(preset, dict(mesh.shape), total, counts["active"], params_bytes, optimizer, gradients, kv_cache,
-                activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
+    return Plan(preset, dict(mesh.shape), counts["total"], counts["active"], params_bytes, optimizer, gradients,
+                kv_cache, activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
 
 
 def _stored_itemsize(path, dtype, compute_bytes: int) -> int:
