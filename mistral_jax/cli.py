@@ -486,7 +486,7 @@ def _refuse_quantized(src) -> None:
     its float original is the better source)."""
     from mistral_jax.checkpoints import orbax
 
-    if orbax.is_orbax_dir(src) and (quant := orbax.read_config(src).quant) != "none":
+    if (quant := orbax.stored_quant(src)) != "none":
         raise CLIError(f"{src} is a quantized ({quant}) checkpoint: export writes float Hugging Face weights; "
                        "export the float checkpoint it was converted from")
 

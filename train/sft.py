@@ -58,6 +58,7 @@ def run(args: argparse.Namespace):
     from mistral_jax.checkpoints import run_dir
     from mistral_jax.checkpoints.embedded import default_model_path
     from mistral_jax.checkpoints.load import load
+    from mistral_jax.checkpoints.orbax import stored_quant
     from mistral_jax.tokenizers import load_tokenizer
     from train import loop
     from train.data import load_data
@@ -75,14 +76,14 @@ def run(args: argparse.Namespace):
     latest = _agreed_latest_step(output)
     if latest is not None and not s.resume:
         raise UserError(f"{output} already has checkpoints (latest step {latest}); pass --resume or another --output")
+    if (quant := stored_quant(checkpoint)) != "none":  # refused before the weights are read
+        raise UserError(f"{checkpoint} is a quantized ({quant}) checkpoint: sft trains float weights; "
+                        "train from the float checkpoint it was converted from")
     spec = _lora_spec(s)
     if latest is not None and spec is None:  # the checkpoint holds every weight: no need to read the base model
         config, params = run_dir.model_config(output), None
     else:
         config, params = load(checkpoint, "float32", mesh=mesh)
-    if config.quant != "none":
-        raise UserError(f"{checkpoint} is a quantized ({config.quant}) checkpoint: sft trains float weights; "
-                        "train from the float checkpoint it was converted from")
     config = config.replace(dtype=s.compute_dtype, remat=bool(s.remat))
     tokenizer_path = as_path(s.tokenizer) if s.tokenizer else checkpoint
     if s.seq_len > config.max_seq_len:

@@ -75,6 +75,12 @@ def _write_into(path: epath.Path, config: ModelConfig, params, extra_files: Iter
     (path / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
+def stored_quant(path) -> str:
+    """The quantization of a checkpoint as stored, read from its config alone: "none" unless `path` is a quantized
+    orbax checkpoint (the one format that holds int8 weights), so a command can refuse one before loading it."""
+    return read_config(path).quant if is_orbax_dir(path) else "none"
+
+
 def read_config(path) -> ModelConfig:
     path = as_path(path)
     try:
