@@ -131,6 +131,11 @@ class _Streams:
         finally:
             request.cancel()  # a no-op once finished; frees the slot of a client that left
 
+    async def collect(self, http: Request, submitted) -> list[Event] | None:
+        """All of a request's events, or None where the client went away before it finished."""
+        events = [event async for event in self.events(http, submitted)]
+        return events if events and events[-1].finish_reason is not None else None
+
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                drain_seconds: float = 30.0) -> FastAPI:
@@ -222,16 +227,15 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             return out
 
         if not stream:
-            text, logprobs, last = [], [], None
-            async for event in streams.events(http, submitted):
-                text.append(event.text)
-                logprobs += event.logprobs
-                last = event
-            if last is None or last.finish_reason is None:
+            events = await streams.collect(http, submitted)
+            if events is None:
                 return Response(status_code=499)
-            last = Event((), "", tuple(logprobs), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+            last = events[-1]
+            last = Event((), "", tuple(lp for e in events for lp in e.logprobs), last.finish_reason,
+                         last.prompt_tokens, last.completion_tokens)
+            text = "".join(e.text for e in events)
             return {**head, "object": "chat.completion", "usage": usage(last),
-                    "choices": [choice({"role": "assistant", "content": "".join(text)}, last, "message")]}
+                    "choices": [choice({"role": "assistant", "content": text}, last, "message")]}
 
         async def chunks() -> AsyncIterator[dict]:
             chunk = {**head, "object": "chat.completion.chunk"}
@@ -315,21 +319,17 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
         if not stream:
             async def one(i: int) -> dict | None:
-                text, logprobs, first, last = [], [], None, None
-                async for event in streams.events(http, submitted[i]):
-                    first = first or event
-                    text.append(event.text)
-                    logprobs += event.logprobs
-                    last = event
-                if last is None or last.finish_reason is None:
+                events = await streams.collect(http, submitted[i])
+                if events is None:
                     return None
+                first, last = events[0], events[-1]
                 prefix = tokenizer.decode(prompts[i]) if echo and tokenizer is not None else ""
                 lp = None
                 if top is not None:
                     lp = completion_logprobs(prompts[i] if echo else [], first.prompt_logprobs if echo else None,
-                                             logprobs, top, as_ids)
-                return {"index": i, "text": prefix + "".join(text), "finish_reason": last.finish_reason,
-                        "logprobs": lp, "usage": usage(last)}
+                                             [lp for e in events for lp in e.logprobs], top, as_ids)
+                return {"index": i, "text": prefix + "".join(e.text for e in events),
+                        "finish_reason": last.finish_reason, "logprobs": lp, "usage": usage(last)}
 
             choices = await asyncio.gather(*(one(i) for i in range(len(prompts))))
             if any(c is None for c in choices):
