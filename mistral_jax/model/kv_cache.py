@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.model import quant
 
 
 def layer_shape(config: ModelConfig, batch_size: int, max_seq_len: int,
@@ -55,10 +56,7 @@ def buffer_names(cache: dict) -> tuple[str, ...]:
 
 def quantize_heads(values):
     """values [B, T, K, D] -> (int8 [B, T, K, D], float32 scales [B, T, K, 1]): symmetric absmax per token and head."""
-    x = values.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+    return quant.absmax_int8(values)
 
 
 def write_layer(layer_cache: dict, positions, keys, values) -> dict:

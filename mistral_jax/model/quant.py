@@ -137,6 +137,14 @@ def weight(module: nn.Module, name: str, axes, shape, config: ModelConfig, init)
     return QArray(qvalue, scale)
 
 
+def absmax_int8(x):
+    """x [..., N] -> (int8 [..., N], float32 scales [..., 1]): symmetric absmax over the last axis (zeros: scale 1)."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
 def dequantize(w, dtype):
     """A weight as a float array of `dtype` (float weights are only cast)."""
     if is_quantized(w):
@@ -191,10 +199,7 @@ def _int8_dot(spec: str, x, w):
     if n > b * t:
         rows = jnp.concatenate([rows] * n, axis=0)[:n]  # copies of the row: their scales are the row's own
     tile = ACTIVATION_TILE if c % ACTIVATION_TILE == 0 else c
-    tiles = rows.reshape(n, c // tile, tile)  # [N, G, g]
-    scale = jnp.max(jnp.abs(tiles), axis=-1, keepdims=True) / 127.0
-    scale = jnp.where(scale > 0, scale, 1.0)
-    xq = jnp.clip(jnp.round(tiles / scale), -127, 127).astype(jnp.int8)
+    xq, scale = absmax_int8(rows.reshape(n, c // tile, tile))  # [N, G, g], [N, G, 1]
     if leading:
         acc = jnp.einsum("ngk,gko->gno", xq, w.qvalue.reshape(c // tile, tile, o), preferred_element_type=jnp.int32)
     else:
