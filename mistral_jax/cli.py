@@ -17,8 +17,6 @@ from collections.abc import Iterator, Sequence
 from typing import get_args
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 import mistral_jax as mj
 from mistral_jax import distributed, planner, sharding, speculative
@@ -29,6 +27,7 @@ from mistral_jax.config import AttentionKernel
 from mistral_jax.errors import UserError, one_line
 from mistral_jax.model import quant
 from mistral_jax.paths import check_new_dir, is_url, path_arg
+from mistral_jax.serving import lockstep
 from train import sft  # the SFT program lives in train/; only the CLI reaches into it
 
 # The orbax, GGUF and run-directory readers and mistral_jax.tokenizers are imported where used: at the top
@@ -262,15 +261,7 @@ def _start_devices(args):
 
 def _broadcast_line(line: str | None) -> str | None:
     """Process 0's input line (None at end of input), the same on every process of a multi-host run."""
-    if jax.process_count() == 1:
-        return line
-    data = np.frombuffer(line.encode(), np.uint8) if line is not None else np.zeros(0, np.uint8)
-    length = int(multihost_utils.broadcast_one_to_all(np.int32(len(data) if line is not None else -1)))
-    if length < 0:
-        return None
-    padded = np.zeros(length, np.uint8)
-    padded[: len(data)] = data[:length]
-    return bytes(multihost_utils.broadcast_one_to_all(padded)).decode()
+    return line if jax.process_count() == 1 else lockstep.broadcast(line)
 
 
 class Generation:
