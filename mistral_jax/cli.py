@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jax's persistent compilation cache: a restart reuses the compiled programs")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds to let requests in flight finish before they are cancelled")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=8 * 2**20,
+                       help="a larger request body is refused with 413 (default 8 MiB)")
 
     for name, help_text in (
         ("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
@@ -416,7 +418,7 @@ def cmd_serve(args) -> None:
     name = args.served_model_name or (pathlib.Path(str(args.checkpoint).rstrip("/")).name.removesuffix(".gguf")
                                       if args.checkpoint is not None else "smollm2-135m-instruct")
     server.run(engine, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
-               shutdown_timeout=args.shutdown_timeout)
+               shutdown_timeout=args.shutdown_timeout, max_request_bytes=args.max_request_bytes)
 
 
 def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:

@@ -6,7 +6,7 @@ import dataclasses
 
 from mistral_jax.errors import UserError
 
-TOP_LOGPROBS = 5  # alternatives the engine computes for every token; a request may ask for up to this many
+TOP_LOGPROBS = 20  # alternatives the engine computes for every token (OpenAI's limit); a request asks up to this
 
 
 class RequestError(UserError):

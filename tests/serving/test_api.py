@@ -73,14 +73,19 @@ def test_chat_and_completions_streamed_and_not(client, smollm2):
     _, _, tokenizer = smollm2
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chat.choices[0].message.content == streamed and streamed
-    assert chat.choices[0].finish_reason in ("stop", "length") and chunks[-1].choices[0].finish_reason
+    # OpenAI's include_usage: every chunk has usage null but the last, which has no choices
+    assert chat.choices[0].finish_reason in ("stop", "length") and chunks[-2].choices[0].finish_reason
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
     prompt_ids = tokenizer.apply_chat_template(messages)
     assert chat.usage.prompt_tokens == len(prompt_ids) == chunks[-1].usage.prompt_tokens
     assert chat.usage.completion_tokens == chunks[-1].usage.completion_tokens > 0
+    plain = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason
 
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     ids = client.completions.create(model=MODEL, prompt=tokenizer.encode("The capital of France is"), max_tokens=6,
