@@ -340,15 +340,26 @@ def cmd_generate(args) -> None:
     _answer(config, params, tokenizer, prompt, args)
 
 
+_NOT_TEXT = "\x00not text"  # what process 0 sends the others for an input line that is not UTF-8 text
+
+
 def _read_line(interactive: bool) -> str | None:
-    """The next input line (process 0 reads stdin, the others receive it), None at the end."""
+    """The next input line (process 0 reads stdin, the others receive it), None at the end. Input that is not
+    UTF-8 text (binary, or decoded with surrogate escapes) ends the chat with a CLIError on every process."""
     line = None
     if jax.process_index() == 0:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             line = None
-    return _broadcast_line(line)
+        except UnicodeDecodeError:
+            line = _NOT_TEXT
+        if line is not None and any("\ud800" <= ch <= "\udfff" for ch in line):
+            line = _NOT_TEXT
+    line = _broadcast_line(line)
+    if line == _NOT_TEXT:
+        raise CLIError("the input is not UTF-8 text (binary data on stdin?)")
+    return line
 
 
 def cmd_chat(args) -> None:
@@ -511,7 +522,11 @@ def _eval_tokens(path, tokenizer, config):
     if path.suffix == ".jsonl":
         rows = [data.tokenize(tokenizer, messages, f"{path}:{n}")[:2] for n, messages in data.iter_conversations(path)]
         return [ids for ids, _ in rows], [mask for _, mask in rows]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CLIError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                       "--data takes a text file or a .jsonl chat file") from None
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise CLIError(f"{path}: needs at least 2 tokens to score, has {len(ids)}")
