@@ -204,14 +204,14 @@ REFUSED = {
     "min_p": "min_p is not supported yet",
 }
 _DEFAULTS = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-             "suffix": ""}
+             "suffix": "", "logit_bias": {}}
 
 
 def refuse_unsupported(request: _Sampling) -> None:
     """A 400 naming the first field set that we cannot honour."""
     for name, why in REFUSED.items():
         value = getattr(request, name, None)
-        if value is not None and value != _DEFAULTS.get(name) and value != {}:
+        if value is not None and value != _DEFAULTS.get(name, None):
             raise RequestError(name, f"{name}: {why}")
     if request.n != 1:
         raise RequestError("n", "only n=1 is supported")

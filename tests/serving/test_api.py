@@ -2,12 +2,8 @@
 spoken to with the official openai client and raw HTTP. Tests run in file order; the last sends SIGTERM."""
 
 import concurrent.futures
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,37 +14,19 @@ import pytest
 import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.tokenizers import load_tokenizer
+from tests.processes import kill_all
+from tests.serving.live import KEY, MODEL, start_server
 
-MODEL = "smollm2-135m-instruct"
-KEY = "test-key"
 CONTEXT = 256
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    command = [sys.executable, "-m", "mistral_jax.cli", "serve", "--port", str(port), "--api-key", KEY,
-               "--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if " on http://" in line:
-            break
-    else:
-        pytest.fail("the server did not start:\n" + "".join(lines))
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_server("--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT),
+                                "--prefill-chunk", "32")
     yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    kill_all([process])
 
 
 @pytest.fixture(scope="module")
