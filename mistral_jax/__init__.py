@@ -16,6 +16,8 @@ _EXPORTS = {
     "ModelConfig": "mistral_jax.config",
     "list_presets": "mistral_jax.config",
     "UserError": "mistral_jax.errors",
+    "ParamError": "mistral_jax.errors",
+    "SamplingParams": "mistral_jax.sampling",
     "CheckpointError": "mistral_jax.checkpoints.errors",
     "load": "mistral_jax.checkpoints.load",
     "load_tokenizer": "mistral_jax.tokenizers.load",
@@ -44,7 +46,9 @@ __all__ = [
     "DecodeState",
     "ModelConfig",
     "Output",
+    "ParamError",
     "Perplexity",
+    "SamplingParams",
     "UserError",
     "decode_step",
     "forward",
@@ -92,10 +96,11 @@ if TYPE_CHECKING:
         logits,
         prefill,
     )
-    from mistral_jax.errors import UserError
+    from mistral_jax.errors import ParamError, UserError
     from mistral_jax.evaluation import Perplexity, perplexity
     from mistral_jax.model.layer_layout import stack_layers, unstack_layers
     from mistral_jax.model.quant import quantize
     from mistral_jax.model.transformer import Output, forward, init_params, logical_axes
+    from mistral_jax.sampling import SamplingParams
     from mistral_jax.sharding import make_mesh, shard_params
     from mistral_jax.tokenizers.load import load_tokenizer

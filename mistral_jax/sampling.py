@@ -1,13 +1,147 @@
-"""Next-token choice: greedy, temperature, top-k and top-p (nucleus). Settings are static (hashable)."""
+"""Next-token choice: `SamplingParams` (the one public settings type, validated once) and the sampling stage.
+
+Sampling keeps the old static `Sampling` below until the per-row stage replaces it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mistral_jax.errors import UserError
+from mistral_jax.errors import ParamError, UserError
+
+TOP_LOGPROBS = 20  # alternatives computed for every token (OpenAI's limit); a request may ask for up to this many
+MAX_TOP_K = 2**31 - 1  # top_k is an int32 on device; any value at or above the vocabulary means no filter
+MAX_SEED = 2**64  # seeds are 64 bits: the two 32-bit words of a threefry key (see `seed_key_data`)
+MAX_BIAS = 100.0  # logit_bias values lie in [-MAX_BIAS, MAX_BIAS] (OpenAI's range)
+MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _token_id(key, param: str) -> int:
+    """A token id given as an int or (JSON object keys) a decimal string."""
+    if isinstance(key, str) and key.strip().lstrip("+").isdigit():
+        key = int(key)
+    if not _is_int(key) or key < 0:
+        raise ParamError(param, f"{param} keys must be token ids (non-negative integers), got {key!r}")
+    return int(key)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """One row's (or request's) generation settings, checked once here; a wrong one raises ParamError naming it.
+
+    temperature 0 is greedy; top_k 0 (or any value at or above the vocabulary), top_p 1 and min_p 0 switch those
+    filters off. presence/frequency penalties follow OpenAI (over the generated tokens), repetition_penalty
+    transformers' RepetitionPenaltyLogitsProcessor (over prompt and generated tokens; 1 is off), min_p transformers'
+    MinPLogitsWarper. logit_bias maps token ids to a bias in [-100, 100] added to their logits (stored as sorted
+    (id, bias) pairs). seed: any integer in [0, 2**64).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending; a mapping is accepted
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first one, which is not returned
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's own end-of-turn ids (unless ignore_eos)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; N >= 0: each token's logprob and the top N alternatives
+    echo_logprobs: bool = False  # also the prompt's tokens' logprobs (completions with echo)
+
+    def __post_init__(self):
+        def number(name: str, ok, why: str):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or abs(value) > FLOAT32_MAX or not ok(value):
+                raise ParamError(name, f"{name} must be {why}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+        def integer(name: str, low: int, high: int, why: str):
+            value = getattr(self, name)
+            if not _is_int(value) or not low <= value < high:
+                raise ParamError(name, f"{name} must be {why}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+        number("temperature", lambda v: v >= 0, "a finite number >= 0")
+        integer("top_k", 0, MAX_TOP_K + 1, f"an integer in [0, {MAX_TOP_K}] (0 or >= the vocabulary: no filter)")
+        number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        number("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        integer("seed", 0, MAX_SEED, "an integer in [0, 2**64)")
+        number("presence_penalty", lambda v: abs(v) <= MAX_PENALTY, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        number("frequency_penalty", lambda v: abs(v) <= MAX_PENALTY, f"a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")
+        number("repetition_penalty", lambda v: v > 0, "a finite number > 0 (1 is off)")
+        integer("max_tokens", 1, 2**31, "an integer >= 1")
+        self._check_logit_bias()
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+            raise ParamError("stop", f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (tuple, list)) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise ParamError("stop_token_ids", f"stop_token_ids must be token ids, got {ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        for name in ("ignore_eos", "echo_logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS):
+            raise ParamError("logprobs", f"logprobs must be between 0 and {TOP_LOGPROBS}, got {self.logprobs!r}")
+
+    def _check_logit_bias(self):
+        bias = self.logit_bias
+        if isinstance(bias, Mapping):
+            bias = bias.items()
+        elif not isinstance(bias, (tuple, list)):
+            raise ParamError("logit_bias", f"logit_bias must map token ids to numbers, got {bias!r}")
+        pairs = {}
+        for item in bias:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ParamError("logit_bias", f"logit_bias must map token ids to numbers, got {item!r}")
+            token, value = _token_id(item[0], "logit_bias"), item[1]
+            if not _is_number(value) or not math.isfinite(value) or abs(value) > MAX_BIAS:
+                raise ParamError("logit_bias", f"logit_bias values must be numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                                               f"got {value!r} for token {token}")
+            pairs[token] = float(value)
+        object.__setattr__(self, "logit_bias", tuple(sorted(pairs.items())))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the penalties need token counts (presence, frequency or repetition set)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids this names lie in the vocabulary (the sizes are known only with a model)."""
+        for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]), ("stop_token_ids", self.stop_token_ids)):
+            if any(t >= vocab_size for t in ids):
+                raise ParamError(name, f"{name} token ids must lie in [0, {vocab_size})")
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """A 64-bit seed as threefry key data uint32 [2] (high word, low word); equal to
+    `jax.random.key_data(jax.random.key(seed))` for seeds below 2**32 (jax.random.key drops the high word)."""
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,7 @@ import numpy as np
 from mistral_jax import decoding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.sampling import seed_key_data
 from mistral_jax.serving import lockstep
 from mistral_jax.serving.device import DecodeInputs, Device, Plan, PrefillChunk, RowSampling, Sampled
 from mistral_jax.serving.gate import WidthGate
@@ -58,7 +59,7 @@ class Request:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._on_event = on_event or self._events.put
         self._cancelled = threading.Event()
-        self.key = np.asarray(jax.random.key_data(jax.random.key(params.seed)))
+        self.key = seed_key_data(params.seed)
         self.generated: list[int] = []
         self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # the prompt's prefill chunks ([1, C] tokens, positions)
         self.next_chunk = 0
@@ -156,8 +157,7 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise RequestError("max_tokens", f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} "
                                              f"exceed the context of {self.max_seq_len} tokens")
-        if any(not 0 <= t < self.config.vocab_size for t in params.stop_token_ids):
-            raise RequestError("stop_token_ids", f"stop token ids must lie in [0, {self.config.vocab_size})")
+        params.check_vocab(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this engine has none")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)

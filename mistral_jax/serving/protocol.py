@@ -13,7 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mistral_jax.serving.requests import TOP_LOGPROBS, RequestError, SamplingParams
+from mistral_jax.sampling import TOP_LOGPROBS, SamplingParams
+from mistral_jax.serving.requests import RequestError
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
@@ -114,7 +115,7 @@ class _Sampling(_Strict):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=128)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
