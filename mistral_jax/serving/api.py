@@ -27,6 +27,7 @@ from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.guard import BodyGuard
 from mistral_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.tools import ToolCallParser
 
 _DISCONNECT_POLL_SECONDS = 0.25
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
@@ -168,19 +169,25 @@ class _Api:
         return EventSourceResponse(chunks, ping=15, shutdown_grace_period=self.drain_seconds)
 
     # chat ---------------------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[protocol.ChatMessage]) -> list[int]:
+    def chat_prompt(self, messages: list[protocol.ChatMessage], tools: list[protocol.Tool] | None = None) -> list[int]:
         """The conversation's prompt ids (run in a thread: templates and tokenizers are slow on big inputs)."""
         turns = []
-        for i, m in enumerate(messages):
-            if m.role == "tool" or m.tool_calls:
-                raise RequestError(f"messages[{i}]", "tool messages need tool calling, which is not supported yet")
+        for m in messages:
             content = m.content if isinstance(m.content, str) or m.content is None else "".join(
                 p.text for p in m.content)
-            turns.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+            turn = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            if m.tool_calls:
+                turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                turn["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                turn["name"] = m.name
+            turns.append(turn)
         try:
-            return self.tokenizer.apply_chat_template(turns)
+            return self.tokenizer.apply_chat_template(turns, tools=[t.model_dump() for t in tools or ()] or None)
         except UserError as err:
-            raise RequestError("messages", str(err)) from None
+            raise RequestError("tools" if tools and not self.tokenizer.supports_tools else "messages",
+                               str(err)) from None
 
     def chat_logprobs(self, logprobs: tuple[TokenLogprob, ...], top: int) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
@@ -189,18 +196,30 @@ class _Api:
         return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top[:top]]}
                 for lp in logprobs]
 
+    def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
+        """The parser of the answer's tool calls where the request lets the model call tools, else None."""
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
+        if choice != "none" and not body.tools:
+            raise RequestError("tool_choice", "tool_choice needs tools")
+        if choice == "none":
+            return None
+        if choice != "auto":
+            raise RequestError("tool_choice", "tool_choice 'required' or a named function needs constrained "
+                                              "decoding, which this server cannot do yet: use 'auto'")
+        if not self.tokenizer.supports_tools:
+            raise RequestError("tools", "this model's chat template has no tool format, so it cannot call tools")
+        return ToolCallParser(self.tokenizer)
+
     async def chat(self, http: Request, body: ChatCompletionRequest):
         self.check_model(body.model)
         protocol.refuse_unsupported(body)
-        for name in ("tools", "structured_outputs"):
-            if getattr(body, name):
-                raise RequestError(name, f"{name} is not supported yet")
-        if body.tool_choice not in (None, "none"):
-            raise RequestError("tool_choice", "tool_choice needs tools, which are not supported yet")
+        if body.structured_outputs is not None:
+            raise RequestError("structured_outputs", "structured output is not supported yet")
         if body.response_format is not None and body.response_format.type != "text":
             raise RequestError("response_format", "structured output is not supported yet")
         self.need_tokenizer(None, "use /v1/completions with token ids")
-        prompt = await asyncio.to_thread(self.chat_prompt, body.messages)
+        parser = self.tool_parser(body)
+        prompt = await asyncio.to_thread(self.chat_prompt, body.messages, body.tools)
         top = body.top_logprobs or 0
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
@@ -209,32 +228,55 @@ class _Api:
         submitted = self.streams.submit(prompt, params)  # a full queue or a bad prompt fails here, before any stream
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
 
-        def choice(content: dict, events: list[Event], key: str) -> dict:
+        def choice(content: dict, events: list[Event], key: str, finish: str | None) -> dict:
             logprobs = [lp for e in events for lp in e.logprobs]
-            return {"index": 0, key: content, "finish_reason": events[-1].finish_reason,
+            return {"index": 0, key: content, "finish_reason": finish,
                     "logprobs": {"content": self.chat_logprobs(logprobs, top)} if body.logprobs else None}
+
+        def calls_of(ids: list[int]) -> tuple[str, list[dict] | None]:
+            content, calls = parser.split(ids)
+            return content, None if calls is None else calls[:1] if not body.parallel_tool_calls else calls
 
         if not body.stream:
             events = await self.streams.collect(http, submitted)
             if events is None:
                 return Response(status_code=499)
-            text = "".join(e.text for e in events)
+            message, finish = {"role": "assistant", "content": "".join(e.text for e in events)}, None
+            if parser is not None:
+                content, calls = calls_of([t for e in events for t in e.token_ids])
+                if calls is not None:
+                    message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
+                        "tool_calls"
             return {**head, "object": "chat.completion", "usage": _usage(events[-1].prompt_tokens,
                                                                          events[-1].completion_tokens),
-                    "choices": [choice({"role": "assistant", "content": text}, events, "message")]}
+                    "choices": [choice(message, events, "message", finish or events[-1].finish_reason)]}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def chunks() -> AsyncIterator[dict]:
             chunk = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
             yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None, "logprobs": None}]})
+            ids, text, sent, calling = [], "", "", False  # a tool call's text is held back until it parses
             async for event in self.streams.events(http, submitted):
                 if event.finish_reason == "error":
                     yield _sse({"error": {"message": event.error, "type": "server_error"}})
                     return
-                yield _sse({**chunk, "choices": [choice({"content": event.text} if event.text else {}, [event],
-                                                        "delta")]})
-                if event.finish_reason is not None and include_usage:
+                ids += event.token_ids
+                text += event.text
+                calling = calling or (parser is not None and parser.starts_call(ids, text))
+                ready = sent if calling else text[:len(text) - (parser.may_start_call(text) if parser else 0)]
+                delta, sent = ready[len(sent):], ready
+                done = event.finish_reason is not None
+                if done and calling and (parsed := calls_of(ids))[1] is not None:
+                    calls = [{"index": i, **call} for i, call in enumerate(parsed[1])]
+                    if delta:
+                        yield _sse({**chunk, "choices": [choice({"content": delta}, [event], "delta", None)]})
+                    yield _sse({**chunk, "choices": [choice({"tool_calls": calls}, [], "delta", "tool_calls")]})
+                else:
+                    delta += text[len(sent):] if done else ""
+                    yield _sse({**chunk, "choices": [choice({"content": delta} if delta else {}, [event], "delta",
+                                                            event.finish_reason)]})
+                if done and include_usage:
                     yield _sse({**chunk, "choices": [], "usage": _usage(event.prompt_tokens, event.completion_tokens)})
             yield _sse("[DONE]")
 
@@ -326,12 +368,13 @@ class _Api:
         self.need_tokenizer(None, "it cannot tokenize")
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("prompt", "send exactly one of prompt and messages")
-        if body.tools:
-            raise RequestError("tools", "tools are not supported yet")
         if body.messages is not None:
-            ids = self.chat_prompt(body.messages)
-        else:
-            ids = self.tokenizer.encode(body.prompt, bos=body.add_special_tokens)
+            ids = self.chat_prompt(body.messages, body.tools)
+        else:  # as vLLM (a Hugging Face tokenizer) does: special-token strings in the prompt are special tokens
+            t = self.tokenizer
+            ids = t.vocab.encode_spans([(body.prompt, True)])
+            if body.add_special_tokens and t.vocab.add_bos and t.bos_id is not None:
+                ids.insert(0, t.bos_id)
         strs = [self.tokenizer.vocab.id_to_piece(i) for i in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": strs}
 

@@ -1,5 +1,6 @@
 """Tool prompts: Mistral v3 and v7 token for token as mistral-common's encode_chat_completion with tools, and
-jinja templates given `tools` as transformers' apply_chat_template(tools=...) renders them."""
+jinja templates given `tools` as transformers' apply_chat_template(tools=...) renders them; and the calls read back
+from generated tokens (Mistral's [TOOL_CALLS] JSON list, <tool_call> tags) as OpenAI tool_calls."""
 
 import json
 from collections.abc import Callable
@@ -11,7 +12,9 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_jax.errors import UserError
+from mistral_jax.serving.tools import ToolCallParser
 from mistral_jax.tokenizers import load_tokenizer
+from mistral_jax.tokenizers.base import Tokenizer
 from mistral_jax.tokenizers.chat_templates import JinjaTemplate
 
 WEATHER = {"type": "function", "function": {
@@ -100,3 +103,37 @@ def test_jinja_tools_render_as_transformers_does():
     for tools in ([WEATHER, TIME], None):
         expected = hf.apply_chat_template(MESSAGES, tools=tools, tokenize=False, add_generation_prompt=True)
         assert JinjaTemplate(TOOL_TEMPLATE).render(MESSAGES, True, "", "", tools=tools) == expected
+
+
+# Reading calls back ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mistral(mistral_file):
+    return load_tokenizer(mistral_file(7))
+
+
+def test_mistral_tool_calls_token_and_json_list(mistral):
+    marker = mistral.vocab.special_tokens["[TOOL_CALLS]"]
+    calls = [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {}}]
+    ids = [*mistral.vocab.encode_text("Let me check."), marker,
+           *mistral.vocab.encode_text(json.dumps(calls)), mistral.eos_id]
+    parser = ToolCallParser(mistral)
+    content, parsed = parser.split(ids)
+    assert content == "Let me check." and [c["function"]["name"] for c in parsed] == ["get_weather", "get_time"]
+    assert [json.loads(c["function"]["arguments"]) for c in parsed] == [{"city": "Paris"}, {}]
+    assert all(c["type"] == "function" and len(c["id"]) == 9 and c["id"].isalnum() for c in parsed)
+    assert parser.starts_call(ids, content) and not parser.starts_call(ids[:3], "Let")
+    plain = mistral.vocab.encode_text("No tools needed.")
+    assert parser.split(plain) == ("No tools needed.", None)
+    broken = [marker, *mistral.vocab.encode_text('[{"name": "get_weather", "argu')]  # cut off: stays text
+    assert parser.split(broken)[1] is None
+
+
+def test_tagged_tool_calls(smollm2):
+    tokenizer = Tokenizer(smollm2.vocab, JinjaTemplate("{{ tools }}{{ messages }}"), "test")
+    parser = ToolCallParser(tokenizer)
+    text = 'Sure. <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>\n<tool_call>{"name": "g"}</tool_call>'
+    content, calls = parser.split(tokenizer.encode(text, bos=False))
+    assert content == "Sure." and [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("f", '{"x": 1}'), ("g", "{}")]
+    assert parser.may_start_call("Sure. <tool_") == len("<tool_") and parser.may_start_call("Sure.") == 0
+    assert parser.split(tokenizer.encode("<tool_call>not json</tool_call>", bos=False))[1] is None
