@@ -54,6 +54,10 @@ class HFVocab(Vocab):
                 return super().encode_spans(spans)
         return encoding.ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (grammar libraries build their token tables from it)."""
+        return self._tok.to_str()
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
