@@ -23,6 +23,7 @@ CONTEXT = 256
 LIMIT = 8 * 2**20  # --max-request-bytes (the default, given explicitly)
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,13 @@ def test_every_refused_field_is_a_400_naming_it(server, field):
     ("/v1/chat/completions", {"messages": HI, "max_tokens": True}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
     ("/v1/completions", {"prompt": [[1, 2], [3, -4]]}, "prompt"),
+    # SmolLM2's template has no tool format: auto is refused naming tools; required needs constrained decoding
+    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL]}, "tools"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": HI, "tool_choice": "auto"}, "tool_choice"),  # no tools to choose
+    ("/v1/chat/completions", {"messages": [*HI, {"role": "assistant", "tool_calls": [
+        {"id": "abc123XYZ", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
 ])
 def test_fields_out_of_range_are_400s_naming_them(server, path, body, param):
     response = _post(server[1], path, {"model": MODEL, **body})
