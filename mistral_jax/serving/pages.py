@@ -160,12 +160,12 @@ class PagePool:
         keys = chain_keys(tokens, ps, adapter)
         hit = self._longest_hit(keys, (len(tokens) - 1) // ps)
         tables = []
-        for group, window in enumerate(self.windows):
-            first = 0 if window is None else max(0, hit * ps - window + 1) // ps
+        for group in range(len(self.windows)):
+            first = self._first_read(group, hit * ps)  # a window reads only the last pages of the hit
             pages = [self._page_of[(group, keys[j])] for j in range(first, hit)]
             for page in pages:
                 self._take(page)
-            tables.append(PageTable(first if pages else hit, pages))
+            tables.append(PageTable(first, pages))
         self._held[request_id] = _Holding(tables, keys, adapter, hit)
         return hit * ps
 
@@ -201,7 +201,8 @@ class PagePool:
             while table.pages and table.first < keep_from:
                 self._give(table.pages.pop(0))
                 table.first += 1
-            table.first = max(table.first, keep_from) if not table.pages else table.first
+            if not table.pages:
+                table.first = max(table.first, keep_from)
         last = -(-end // self.page_size)  # one past the last logical page the step writes
         need = sum(max(0, last - table.end) for table in holding.tables)
         if need > self.num_free:
