@@ -84,11 +84,17 @@ def write_pages(kv_pages, k, v, slots):
 
 
 def gather_pages(kv_pages, page_tables, dtype):
-    """Each sequence's pages read by table: (keys, values), each [S, K, P * page_size, D] in `dtype`."""
+    """Each sequence's pages read by table: (keys, values), each [S, K, P * page_size, D] in `dtype`.
+
+    The gather reads whole pages as rows of a 2-D view, a plainer gather for XLA:CPU than one over the 4-D pool
+    (1.6 ms against 7.5 ms for 8 sequences of 64 pages of 16 tokens, 3 KV heads of 64, in one run on a loaded
+    2-core machine; other runs were closer).
+    """
     rows, pages = page_tables.shape
-    page_size, heads2, head_dim = kv_pages.shape[1:]
-    kv = kv_pages[page_tables].reshape(rows, pages * page_size, heads2 // 2, 2, head_dim)  # [S, L, K, 2, D]
-    kv = kv.transpose(3, 0, 2, 1, 4).astype(dtype)  # [2, S, K, L, D]
+    num_pages, page_size, heads2, head_dim = kv_pages.shape
+    kv = kv_pages.reshape(num_pages, -1).at[page_tables].get(mode="clip")  # [S, P, page_size * 2K * D]
+    kv = kv.reshape(rows, pages * page_size, heads2 // 2, 2, head_dim).transpose(3, 0, 2, 1, 4)  # [2, S, K, L, D]
+    kv = kv.astype(dtype)
     return kv[0], kv[1]
 
 
