@@ -28,12 +28,12 @@ import numpy as np
 from mistral_jax.serving.requests import RequestError
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class PageTable:
     """One request's pages for one layer group: logical pages first, first + 1, ... in order."""
 
-    first: int = 0  # logical page number of pages[0] (> 0 once a window dropped the pages before it)
-    pages: list[int] = dataclasses.field(default_factory=list)  # page ids
+    first: int  # logical page number of pages[0] (> 0 once a window dropped the pages before it)
+    pages: tuple[int, ...]  # page ids
 
     @property
     def end(self) -> int:
@@ -116,9 +116,7 @@ class PagePool:
         return request_id in self._held
 
     def table(self, request_id: int, group: int = 0) -> PageTable:
-        """A copy of the request's page table for `group`."""
-        t = self._held[request_id].tables[group]
-        return PageTable(t.first, list(t.pages))
+        return self._held[request_id].tables[group]
 
     # Sizing ---------------------------------------------------------------------------------------
     def pages_for(self, tokens: int, chunk: int = 1) -> int:
@@ -165,7 +163,7 @@ class PagePool:
             pages = [self._page_of[(group, keys[j])] for j in range(first, hit)]
             for page in pages:
                 self._take(page)
-            tables.append(PageTable(first, pages))
+            tables.append(PageTable(first, tuple(pages)))
         self._held[request_id] = _Holding(tables, keys, adapter, hit)
         return hit * ps
 
@@ -197,19 +195,19 @@ class PagePool:
         """
         holding = self._held[request_id]
         for group, table in enumerate(holding.tables):
-            keep_from = self._first_read(group, start)
-            while table.pages and table.first < keep_from:
-                self._give(table.pages.pop(0))
-                table.first += 1
-            if not table.pages:
-                table.first = max(table.first, keep_from)
+            keep_from, dropped = self._first_read(group, start), 0
+            while dropped < len(table.pages) and table.first + dropped < keep_from:
+                self._give(table.pages[dropped])
+                dropped += 1
+            first = max(table.first, keep_from) if dropped == len(table.pages) else table.first + dropped
+            holding.tables[group] = PageTable(first, table.pages[dropped:])
         last = -(-end // self.page_size)  # one past the last logical page the step writes
         need = sum(max(0, last - table.end) for table in holding.tables)
         if need > self.num_free:
             return False
-        for table in holding.tables:
-            while table.end < last:
-                table.pages.append(self._allocate())
+        for group, table in enumerate(holding.tables):
+            new = tuple(self._allocate() for _ in range(table.end, last))
+            holding.tables[group] = PageTable(table.first, table.pages + new)
         return True
 
     def commit(self, request_id: int, tokens: Sequence[int]) -> int:
