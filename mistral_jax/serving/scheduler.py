@@ -27,6 +27,7 @@ class SequenceState:
     max_tokens: int
     arrival: int  # submission order: the newest is preempted first
     adapter: str | None = None  # part of the prefix cache's key
+    after: int | None = None  # a request with the same prompt (n > 1): start once its prompt is cached, sharing it
     output: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0  # leading tokens whose K/V are in the cache
     preemptions: int = 0
@@ -87,8 +88,12 @@ class Scheduler:
 
     # Requests -------------------------------------------------------------------------------------
     def submit(self, request_id: int, prompt: Sequence[int], max_tokens: int, adapter: str | None = None,
-               prompt_param: str = "prompt") -> SequenceState:
-        """Queue a request; a RequestError (naming the field) if it could never fit in the pool."""
+               prompt_param: str = "prompt", after: int | None = None) -> SequenceState:
+        """Queue a request; a RequestError (naming the field) if it could never fit in the pool.
+
+        after: the id of a request with the same prompt (another of n choices); this one waits until that one's
+        prompt pages are cached, then shares them (all but the prompt's last partial page).
+        """
         if not prompt:
             raise RequestError(prompt_param, "the prompt is empty")
         if max_tokens < 1:
@@ -96,7 +101,7 @@ class Scheduler:
         if self.find(request_id) is not None:
             raise ValueError(f"request {request_id} is already scheduled")
         self.pool.check_fits(len(prompt), max_tokens, prompt_param)
-        seq = SequenceState(request_id, tuple(int(t) for t in prompt), max_tokens, self._arrivals, adapter)
+        seq = SequenceState(request_id, tuple(int(t) for t in prompt), max_tokens, self._arrivals, adapter, after)
         self._arrivals += 1
         self.waiting.append(seq)
         return seq
@@ -131,15 +136,18 @@ class Scheduler:
                 counts[seq.request_id] = count
         budget = self.max_num_batched_tokens - sum(counts.values())
         admitted = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs or preempted:
+                break
+            if self._sibling_prefilling(seq):
+                continue  # its prompt is being computed by another choice: share it next iteration
             tokens = seq.tokens
             hit = self.pool.open(seq.request_id, tokens, seq.adapter)
             count = min(len(tokens) - hit, budget)
             if not self.pool.reserve(seq.request_id, hit, hit + count):
                 self.pool.release(seq.request_id)
                 break
-            self.waiting.pop(0)
+            self.waiting.remove(seq)
             seq.computed = hit
             self.running.insert(bisect.bisect([s.arrival for s in self.running], seq.arrival), seq)
             counts[seq.request_id] = count
@@ -150,6 +158,11 @@ class Scheduler:
         order = [s for s in decoding + prefilling if s.request_id in counts]
         order += [s for s in self.running if s.request_id in counts and s not in order]
         return Plan(tuple(self._chunk(s, counts[s.request_id]) for s in order), tuple(preempted), tuple(admitted))
+
+    def _sibling_prefilling(self, seq: SequenceState) -> bool:
+        """Whether the request `seq` shares its prompt with is admitted and still computing that prompt."""
+        sibling = None if seq.after is None else next((s for s in self.running if s.request_id == seq.after), None)
+        return sibling is not None and sibling.computed < len(seq.prompt)
 
     def _reserve_running(self, seq: SequenceState, count: int, counts: dict[int, int], preempted: list[int]) -> int:
         """Reserve pages for `count` tokens of a running request, preempting the newest requests while the pool is

@@ -4,6 +4,8 @@ preemption and cancellations."""
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -87,10 +89,12 @@ def test_random_traffic_matches_unscheduled_runs(windows, num_pages):
     submitted, expected, finished, cancelled, preemptions = 0, {}, {}, 0, 0
     while submitted < 200 or scheduler.running or scheduler.waiting:
         if submitted < 200 and rng.random() < 0.4:
-            prompt = systems[rng.integers(2)][: rng.integers(0, 14)] + list(rng.integers(0, VOCAB, rng.integers(1, 12)))
+            after = submitted - 1 if submitted and submitted - 1 in expected and rng.random() < 0.2 else None
+            prompt = list(expected[after][0].prompt) if after is not None else (
+                systems[rng.integers(2)][: rng.integers(0, 14)] + list(rng.integers(0, VOCAB, rng.integers(1, 12))))
             max_tokens = int(rng.integers(1, 25))
             try:
-                seq = scheduler.submit(submitted, prompt, max_tokens)
+                seq = scheduler.submit(submitted, prompt, max_tokens, after=after)  # after: another of n choices
                 expected[submitted] = (seq, alone(prompt, max_tokens))
             except RequestError as err:
                 assert err.param == "max_tokens"
@@ -190,3 +194,30 @@ def test_cancelling_frees_pages_at_once():
     assert scheduler.finish(0) and pool.num_used == 0
     assert scheduler.finish(1) and not scheduler.finish(1)
     assert scheduler.schedule().chunks == ()
+
+
+def test_choices_of_one_prompt_share_its_pages():
+    pool = PagePool(num_pages=32, page_size=4)
+    scheduler = Scheduler(pool, max_num_seqs=4, max_num_batched_tokens=64)
+    cache = TokenCache(pool)
+    prompt = list(range(30, 40))  # 10 tokens: 2 full pages and a partial one
+    choices = [scheduler.submit(0, prompt, max_tokens=5)]
+    choices += [scheduler.submit(rid, prompt, max_tokens=5, after=0) for rid in (1, 2)]
+    plan = scheduler.schedule()
+    assert [(c.request_id, c.start, len(c.token_ids)) for c in plan.chunks] == [(0, 0, 10)]  # the others wait
+    scheduler.update(plan, cache.run(plan, scheduler))
+    plan = scheduler.schedule()
+    assert plan.admitted == ((1, 10, 8), (2, 10, 8))
+    shared = pool.table(0).pages[:2]
+    assert pool.table(1).pages[:2] == shared == pool.table(2).pages[:2] and pool.refcount(shared[0]) == 3
+    scheduler.update(plan, cache.run(plan, scheduler))
+    drain(scheduler, cache)
+    assert all(c.output == alone(prompt, 5) for c in choices)
+
+
+def test_a_plan_is_plain_data():
+    scheduler = Scheduler(PagePool(8, 4, windows=(None, 5)), max_num_seqs=2, max_num_batched_tokens=8)
+    scheduler.submit(0, [1, 2, 3, 4, 5, 6], max_tokens=3)
+    plan = scheduler.schedule()
+    assert pickle.loads(pickle.dumps(plan)) == plan  # what lockstep.broadcast sends to every process
+    assert len(plan.chunks[0].tables) == 2
