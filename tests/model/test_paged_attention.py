@@ -149,3 +149,25 @@ def test_ragged_paged_attention_kernel_in_interpret_mode():
                                             jnp.array([2], jnp.int32), sm_scale=128**-0.5,
                                             num_kv_pages_per_block=1, num_queries_per_block=8)
     np.testing.assert_allclose(np.asarray(out), np.asarray(pa.paged_attention(q, kv_pages, meta)), atol=1e-5)
+
+
+def test_positions_far_past_any_small_integer_range():
+    """A windowed sequence at position 40,000 holds 3 pages; their key positions come from first_page (exact past
+    int16, where a peer's positions overflowed)."""
+    window, start, count = 8, 40_001, 2
+    first = (start - window + 1) // PAGE_SIZE
+    table = [7, 3, 11]  # logical pages first .. first + 2
+    rng = np.random.default_rng(4)
+    k, v = (rng.normal(size=(3 * PAGE_SIZE, KV_HEADS, HEAD_DIM)).astype(np.float32) for _ in range(2))
+    q = rng.normal(size=(count, HEADS, HEAD_DIM)).astype(np.float32)
+    kv_pages = jnp.zeros((NUM_PAGES, PAGE_SIZE, 2 * KV_HEADS, HEAD_DIM), jnp.float32)
+    kv_pages = write(kv_pages, k, v, (np.repeat(table, PAGE_SIZE) * PAGE_SIZE + np.tile(np.arange(PAGE_SIZE), 3)))
+    meta = pa.build_metadata([(start, count, first, table)], PAGE_SIZE, NUM_PAGES, tokens=2, rows=1, queries=2,
+                             pages=4)
+    out = paged(q, kv_pages, jax.tree.map(jnp.asarray, meta), window=window)
+    key_pos = first * PAGE_SIZE + np.arange(3 * PAGE_SIZE)
+    mask = attention_mask(jnp.arange(start, start + count)[None], jnp.where(key_pos < start + count, key_pos, -1)[None],
+                          window)
+    expected = attend(q[None], k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None], mask)[0]
+    assert int(np.asarray(mask).sum()) == 2 * window
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=0, atol=1e-6)
