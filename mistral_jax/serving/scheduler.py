@@ -144,7 +144,12 @@ class Scheduler:
             tokens = seq.tokens
             hit = self.pool.open(seq.request_id, tokens, seq.adapter)
             count = min(len(tokens) - hit, budget)
-            if not self.pool.reserve(seq.request_id, hit, hit + count):
+            while not self.pool.reserve(seq.request_id, hit, hit + count):
+                if self.running or count == 1:  # wait for pages to come back
+                    count = 0
+                    break
+                count //= 2  # alone, a windowed prompt may need smaller chunks than the budget allows
+            if not count:
                 self.pool.release(seq.request_id)
                 break
             self.waiting.remove(seq)

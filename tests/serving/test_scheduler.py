@@ -221,3 +221,15 @@ def test_a_plan_is_plain_data():
     plan = scheduler.schedule()
     assert pickle.loads(pickle.dumps(plan)) == plan  # what lockstep.broadcast sends to every process
     assert len(plan.chunks[0].tables) == 2
+
+
+def test_a_windowed_prompt_alone_starts_with_chunks_that_fit():
+    pool = PagePool(num_pages=4, page_size=4, windows=(12,))  # a window's 12 tokens plus a page: all of it
+    scheduler = Scheduler(pool, max_num_seqs=2, max_num_batched_tokens=20)
+    cache = TokenCache(pool)
+    seq = scheduler.submit(0, list(range(40)), max_tokens=6)
+    plan = scheduler.schedule()
+    assert plan.chunks and len(plan.chunks[0].token_ids) < 20  # 20 tokens would need 5 pages
+    scheduler.update(plan, cache.run(plan, scheduler))
+    drain(scheduler, cache)
+    assert seq.output == alone(seq.prompt, 6) and pool.num_used == 0
