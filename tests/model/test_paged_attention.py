@@ -99,10 +99,10 @@ def test_ragged_kernel_reference_agrees_on_layout():
     steps = [(0, 7), (9, 1), (3, 6)]
     _, _, meta, kv_pages, n = run_step(steps, None, shapes=dict(tokens=14, rows=3, queries=8, pages=3))
     q = jnp.asarray(np.random.default_rng(1).normal(size=(n, HEADS, HEAD_DIM)), jnp.float32)
-    for window in (None, 6):  # full tables: the kernel has no first page (window freeing is ours alone)
-        np.testing.assert_allclose(np.asarray(paged(q, kv_pages, meta, window=window)),
-                                   np.asarray(ragged_reference(q, kv_pages, meta, [c for _, c in steps], window)),
-                                   rtol=0, atol=1e-5)
+    window = 6  # shorter than two of the sequences; full tables: the kernel has no first page (window freeing is ours)
+    np.testing.assert_allclose(np.asarray(paged(q, kv_pages, meta, window=window)),
+                               np.asarray(ragged_reference(q, kv_pages, meta, [c for _, c in steps], window)),
+                               rtol=0, atol=1e-5)
 
 
 def test_one_program_serves_every_batch_of_a_bucket():
@@ -131,6 +131,7 @@ def test_build_metadata_refuses_what_its_buckets_cannot_hold():
     assert [pa.bucket(n, 8) for n in (1, 8, 9, 100)] == [8, 8, 16, 128]
 
 
+@pytest.mark.slow  # documents an upstream failure (8 s of tracing and interpreting), not our code
 @pytest.mark.xfail(strict=True, raises=jax.errors.JaxRuntimeError,
                    reason="jax 0.10.2's TPU interpreter reads refs through NDIndexer transforms only; the kernel "
                           "reshapes its VMEM copy of the pages (AttributeError: 'ReshapeTransform' object has no "
