@@ -221,7 +221,8 @@ class ModelRunner:
                     width = max(w for w in self.widths if w <= min(width, plan.max_width))
                 results.width, results.drafting = width, int(count)
             kept, out = self._step(width, plan.penalize, inputs, proposal)
-            results.decode = _sampled([x[:, 0] for x in out] if self.speculation is None else out)
+            out = [np.asarray(x) for x in out]  # numpy before slicing: a device slice would compile
+            results.decode = Sampled(*(x[:, 0] for x in out) if self.speculation is None else out)
             results.kept = None if self.speculation is None else np.asarray(kept)
         for chunk in plan.prefills:
             self._prefill(chunk, results)
