@@ -61,6 +61,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -109,6 +123,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) ->
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
+    parser.add_argument("--min-p", type=_fraction, default=0.0,
+                        help="keep tokens at least this fraction of the most likely one's probability (0 = off)")
+    parser.add_argument("--repetition-penalty", type=_positive_float, default=1.0,
+                        help="transformers' repetition penalty over prompt and output tokens (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt (chat mode)")
     _add_draft_flags(parser)
@@ -282,6 +300,7 @@ class Generation:
             try:
                 for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
                                                       temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                                      min_p=a.min_p, repetition_penalty=a.repetition_penalty,
                                                       seed=a.seed, eos_id=list(self.stop_ids) or None,
                                                       mesh=getattr(a, "mesh_", None),
                                                       draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens):
