@@ -421,6 +421,7 @@ def generate(
     mesh=None,
     draft=None,
     draft_tokens: int = 4,
+    adapter=None,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), up to and including the first eos.
 
@@ -428,7 +429,12 @@ def generate(
     mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
     draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
     a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
+    adapter: a LoRA (PEFT or sft LoRA run directory, or mj.load_adapter's result) merged into a transient copy of
+    the weights it adapts for this call; the tokens equal generate's on params merged with mj.load(adapter=...).
     """
+    if adapter is not None:  # checkpoints/load.py: read (a path), check it fits, merge
+        from mistral_jax.checkpoints.load import merge_adapter
+        params = merge_adapter(config, params, adapter)
     args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
     if draft is None:
         run = _begin(*args)
@@ -453,13 +459,17 @@ def generate_stream(
     mesh=None,
     draft=None,
     draft_tokens: int = 4,
+    adapter=None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
     should ignore. Same seed, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
-    row, yielded one [B] column at a time once every row has it.
+    row, yielded one [B] column at a time once every row has it. adapter: as generate's.
     """
+    if adapter is not None:
+        from mistral_jax.checkpoints.load import merge_adapter
+        params = merge_adapter(config, params, adapter)
     args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
     if draft is not None:
         yield from _stream_speculative(_begin_speculative(args, draft, draft_tokens), len(prompts), max_new_tokens,
