@@ -434,7 +434,7 @@ def generate(
     """
     if adapter is not None:  # checkpoints/load.py: read (a path), check it fits, merge
         from mistral_jax.checkpoints.load import merge_adapter
-        params = merge_adapter(config, params, adapter)
+        params = merge_adapter(config, params, adapter, mesh)
     args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
     if draft is None:
         run = _begin(*args)
@@ -469,7 +469,7 @@ def generate_stream(
     """
     if adapter is not None:
         from mistral_jax.checkpoints.load import merge_adapter
-        params = merge_adapter(config, params, adapter)
+        params = merge_adapter(config, params, adapter, mesh)
     args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
     if draft is not None:
         yield from _stream_speculative(_begin_speculative(args, draft, draft_tokens), len(prompts), max_new_tokens,

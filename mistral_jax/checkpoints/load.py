@@ -173,7 +173,7 @@ def run_adapter(path, mesh=None):
     adapters on `mesh` (sharded as the trainer places them) or on the host's first device. No base is read."""
     import jax
 
-    from mistral_jax import lora
+    from mistral_jax import lora, sharding
     from mistral_jax.model.transformer import param_shapes
 
     output = as_path(path)
@@ -184,8 +184,6 @@ def run_adapter(path, mesh=None):
     config = run_dir.model_config(output).replace(dtype="float32", remat=False)
     abstract = jax.eval_shape(lambda: lora.init(param_shapes(config), spec, jax.random.key(0)))
     placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
-    from mistral_jax import sharding
-
     with _latest(output) as (manager, step):
         weights = run_dir.restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
     return config, lora.Adapter(weights, spec.scale, source=f"{path} (an sft LoRA run on {info['checkpoint']})")

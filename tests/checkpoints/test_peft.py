@@ -129,6 +129,8 @@ def test_generate_with_adapter_equals_generate_on_merged_params(tiny_adapter):
     assert mj.generate(config, params, prompts, 12) != expected  # the adapter changes the tokens
     assert mj.generate(config, params, prompts, 12, adapter=directory) == expected
     assert mj.generate(config, params, prompts, 12, adapter=adapter) == expected
+    mesh = mj.make_mesh(fsdp=4, tensor=2)  # the merge runs on the mesh's shards
+    assert mj.generate(config, params, prompts, 12, adapter=directory, mesh=mesh) == expected
     streamed = np.stack(list(mj.generate_stream(config, params, prompts, 12, adapter=directory)), axis=1)
     assert [row[: len(e)].tolist() for row, e in zip(streamed, expected)] == expected
     qconfig, qparams = mj.quantize(config, jax.tree.map(np.array, params), "int8")

@@ -24,7 +24,8 @@ TARGETS = "wq,wk,wo,w_gate,w_down"
 def lora_run(tmp_path_factory, llama_dir, data_file) -> Path:
     output = tmp_path_factory.mktemp("runs") / "lora"
     flags = ["--checkpoint", str(llama_dir), "--data", str(data_file), "--output", str(output), "--batch-size", "2",
-             "--seq-len", "64", "--learning-rate", "3e-2", "--steps", "3", "--lora-rank", "4", "--lora-targets", TARGETS]
+             "--seq-len", "64", "--learning-rate", "3e-2", "--steps", "3", "--lora-rank", "4",
+             "--lora-targets", TARGETS]
     assert sft.main(flags) == 0
     return output
 
