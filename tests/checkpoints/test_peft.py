@@ -82,10 +82,11 @@ def test_smollm2_live_peft_adapter_matches(smollm2, tmp_path):
 
 
 def _random_adapter(config, params, targets=("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"), seed=0):
+    """Random factors (B nonzero, unlike a fresh adapter's) with lora.init's shapes, drawn with numpy."""
     spec = lora.LoraSpec(2, 4.0, targets)
-    weights = lora.init(params, spec, jax.random.key(seed))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 64))
-    weights = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), weights)  # B nonzero
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: lora.init(params, spec, jax.random.key(0)))
+    weights = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
     return lora.Adapter(weights, spec.scale, source="random")
 
 
