@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     _add_quantize_flag(commands.choices["convert"])
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    commands.choices["export"].add_argument(
+        "--adapter", action="store_true",
+        help="SRC is an sft run trained with --lora-rank: write its LoRA adapter (latest step) as a Hugging Face "
+             "PEFT directory (adapter_config.json + adapter_model.safetensors) for the run's base, not merged weights")
 
     ev = commands.add_parser("eval", help="perplexity of a text file, or of the assistant tokens of a JSONL chat file")
     _add_model_flags(ev)
@@ -482,6 +486,14 @@ def cmd_export(args) -> None:
         raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
                        "copy it, or use `mistral-jax convert` to write orbax on gs://")
     check_new_dir(args.dst)  # before the model is loaded, which may take minutes
+    if args.adapter:
+        from mistral_jax.checkpoints import load, peft, run_dir
+
+        config, adapter = load.run_adapter(args.src)
+        peft.write(config, adapter, args.dst, base_model=str(run_dir.run_info(args.src)["checkpoint"]),
+                   dtype=args.dtype)
+        print(f"wrote PEFT adapter directory {args.dst}", file=sys.stderr)
+        return
     _refuse_quantized(args.src)
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))

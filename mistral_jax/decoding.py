@@ -443,11 +443,20 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: 
                        buffer, logits, carry, sharding.put_rows(mesh, lengths))
 
 
+def _with_adapter(config: ModelConfig, params, adapter, mesh):
+    """params with a LoRA adapter merged into a transient copy of the weights it adapts (None: params as given)."""
+    if adapter is None:
+        return params
+    from mistral_jax.checkpoints.load import merge_adapter  # checkpoints/load.py: read (a path), check it fits, merge
+    return merge_adapter(config, params, adapter, mesh)
+
+
 def run(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling=None,
         eos_id: int | Sequence[int] | None = None, prefill_chunk: int | None = None, mesh=None, draft=None,
-        draft_tokens: int = 4, **shorthands) -> DecodeState:
+        draft_tokens: int = 4, adapter=None, **shorthands) -> DecodeState:
     """`generate`'s final DecodeState (its tokens, per-row counts, and the drafts verified and kept)."""
     settings = row_sampling(len(prompts), sampling, **shorthands)
+    params = _with_adapter(config, params, adapter, mesh)
     gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens)
     return gen.run(max_new_tokens)
 
@@ -473,6 +482,7 @@ def generate(
     mesh=None,
     draft=None,
     draft_tokens: int = 4,
+    adapter=None,
 ) -> list[list[int]]:
     """New tokens for each prompt (a list of token ids), up to and including the first eos.
 
@@ -482,11 +492,14 @@ def generate(
     mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
     draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
     a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
+    adapter: a LoRA (PEFT or sft LoRA run directory, or mj.load_adapter's result) merged into a transient copy of
+    the weights it adapts for this call; the tokens equal generate's on params merged with mj.load(adapter=...).
     """
     state = run(config, params, prompts, max_new_tokens, sampling=sampling, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, seed=seed, presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, logit_bias=logit_bias,
-                eos_id=eos_id, prefill_chunk=prefill_chunk, mesh=mesh, draft=draft, draft_tokens=draft_tokens)
+                eos_id=eos_id, prefill_chunk=prefill_chunk, mesh=mesh, draft=draft, draft_tokens=draft_tokens,
+                adapter=adapter)
     tokens = np.asarray(state.tokens)[: len(prompts), :max_new_tokens]
     return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
 
@@ -512,13 +525,15 @@ def generate_stream(
     mesh=None,
     draft=None,
     draft_tokens: int = 4,
+    adapter=None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
     should ignore. Same settings, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
-    row, yielded one [B] column at a time once every row has it.
+    row, yielded one [B] column at a time once every row has it. adapter: as generate's.
     """
+    params = _with_adapter(config, params, adapter, mesh)
     settings = row_sampling(len(prompts), sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                             repetition_penalty=repetition_penalty, logit_bias=logit_bias)
