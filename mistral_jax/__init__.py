@@ -20,6 +20,7 @@ _EXPORTS = {
     "SamplingParams": "mistral_jax.sampling",
     "CheckpointError": "mistral_jax.checkpoints.errors",
     "load": "mistral_jax.checkpoints.load",
+    "load_adapter": "mistral_jax.checkpoints.load",
     "load_tokenizer": "mistral_jax.tokenizers.load",
     "Output": "mistral_jax.model.transformer",
     "forward": "mistral_jax.model.transformer",
@@ -58,6 +59,7 @@ __all__ = [
     "init_params",
     "list_presets",
     "load",
+    "load_adapter",
     "load_tokenizer",
     "logical_axes",
     "logits",
@@ -85,7 +87,7 @@ def __dir__():
 
 if TYPE_CHECKING:
     from mistral_jax.checkpoints.errors import CheckpointError
-    from mistral_jax.checkpoints.load import load
+    from mistral_jax.checkpoints.load import load, load_adapter
     from mistral_jax.config import ModelConfig, list_presets
     from mistral_jax.decoding import (
         DecodeState,

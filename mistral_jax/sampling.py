@@ -1,6 +1,18 @@
-"""Next-token choice: `SamplingParams` (the one public settings type, validated once) and the sampling stage.
+"""Next-token choice: `SamplingParams` (the one public settings type, validated once) and the one sampling stage.
 
-Sampling keeps the old static `Sampling` below until the per-row stage replaces it.
+The stage runs on device over per-row settings (`SamplingMetadata`, a pytree of traced arrays, so a new setting
+compiles nothing), in one fixed order:
+  1. the allowed-token bitmask (packed int32 [B, ceil(V / 32)], as xgrammar and llguidance write it) and logit_bias;
+  2. penalties: repetition_penalty as transformers' RepetitionPenaltyLogitsProcessor over prompt and generated
+     tokens, then presence and frequency penalties as OpenAI's API over the generated tokens (vLLM's order);
+  3. temperature; 4. top-k, top-p, min-p (transformers' MinPLogitsWarper); 5. the draw, or argmax at temperature 0.
+`accept` is the same stage for k drafted tokens (Leviathan et al.'s rule); one token is its k = 0 case, so a plain
+step and a verify step draw the same way. Every draw of row b at its token index t uses the key
+fold_in(fold_in(key(seed_b), t), purpose): one derivation wherever the row runs (generate, stream, server).
+
+Penalties need token counts on device (`TokenCounts`): int32 [V] generated counts plus a packed prompt bitmask per
+row, 4 V + V / 8 bytes (198 KiB for SmolLM2's 49152 tokens, 132 KiB for Mistral's 32768); callers pass None where no
+row is penalized (a static switch: that program neither keeps nor reads them).
 """
 
 from __future__ import annotations
@@ -8,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.errors import ParamError, UserError
+from mistral_jax.errors import ParamError
 
 TOP_LOGPROBS = 20  # alternatives computed for every token (OpenAI's limit); a request may ask for up to this many
 MAX_TOP_K = 2**31 - 1  # top_k is an int32 on device; any value at or above the vocabulary means no filter
@@ -144,86 +157,204 @@ def seed_key_data(seed: int) -> np.ndarray:
     return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+# Per-row settings on device -------------------------------------------------------------------------------
+ACCEPT, TOKEN, DRAFT = 0, 1, 2  # what a key is folded with for: accepting drafts, the emitted token, draft i (2 + i)
 
 
-def as_key(key):
-    """A typed PRNG key from a key or its raw data (host code passes `jax.random.key_data`: plain arrays)."""
-    return key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(key)
+@flax.struct.dataclass
+class SamplingMetadata:
+    """Every row's settings as arrays (a pytree: traced, so new settings reuse the compiled programs)."""
+
+    keys: jax.Array  # uint32 [B, 2]: threefry key data of each row's seed (`seed_key_data`)
+    temperature: jax.Array  # float32 [B]: 0 = greedy
+    top_k: jax.Array  # int32 [B]: 0 = off (so is any value >= V)
+    top_p: jax.Array  # float32 [B]: 1 = off
+    min_p: jax.Array  # float32 [B]: 0 = off
+    presence: jax.Array  # float32 [B]: OpenAI's presence_penalty
+    frequency: jax.Array  # float32 [B]: OpenAI's frequency_penalty
+    repetition: jax.Array  # float32 [B]: transformers' repetition_penalty, 1 = off
+    bias: jax.Array  # float32 [B, V]: logit_bias, dense
+    allowed: jax.Array  # int32 [B, ceil(V / 32)]: token v allowed where bit v % 32 of word v // 32 is set
 
 
-def filter_logits(logits, top_k: int, top_p: float):
-    """Logits outside the top-k / the top-p nucleus set to -inf. logits: float32 [B, V]."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return logits
+def packed_width(vocab_size: int) -> int:
+    """int32 words of a packed token bitmask: ceil(V / 32)."""
+    return -(-vocab_size // 32)
 
 
-def sample(logits, key, sampling: Sampling):
-    """One token per row. logits: float32 [B, V] -> int32 [B]."""
-    if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def metadata(params: Sequence[SamplingParams], vocab_size: int) -> SamplingMetadata:
+    """Rows' settings as numpy arrays (the caller places them); checks the token ids against the vocabulary."""
+    b = len(params)
+    bias = np.zeros((b, vocab_size), np.float32)
+    for row, p in enumerate(params):
+        p.check_vocab(vocab_size)
+        if p.logit_bias:
+            ids, values = zip(*p.logit_bias)
+            bias[row, list(ids)] = values
 
+    def column(name, dtype):
+        return np.array([getattr(p, name) for p in params], dtype)
 
-def filter_row(logits, temperature, top_k, top_p):
-    """`filter_logits` of logits / temperature for one row whose settings are traced values: [V] -> [V]."""
-    x = logits / jnp.where(temperature > 0, temperature, 1.0)  # [V]
-    descending = jnp.sort(x)[::-1]
-    kth = descending[jnp.clip(top_k - 1, 0, x.shape[-1] - 1)]
-    x = jnp.where((top_k > 0) & (x < kth), -jnp.inf, x)
-    descending = jnp.sort(x)[::-1]
-    probs = jax.nn.softmax(descending)
-    before = jnp.cumsum(probs) - probs  # mass strictly above each token
-    cutoff = jnp.min(jnp.where(before < top_p, descending, jnp.inf))
-    return jnp.where((top_p < 1.0) & (x < cutoff), -jnp.inf, x)
-
-
-def _sample_row(logits, key, step, temperature, top_k, top_p):
-    """`sample` for one row whose settings are traced values; the same token as `sample` with them static."""
-    x = filter_row(logits, temperature, top_k, top_p)
-    key = jax.random.fold_in(jax.random.wrap_key_data(key), step)
-    return jax.random.categorical(key, x[None], axis=-1)[0].astype(jnp.int32)
-
-
-def sample_rows(logits, keys, steps, temperature, top_k, top_p):
-    """One token per row, each row with its own settings (a server's batch mixes requests).
-
-    logits float32 [B, V]; keys uint32 [B, ...] (each row's `jax.random.key_data(jax.random.key(seed))`);
-    steps int32 [B] (the row's token index, folded into its key as `generate` folds its step); temperature
-    float32 [B] (0 = greedy); top_k int32 [B] (0 = off); top_p float32 [B] (1 = off) -> int32 [B].
-    A row sampled alone gets the same token as `sample` of the same seed, step and settings.
-    """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled = jax.lax.cond(
-        jnp.any(temperature > 0),
-        lambda: jax.vmap(_sample_row)(logits, keys, steps, temperature, top_k, top_p),
-        lambda: greedy,
+    return SamplingMetadata(
+        keys=np.stack([seed_key_data(p.seed) for p in params]),
+        temperature=column("temperature", np.float32),
+        top_k=np.array([p.top_k if p.top_k < vocab_size else 0 for p in params], np.int32),
+        top_p=column("top_p", np.float32),
+        min_p=column("min_p", np.float32),
+        presence=column("presence_penalty", np.float32),
+        frequency=column("frequency_penalty", np.float32),
+        repetition=column("repetition_penalty", np.float32),
+        bias=bias,
+        allowed=np.full((b, packed_width(vocab_size)), -1, np.int32),
     )
-    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def pack_tokens(rows: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
+    """Token id lists -> packed bitmasks int32 [R, ceil(V / 32)] with each list's tokens set."""
+    words = np.zeros((len(rows), packed_width(vocab_size)), np.uint32)
+    for row, ids in enumerate(rows):
+        ids = np.unique(np.asarray(ids, np.int64))
+        np.bitwise_or.at(words[row], ids // 32, (np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return words.view(np.int32)
+
+
+def unpack_tokens(words, vocab_size: int):
+    """Packed bitmasks int32 [..., W] -> bool [..., V]."""
+    v = jnp.arange(vocab_size)
+    return ((words[..., v // 32] >> (v % 32)) & 1).astype(bool)
+
+
+@flax.struct.dataclass
+class TokenCounts:
+    """What the penalties read per row: how often each token was generated, and which the prompt holds."""
+
+    generated: jax.Array  # int32 [B, V]: generated tokens' counts (presence and frequency penalties)
+    prompt: jax.Array  # int32 [B, ceil(V / 32)]: packed bitmask of the prompt's tokens (repetition penalty)
+
+
+def prompt_counts(prompts: Sequence[Sequence[int]], vocab_size: int) -> TokenCounts:
+    """Counts before the first new token (numpy): nothing generated, the prompts' tokens marked."""
+    return TokenCounts(np.zeros((len(prompts), vocab_size), np.int32), pack_tokens(prompts, vocab_size))
+
+
+def count(counts: TokenCounts | None, tokens, new) -> TokenCounts | None:
+    """counts plus tokens int32 [B, J] where new (bool [B, J])."""
+    if counts is None:
+        return None
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    return counts.replace(generated=counts.generated.at[rows, tokens].add(new.astype(jnp.int32)))
+
+
+# The stage ------------------------------------------------------------------------------------------
+def _per_row(x, like):
+    """A [B] setting shaped to broadcast against `like` [B, ..., V]."""
+    return x.reshape(x.shape + (1,) * (like.ndim - 1))
+
+
+def adjust(logits, sampling: SamplingMetadata, counts: TokenCounts | None, drafts=None):
+    """Steps 1-2 (mask and bias, penalties): float logits [B, J, V] -> float32 [B, J, V]. Position j of a row
+    follows drafts[:, :j] (int32 [B, J - 1], None when J = 1): the penalties count them as generated."""
+    v = logits.shape[-1]
+    x = logits.astype(jnp.float32) + sampling.bias[:, None]
+    x = jnp.where(unpack_tokens(sampling.allowed, v)[:, None], x, -jnp.inf)
+    if counts is None:
+        return x
+    n = jnp.broadcast_to(counts.generated[:, None], x.shape)  # [B, J, V]
+    if drafts is not None and drafts.shape[1]:
+        ahead = jnp.cumsum(jax.nn.one_hot(drafts, v, dtype=jnp.int32), axis=1)  # [B, J - 1, V]
+        n = n + jnp.pad(ahead, ((0, 0), (1, 0), (0, 0)))
+    seen = (n > 0) | unpack_tokens(counts.prompt, v)[:, None]
+    rep = _per_row(sampling.repetition, x)
+    x = jnp.where(seen, jnp.where(x < 0, x * rep, x / rep), x)
+    return x - _per_row(sampling.frequency, x) * n - _per_row(sampling.presence, x) * (n > 0)
+
+
+def _filter(x, top_k, top_p, min_p):
+    """Steps 4: top-k, top-p and min-p over x [B, J, V] (settings shaped [B, 1, 1]): the rest set to -inf."""
+    v = x.shape[-1]
+    descending = -jnp.sort(-x, axis=-1)
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)
+    kth = jnp.take_along_axis(descending, k - 1, axis=-1)  # [B, J, 1]
+    descending = jnp.where(descending < kth, -jnp.inf, descending)
+    probs = jax.nn.softmax(descending, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    nucleus = jnp.min(jnp.where(before < top_p, descending, jnp.inf), axis=-1, keepdims=True)
+    nucleus = jnp.where(top_p < 1, nucleus, -jnp.inf)
+    floor = descending[..., :1] + jnp.log(min_p)  # p < min_p * p_max, as logits; min_p 0: -inf
+    return jnp.where(x < jnp.maximum(jnp.maximum(kth, nucleus), floor), -jnp.inf, x)
+
+
+def warp(x, sampling: SamplingMetadata):
+    """Steps 3-4: x [B, J, V] (adjusted) / temperature, then the filters; greedy rows' come back divided by 1.
+    The filters' sort runs only when some sampling row sets one (a traced switch)."""
+    x = x / _per_row(jnp.where(sampling.temperature > 0, sampling.temperature, 1.0), x)
+    top_k, top_p, min_p = (_per_row(a, x) for a in (sampling.top_k, sampling.top_p, sampling.min_p))
+    filtering = (sampling.temperature > 0) & ((sampling.top_k > 0) | (sampling.top_p < 1) | (sampling.min_p > 0))
+    return jax.lax.cond(jnp.any(filtering), _filter, lambda x, *_: x, x, top_k, top_p, min_p)
+
+
+def token_probs(x, sampling: SamplingMetadata):
+    """The distributions sampling draws from: adjusted logits [B, J, V] -> probabilities [B, J, V]."""
+    return jax.nn.softmax(warp(x, sampling), axis=-1)
+
+
+def row_keys(sampling: SamplingMetadata, counts):
+    """Each row's key for its draws at token index counts (int32 [B]) -> typed keys [B]."""
+    return jax.vmap(lambda data, t: jax.random.fold_in(jax.random.wrap_key_data(data, impl="threefry2x32"), t))(
+        sampling.keys, counts)
+
+
+def _leviathan(warped, drafts, q, key):
+    """One sampling row: warped logits [J, V], drafts [J - 1], the draft's q [J - 1, V] (None: point masses) ->
+    (kept [], emitted [J]). Keep draft i with probability min(1, p / q); at the first rejection draw from
+    max(0, p - q) normalised; after all J - 1 kept, draw the bonus from p itself (J = 1: a plain draw)."""
+    k = drafts.shape[0]
+    token_key = jax.random.fold_in(key, TOKEN)
+    if k == 0:
+        return jnp.int32(0), jax.random.categorical(token_key, warped[0])[None].astype(jnp.int32)
+    p = jax.nn.softmax(warped, axis=-1)
+    q = jax.nn.one_hot(drafts, p.shape[-1], dtype=p.dtype) if q is None else q
+    p_draft = jnp.take_along_axis(p[:k], drafts[:, None], axis=-1)[:, 0]
+    q_draft = jnp.take_along_axis(q, drafts[:, None], axis=-1)[:, 0]
+    keep = jax.random.uniform(jax.random.fold_in(key, ACCEPT), (k,)) * q_draft < p_draft  # u < p / q
+    kept = jnp.sum(jnp.cumprod(keep)).astype(jnp.int32)
+    residual = jnp.maximum(p[kept] - jnp.pad(q, ((0, 1), (0, 0)))[kept], 0.0)
+    residual = jnp.where(jnp.sum(residual) > 0, residual, p[kept])  # empty only where p == q
+    token = jnp.where(kept == k, jax.random.categorical(token_key, warped[kept]),
+                      jax.random.categorical(token_key, jnp.log(residual))).astype(jnp.int32)
+    return kept, jnp.pad(drafts, (0, 1)).at[kept].set(token)
+
+
+def accept(x, drafts, sampling: SamplingMetadata, counts, q=None):
+    """Step 5 for a row's latest token and its drafts: x [B, J, V] adjusted logits at the J positions, drafts
+    int32 [B, J - 1] (J = 1: none), counts int32 [B] each row's token index (its key), q float32 [B, J - 1, V] the
+    draft model's distributions (None: prompt lookup's point masses) -> (kept int32 [B], emitted int32 [B, J]: a
+    row's first kept + 1 are its new tokens). Greedy rows keep drafts while they equal the argmax."""
+    target = jnp.argmax(x, axis=-1).astype(jnp.int32)  # [B, J]
+    kept = jnp.sum(jnp.cumprod(drafts == target[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    hot = sampling.temperature > 0
+
+    def sampled():
+        in_axes = (0, 0, None if q is None else 0, 0)
+        return jax.vmap(_leviathan, in_axes)(warp(x, sampling), drafts, q, row_keys(sampling, counts))
+
+    kept_hot, emitted_hot = jax.lax.cond(jnp.any(hot), sampled, lambda: (kept, target))
+    return jnp.where(hot, kept_hot, kept), jnp.where(hot[:, None], emitted_hot, target)
+
+
+def sample(logits, sampling: SamplingMetadata, counts=None, index=None):
+    """One token per row from logits [B, V], all five steps: -> int32 [B]. index: int32 [B] each row's token index
+    (default 0); counts: the rows' TokenCounts (None: no penalties)."""
+    index = jnp.zeros(logits.shape[0], jnp.int32) if index is None else index
+    drafts = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return accept(adjust(logits[:, None], sampling, counts), drafts, sampling, index)[1][:, 0]
+
+
+def draw(x, sampling: SamplingMetadata, counts, purpose):
+    """A draft model's token per row from adjusted logits x [B, V] with key purpose `purpose` (DRAFT + i), and the
+    distribution it was drawn from: -> (int32 [B], float32 [B, V]). Greedy rows take the argmax."""
+    warped = warp(x[:, None], sampling)[:, 0]
+    keys = jax.vmap(lambda key: jax.random.fold_in(key, purpose))(row_keys(sampling, counts))
+    drawn = jax.vmap(jax.random.categorical)(keys, warped)
+    token = jnp.where(sampling.temperature > 0, drawn, jnp.argmax(x, axis=-1)).astype(jnp.int32)
+    return token, jax.nn.softmax(warped, axis=-1)

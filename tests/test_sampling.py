@@ -1,4 +1,5 @@
-"""top-k and top-p keep exactly the tokens they should; temperature 0 is argmax."""
+"""SamplingParams checks every field; top-k, top-p and min-p keep exactly the tokens they should; temperature 0 is
+argmax."""
 
 import dataclasses
 
@@ -8,13 +9,25 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax.sampling import Sampling, filter_logits, sample, seed_key_data
+from mistral_jax.sampling import SamplingMetadata, metadata, sample, seed_key_data, warp
 from mistral_jax.serving.requests import RequestError
+
+
+def _rows(n: int, vocab: int, **settings) -> SamplingMetadata:
+    """n rows of one setting as the stage reads them (row i seeded seed + i)."""
+    params = [mj.SamplingParams(**{**settings, "seed": settings.get("seed", 0) + i}) for i in range(n)]
+    return jax.tree.map(jnp.asarray, metadata(params, vocab))
+
+
+def _kept(logits, **settings):
+    """Which tokens survive temperature 1 and the filters: logits [B, V] -> bool [B, V]."""
+    meta = _rows(*logits.shape, temperature=1.0, **settings)
+    return np.isfinite(np.asarray(warp(jnp.asarray(logits)[:, None], meta)))[:, 0]
 
 
 def test_top_k_keeps_the_k_largest():
     logits = jnp.array([[0.1, 3.0, 2.0, -1.0, 2.5]])
-    kept = np.isfinite(np.asarray(filter_logits(logits, top_k=2, top_p=1.0)))[0]
+    kept = _kept(logits, top_k=2)[0]
     assert kept.tolist() == [False, True, False, False, True]
 
 
@@ -22,28 +35,40 @@ def test_top_p_keeps_the_smallest_nucleus():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.log(jnp.asarray(probs))[None]
     for top_p, expected in [(0.5, 1), (0.6, 2), (0.8, 2), (0.81, 3), (0.96, 4)]:
-        kept = np.isfinite(np.asarray(filter_logits(logits, 0, top_p)))[0]
+        kept = _kept(logits, top_p=top_p)[0]
         assert kept.sum() == expected, top_p
+        assert kept[:expected].all()
+
+
+def test_min_p_keeps_tokens_at_least_min_p_of_the_most_likely():
+    """transformers' MinPLogitsWarper: keep p >= min_p * p_max."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    for min_p, expected in [(0.05, 4), (0.11, 3), (0.3, 3), (0.31, 2), (0.61, 1), (1.0, 1)]:
+        kept = _kept(logits, min_p=min_p)[0]
+        assert kept.sum() == expected, min_p
         assert kept[:expected].all()
 
 
 def test_samples_stay_inside_the_filters():
     logits = jax.random.normal(jax.random.key(0), (4, 50))
-    allowed = np.isfinite(np.asarray(filter_logits(logits, 5, 0.7)))
+    allowed = _kept(logits, top_k=5, top_p=0.7)
     for i in range(20):
-        tokens = np.asarray(sample(logits, jax.random.key(i), Sampling(1.0, 5, 0.7)))
+        meta = _rows(4, 50, temperature=1.0, top_k=5, top_p=0.7, seed=10 * i)
+        tokens = np.asarray(sample(logits, meta))
         assert allowed[np.arange(4), tokens].all()
 
 
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (3, 20))
-    assert np.asarray(sample(logits, jax.random.key(0), Sampling())).tolist() == np.argmax(logits, -1).tolist()
+    meta = _rows(3, 20)
+    assert np.asarray(sample(logits, meta)).tolist() == np.argmax(logits, -1).tolist()
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
-        Sampling(**kwargs)
+        mj.SamplingParams(**kwargs)
 
 
 def test_sampling_params_is_public_and_normalises_its_fields():

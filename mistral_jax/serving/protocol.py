@@ -198,14 +198,8 @@ REFUSED = {
     "functions": "the deprecated `functions` are not supported: send `tools`",
     "function_call": "the deprecated `function_call` is not supported: send `tool_choice`",
     "suffix": "insertion (a prompt suffix) is not supported",
-    "frequency_penalty": "penalties are not supported yet",
-    "presence_penalty": "penalties are not supported yet",
-    "repetition_penalty": "penalties are not supported yet",
-    "logit_bias": "logit_bias is not supported yet",
-    "min_p": "min_p is not supported yet",
 }
-_DEFAULTS = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0, "min_p": 0.0,
-             "suffix": "", "logit_bias": {}}
+_DEFAULTS = {"suffix": ""}
 
 
 def refuse_unsupported(request: _Sampling) -> None:
@@ -238,6 +232,11 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_toke
         temperature=request.temperature,
         top_k=max(request.top_k, 0),  # vLLM's -1 and 0 both mean off
         top_p=request.top_p,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        logit_bias=request.logit_bias or {},  # keys: token ids as decimal strings (JSON), SamplingParams reads them
         seed=request.seed or 0,
         stop=stop_strings(request),
         stop_token_ids=tuple(request.stop_token_ids or ()),
