@@ -13,6 +13,7 @@ import openai
 import pytest
 import schemathesis
 
+import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.serving.protocol import REFUSED
 from mistral_jax.tokenizers import load_tokenizer
@@ -112,13 +113,18 @@ def test_ignored_fields_change_nothing_and_max_completion_tokens_wins(client):
 
 
 def test_logit_bias_and_penalties_are_honoured(client, tokenizer):
-    token = tokenizer.encode(" Paris", bos=False)[0]
-    kwargs = dict(model=MODEL, prompt="Hello", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
-    biased = client.completions.create(**kwargs, logit_bias={str(token): 100})
-    assert biased.choices[0].text == tokenizer.decode([token] * 3)
-    repeated = client.completions.create(**kwargs, logit_bias={str(token): 100}, frequency_penalty=2.0,
-                                         presence_penalty=2.0)
-    assert repeated.choices[0].text != biased.choices[0].text  # still biased, but penalized past the first
+    """Greedy with OpenAI's penalties, vLLM's repetition_penalty and logit_bias: the tokens mj.generate picks with
+    the same SamplingParams, and not plain greedy's."""
+    config, params = mj.load(default_model_path())
+    prompt = tokenizer.encode("one one one one one one")
+    bias = tokenizer.encode(" two", bos=False)[0]
+    settings = dict(frequency_penalty=1.5, presence_penalty=0.5, logit_bias={str(bias): 3.0})
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0, **settings,
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
+    sampling = mj.SamplingParams(max_tokens=6, repetition_penalty=1.3, **settings)
+    expected = mj.generate(config, params, [prompt], 6, sampling=sampling)[0]
+    plain = mj.generate(config, params, [prompt], 6)[0]
+    assert out.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in expected] and expected != plain
 
 
 def test_twenty_top_logprobs(client):
