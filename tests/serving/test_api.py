@@ -8,14 +8,12 @@ import time
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.tokenizers import load_tokenizer
-from tests.processes import kill_all
-from tests.serving.live import KEY, MODEL, start_server
+from tests.serving.live import KEY, MODEL, openai_client, running_server
 
 CONTEXT = 256
 pytestmark = pytest.mark.slow
@@ -23,15 +21,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server():
-    process, url = start_server("--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT),
-                                "--prefill-chunk", "32")
-    yield process, url
-    kill_all([process])
+    with running_server("--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT),
+                        "--prefill-chunk", "32") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import time
 
 import httpx
 import hypothesis
-import openai
 import pytest
 import schemathesis
 
@@ -17,8 +16,7 @@ import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.serving.protocol import REFUSED
 from mistral_jax.tokenizers import load_tokenizer
-from tests.processes import kill_all
-from tests.serving.live import AUTH, KEY, MODEL, start_server
+from tests.serving.live import AUTH, MODEL, openai_client, running_server
 
 CONTEXT = 256
 LIMIT = 8 * 2**20  # --max-request-bytes (the default, given explicitly)
@@ -29,15 +27,14 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 @pytest.fixture(scope="module")
 def server():
-    process, url = start_server("--max-batch", "4", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32",
-                                "--max-request-bytes", str(LIMIT))
-    yield process, url
-    kill_all([process])
+    with running_server("--max-batch", "4", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32",
+                        "--max-request-bytes", str(LIMIT)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server[1])
 
 
 @pytest.fixture(scope="module")
