@@ -111,7 +111,7 @@ def test_ignored_fields_change_nothing_and_max_completion_tokens_wins(client):
 
 def test_logit_bias_and_penalties_are_honoured(client, tokenizer):
     """Greedy with OpenAI's penalties, vLLM's repetition_penalty and logit_bias: the tokens mj.generate picks with
-    the same SamplingParams, and not plain greedy's."""
+    the same SamplingParams, and not the server's plain greedy ones."""
     config, params = mj.load(default_model_path())
     prompt = tokenizer.encode("one one one one one one")
     bias = tokenizer.encode(" two", bos=False)[0]
@@ -119,9 +119,10 @@ def test_logit_bias_and_penalties_are_honoured(client, tokenizer):
     out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0, **settings,
                                     extra_body={"ignore_eos": True, "repetition_penalty": 1.3})
     sampling = mj.SamplingParams(max_tokens=6, repetition_penalty=1.3, **settings)
-    expected = mj.generate(config, params, [prompt], 6, sampling=sampling)[0]
-    plain = mj.generate(config, params, [prompt], 6)[0]
-    assert out.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in expected] and expected != plain
+    expected = [tokenizer.decode([t]) for t in mj.generate(config, params, [prompt], 6, sampling=sampling)[0]]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=0,
+                                      extra_body={"ignore_eos": True})
+    assert out.choices[0].logprobs.tokens == expected != plain.choices[0].logprobs.tokens
 
 
 def test_twenty_top_logprobs(client):
@@ -267,7 +268,7 @@ def test_schemathesis_finds_no_server_error(server):
     for result in schema.get_all_operations():
         operation = result.ok()
 
-        @hypothesis.settings(max_examples=15, deadline=None, database=None, derandomize=True,
+        @hypothesis.settings(max_examples=10, deadline=None, database=None, derandomize=True,
                              suppress_health_check=list(hypothesis.HealthCheck))
         @hypothesis.given(case=operation.as_strategy())
         def check(case):
@@ -278,5 +279,5 @@ def test_schemathesis_finds_no_server_error(server):
                 failures.append((case.operation.label, response.status_code, response.text[:300]))
 
         check()
-    assert calls >= 60 and not failures, failures
+    assert calls >= 40 and not failures, failures  # 10 bodies for each POST route, fewer for the GETs
     assert httpx.get(url + "/health").status_code == 200
