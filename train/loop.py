@@ -26,14 +26,13 @@ from tqdm import tqdm
 
 from mistral_jax import lora as lora_lib
 from mistral_jax import sharding
-from mistral_jax.checkpoints import run_dir
-from mistral_jax.checkpoints.run_dir import MetricsLog, checkpoint_manager  # noqa: F401 (train.loop's API)
+from mistral_jax.checkpoints.run_dir import checkpoint_manager  # noqa: F401 (train.loop's API)
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model.moe import balance_loss
 from mistral_jax.model.transformer import forward, param_shapes
-from mistral_jax.paths import as_path
 from train.data import FIELDS, Batches, empty_rows
+from train.logging import RunLog
 from train.objectives import Sft
 from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer
 from train.state import TrainState
@@ -350,17 +349,20 @@ def _finite(metrics: dict[str, float]) -> bool:
 
 
 def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp.CheckpointManager,
-             options: LoopOptions, eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None):
+             options: LoopOptions, eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None,
+             log: RunLog | None = None):
     """Train from state's step to options.steps (or stop_at), logging, evaluating and checkpointing -> (state, result).
 
     Metrics are read back every step so a non-finite loss stops the run before anything is saved from it.
-    metrics.jsonl records after the state's step (from a run killed since its last checkpoint) are dropped.
+    `log` (process 0's; by default a RunLog of options.output_dir: metrics.jsonl and TensorBoard) drops the
+    records after the state's step (from a run killed since its last checkpoint). The loop closes it.
     """
     main = jax.process_index() == 0
     step = int(jax.device_get(state.step))
     end = min(options.steps, options.stop_at or options.steps)
     status, loss = ("finished" if end == options.steps else "stopped"), None
-    log = MetricsLog(as_path(options.output_dir) / run_dir.METRICS_FILE, resume_step=step) if main else None
+    if log is None and main:
+        log = RunLog(options.output_dir, resume_step=step, program=trainer.objective.name)
     bar = tqdm(total=options.steps, initial=step, disable=not main, desc=trainer.objective.name, unit="step",
                dynamic_ncols=True)
     window_tokens, window_seconds = 0.0, 0.0  # train-step time only: not data, eval or saving

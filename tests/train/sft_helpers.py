@@ -62,3 +62,22 @@ def save_model(path: Path, preset: str, tokenizer_dir: Path, seed: int = 0) -> P
     config = mj.ModelConfig.from_preset(preset)
     params = mj.init_params(config, jax.random.key(seed))
     return orbax.write(config, params, path, extra_files=sorted(tokenizer_dir.iterdir()))
+
+
+def preference_pairs(conversational: bool = False) -> list[dict]:
+    """A synthetic preference task over FACTS: the chosen answer is the sentence, the rejected one the same words
+    in reverse order (one style preferred); every question against each answer style, text or message lists."""
+    out = []
+    for i, (question, answer) in enumerate(FACTS):
+        for prefix in ("", "Answer in one sentence. "):
+            words = answer.rstrip(".").split()
+            chosen, rejected = answer, " ".join(reversed(words)) + "."
+            if conversational:
+                prompt = [{"role": "user", "content": prefix + question}]
+                if i % 2:
+                    prompt.insert(0, {"role": "system", "content": "Answer in one sentence."})
+                out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                            "rejected": [{"role": "assistant", "content": rejected}]})
+            else:
+                out.append({"prompt": f"{prefix}{question} ", "chosen": chosen, "rejected": rejected})
+    return out
