@@ -79,5 +79,5 @@ def preference_pairs(conversational: bool = False) -> list[dict]:
                 out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
                             "rejected": [{"role": "assistant", "content": rejected}]})
             else:
-                out.append({"prompt": f"{prefix}{question} ", "chosen": chosen, "rejected": rejected})
+                out.append({"prompt": f"{prefix}{question}", "chosen": f" {chosen}", "rejected": f" {rejected}"})
     return out
