@@ -14,13 +14,6 @@ from train.pairs import load_pairs, pair_rows, parse_pair, tokenize_pair
 GOOD = json.dumps(preference_pairs()[0])
 
 
-@pytest.fixture(scope="module")
-def prefs_file(tmp_path_factory) -> Path:
-    """Both formats, 24 pairs."""
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl",
-                       preference_pairs(conversational=True) + preference_pairs())
-
-
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "invalid JSON"),
     ('{"prompt": "hi", "chosen": "a"}', '"prompt", "chosen" and "rejected"'),

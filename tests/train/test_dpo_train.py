@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from sft_helpers import preference_pairs, write_jsonl
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
@@ -18,12 +17,6 @@ import mistral_jax as mj
 from mistral_jax import cli
 from train import dpo, plot, sft
 from train.objectives import PAIR_METRICS
-
-
-@pytest.fixture(scope="module")
-def prefs_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl",
-                       preference_pairs(conversational=True) + preference_pairs())
 
 
 def _flags(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
