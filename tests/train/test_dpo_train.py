@@ -2,6 +2,7 @@
 steps), TRL's metric names in metrics.jsonl and TensorBoard, `mistral-jax plot`, a LoRA run read back by export
 and generate, and the SFT settings refused where they mean nothing."""
 
+import argparse
 import json
 import math
 import struct
@@ -10,12 +11,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
+from sft_helpers import read_events
 
 import mistral_jax as mj
 from mistral_jax import cli
-from train import dpo, plot, sft
+from train import dpo, plot, program, settings, sft
 from train.objectives import PAIR_METRICS
 
 
@@ -26,25 +26,6 @@ def _flags(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
 
 def _metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def read_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the event files under `directory` by tag: [(step, value)], records' CRCs checked (the
-    TFRecord framing tensorboardX writes, parsed with its Event proto)."""
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for file in sorted(directory.glob("events.out.tfevents.*")):
-        data, offset = file.read_bytes(), 0
-        while offset < len(data):
-            header = data[offset: offset + 8]
-            (length,) = struct.unpack("<Q", header)
-            assert struct.unpack("<I", data[offset + 8: offset + 12])[0] == masked_crc32c(header)
-            body = data[offset + 12: offset + 12 + length]
-            assert struct.unpack("<I", data[offset + 12 + length: offset + 16 + length])[0] == masked_crc32c(body)
-            offset += 16 + length
-            event = event_pb2.Event.FromString(body)
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +112,8 @@ def test_dpo_flags_are_dpo_only(tmp_path, llama_dir, prefs_file, data_file, caps
     assert dpo.main(_flags(llama_dir, data_file, tmp_path / "chats", "--steps", "2")) == 2  # chats are not pairs
     assert 'chats.jsonl:1: expected an object with "prompt", "chosen" and "rejected"' in capsys.readouterr().err
     assert not (tmp_path / "chats").exists()
+    demo = Path(__file__).resolve().parents[2] / "configs" / "dpo" / "smollm2-demo.json"
+    parser = program.add_program_flags(argparse.ArgumentParser(), dpo.DPO)
+    s = settings.resolve(parser.parse_args(["--config", str(demo), "--output", str(tmp_path)]), "dpo")
+    assert Path(s.data).is_file() and s.lora_rank == 16 and s.beta == 0.1 and s.loss == "sigmoid"
+    assert s.checkpoint is None  # the embedded SmolLM2
