@@ -123,7 +123,7 @@ class _Tokenize:
         line, pair = item
         where = f"{self.path}:{line}"
         prompt, chosen, rejected = tokenize_pair(self.tokenizer, pair, where)
-        top = max([*prompt, *chosen, *rejected])
+        top = max([*prompt, *chosen, *rejected], default=0)
         if top >= self.vocab_size:
             raise DataError(f"{where}: token id {top} is not below the model's vocab_size {self.vocab_size}")
         rows, cut = pair_rows(prompt, chosen, rejected, self.seq_len)
