@@ -12,6 +12,7 @@ import pytest
 
 import mistral_jax as mj
 from mistral_jax import lora
+from mistral_jax.compile_stats import CompileStats
 from train.loop import BatchShape, Trainer
 from train.objectives import PAIR_METRICS, Dpo
 from train.optim import OptimConfig
@@ -92,7 +93,8 @@ def test_first_step_equals_live_transformers(first_steps, case) -> None:
 
 
 def test_accumulated_pairs_equal_one_batch_with_the_load_balancing_loss() -> None:
-    """2 micro-batches of 2 pairs = 1 batch of 4 pairs (the loss is a pair mean), Mixtral's aux loss included."""
+    """2 micro-batches of 2 pairs = 1 batch of 4 pairs (the loss is a pair mean), Mixtral's aux loss included; the
+    step compiles once."""
     golden = _golden("mixtral_top2")
     config, params = mj.load(FIXTURES / "hf" / "mixtral_top2", "float32")
     rows = _rows(_pairs(golden))
@@ -101,8 +103,10 @@ def test_accumulated_pairs_equal_one_batch_with_the_load_balancing_loss() -> Non
         trainer = Trainer(config, OptimConfig(1e-3, total_steps=10, warmup_steps=1, eps=1e-3),
                           BatchShape(accum, 8 // accum, SEQ_LEN), aux_loss_coef=1.0, objective=Dpo(0.1))
         state = trainer.init_state(jax.tree.map(jnp.array, params))
-        for _ in range(2):  # the second step's policy differs from the reference
+        state, metrics = trainer.train_step(state, trainer.put_batch(rows))
+        with CompileStats() as compiled:  # the second step's policy differs from the reference; no new program
             state, metrics = trainer.train_step(state, trainer.put_batch(rows))
+        assert compiled.compilations == compiled.lowerings == 0
         results.append((jax.device_get(state.trainable), {k: float(v) for k, v in jax.device_get(metrics).items()}))
     (p1, m1), (p2, m2) = results
     assert m1["aux_loss"] > 0 and m1["loss"] != pytest.approx(np.log(2), abs=1e-4)
