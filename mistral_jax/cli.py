@@ -28,7 +28,7 @@ from mistral_jax.errors import UserError, one_line
 from mistral_jax.model import quant
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from mistral_jax.serving import lockstep
-from train import sft  # the SFT program lives in train/; only the CLI reaches into it
+from train import dpo, plot, sft  # the training programs live in train/; only the CLI reaches into it
 
 # The orbax, GGUF and run-directory readers and mistral_jax.tokenizers are imported where used: at the top
 # they would make `mistral-jax --help` load orbax, gguf, jinja2 and the tokenizers library.
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
 
     sft.add_sft_parser(commands)
+    dpo.add_dpo_parser(commands)
+    plot.add_plot_parser(commands)
 
     plan = commands.add_parser("plan", help="memory per device of a preset on a mesh, and which chips it fits")
     plan.add_argument("--preset", required=True, help="a model preset (see mj.list_presets())")
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seq-len", type=_positive_int, default=4096)
     plan.add_argument("--train", action="store_true", help="SFT: float32 master weights, AdamW state, gradients")
     plan.add_argument("--lora-rank", type=_non_negative_int, default=0, help="with --train: only LoRA adapters train")
+    plan.add_argument("--dpo", action="store_true", help="with --train: DPO (--batch pairs of 2 rows; a frozen "
+                                                         "reference copy without LoRA)")
     plan.add_argument("--no-remat", dest="remat", action="store_false",
                       help="with --train: keep every layer's activations")
     plan.add_argument("--attention", choices=get_args(AttentionKernel), default=None,
@@ -570,7 +574,7 @@ def cmd_plan(args) -> None:
     if args.quantize:
         config = quant.quantized_config(config, args.quantize)
     settings = dict(preset=args.preset, dtype=args.dtype, batch=args.batch, seq_len=args.seq_len, train=args.train,
-                    lora_rank=args.lora_rank, remat=args.remat)
+                    lora_rank=args.lora_rank, remat=args.remat, dpo=args.dpo)
     if args.mesh:
         try:
             sizes = sharding.parse_mesh(args.mesh)
@@ -587,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; a user's mistake (errors.one_line) prints as one line with exit status 2, a bug raises."""
     args = build_parser().parse_args(argv)
     commands = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "export": cmd_export,
-                "eval": cmd_eval, "plan": cmd_plan, "serve": cmd_serve, "sft": sft.run}
+                "eval": cmd_eval, "plan": cmd_plan, "serve": cmd_serve, "sft": sft.run,
+                "dpo": dpo.run, "plot": plot.run}
     try:
         commands[args.command](args)
     except KeyboardInterrupt:

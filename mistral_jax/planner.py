@@ -56,6 +56,7 @@ class Plan:
     params_bytes_per_device: int
     optimizer_bytes_per_device: int
     gradient_bytes_per_device: int
+    reference_bytes_per_device: int  # DPO's frozen reference copy (full fine-tune); LoRA's reference is the base
     kv_cache_bytes_per_device: int
     activation_bytes_per_device: int
     seq_len: int
@@ -66,7 +67,7 @@ class Plan:
     @property
     def total_bytes_per_device(self) -> int:
         return (self.params_bytes_per_device + self.optimizer_bytes_per_device + self.gradient_bytes_per_device
-                + self.kv_cache_bytes_per_device + self.activation_bytes_per_device)
+                + self.reference_bytes_per_device + self.kv_cache_bytes_per_device + self.activation_bytes_per_device)
 
     @property
     def fits(self) -> dict[str, bool]:
@@ -77,9 +78,16 @@ class Plan:
 
 
 def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str = "bfloat16", batch: int = 1,
-         seq_len: int = 4096, train: bool = False, lora_rank: int = 0, remat: bool = True) -> Plan:
+         seq_len: int = 4096, train: bool = False, lora_rank: int = 0, remat: bool = True, dpo: bool = False) -> Plan:
     """Memory per device of inference (params + KV cache + activations) or SFT (with `train`: float32
-    master weights, AdamW moments and gradients, or LoRA adapters only with `lora_rank`)."""
+    master weights, AdamW moments and gradients, or LoRA adapters only with `lora_rank`).
+
+    `dpo` (with `train`): `batch` counts pairs, 2 rows each; a full fine-tune also holds the reference model,
+    a frozen float32 copy of the weights sharded like them (train/loop.py); with LoRA the reference is the
+    base without the adapters, nothing more. The reference's forward keeps no activations for a backward.
+    """
+    if dpo and not train:
+        raise UserError("a DPO plan is a training plan: pass train (--train) too")
     mesh = abstract_mesh(**mesh_sizes)
     shapes, names = _shapes_and_axes(config)
     specs = jax.tree.map(lambda s, n: sharding.fit_spec(s.shape, tuple(n), mesh), shapes, names)
@@ -93,7 +101,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
                        for (path, s), spec in leaves)
     counts = config.param_counts()  # of the float model: quantized weights' scales are not parameters
 
-    optimizer = gradients = kv_cache = 0
+    optimizer = gradients = kv_cache = reference = 0
     if train and lora_rank:
         params_bytes = per_device * compute_bytes  # the frozen base
         adapters = _lora_elements_per_device(config, mesh, lora_rank)
@@ -102,6 +110,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     elif train:
         params_bytes = per_device * 4  # float32 master weights
         optimizer, gradients = 2 * per_device * 4, per_device * 4
+        reference = per_device * 4 if dpo else 0
     else:
         params_bytes = stored_bytes
         cache_shape = (config.n_layers, batch, config.n_kv_heads, config.cache_size(seq_len), config.resolved_head_dim)
@@ -109,11 +118,13 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
         kv_values = 2 * per_device_elements(cache_shape, cache_spec, mesh)
         kv_cache = round(kv_values * _kv_bytes_per_value(config, compute_bytes))
     kernel = attention_kernel(config, seq_len)
-    activations = _activation_bytes(config, mesh, batch, seq_len, compute_bytes, train, remat, kernel != "xla")
+    rows = 2 * batch if dpo else batch
+    activations = _activation_bytes(config, mesh, rows, seq_len, compute_bytes, train, remat, kernel != "xla")
     kv_per_token = round(2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim
                          * _kv_bytes_per_value(config, compute_bytes))
     return Plan(preset, dict(mesh.shape), counts["total"], counts["active"], params_bytes, optimizer, gradients,
-                kv_cache, activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
+                reference, kv_cache, activations, seq_len, kernel, kv_per_token,
+                kv_per_token * config.cache_size(seq_len))
 
 
 def _stored_itemsize(path, dtype, compute_bytes: int) -> int:
@@ -206,7 +217,8 @@ def format_plan(p: Plan) -> str:
     """A short human-readable report."""
     mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
     rows = [("params", p.params_bytes_per_device), ("optimizer state", p.optimizer_bytes_per_device),
-            ("gradients", p.gradient_bytes_per_device), ("KV cache", p.kv_cache_bytes_per_device),
+            ("gradients", p.gradient_bytes_per_device), ("DPO reference copy", p.reference_bytes_per_device),
+            ("KV cache", p.kv_cache_bytes_per_device),
             ("activations (estimate)", p.activation_bytes_per_device), ("total", p.total_bytes_per_device)]
     lines = [f"{p.preset or 'model'}: {p.total_params / 1e9:.2f}B parameters ({p.active_params / 1e9:.2f}B active) "
              f"on mesh {mesh}"]

@@ -97,3 +97,24 @@ def test_quantized_plans_count_int8_weights_scales_and_cache():
     with pytest.raises(mj.UserError, match="quantized"):
         planner.plan(mistral.replace(quant="int8"), one, train=True)
     assert cli.main(["plan", "--preset", "tiny-llama", "--devices", "1", "--quantize", "int4"]) == 2
+
+
+def test_dpo_counts_the_reference_copy_and_two_rows_a_pair(capsys):
+    """Full fine-tune DPO holds a frozen float32 reference copy split like the master weights; with LoRA the
+    reference is the base (nothing added). --batch counts pairs: the activations of twice the rows."""
+    config = mj.ModelConfig.from_preset("mistral-7b-v0.1")
+    mesh = dict(data=1, fsdp=8, expert=1, tensor=1)
+    sft = planner.plan(config, mesh, batch=8, seq_len=2048, train=True)
+    dpo = planner.plan(config, mesh, batch=8, seq_len=2048, train=True, dpo=True)
+    assert dpo.reference_bytes_per_device == dpo.params_bytes_per_device == sft.params_bytes_per_device
+    assert dpo.activation_bytes_per_device == planner.plan(config, mesh, batch=16, seq_len=2048,
+                                                           train=True).activation_bytes_per_device
+    assert dpo.total_bytes_per_device - sft.total_bytes_per_device == (
+        dpo.reference_bytes_per_device + dpo.activation_bytes_per_device - sft.activation_bytes_per_device)
+    lora = planner.plan(config, mesh, batch=8, seq_len=2048, train=True, lora_rank=16, dpo=True)
+    assert lora.reference_bytes_per_device == 0
+    with pytest.raises(ValueError, match="pass train"):
+        planner.plan(config, mesh, dpo=True)
+    assert cli.main(["plan", "--preset", "mistral-7b-v0.1", "--mesh", "fsdp=8", "--train", "--dpo", "--batch", "8",
+                     "--seq-len", "2048"]) == 0
+    assert "DPO reference copy           3.37 GiB per device" in capsys.readouterr().out

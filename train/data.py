@@ -46,17 +46,22 @@ def parse_line(line: str, where: str) -> list[dict[str, str]]:
         raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(record, dict) or "messages" not in record:
         raise DataError(f'{where}: expected an object with a "messages" list')
-    messages = record["messages"]
+    messages = check_messages(record["messages"], where, "messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant message, nothing to train on")
+    return messages
+
+
+def check_messages(messages, where: str, field: str) -> list[dict[str, str]]:
+    """A non-empty list of {"role", "content"} messages under `field`, validated and stripped of other keys."""
     if not isinstance(messages, list) or not messages:
-        raise DataError(f'{where}: "messages" must be a non-empty list')
+        raise DataError(f'{where}: "{field}" must be a non-empty list')
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLES:
             raise DataError(f"{where}: message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
             raise DataError(f"{where}: message {i} ({role}) needs a string content")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant message, nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -67,8 +72,8 @@ def iter_conversations(path: str | pathlib.Path) -> Iterator[tuple[int, list[dic
         yield number, messages
 
 
-def _scan(path) -> Iterator[tuple[int, int, list[dict[str, str]]]]:
-    """(line number, byte offset, messages) of every non-blank line, one line in memory at a time."""
+def _scan(path, parse=parse_line) -> Iterator[tuple[int, int, list[dict[str, str]]]]:
+    """(line number, byte offset, parse(line)) of every non-blank line, one line in memory at a time."""
     require_local(path, "JSONL data (--data)")
     path = pathlib.Path(path)
     offset = 0
@@ -79,38 +84,39 @@ def _scan(path) -> Iterator[tuple[int, int, list[dict[str, str]]]]:
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
             if line.strip():
-                yield number, offset, parse_line(line, f"{path}:{number}")
+                yield number, offset, parse(line, f"{path}:{number}")
             offset += len(raw)
 
 
-def index_lines(path) -> tuple[np.ndarray, np.ndarray]:
-    """Validate every line of a JSONL file -> (line numbers int64 [N], byte offsets int64 [N]) of its conversations."""
+def index_lines(path, parse=parse_line, what: str = "conversations") -> tuple[np.ndarray, np.ndarray]:
+    """Validate every line of a JSONL file with `parse` -> (line numbers int64 [N], byte offsets int64 [N]) of its
+    examples (`what` they are, for the error when there are none)."""
     numbers, offsets = array.array("q"), array.array("q")
-    for number, offset, _ in _scan(path):
+    for number, offset, _ in _scan(path, parse):
         numbers.append(number)
         offsets.append(offset)
     if not numbers:
-        raise DataError(f"{path}: no conversations")
+        raise DataError(f"{path}: no {what}")
     return np.frombuffer(numbers, np.int64), np.frombuffer(offsets, np.int64)
 
 
 class JsonlLines:
-    """A grain data source: conversation i is the line at offsets[i], read from disk when asked for."""
+    """A grain data source: example i is the line at offsets[i], read from disk and parsed when asked for."""
 
-    def __init__(self, path, numbers: np.ndarray, offsets: np.ndarray):
-        self.path, self.numbers, self.offsets = pathlib.Path(path), numbers, offsets
+    def __init__(self, path, numbers: np.ndarray, offsets: np.ndarray, parse=parse_line):
+        self.path, self.numbers, self.offsets, self.parse = pathlib.Path(path), numbers, offsets, parse
         self._handle = None
 
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, i: int) -> tuple[int, list[dict[str, str]]]:
-        """(line number, messages) of conversation i."""
+    def __getitem__(self, i: int):
+        """(line number, parse(line)) of example i."""
         if self._handle is None:
             self._handle = self.path.open("rb")
         self._handle.seek(int(self.offsets[i]))
         number = int(self.numbers[i])
-        return number, parse_line(self._handle.readline().decode("utf-8"), f"{self.path}:{number}")
+        return number, self.parse(self._handle.readline().decode("utf-8"), f"{self.path}:{number}")
 
 
 # Tokenizing ----------------------------------------------------------------------------------------
@@ -343,8 +349,6 @@ def load_data(path, tokenizer, *, seq_len: int, rows: int, packing: bool, seed: 
     up front, the first `check` conversations of its streams (template and vocabulary errors and the counts
     before training, without a pass over a large file); the rest only as it is trained on.
     """
-    if rows % process_count:
-        raise DataError(f"{rows} rows a micro-batch do not split over {process_count} processes")
     numbers, offsets = index_lines(path)
     train_idx, eval_idx = split_indices(len(offsets), eval_fraction, seed)
     stats = {"conversations": len(offsets), "train": len(train_idx), "eval": len(eval_idx),
@@ -353,18 +357,33 @@ def load_data(path, tokenizer, *, seq_len: int, rows: int, packing: bool, seed: 
     every = JsonlLines(path, numbers, offsets)
     evals = [e for i in eval_idx if (e := to_examples(every[i])) is not None]
     source = JsonlLines(path, numbers[train_idx], offsets[train_idx])
+    batches = stream_batches(source, to_examples, lambda examples: RowStream(examples, seq_len, packing,
+                                                                             patience=100 * len(train_idx)),
+                             rows=rows, micro_batches=micro_batches, seed=seed, process_index=process_index,
+                             process_count=process_count, check=check)
+    if not stats["kept"] and process_count == 1:
+        raise DataError(f"{path}: no training example has an assistant token within seq_len={seq_len}")
+    eval_rows = make_rows(evals, seq_len, packing) if evals else None
+    return SFTData(batches, eval_rows, stats)
+
+
+def stream_batches(source, to_examples, new_stream, *, rows: int, micro_batches: int, seed: int, process_index: int,
+                   process_count: int, check: int) -> Batches:
+    """This process's `Batches` over a grain source of training examples: shuffled by seed (reshuffled each
+    epoch), global stream j its elements j, j + rows, ... mapped through `to_examples` (None: skipped) into
+    `new_stream(examples)` (RowStream, or train/pairs.py's PairStream). The first `check` elements of this
+    process's share of the first epoch are made now (errors and to_examples' counts up front); then
+    to_examples.counting is turned off and to_examples.stats gets "kept", "own" and "checked"."""
+    if rows % process_count:
+        raise DataError(f"{rows} rows a micro-batch do not split over {process_count} processes")
+    n = len(source)
     order = grain.MapDataset.source(source).shuffle(seed=seed).repeat()  # reshuffled every epoch
     local = rows // process_count
     own = range(process_index * local, (process_index + 1) * local)
-    streams = {j: RowStream(order[j::rows].map(to_examples), seq_len, packing, patience=100 * len(train_idx))
-               for j in own}
-    first_epoch = [(j, i) for i in range(-(-len(train_idx) // rows)) for j in own if j + i * rows < len(train_idx)]
+    streams = {j: new_stream(order[j::rows].map(to_examples)) for j in own}
+    first_epoch = [(j, i) for i in range(-(-n // rows)) for j in own if j + i * rows < n]
     checked = first_epoch[:check]  # (stream, element) pairs: this process's share of the first epoch, in order
     kept = sum(streams[j].examples[i] is not None for j, i in checked)
     to_examples.counting = False
-    if not kept and process_count == 1:
-        raise DataError(f"{path}: no training example has an assistant token within seq_len={seq_len}")
-    batches = Batches(streams, rows, micro_batches)
-    stats.update(own=len(first_epoch), checked=len(checked))
-    eval_rows = make_rows(evals, seq_len, packing) if evals else None
-    return SFTData(batches, eval_rows, stats)
+    to_examples.stats.update(kept=kept, own=len(first_epoch), checked=len(checked))
+    return Batches(streams, rows, micro_batches)

@@ -26,15 +26,15 @@ from tqdm import tqdm
 
 from mistral_jax import lora as lora_lib
 from mistral_jax import sharding
-from mistral_jax.checkpoints import run_dir
-from mistral_jax.checkpoints.run_dir import MetricsLog, checkpoint_manager  # noqa: F401 (train.loop's API)
+from mistral_jax.checkpoints.run_dir import checkpoint_manager  # noqa: F401 (train.loop's API)
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model.moe import balance_loss
 from mistral_jax.model.transformer import forward, param_shapes
-from mistral_jax.paths import as_path
 from train.data import FIELDS, Batches, empty_rows
-from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer, token_loss_sum
+from train.logging import RunLog
+from train.objectives import Sft
+from train.optim import OptimConfig, accumulate_gradients, learning_rate_schedule, make_optimizer
 from train.state import TrainState
 
 
@@ -62,11 +62,19 @@ class BatchShape:
 
 
 class Trainer:
-    """The jitted train and eval steps of one model, optimizer, batch shape and (optionally) mesh."""
+    """The jitted train and eval steps of one model, objective (train/objectives.py: SFT by default, or DPO),
+    optimizer, batch shape and (optionally) mesh.
+
+    The frozen `base` of the state is the base model with LoRA (the adapters train on top of it) and the DPO
+    reference model's weights: the base itself with LoRA (the adapters off: no second copy), a frozen copy of
+    the starting weights, placed like the policy, for a full fine-tune.
+    """
 
     def __init__(self, config: ModelConfig, optim: OptimConfig, shape: BatchShape, *,
-                 lora: lora_lib.LoraSpec | None = None, aux_loss_coef: float = 0.0, mesh=None):
+                 lora: lora_lib.LoraSpec | None = None, aux_loss_coef: float = 0.0, mesh=None, objective=None):
         self.config, self.shape, self.lora, self.aux_loss_coef, self.mesh = config, shape, lora, aux_loss_coef, mesh
+        self.objective = objective or Sft()
+        self.keeps_base = bool(lora) or self.objective.uses_reference
         self.optimizer = make_optimizer(optim)
         self.schedule = learning_rate_schedule(optim)
         self._abstract = self._shapes()
@@ -93,7 +101,8 @@ class Trainer:
         params = param_shapes(self.config)
         trainable = jax.eval_shape(lambda: lora_lib.init(params, self.lora, jax.random.key(0))) if self.lora else params
         return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable,
-                          opt_state=jax.eval_shape(self.optimizer.init, trainable), base=params if self.lora else None)
+                          opt_state=jax.eval_shape(self.optimizer.init, trainable),
+                          base=params if self.keeps_base else None)
 
     def _shardings(self) -> TrainState:
         """A NamedSharding for every leaf of the state: the sharding module's rules for params and adapters,
@@ -104,7 +113,7 @@ class Trainer:
         opt_state = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract.opt_state, trainable,
                                           transform_non_params=lambda _: replicated)
         return TrainState(step=replicated, trainable=trainable, opt_state=opt_state,
-                          base=params if self.lora else None)
+                          base=params if self.keeps_base else None)
 
     def _batch_sharding(self, shape, names):
         """A batch's NamedSharding from logical names (rows split over data and fsdp); None without a mesh."""
@@ -127,11 +136,13 @@ class Trainer:
         return sharding.put(np.int32(step), self.shardings.step)
 
     def init_state(self, params, adapters=None) -> TrainState:
-        """A fresh state: params (and adapters, with LoRA) placed, optimizer state initialised in place.
+        """A fresh state: params (and adapters, with LoRA) placed, optimizer state initialised in place; a full
+        fine-tune with a reference model keeps a copy of the params as its frozen base.
 
         Device arrays passed in become the state's own: train_step donates them.
         """
         params = self.place_params(params)
+        base = params if self.lora else jax.tree.map(lambda x: x.copy(), params) if self.keeps_base else None
         if self.lora:
             if adapters is None:
                 raise ValueError("a LoRA trainer needs adapters (mistral_jax.lora.init)")
@@ -139,8 +150,7 @@ class Trainer:
                 adapters = jax.tree.map(sharding.put, adapters, self.shardings.trainable)
         trainable = adapters if self.lora else params
         init = jax.jit(self.optimizer.init, out_shardings=None if self.mesh is None else self.shardings.opt_state)
-        return TrainState(step=self.step_array(0), trainable=trainable, opt_state=init(trainable),
-                          base=params if self.lora else None)
+        return TrainState(step=self.step_array(0), trainable=trainable, opt_state=init(trainable), base=base)
 
     def _put(self, local: dict[str, np.ndarray], global_shape, batch_sharding):
         """This host's rows -> global arrays of global_shape (split on the batch dimension across hosts)."""
@@ -159,30 +169,37 @@ class Trainer:
         """The weights the forward uses: the trained params, or the base with the adapters merged in."""
         return lora_lib.merge(state.base, trainable, self.lora.scale) if self.lora else trainable
 
+    def _reference_logits(self, state: TrainState, micro):
+        """The reference model's logits [B, L, V] (no gradient), or None when the objective has no reference."""
+        if not self.objective.uses_reference:
+            return None
+        out = forward(self.config, state.base, micro["inputs"], micro["positions"], micro["segment_ids"])
+        return jax.lax.stop_gradient(out.logits)
+
     def _train_step(self, state: TrainState, batch):
         """One optimizer update from a [K, B, L] batch -> (new state, metrics of scalars).
 
         The load-balancing loss is the whole batch's, as without accumulation: with K > 1 micro-batches
         (and a coefficient) a forward-only pass over all of them first counts the experts' shares f_e, then
-        each micro-batch adds its part of the router probabilities (moe.balance_loss).
+        each micro-batch adds its part of the router probabilities (moe.balance_loss). It is weighted by the
+        objective's count, so it adds coefficient * aux to the mean objective.
         """
-        moe, n_experts = self.config.is_moe, self.config.n_experts
+        moe, n_experts, objective = self.config.is_moe, self.config.n_experts, self.objective
         routed = None
         if moe and self.aux_loss_coef and self.shape.grad_accum > 1:
             routed = self._batch_routing(self._model_params(state, state.trainable), batch)
-        batch_tokens = jnp.sum(batch["weights"])
+        batch_count = objective.count(batch)
 
         def loss_fn(trainable, micro):  # micro: FIELDS of [B, L]
             params = self._model_params(state, trainable)
             out = forward(self.config, params, micro["inputs"], micro["positions"], micro["segment_ids"])
-            ce, tokens = token_loss_sum(out.logits, micro["targets"], micro["weights"])
-            sums = {"ce": ce, "tokens": tokens}
+            total, sums = objective.sums(out.logits, self._reference_logits(state, micro), micro)
             if not moe:
-                return ce, sums
+                return total, sums
             routing = out.aux["routing"]
             whole = jax.lax.stop_gradient(routing if routed is None else routed)
             aux_loss = balance_loss(routing, n_experts, whole)  # this micro-batch's share of the batch's
-            return ce + self.aux_loss_coef * aux_loss * batch_tokens, {**sums, "routing": routing}
+            return total + self.aux_loss_coef * aux_loss * batch_count, {**sums, "routing": routing}
 
         with sharding.activations(self.mesh):
             grads, sums = accumulate_gradients(loss_fn, state.trainable, batch)
@@ -190,8 +207,7 @@ class Trainer:
         new_state = state.replace(step=state.step + 1, trainable=optax.apply_updates(state.trainable, updates),
                                   opt_state=opt_state)
         aux_loss = balance_loss(sums["routing"], n_experts) if moe else jnp.zeros((), jnp.float32)
-        metrics = {"loss": sums["ce"] / jnp.maximum(sums["tokens"], 1.0), "aux_loss": aux_loss,
-                   "target_tokens": sums["tokens"], "grad_norm": optax.tree.norm(grads),
+        metrics = {**objective.metrics(sums), "aux_loss": aux_loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state.step), "input_tokens": jnp.sum(batch["positions"] >= 0)}
         return new_state, metrics
 
@@ -208,26 +224,28 @@ class Trainer:
         return jax.lax.scan(body, zero, batch)[0]
 
     def _eval_step(self, state: TrainState, batch):
-        """Summed loss and target count of one [B, L] batch."""
+        """The objective's sums over one [B, L] batch."""
         with sharding.activations(self.mesh):
             params = self._model_params(state, state.trainable)
             logits = forward(self.config, params, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
-            ce, tokens = token_loss_sum(logits, batch["targets"], batch["weights"])
-        return {"loss_sum": ce, "tokens": tokens}
+            return self.objective.sums(logits, self._reference_logits(state, batch), batch)[1]
 
-    def evaluate(self, state: TrainState, rows: dict[str, np.ndarray]) -> float:
-        """Token-mean loss over all `rows` (the same on every host), in batches of the training rows."""
+    def evaluate(self, state: TrainState, rows: dict[str, np.ndarray]) -> dict[str, float]:
+        """The objective's eval metrics (eval_keys: SFT's token-mean loss, DPO's pair means) over all `rows` (the
+        same on every host), in batches of the training rows."""
         b, local, length = self.shape.rows, self.shape.local_rows, self.shape.seq_len
         n = len(rows["inputs"])
         pad = empty_rows(-n % b, length)
         rows = {k: np.concatenate([rows[k], pad[k]]) for k in FIELDS}
         first = jax.process_index() * local
-        loss_sum, tokens = 0.0, 0.0
+        sums = None
         for start in range(0, len(rows["inputs"]), b):
             part = {k: v[start + first: start + first + local] for k, v in rows.items()}
             out = jax.device_get(self.eval_step(state, self._put(part, (b, length), self.eval_sharding)))
-            loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
-        return loss_sum / max(tokens, 1.0)
+            out = {k: np.float64(v) for k, v in out.items()}
+            sums = out if sums is None else {k: sums[k] + out[k] for k in sums}
+        metrics = self.objective.metrics(sums)
+        return {k: float(metrics[k]) for k in self.objective.eval_keys}
 
 
 # Checkpoints (the manager: run_dir.checkpoint_manager) ------------------------------------------
@@ -255,7 +273,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: i
                        base_params=None) -> tuple[TrainState, dict]:
     """(state, the data streams' table) from checkpoint `step`, placed as the trainer shards them.
 
-    With LoRA the base params are not in the checkpoint: pass them (they are placed like a fresh state).
+    The base params (LoRA's base, DPO's reference) are not in the checkpoint: pass them (placed like a fresh
+    state's).
     """
     abstract = trainer.abstract_state()
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -264,9 +283,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, trainer: Trainer, step: i
         data=ocp.args.JsonRestore(),
     ))
     base = None
-    if trainer.lora:
+    if trainer.keeps_base:
         if base_params is None:
-            raise ValueError("resuming a LoRA run needs the base params")
+            raise ValueError("resuming a LoRA or DPO run needs the base params")
         base = trainer.place_params(base_params)
     state = TrainState(step=trainer.step_array(step), trainable=restored["trainable"],
                        opt_state=restored["opt_state"], base=base)
@@ -330,18 +349,22 @@ def _finite(metrics: dict[str, float]) -> bool:
 
 
 def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp.CheckpointManager,
-             options: LoopOptions, eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None):
+             options: LoopOptions, eval_rows: dict[str, np.ndarray] | None = None, stop: StopSignal | None = None,
+             log: RunLog | None = None):
     """Train from state's step to options.steps (or stop_at), logging, evaluating and checkpointing -> (state, result).
 
     Metrics are read back every step so a non-finite loss stops the run before anything is saved from it.
-    metrics.jsonl records after the state's step (from a run killed since its last checkpoint) are dropped.
+    `log` (process 0's; by default a RunLog of options.output_dir: metrics.jsonl and TensorBoard) drops the
+    records after the state's step (from a run killed since its last checkpoint). The loop closes it.
     """
     main = jax.process_index() == 0
     step = int(jax.device_get(state.step))
     end = min(options.steps, options.stop_at or options.steps)
     status, loss = ("finished" if end == options.steps else "stopped"), None
-    log = MetricsLog(as_path(options.output_dir) / run_dir.METRICS_FILE, resume_step=step) if main else None
-    bar = tqdm(total=options.steps, initial=step, disable=not main, desc="sft", unit="step", dynamic_ncols=True)
+    if log is None and main:
+        log = RunLog(options.output_dir, resume_step=step, program=trainer.objective.name)
+    bar = tqdm(total=options.steps, initial=step, disable=not main, desc=trainer.objective.name, unit="step",
+               dynamic_ncols=True)
     window_tokens, window_seconds = 0.0, 0.0  # train-step time only: not data, eval or saving
     stop = stop or StopSignal()
     try:
@@ -361,14 +384,15 @@ def run_loop(trainer: Trainer, state: TrainState, batches: Batches, manager: ocp
                 loss, window_tokens = metrics["loss"], window_tokens + metrics["input_tokens"]
                 record = {}
                 if step % options.log_every == 0 or step == end:
-                    record = {"step": step, "loss": loss, "learning_rate": metrics["learning_rate"],
-                              "grad_norm": metrics["grad_norm"], "tokens_per_second": window_tokens / window_seconds,
-                              "target_tokens": metrics["target_tokens"]}
+                    record = {"step": step, **{k: metrics[k] for k in trainer.objective.log_keys},
+                              "learning_rate": metrics["learning_rate"], "grad_norm": metrics["grad_norm"],
+                              "tokens_per_second": window_tokens / window_seconds}
                     if trainer.config.is_moe:
                         record["aux_loss"] = metrics["aux_loss"]
                     window_tokens, window_seconds = 0.0, 0.0
                 if eval_rows is not None and (step % options.eval_every == 0 or step == end):
-                    record.update(step=step, eval_loss=trainer.evaluate(state, eval_rows))
+                    evaluated = trainer.evaluate(state, eval_rows)
+                    record.update(step=step, **{f"eval_{k}": v for k, v in evaluated.items()})
                 if record and log:
                     log.write(record)
                 preempted = stop.agreed()

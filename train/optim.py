@@ -85,12 +85,13 @@ def token_loss_sum(logits, targets, weights):
 
 
 def accumulate_gradients(loss_fn: Callable, trainable, micro_batches):
-    """Gradient of the token-mean objective over K micro-batches together, one micro-batch at a time.
+    """Gradient of the mean objective over K micro-batches together, one micro-batch at a time.
 
-    loss_fn(trainable, micro) -> (objective_sum, sums): the objective summed over tokens, and a pytree of
-    sums to add up over micro-batches, with the target count under "tokens". Gradients and sums add up over
-    a scan and the gradient is divided by the total token count at the end, so K micro-batches equal one
-    batch of K times the rows (up to float rounding). micro_batches: pytree of [K, B, ...].
+    loss_fn(trainable, micro) -> (objective_sum, sums): the objective summed over what it averages (target
+    tokens for SFT, pairs for DPO: train/objectives.py), and a pytree of sums to add up over micro-batches, with
+    that count under "count". Gradients and sums add up over a scan and the gradient is divided by the total
+    count at the end, so K micro-batches equal one batch of K times the rows (up to float rounding).
+    micro_batches: pytree of [K, B, ...].
     Returns (grads, sums over all micro-batches).
     """
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -103,5 +104,5 @@ def accumulate_gradients(loss_fn: Callable, trainable, micro_batches):
     first = jax.tree.map(lambda x: x[0], micro_batches)
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_fn, trainable, first)[1])
     (grads, sums), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, trainable), zero_sums), micro_batches)
-    total = jnp.maximum(sums["tokens"], 1.0)
+    total = jnp.maximum(sums["count"], 1.0)
     return jax.tree.map(lambda g: g / total, grads), sums

@@ -1,4 +1,5 @@
-"""SftSettings: every setting of `mistral-jax sft` with its default and help, the flags made from them, `resolve`.
+"""TrainSettings: every setting of `mistral-jax sft` and `mistral-jax dpo` with its default and help, the flags
+made from them, `resolve`. The two programs share every setting but DPO's own (group "DPO", dpo only).
 
 Settings come from, last wins: the defaults, a JSON run config (`--config FILE`, keys named like the flags;
 relative data/checkpoint/tokenizer paths resolve against the file's directory), the flags given. Settings left
@@ -18,6 +19,7 @@ from mistral_jax.paths import is_url, path_arg, require_local
 
 FULL_LR, LORA_LR = 2e-5, 2e-4
 PATH_KEYS = ("data", "checkpoint", "tokenizer")  # resolved against a run config file's directory
+PROGRAMS = ("sft", "dpo")
 
 
 def _positive(kind):
@@ -34,15 +36,18 @@ POS_INT, POS_FLOAT = _positive(int), _positive(float)
 BOOL_FLAG = {"action": argparse.BooleanOptionalAction}
 
 
-def _setting(default: Any = None, help: str | None = None, group: str | None = None, **flag: Any):
+def _setting(default: Any = None, help: str | None = None, group: str | None = None,
+             programs: tuple[str, ...] = PROGRAMS, **flag: Any):
     """A field with its flag: argparse keywords (metavar, type, choices, action); "{default}" in help is filled
-    in. help=None: no flag here (the distributed flags come from mistral_jax.distributed)."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group, "flag": flag})
+    in. help=None: no flag here (the distributed flags come from mistral_jax.distributed). `programs`: the
+    programs that have the setting."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group, "flag": flag,
+                                                        "programs": programs})
 
 
 @dataclasses.dataclass(frozen=True)
-class SftSettings:
-    """One sft run's settings (flag --name-with-dashes for each field name_with_underscores)."""
+class TrainSettings:
+    """One sft or dpo run's settings (flag --name-with-dashes for each field name_with_underscores)."""
 
     config: Any = _setting(help="JSON run config (keys like the flags); flags override it", metavar="FILE",
                            type=path_arg)
@@ -51,19 +56,21 @@ class SftSettings:
                                metavar="PATH", type=path_arg)
     tokenizer: Any = _setting(help="tokenizer file or directory (default: the checkpoint's)", metavar="PATH",
                               type=path_arg)
-    data: Any = _setting(help='JSONL file on local disk, one {"messages": [{"role", "content"}, ...]} a line',
+    data: Any = _setting(help='JSONL file on local disk: sft, one {"messages": [{"role", "content"}, ...]} a line; '
+                              'dpo, one {"prompt", "chosen", "rejected"} a line (text or message lists)',
                          metavar="FILE.jsonl", type=path_arg)
     output: Any = _setting(help="run directory, local or gs://: run.json, metrics.jsonl, checkpoints/",
                            metavar="DIR", type=path_arg)
     steps: int | None = _setting(help="optimizer steps; the learning-rate schedule spans them", metavar="N",
                                  type=POS_INT)
     # data
-    batch_size: int = _setting(8, "rows per micro-batch, all hosts (default {default})", "data", metavar="B",
-                               type=POS_INT)
+    batch_size: int = _setting(8, "rows (dpo: pairs, 2 rows each) per micro-batch, all hosts (default {default})",
+                               "data", metavar="B", type=POS_INT)
     seq_len: int = _setting(2048, "tokens per row (default {default})", "data", metavar="L", type=POS_INT)
     grad_accum: int = _setting(1, "micro-batches per step (default {default})", "data", metavar="K", type=POS_INT)
-    packing: bool = _setting(True, "pack several examples per row (default) or pad one per row", "data", **BOOL_FLAG)
-    eval_fraction: float = _setting(0.05, "held-out share of the conversations, at least one (default {default}; "
+    packing: bool = _setting(True, "pack several examples per row (default) or pad one per row", "data",
+                             programs=("sft",), **BOOL_FLAG)
+    eval_fraction: float = _setting(0.05, "held-out share of the examples, at least one (default {default}; "
                                           "0: none)", "data", metavar="F", type=float)
     seed: int = _setting(0, "shuffling, eval split and LoRA init (default {default})", "data", metavar="S", type=int)
     # optimizer
@@ -86,6 +93,11 @@ class SftSettings:
                            "optimizer", **BOOL_FLAG)
     aux_loss_coef: float | None = _setting(None, "MoE load-balancing loss weight (default: the checkpoint's "
                                                  "router_aux_loss_coef)", "optimizer", metavar="C", type=float)
+    # DPO
+    beta: float = _setting(0.1, "DPO's beta: how far the policy may move from the reference (default {default})",
+                           "DPO", ("dpo",), metavar="BETA", type=POS_FLOAT)
+    loss: str = _setting("sigmoid", "DPO loss: sigmoid (DPO) or ipo (default {default})", "DPO", ("dpo",),
+                         choices=("sigmoid", "ipo"))
     # LoRA
     lora_rank: int | None = _setting(None, "train rank-R adapters only (default: full fine-tune)", "LoRA",
                                      metavar="R", type=POS_INT)
@@ -117,16 +129,22 @@ class SftSettings:
         return {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in dataclasses.asdict(self).items()}
 
 
-NAMES = frozenset(f.name for f in dataclasses.fields(SftSettings))
+NAMES = frozenset(f.name for f in dataclasses.fields(TrainSettings))
 
 
-def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """A flag for every setting that has help, in field order and groups. Defaults are left out of the namespace
-    (SUPPRESS) so `resolve` can tell what was given."""
+def names(program: str) -> frozenset[str]:
+    """The settings `program` ("sft" or "dpo") has."""
+    return frozenset(f.name for f in dataclasses.fields(TrainSettings)
+                     if program in f.metadata.get("programs", PROGRAMS))
+
+
+def add_flags(parser: argparse.ArgumentParser, program: str = "sft") -> argparse.ArgumentParser:
+    """A flag for every setting of `program` that has help, in field order and groups. Defaults are left out of
+    the namespace (SUPPRESS) so `resolve` can tell what was given."""
     groups: dict[str | None, Any] = {None: parser}
-    for field in dataclasses.fields(SftSettings):
+    for field in dataclasses.fields(TrainSettings):
         help_text, group = field.metadata.get("help"), field.metadata.get("group")
-        if help_text is None:
+        if help_text is None or program not in field.metadata["programs"]:
             continue
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
@@ -135,16 +153,16 @@ def add_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def read_run_config(path) -> dict:
-    """A JSON run config as settings: keys like the flags (dashes or underscores), input paths made absolute
-    (URLs kept as they are)."""
+def read_run_config(path, program: str = "sft") -> dict:
+    """A JSON run config of `program` as settings: keys like the flags (dashes or underscores), input paths made
+    absolute (URLs kept as they are)."""
     from mistral_jax.checkpoints.errors import read_json
 
     require_local(path, "a run config (--config)", error=UserError)
     path = pathlib.Path(path)
     values = read_json(path)
     values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - NAMES - {"description"})
+    unknown = sorted(set(values) - names(program) - {"description"})
     if unknown:
         raise UserError(f"{path}: unknown settings {unknown}")
     values.pop("description", None)
@@ -154,11 +172,11 @@ def read_run_config(path) -> dict:
     return values
 
 
-def resolve(args: argparse.Namespace) -> SftSettings:
-    """The run's settings: defaults < run config file < given flags, derived defaults filled in."""
+def resolve(args: argparse.Namespace, program: str = "sft") -> TrainSettings:
+    """The `program`'s run settings: defaults < run config file < given flags, derived defaults filled in."""
     given = {k: v for k, v in vars(args).items() if k in NAMES and v is not None}
-    file = read_run_config(given["config"]) if given.get("config") else {}
-    s = SftSettings(**{**file, **given})
+    file = read_run_config(given["config"], program) if given.get("config") else {}
+    s = TrainSettings(**{**file, **given})
     missing = [f"--{k}" for k in ("data", "output", "steps") if getattr(s, k) is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (as flags or in --config)")

@@ -1,11 +1,11 @@
-"""Fixtures for the SFT tests: the tokenizer, a tiny model saved with it, a chat JSONL file (tests/conftest.py
-sets up the session's compilation cache)."""
+"""Fixtures for the SFT and DPO tests: the tokenizer, a tiny model saved with it, a chat JSONL file, a preference
+JSONL file (tests/conftest.py sets up the session's compilation cache)."""
 
 import json
 from pathlib import Path
 
 import pytest
-from sft_helpers import CHATML, chats, save_model, train_tokenizer, write_jsonl
+from sft_helpers import CHATML, chats, preference_pairs, save_model, train_tokenizer, write_jsonl
 
 from mistral_jax.tokenizers import Tokenizer, load_tokenizer
 
@@ -33,6 +33,13 @@ def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "chats.jsonl", chats())
+
+
+@pytest.fixture(scope="session")
+def prefs_file(tmp_path_factory) -> Path:
+    """24 preference pairs of the synthetic task, in both of TRL's formats."""
+    return write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl",
+                       preference_pairs(conversational=True) + preference_pairs())
 
 
 @pytest.fixture(scope="session")

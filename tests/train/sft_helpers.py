@@ -1,10 +1,13 @@
 """Helpers for the SFT tests: made-up chats, a tiny ChatML tokenizer trained here, a tiny model saved with it."""
 
 import json
+import struct
 from pathlib import Path
 
 import jax
 import tokenizers
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import mistral_jax as mj
@@ -62,3 +65,41 @@ def save_model(path: Path, preset: str, tokenizer_dir: Path, seed: int = 0) -> P
     config = mj.ModelConfig.from_preset(preset)
     params = mj.init_params(config, jax.random.key(seed))
     return orbax.write(config, params, path, extra_files=sorted(tokenizer_dir.iterdir()))
+
+
+def preference_pairs(conversational: bool = False) -> list[dict]:
+    """A synthetic preference task over FACTS: the chosen answer is the sentence, the rejected one the same words
+    in reverse order (one style preferred); every question against each answer style, text or message lists."""
+    out = []
+    for i, (question, answer) in enumerate(FACTS):
+        for prefix in ("", "Answer in one sentence. "):
+            words = answer.rstrip(".").split()
+            chosen, rejected = answer, " ".join(reversed(words)) + "."
+            if conversational:
+                prompt = [{"role": "user", "content": prefix + question}]
+                if i % 2:
+                    prompt.insert(0, {"role": "system", "content": "Answer in one sentence."})
+                out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                            "rejected": [{"role": "assistant", "content": rejected}]})
+            else:
+                out.append({"prompt": f"{prefix}{question}", "chosen": f" {chosen}", "rejected": f" {rejected}"})
+    return out
+
+
+def read_events(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under `directory` by tag: [(step, value)], records' CRCs checked (the
+    TFRecord framing tensorboardX writes, parsed with its Event proto)."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = file.read_bytes(), 0
+        while offset < len(data):
+            header = data[offset: offset + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", data[offset + 8: offset + 12])[0] == masked_crc32c(header)
+            body = data[offset + 12: offset + 12 + length]
+            assert struct.unpack("<I", data[offset + 12 + length: offset + 16 + length])[0] == masked_crc32c(body)
+            offset += 16 + length
+            event = event_pb2.Event.FromString(body)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

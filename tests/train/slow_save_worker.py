@@ -1,8 +1,9 @@
-"""`mistral-jax sft ARGS` whose checkpoint save of one step stalls in its commit (before orbax renames the step's
-temporary directory into place), so tests/train/test_sft_cli.py can SIGKILL it mid-save.
+"""`mistral-jax sft ARGS` (or dpo) whose checkpoint save of one step stalls in its commit (before orbax renames the
+step's temporary directory into place), so tests/train/test_sft_cli.py can SIGKILL it mid-save.
 
-argv: STEP MARKER then sft's flags. At STEP's commit the worker writes the temporary directory's path to MARKER
-and sleeps; the step's arrays and items are all written by then, only the commit is missing.
+argv: PROGRAM (sft or dpo) STEP MARKER then the program's flags. At STEP's commit the worker writes the temporary
+directory's path to MARKER and sleeps; the step's arrays and items are all written by then, only the commit is
+missing.
 """
 
 import asyncio
@@ -11,11 +12,11 @@ import sys
 
 from orbax.checkpoint._src.path import atomicity
 
-from train import sft
+from train import dpo, sft
 
 
 def main() -> int:
-    step, marker, argv = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3:]
+    program, step, marker, argv = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3]), sys.argv[4:]
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def slow_finalize(self):
@@ -25,7 +26,7 @@ def main() -> int:
         return await finalize(self)
 
     atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
-    return sft.main(argv)
+    return {"sft": sft.main, "dpo": dpo.main}[program](argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""train.sft end to end on a tiny model: exact resume, unfinished checkpoints ignored, SIGTERM, LoRA export, errors."""
+"""train.sft end to end on a tiny model: exact resume, unfinished checkpoints ignored, SIGKILL mid-save (sft and dpo),
+SIGTERM, LoRA export, TensorBoard beside metrics.jsonl, errors."""
 
 import argparse
 import json
@@ -13,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sft_helpers import chats, write_jsonl
+from sft_helpers import chats, read_events, write_jsonl
 
 import mistral_jax as mj
 from mistral_jax import cli
 from mistral_jax.checkpoints import orbax, run_dir
 from mistral_jax.checkpoints.run_dir import checkpoint_manager
 from mistral_jax.compile_stats import CompileStats
-from train import settings, sft
+from train import dpo, settings, sft
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,11 +46,20 @@ def uninterrupted(tmp_path_factory, llama_dir, data_file) -> Path:
     return output
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_dpo(tmp_path_factory, llama_dir, prefs_file) -> Path:
+    """The same for dpo, on the preference pairs."""
+    output = tmp_path_factory.mktemp("runs") / "uninterrupted-dpo"
+    assert dpo.main(_flags(llama_dir, prefs_file, output, *COMMON)) == 0
+    return output
+
+
 def _assert_same_run(a: Path, b: Path, atol: float, params_atol: float) -> None:
     ma, mb = _metrics(a), _metrics(b)
     assert [m["step"] for m in mb] == list(range(1, 21)) and ma[0]["loss"] > 4 * ma[-1]["loss"]
     for x, y in zip(ma, mb):
         assert abs(x["loss"] - y["loss"]) <= atol and x.get("eval_loss") == pytest.approx(y.get("eval_loss"), abs=atol)
+        assert x.get("rewards/margins") == pytest.approx(y.get("rewards/margins"), abs=atol)
     _, params_a = sft.latest_params(a)
     _, params_b = sft.latest_params(b)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=params_atol), params_a, params_b)
@@ -68,6 +78,11 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, uninterru
     _assert_same_run(uninterrupted, tmp_path / "b", atol=1e-6, params_atol=1e-6)
     last = _metrics(uninterrupted)[-1]
     assert {"learning_rate", "grad_norm", "tokens_per_second", "eval_loss"} <= set(last)
+    # TensorBoard beside metrics.jsonl: an event file per run segment, together every logged step once.
+    assert len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    scalars, logged = read_events(tmp_path / "b" / "tensorboard"), _metrics(tmp_path / "b")
+    for key, tag in (("loss", "train/loss"), ("eval_loss", "eval/loss"), ("learning_rate", "train/learning_rate")):
+        assert scalars[tag] == [(m["step"], pytest.approx(m[key], rel=1e-6)) for m in logged if key in m]
     config, _ = sft.latest_params(uninterrupted)
     assert config.dtype == "float32" and config.vocab_size == 256
     assert checkpoint_manager(tmp_path / "b", read_only=True).all_steps() == [10, 15, 20]  # the last 3 kept
@@ -128,15 +143,18 @@ def test_lora_run_exports_merged_params(tmp_path, lora_run, llama_dir, capsys) -
     assert generate(output, *ids, "--mesh", "fsdp=4,tensor=2") == exported_ids
 
 
-def test_sigkill_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, uninterrupted, llama_dir,
-                                                                           data_file) -> None:
+@pytest.mark.parametrize("program", ["sft", "dpo"])
+def test_sigkill_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_path, request, llama_dir, data_file,
+                                                                           prefs_file, program) -> None:
     """SIGKILL while step 10's checkpoint is being committed: it is never listed, --resume continues from step 5
     and the run ends as the uninterrupted one (the metrics logged after step 5 by the killed run dropped)."""
+    uninterrupted = request.getfixturevalue("uninterrupted" if program == "sft" else "uninterrupted_dpo")
+    data_file, main = (data_file, sft.main) if program == "sft" else (prefs_file, dpo.main)
     output, marker = tmp_path / "killed", tmp_path / "in-save"
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    command = [sys.executable, str(REPO / "tests" / "train" / "slow_save_worker.py"), "10", str(marker),
+    command = [sys.executable, str(REPO / "tests" / "train" / "slow_save_worker.py"), program, "10", str(marker),
                *_flags(llama_dir, data_file, output, *COMMON)]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -153,7 +171,7 @@ def test_sigkill_inside_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
     assert process.returncode == -signal.SIGKILL
     assert Path(marker.read_text()).is_dir()  # step 10's complete-but-uncommitted files are still there
     assert checkpoint_manager(output, read_only=True).all_steps() == [5]
-    assert sft.main(_flags(llama_dir, data_file, output, *COMMON, "--resume")) == 0
+    assert main(_flags(llama_dir, data_file, output, *COMMON, "--resume")) == 0
     _assert_same_run(uninterrupted, output, atol=1e-6, params_atol=1e-6)
 
 

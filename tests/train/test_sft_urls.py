@@ -1,6 +1,6 @@
 """gs:// through a real GCS server: fake-gcs-server on a loopback port (the gcs_bucket fixture, tests/conftest.py).
-convert, sft (and --resume), generate, chat and export read and write gs:// URLs there; metrics.jsonl on a URL
-is rewritten at flushes, not at every line."""
+convert, sft and dpo (and --resume), generate, chat, plot and export read and write gs:// URLs there; metrics.jsonl
+on a URL is rewritten at flushes, not at every line, and TensorBoard's event files are uploaded at flushes."""
 
 import io
 import json
@@ -78,3 +78,25 @@ def test_convert_sft_resume_generate_chat_export_on_gs(gcs_bucket, llama_dir, da
     monkeypatch.setattr("sys.stdin", io.StringIO("Who runs the Orbit Cafe?\n"))
     assert cli.main(["chat", "--checkpoint", run, "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_dpo_on_gs_resumes_and_uploads_its_tensorboard_events(gcs_bucket, llama_dir, prefs_file, tmp_path,
+                                                              capsys) -> None:
+    run = f"{gcs_bucket}/runs/dpo-1"
+    flags = ["dpo", "--checkpoint", str(llama_dir), "--output", run, "--data", str(prefs_file), "--steps", "3",
+             "--save-every", "2", "--batch-size", "2", "--seq-len", "40", "--log-every", "1", "--eval-fraction", "0",
+             "--lora-rank", "2"]
+    assert cli.main([*flags, "--stop-at", "2"]) == 0
+    events = list((as_path(run) / "tensorboard").iterdir())
+    assert len(events) == 1 and events[0].name.startswith("events.out.tfevents.")
+    assert cli.main([*flags, "--resume"]) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
+    assert _steps(f"{run}/metrics.jsonl") == [1, 2, 3]
+    assert len(list((as_path(run) / "tensorboard").iterdir())) == 2  # the resumed run's own event file
+    assert run_dir.run_info(run)["program"] == "dpo"
+    assert cli.main(["plot", run]) == 0
+    assert (as_path(run) / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main(["export", run, str(tmp_path / "hf")]) == 0
+    _, exported = mj.load(tmp_path / "hf")
+    _, trained = sft.latest_params(run)
+    jax.tree.map(np.testing.assert_array_equal, exported, trained)
