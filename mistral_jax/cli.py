@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="jax's persistent compilation cache: a restart reuses the compiled programs")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM, seconds to let requests in flight finish before they are cancelled")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=8 * 2**20,
+                       help="a larger request body is refused with 413 (default 8 MiB)")
 
     for name, help_text in (
         ("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
@@ -365,15 +367,26 @@ def cmd_generate(args) -> None:
     _answer(config, params, tokenizer, prompt, args)
 
 
+_NOT_TEXT = "\x00not text"  # what process 0 sends the others for an input line that is not UTF-8 text
+
+
 def _read_line(interactive: bool) -> str | None:
-    """The next input line (process 0 reads stdin, the others receive it), None at the end."""
+    """The next input line (process 0 reads stdin, the others receive it), None at the end. Input that is not
+    UTF-8 text (binary, or decoded with surrogate escapes) ends the chat with a CLIError on every process."""
     line = None
     if jax.process_index() == 0:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             line = None
-    return _broadcast_line(line)
+        except UnicodeDecodeError:
+            line = _NOT_TEXT
+        if line is not None and any("\ud800" <= ch <= "\udfff" for ch in line):
+            line = _NOT_TEXT
+    line = _broadcast_line(line)
+    if line == _NOT_TEXT:
+        raise CLIError("the input is not UTF-8 text (binary data on stdin?)")
+    return line
 
 
 def cmd_chat(args) -> None:
@@ -443,7 +456,7 @@ def cmd_serve(args) -> None:
     name = args.served_model_name or (pathlib.Path(str(args.checkpoint).rstrip("/")).name.removesuffix(".gguf")
                                       if args.checkpoint is not None else "smollm2-135m-instruct")
     server.run(engine, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
-               shutdown_timeout=args.shutdown_timeout)
+               shutdown_timeout=args.shutdown_timeout, max_request_bytes=args.max_request_bytes)
 
 
 def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:
@@ -544,7 +557,11 @@ def _eval_tokens(path, tokenizer, config):
     if path.suffix == ".jsonl":
         rows = [data.tokenize(tokenizer, messages, f"{path}:{n}")[:2] for n, messages in data.iter_conversations(path)]
         return [ids for ids, _ in rows], [mask for _, mask in rows]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CLIError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                       "--data takes a text file or a .jsonl chat file") from None
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise CLIError(f"{path}: needs at least 2 tokens to score, has {len(ids)}")

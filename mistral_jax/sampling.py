@@ -29,7 +29,7 @@ import numpy as np
 
 from mistral_jax.errors import ParamError
 
-TOP_LOGPROBS = 5  # alternatives computed for every token; a request may ask for up to this many
+TOP_LOGPROBS = 20  # alternatives computed for every token (OpenAI's limit); a request may ask for up to this many
 MAX_TOP_K = 2**31 - 1  # top_k is an int32 on device; any value at or above the vocabulary means no filter
 MAX_SEED = 2**64  # seeds are 64 bits: the two 32-bit words of a threefry key (see `seed_key_data`)
 MAX_BIAS = 100.0  # logit_bias values lie in [-MAX_BIAS, MAX_BIAS] (OpenAI's range)

@@ -79,7 +79,10 @@ def _scan(path, parse=parse_line) -> Iterator[tuple[int, int, list[dict[str, str
     offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
-            line = raw.decode("utf-8")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[err.start]:#04x})") from None
             if line.strip():
                 yield number, offset, parse(line, f"{path}:{number}")
             offset += len(raw)

@@ -1,8 +1,10 @@
 """OpenAI-compatible HTTP routes over the engine (FastAPI; server-sent events through sse-starlette).
 
 POST /v1/chat/completions and /v1/completions (streamed or not, with logprobs; completions also with echo, as
-lm-evaluation-harness scores log-likelihoods), GET /v1/models, /health and /metrics (Prometheus).
-Bad input gets OpenAI's error object with status 400 naming the field; a full queue gets 503 with Retry-After.
+lm-evaluation-harness scores log-likelihoods), /tokenize and /detokenize, GET /tokenizer_info (vLLM's, for
+evaluation clients), /v1/models, /health and /metrics (Prometheus). Bodies are typed in serving/protocol.py and
+checked by serving/guard.py first; bad input gets OpenAI's error object with a 4xx naming the field, a full queue
+gets 503 with Retry-After. Tokenizing and template rendering run in threads, off the event loop.
 """
 
 from __future__ import annotations
@@ -11,101 +13,58 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
 
 from mistral_jax.errors import UserError
+from mistral_jax.serving import protocol
 from mistral_jax.serving.engine import Engine
-from mistral_jax.serving.requests import TOP_LOGPROBS, Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.guard import BodyGuard
+from mistral_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
+from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.tools import ToolCallParser
 
 _DISCONNECT_POLL_SECONDS = 0.25
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
+_LOGPROB_FLOOR = -9999.0  # what -inf is sent as (JSON has no infinity), as OpenAI and vLLM send it
+
+
+def _error_body(message: str, param: str | None, kind: str) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers=None):
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(message, param, kind), status_code=status, headers=headers)
 
 
-class _Body:
-    """The request's JSON object, read field by field: a wrong type is a RequestError naming the field."""
-
-    def __init__(self, raw: bytes) -> None:
-        try:
-            self.data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(None, f"the body is not valid JSON: {err}") from None
-        if not isinstance(self.data, dict):
-            raise RequestError(None, "the body must be a JSON object")
-
-    def get(self, name: str, types: type | tuple, default=None, *, check=None, why: str = ""):
-        value = self.data.get(name)
-        if value is None:
-            return default
-        allowed = types if isinstance(types, tuple) else (types,)
-        wrong_bool = isinstance(value, bool) and bool not in allowed  # JSON true is no number
-        if wrong_bool or not isinstance(value, allowed) or (check is not None and not check(value)):
-            names = " or ".join(t.__name__ for t in allowed)
-            raise RequestError(name, f"{name} must be {why or names}, got {value!r}")
-        return value
+async def _send_error(send, status: int, message: str) -> None:
+    """An error response written straight to ASGI (BodyGuard's, before any route runs)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = json.dumps(_error_body(message, None, kind)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
-def _stop_strings(body: _Body) -> tuple[str, ...]:
-    stop = body.get("stop", (str, list), ())
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise RequestError("stop", "stop must be a non-empty string or a list of at most 4 of them")
-    return stop
+def _param(loc: tuple) -> str | None:
+    """A pydantic error location as OpenAI names a param: messages[0].content."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "json-", "list[", "str", "int", "literal[")):  # union branch names
+            out += f".{part}" if out else part
+    return out or None
 
 
-def _sampling(body: _Body, prompt_len: int, context: int, default_max: int | None, **extra) -> SamplingParams:
-    """SamplingParams from the body's OpenAI fields (and top_k, min_p, repetition_penalty, stop_token_ids,
-    ignore_eos as vLLM takes them); SamplingParams checks each value's range and names the field."""
-    number = (int, float)
-    max_tokens = body.get("max_completion_tokens", int, None) or body.get("max_tokens", int, None)
-    if max_tokens is None:
-        max_tokens = default_max if default_max is not None else max(1, context - prompt_len)
-    if body.get("n", int, 1) != 1:
-        raise RequestError("n", "only n=1 is supported")
-    stop_ids = body.get("stop_token_ids", list, [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise RequestError("stop_token_ids", "stop_token_ids must be a list of token ids")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(body.get("temperature", number, 1.0)),
-        top_k=body.get("top_k", int, 0),
-        top_p=float(body.get("top_p", number, 1.0)),
-        min_p=body.get("min_p", number, 0.0),
-        presence_penalty=body.get("presence_penalty", number, 0.0),
-        frequency_penalty=body.get("frequency_penalty", number, 0.0),
-        repetition_penalty=body.get("repetition_penalty", number, 1.0),
-        logit_bias=body.get("logit_bias", dict, {}),
-        seed=body.get("seed", int, 0),
-        stop=_stop_strings(body),
-        stop_token_ids=tuple(stop_ids),
-        ignore_eos=body.get("ignore_eos", bool, False),
-        **extra,
-    )
-
-
-def _chat_messages(body: _Body) -> list[dict]:
-    messages = body.get("messages", list, None)
-    if not messages:
-        raise RequestError("messages", "messages must be a non-empty list")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RequestError("messages", f"messages[{i}] must be an object")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI's content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise RequestError("messages", f"messages[{i}].content: only text parts are supported")
-            content = "".join(p.get("text", "") for p in content)
-        out.append({**m, "content": content})
-    return out
+def _logprob(value: float) -> float:
+    return max(value, _LOGPROB_FLOOR)
 
 
 class _Streams:
@@ -119,6 +78,18 @@ class _Streams:
         events: asyncio.Queue[Event] = asyncio.Queue()
         request = self.engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         return request, events
+
+    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams]):
+        """Every prompt submitted, or none (a full queue cancels those already in)."""
+        submitted = []
+        try:
+            for p, s in zip(prompts, params):
+                submitted.append(self.submit(p, s))
+        except (QueueFull, UserError):
+            for request, _ in submitted:
+                request.cancel()
+            raise
+        return submitted
 
     async def events(self, http: Request, submitted):
         """Every event of a request `submit` made; cancels it if the client goes away first."""
@@ -143,21 +114,299 @@ class _Streams:
         return events if events and events[-1].finish_reason is not None else None
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload: dict | str) -> dict:
+    return {"data": payload if isinstance(payload, str) else json.dumps(payload)}
+
+
+class _LegacyLogprobs:
+    """Completions' logprobs as vLLM writes them: per token its text, logprob (None for the first prompt token),
+    a {text: logprob} dict of the chosen token and the top N, and its text offset (counting on across chunks)."""
+
+    def __init__(self, token_text: Callable[[int], str], top: int, offset: int = 0) -> None:
+        self.token_text, self.top, self.offset = token_text, top, offset
+
+    def __call__(self, entries: list[tuple[int, TokenLogprob | None]]) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token_id, lp in entries:
+            text = self.token_text(token_id)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if lp is None else _logprob(lp.logprob))
+            out["top_logprobs"].append(None if lp is None else {
+                self.token_text(i): _logprob(v) for i, v in ((lp.token_id, lp.logprob), *lp.top[:self.top])})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
+
+
+class _Api:
+    """What the routes do, over one engine and tokenizer; the routes in `create_app` only call these."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, drain_seconds: float) -> None:
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.drain_seconds = drain_seconds
+        self.streams = _Streams(engine)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise RequestError("model", f"unknown model {model!r}; this server serves {self.model_name!r}")
+
+    def need_tokenizer(self, param: str | None, what: str) -> None:
+        if self.tokenizer is None:
+            raise RequestError(param, f"this server has no tokenizer: {what}")
+
+    def token_text(self, token_id: int, as_ids: bool = False) -> str:
+        """A token as logprobs name it: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
+        if as_ids or self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def stream(self, chunks: AsyncIterator[dict]) -> EventSourceResponse:
+        return EventSourceResponse(chunks, ping=15, shutdown_grace_period=self.drain_seconds)
+
+    # chat ---------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[protocol.ChatMessage], tools: list[protocol.Tool] | None = None) -> list[int]:
+        """The conversation's prompt ids (run in a thread: templates and tokenizers are slow on big inputs)."""
+        turns = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) or m.content is None else "".join(
+                p.text for p in m.content)
+            turn = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+            if m.tool_calls:
+                turn["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                turn["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                turn["name"] = m.name
+            turns.append(turn)
+        try:
+            return self.tokenizer.apply_chat_template(turns, tools=[t.model_dump() for t in tools or ()] or None)
+        except UserError as err:
+            raise RequestError("tools" if tools and not self.tokenizer.supports_tools else "messages",
+                               str(err)) from None
+
+    def chat_logprobs(self, logprobs: tuple[TokenLogprob, ...], top: int) -> list[dict]:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode())}
+        return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top[:top]]}
+                for lp in logprobs]
+
+    def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
+        """The parser of the answer's tool calls where the request lets the model call tools, else None."""
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
+        if choice != "none" and not body.tools:
+            raise RequestError("tool_choice", "tool_choice needs tools")
+        if choice == "none":
+            return None
+        if choice != "auto":
+            raise RequestError("tool_choice", "tool_choice 'required' or a named function needs constrained "
+                                              "decoding, which this server cannot do yet: use 'auto'")
+        if not self.tokenizer.supports_tools:
+            raise RequestError("tools", "this model's chat template has no tool format, so it cannot call tools")
+        return ToolCallParser(self.tokenizer)
+
+    async def chat(self, http: Request, body: ChatCompletionRequest):
+        self.check_model(body.model)
+        protocol.refuse_unsupported(body)
+        if body.structured_outputs is not None:
+            raise RequestError("structured_outputs", "structured output is not supported yet")
+        if body.response_format is not None and body.response_format.type != "text":
+            raise RequestError("response_format", "structured output is not supported yet")
+        self.need_tokenizer(None, "use /v1/completions with token ids")
+        parser = self.tool_parser(body)
+        prompt = await asyncio.to_thread(self.chat_prompt, body.messages, body.tools)
+        top = body.top_logprobs or 0
+        if body.top_logprobs is not None and not body.logprobs:
+            raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
+        max_tokens = protocol.chat_max_tokens(body, len(prompt), self.engine.max_seq_len)
+        params = protocol.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None)
+        submitted = self.streams.submit(prompt, params)  # a full queue or a bad prompt fails here, before any stream
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+
+        def choice(content: dict, events: list[Event], key: str, finish: str | None) -> dict:
+            logprobs = [lp for e in events for lp in e.logprobs]
+            return {"index": 0, key: content, "finish_reason": finish,
+                    "logprobs": {"content": self.chat_logprobs(logprobs, top)} if body.logprobs else None}
+
+        def calls_of(ids: list[int]) -> tuple[str, list[dict] | None]:
+            content, calls = parser.split(ids)
+            return content, None if calls is None else calls[:1] if not body.parallel_tool_calls else calls
+
+        if not body.stream:
+            events = await self.streams.collect(http, submitted)
+            if events is None:
+                return Response(status_code=499)
+            message, finish = {"role": "assistant", "content": "".join(e.text for e in events)}, None
+            if parser is not None:
+                content, calls = calls_of([t for e in events for t in e.token_ids])
+                if calls is not None:
+                    message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
+                        "tool_calls"
+            return {**head, "object": "chat.completion", "usage": _usage(events[-1].prompt_tokens,
+                                                                         events[-1].completion_tokens),
+                    "choices": [choice(message, events, "message", finish or events[-1].finish_reason)]}
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def chunks() -> AsyncIterator[dict]:
+            chunk = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
+            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None, "logprobs": None}]})
+            ids, text, sent, calling = [], "", "", False  # a tool call's text is held back until it parses
+            async for event in self.streams.events(http, submitted):
+                if event.finish_reason == "error":
+                    yield _sse({"error": {"message": event.error, "type": "server_error"}})
+                    return
+                ids += event.token_ids
+                text += event.text
+                calling = calling or (parser is not None and parser.starts_call(ids, text))
+                ready = sent if calling else text[:len(text) - (parser.may_start_call(text) if parser else 0)]
+                delta, sent = ready[len(sent):], ready
+                done = event.finish_reason is not None
+                if done and calling and (parsed := calls_of(ids))[1] is not None:
+                    calls = [{"index": i, **call} for i, call in enumerate(parsed[1])]
+                    if delta:
+                        yield _sse({**chunk, "choices": [choice({"content": delta}, [event], "delta", None)]})
+                    yield _sse({**chunk, "choices": [choice({"tool_calls": calls}, [], "delta", "tool_calls")]})
+                else:
+                    delta += text[len(sent):] if done else ""
+                    yield _sse({**chunk, "choices": [choice({"content": delta} if delta else {}, [event], "delta",
+                                                            event.finish_reason)]})
+                if done and include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": _usage(event.prompt_tokens, event.completion_tokens)})
+            yield _sse("[DONE]")
+
+        return self.stream(chunks())
+
+    # completions --------------------------------------------------------------------------------
+    def completion_prompts(self, prompt) -> list[list[int]]:
+        """Token ids of each prompt (run in a thread)."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise RequestError("prompt", "prompt must not be empty")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                self.need_tokenizer("prompt", "send token ids")
+                p = self.tokenizer.encode(p)
+            if not p:
+                raise RequestError("prompt", "the prompt is empty")
+            if max(p) >= self.engine.config.vocab_size:
+                raise RequestError("prompt", f"token ids must lie in [0, {self.engine.config.vocab_size})")
+            out.append(list(p))
+        return out
+
+    async def completions(self, http: Request, body: CompletionRequest):
+        self.check_model(body.model)
+        protocol.refuse_unsupported(body)
+        if body.structured_outputs is not None:
+            raise RequestError("structured_outputs", "structured output is not supported yet")
+        prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
+        if body.stream and len(prompts) > 1:
+            raise RequestError("prompt", "stream takes a single prompt")
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError("max_tokens", "max_tokens 0 is only allowed with echo (the prompt's logprobs alone)")
+        prompt_only = body.max_tokens == 0  # scored, not continued: the one token sampled is dropped
+        max_tokens = 1 if prompt_only else body.max_tokens
+        top = body.logprobs
+        params = [protocol.sampling_params(body, max_tokens, logprobs=top, echo_logprobs=body.echo and top is not None)
+                  for _ in prompts]
+        submitted = self.streams.submit_all(prompts, params)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name,
+                "object": "text_completion"}
+        as_ids = body.return_tokens_as_token_ids
+
+        def choice(i: int, events: list[Event], first: bool, logprobs: _LegacyLogprobs | None) -> dict:
+            echo = body.echo and first
+            kept = [] if prompt_only else events
+            text = (self.tokenizer.decode(prompts[i]) if echo and self.tokenizer is not None else "")
+            scored = events[0].prompt_logprobs or (None,) * len(prompts[i])  # a 1-token prompt has no scores
+            entries = list(zip(prompts[i], scored)) if echo and top is not None else []
+            entries += [(lp.token_id, lp) for e in kept for lp in e.logprobs]
+            return {"index": i, "text": text + "".join(e.text for e in kept),
+                    "finish_reason": events[-1].finish_reason, "logprobs": None if logprobs is None else logprobs(
+                        entries)}
+
+        def completion_tokens(event: Event) -> int:
+            return 0 if prompt_only else event.completion_tokens
+
+        def legacy() -> _LegacyLogprobs | None:
+            return None if top is None else _LegacyLogprobs(lambda t: self.token_text(t, as_ids), top)
+
+        if not body.stream:
+            results = await asyncio.gather(*(self.streams.collect(http, s) for s in submitted))
+            if any(events is None for events in results):
+                return Response(status_code=499)
+            usage = _usage(sum(len(p) for p in prompts), sum(completion_tokens(e[-1]) for e in results))
+            return {**head, "usage": usage, "choices": [choice(i, events, True, legacy())
+                                                        for i, events in enumerate(results)]}
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def chunks() -> AsyncIterator[dict]:
+            first, logprobs = True, legacy()
+            chunk = {**head, **({"usage": None} if include_usage else {})}
+            async for event in self.streams.events(http, submitted[0]):
+                if event.finish_reason == "error":
+                    yield _sse({"error": {"message": event.error, "type": "server_error"}})
+                    return
+                yield _sse({**chunk, "choices": [choice(0, [event], first, logprobs)]})
+                first = False
+                if event.finish_reason is not None and include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": _usage(event.prompt_tokens, completion_tokens(event))})
+            yield _sse("[DONE]")
+
+        return self.stream(chunks())
+
+    # tokenizer routes (vLLM's) ------------------------------------------------------------------
+    def tokenize(self, body: protocol.TokenizeRequest) -> dict:
+        self.check_model(body.model)
+        self.need_tokenizer(None, "it cannot tokenize")
+        if (body.prompt is None) == (body.messages is None):
+            raise RequestError("prompt", "send exactly one of prompt and messages")
+        if body.messages is not None:
+            ids = self.chat_prompt(body.messages, body.tools)
+        else:  # as vLLM (a Hugging Face tokenizer) does: special-token strings in the prompt are special tokens
+            t = self.tokenizer
+            ids = t.vocab.encode_spans([(body.prompt, True)])
+            if body.add_special_tokens and t.vocab.add_bos and t.bos_id is not None:
+                ids.insert(0, t.bos_id)
+        strs = [self.tokenizer.vocab.id_to_piece(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: protocol.DetokenizeRequest) -> dict:
+        self.check_model(body.model)
+        self.need_tokenizer(None, "it cannot detokenize")
+        if body.tokens and max(body.tokens) >= self.tokenizer.vocab_size:
+            raise RequestError("tokens", f"token ids must lie in [0, {self.tokenizer.vocab_size})")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        self.need_tokenizer(None, "it has no tokenizer to describe")
+        t = self.tokenizer
+        piece = t.vocab.id_to_piece
+        template = getattr(t.chat_format, "source", None)
+        return {"tokenizer_class": type(t.vocab).__name__, "model_max_length": self.engine.max_seq_len,
+                "vocab_size": t.vocab_size, "bos_token": None if t.bos_id is None else piece(t.bos_id),
+                "eos_token": None if t.eos_id is None else piece(t.eos_id), "add_bos_token": bool(t.vocab.add_bos),
+                "chat_template": template}
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               drain_seconds: float = 30.0) -> FastAPI:
+               drain_seconds: float = 30.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI application serving `engine` under the model id `model_name`.
 
     drain_seconds: on the server's shutdown, how long open streams may run on before they are cut.
+    max_request_bytes: a larger body is refused with 413 before it is read to the end.
     """
     app = FastAPI(title="mistral-jax", docs_url=None, redoc_url=None)
-    streams = _Streams(engine)
+    api = _Api(engine, tokenizer, model_name, drain_seconds)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes, respond=_send_error)
     created = int(time.time())
-
-    def token_text(token_id: int, as_ids: bool = False) -> str:
-        """A token as logprobs name it: its text, or "token_id:N" (vLLM's return_tokens_as_token_ids)."""
-        if as_ids or tokenizer is None:
-            return f"token_id:{token_id}"
-        return tokenizer.decode([token_id])
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -165,6 +414,12 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             if request.headers.get("authorization") != f"Bearer {api_key}":
                 return _error(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
         return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        param = _param(tuple(first["loc"]))
+        return _error(400, f"{param or 'body'}: {first['msg']}", param)
 
     @app.exception_handler(RequestError)
     async def bad_request(_, err: RequestError):
@@ -192,179 +447,24 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 "max_model_len": engine.max_seq_len}
         return {"object": "list", "data": [card]}
 
-    def check_model(body: _Body) -> None:
-        model = body.get("model", str, model_name)
-        if model != model_name:
-            raise RequestError("model", f"unknown model {model!r}; this server serves {model_name!r}")
+    @app.post("/v1/chat/completions", responses={200: {"model": protocol.ChatCompletion}, **protocol.ERRORS})
+    async def chat_completions(http: Request, body: ChatCompletionRequest):
+        return await api.chat(http, body)
 
-    def usage(event: Event) -> dict:
-        return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-                "total_tokens": event.prompt_tokens + event.completion_tokens}
+    @app.post("/v1/completions", responses={200: {"model": protocol.Completion}, **protocol.ERRORS})
+    async def completions(http: Request, body: CompletionRequest):
+        return await api.completions(http, body)
 
-    def chat_logprobs(logprobs: tuple[TokenLogprob, ...], top: int) -> list[dict]:
-        def entry(token_id: int, logprob: float) -> dict:
-            text = token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-        return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top[:top]]}
-                for lp in logprobs]
+    @app.post("/tokenize", responses={200: {"model": protocol.TokenizeResponse}, **protocol.ERRORS})
+    async def tokenize(body: protocol.TokenizeRequest):
+        return await asyncio.to_thread(api.tokenize, body)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(http: Request):
-        body = _Body(await http.body())
-        check_model(body)
-        if tokenizer is None:
-            raise RequestError(None, "this server has no tokenizer: use /v1/completions with token ids")
-        messages = _chat_messages(body)
-        try:
-            prompt = tokenizer.apply_chat_template(messages)
-        except UserError as err:
-            raise RequestError("messages", str(err)) from None
-        want_logprobs = body.get("logprobs", bool, False)
-        top = body.get("top_logprobs", int, 0, check=lambda n: 0 <= n <= TOP_LOGPROBS,
-                       why=f"an integer in [0, {TOP_LOGPROBS}]")
-        params = _sampling(body, len(prompt), engine.max_seq_len, None, logprobs=top if want_logprobs else None)
-        request_id, stream = f"chatcmpl-{uuid.uuid4().hex}", body.get("stream", bool, False)
-        submitted = streams.submit(prompt, params)  # a full queue or a bad prompt fails here, before any stream
-        head = {"id": request_id, "created": int(time.time()), "model": model_name}
+    @app.post("/detokenize", responses={200: {"model": protocol.DetokenizeResponse}, **protocol.ERRORS})
+    async def detokenize(body: protocol.DetokenizeRequest):
+        return await asyncio.to_thread(api.detokenize, body)
 
-        def choice(delta_or_message: dict, event: Event, key: str) -> dict:
-            out = {"index": 0, key: delta_or_message, "finish_reason": event.finish_reason,
-                   "logprobs": {"content": chat_logprobs(event.logprobs, top)} if want_logprobs else None}
-            return out
-
-        if not stream:
-            events = await streams.collect(http, submitted)
-            if events is None:
-                return Response(status_code=499)
-            last = events[-1]
-            last = Event((), "", tuple(lp for e in events for lp in e.logprobs), last.finish_reason,
-                         last.prompt_tokens, last.completion_tokens)
-            text = "".join(e.text for e in events)
-            return {**head, "object": "chat.completion", "usage": usage(last),
-                    "choices": [choice({"role": "assistant", "content": text}, last, "message")]}
-
-        async def chunks() -> AsyncIterator[dict]:
-            chunk = {**head, "object": "chat.completion.chunk"}
-            yield {"data": json.dumps({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                             "finish_reason": None, "logprobs": None}]})}
-            async for event in streams.events(http, submitted):
-                if event.finish_reason == "error":
-                    yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error"}})}
-                    return
-                body = {**chunk, "choices": [choice({"content": event.text} if event.text else {}, event, "delta")]}
-                if event.finish_reason is not None:
-                    body["usage"] = usage(event)
-                yield {"data": json.dumps(body)}
-            yield {"data": "[DONE]"}
-
-        return EventSourceResponse(chunks(), ping=15, shutdown_grace_period=drain_seconds)
-
-    def completion_prompts(body: _Body) -> list[list[int]]:
-        prompt = body.data.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt:
-            raise RequestError("prompt", "prompt must be a string, a list of token ids, or a list of either")
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                if tokenizer is None:
-                    raise RequestError("prompt", "this server has no tokenizer: send token ids")
-                out.append(tokenizer.encode(p))
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                out.append(p)
-            else:
-                raise RequestError("prompt", "prompt must be a non-empty string or a non-empty list of token ids")
-            if not out[-1]:
-                raise RequestError("prompt", "the prompt is empty")
-            if min(out[-1]) < 0 or max(out[-1]) >= engine.config.vocab_size:
-                raise RequestError("prompt", f"token ids must lie in [0, {engine.config.vocab_size})")
-        return out
-
-    def completion_logprobs(prompt: list[int], prompt_logprobs, logprobs: list[TokenLogprob], top: int,
-                            as_ids: bool) -> dict:
-        entries = [(t, None if lp is None else lp) for t, lp in zip(prompt, prompt_logprobs or ())]
-        entries += [(lp.token_id, lp) for lp in logprobs]
-        tokens = [token_text(t, as_ids) for t, _ in entries]
-        offsets, at = [], 0
-        for text in tokens:
-            offsets.append(at)
-            at += len(text)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [None if lp is None else lp.logprob for _, lp in entries],
-            "top_logprobs": [None if lp is None else {token_text(i, as_ids): v for i, v in lp.top[:top]}
-                             for _, lp in entries],
-            "text_offset": offsets,
-        }
-
-    @app.post("/v1/completions")
-    async def completions(http: Request):
-        body = _Body(await http.body())
-        check_model(body)
-        prompts = completion_prompts(body)
-        echo = body.get("echo", bool, False)
-        top = body.get("logprobs", int, None, check=lambda n: 0 <= n <= TOP_LOGPROBS,
-                       why=f"an integer in [0, {TOP_LOGPROBS}]")
-        stream = body.get("stream", bool, False)
-        as_ids = body.get("return_tokens_as_token_ids", bool, False)
-        if stream and len(prompts) > 1:
-            raise RequestError("prompt", "stream takes a single prompt")
-        params = [_sampling(body, len(p), engine.max_seq_len, 16, logprobs=top, echo_logprobs=echo and top is not None)
-                  for p in prompts]
-        submitted = []
-        try:
-            for p, s in zip(prompts, params):
-                submitted.append(streams.submit(p, s))
-        except QueueFull:
-            for request, _ in submitted:
-                request.cancel()
-            raise
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name,
-                "object": "text_completion"}
-
-        if not stream:
-            async def one(i: int) -> dict | None:
-                events = await streams.collect(http, submitted[i])
-                if events is None:
-                    return None
-                first, last = events[0], events[-1]
-                prefix = tokenizer.decode(prompts[i]) if echo and tokenizer is not None else ""
-                lp = None
-                if top is not None:
-                    lp = completion_logprobs(prompts[i] if echo else [], first.prompt_logprobs if echo else None,
-                                             [lp for e in events for lp in e.logprobs], top, as_ids)
-                return {"index": i, "text": prefix + "".join(e.text for e in events),
-                        "finish_reason": last.finish_reason, "logprobs": lp, "usage": usage(last)}
-
-            choices = await asyncio.gather(*(one(i) for i in range(len(prompts))))
-            if any(c is None for c in choices):
-                return Response(status_code=499)
-            total = {k: sum(c["usage"][k] for c in choices) for k in choices[0]["usage"]}
-            return {**head, "usage": total, "choices": [{k: v for k, v in c.items() if k != "usage"} for c in choices]}
-
-        async def chunks() -> AsyncIterator[dict]:
-            first = True
-            async for event in streams.events(http, submitted[0]):
-                if event.finish_reason == "error":
-                    yield {"data": json.dumps({"error": {"message": event.error, "type": "server_error"}})}
-                    return
-                text = event.text
-                if first and echo and tokenizer is not None:
-                    text = tokenizer.decode(prompts[0]) + text
-                lp = None
-                if top is not None:
-                    lp = completion_logprobs(prompts[0] if first and echo else [],
-                                             event.prompt_logprobs if first and echo else None, list(event.logprobs),
-                                             top, as_ids)
-                first = False
-                out = {**head, "choices": [{"index": 0, "text": text, "finish_reason": event.finish_reason,
-                                            "logprobs": lp}]}
-                if event.finish_reason is not None:
-                    out["usage"] = usage(event)
-                yield {"data": json.dumps(out)}
-            yield {"data": "[DONE]"}
-
-        return EventSourceResponse(chunks(), ping=15, shutdown_grace_period=drain_seconds)
+    @app.get("/tokenizer_info", responses=protocol.ERRORS)
+    async def tokenizer_info():
+        return api.tokenizer_info()
 
     return app

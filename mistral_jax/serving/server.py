@@ -8,15 +8,17 @@ import sys
 
 import uvicorn
 
-from mistral_jax.serving.api import create_app
+from mistral_jax.serving.api import DEFAULT_MAX_REQUEST_BYTES, create_app
 from mistral_jax.serving.engine import Engine
 
 
 def run(engine: Engine, tokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-        api_key: str | None = None, shutdown_timeout: float = 30.0) -> None:
+        api_key: str | None = None, shutdown_timeout: float = 30.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests in flight finish for up to
     `shutdown_timeout` seconds, cancel the rest and stop the engine (and the other processes' followers)."""
-    app = create_app(engine, tokenizer, model_name, api_key, drain_seconds=shutdown_timeout)
+    app = create_app(engine, tokenizer, model_name, api_key, drain_seconds=shutdown_timeout,
+                     max_request_bytes=max_request_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout + 1)  # after the streams' own grace period
     server = _Server(config, model_name)

@@ -1,8 +1,9 @@
 """`Tokenizer`: one interface over every backend for encoding prompts, chat formatting and streaming decode."""
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, Message, check_message
@@ -84,8 +85,11 @@ class Tokenizer:
         """A fresh incremental decoder for one generated sequence."""
         return DecodeStream(self.vocab.decode)
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of a conversation of {"role": "system"|"user"|"assistant", "content": str} messages.
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Prompt ids of a conversation of {"role": "system"|"user"|"assistant", "content": str} messages, and
+        where the format has tools, OpenAI's tools ({"type": "function", "function": {...}}), role "tool" messages
+        ({"tool_call_id"}) and assistant "tool_calls".
 
         Message text never becomes a control token, whatever it spells.
         """
@@ -94,9 +98,17 @@ class Tokenizer:
                 f"{self.source}: the checkpoint carries no chat template; "
                 "pass family='mistral', 'mixtral' or 'llama' to load_tokenizer to pick a default one"
             )
+        tools_ok = self.supports_tools
+        if tools and not tools_ok:
+            raise UserError(f"{self.source}: this chat format has no tool format, so it cannot list tools")
         for message in messages:
-            check_message(message)
-        return self.chat_format.encode(self.vocab, messages, add_generation_prompt)
+            check_message(message, tools_ok)
+        return self.chat_format.encode(self.vocab, messages, add_generation_prompt, tools)
+
+    @property
+    def supports_tools(self) -> bool:
+        """The chat format lists tools and encodes tool calls and results (Mistral v2+, templates reading tools)."""
+        return self.chat_format is not None and self.chat_format.supports_tools(self.vocab)
 
     def save_pretrained(self, directory: str | Path) -> list[Path]:
         """Write the files transformers loads a tokenizer from (tokenizer.json or tokenizer.model, plus

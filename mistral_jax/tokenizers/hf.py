@@ -29,7 +29,8 @@ class HFVocab(Vocab):
         self.add_bos = add_bos
 
     def encode_text(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
+        # encode_batch lets go of the GIL while it works (encode holds it): a server's other threads run on
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
     def encode_spans(self, spans: Sequence[Span]) -> list[int]:
         """Encode the whole text as transformers does, unless a special token landed outside the template's spans.
@@ -38,7 +39,7 @@ class HFVocab(Vocab):
         prepend_scheme="first", added tokens that strip spaces). When message text spells a special token, fall
         back to the generic split, which only honours special tokens inside template spans.
         """
-        encoding = self._tok.encode("".join(text for text, _ in spans), add_special_tokens=False)
+        encoding = self._tok.encode_batch(["".join(text for text, _ in spans)], add_special_tokens=False)[0]
         template_ranges: list[tuple[int, int]] = []
         start = 0
         for text, from_template in spans:
@@ -52,6 +53,10 @@ class HFVocab(Vocab):
             if token_id in special_ids and not any(lo <= begin and end <= hi for lo, hi in template_ranges):
                 return super().encode_spans(spans)
         return encoding.ids
+
+    def to_json(self) -> str:
+        """The tokenizer.json text (grammar libraries build their token tables from it)."""
+        return self._tok.to_str()
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

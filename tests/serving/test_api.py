@@ -2,58 +2,33 @@
 spoken to with the official openai client and raw HTTP. Tests run in file order; the last sends SIGTERM."""
 
 import concurrent.futures
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.tokenizers import load_tokenizer
+from tests.serving.live import KEY, MODEL, openai_client, running_server
 
-MODEL = "smollm2-135m-instruct"
-KEY = "test-key"
 CONTEXT = 256
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    command = [sys.executable, "-m", "mistral_jax.cli", "serve", "--port", str(port), "--api-key", KEY,
-               "--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if " on http://" in line:
-            break
-    else:
-        pytest.fail("the server did not start:\n" + "".join(lines))
-    url = f"http://127.0.0.1:{port}"
-    yield process, url
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    with running_server("--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT),
+                        "--prefill-chunk", "32") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+    return openai_client(server[1])
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +48,19 @@ def test_chat_and_completions_streamed_and_not(client, smollm2):
     _, _, tokenizer = smollm2
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
     chunks = list(stream)
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chat.choices[0].message.content == streamed and streamed
-    assert chat.choices[0].finish_reason in ("stop", "length") and chunks[-1].choices[0].finish_reason
+    # OpenAI's include_usage: every chunk has usage null but the last, which has no choices
+    assert chat.choices[0].finish_reason in ("stop", "length") and chunks[-2].choices[0].finish_reason
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
     prompt_ids = tokenizer.apply_chat_template(messages)
     assert chat.usage.prompt_tokens == len(prompt_ids) == chunks[-1].usage.prompt_tokens
     assert chat.usage.completion_tokens == chunks[-1].usage.completion_tokens > 0
+    plain = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason
 
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
     ids = client.completions.create(model=MODEL, prompt=tokenizer.encode("The capital of France is"), max_tokens=6,

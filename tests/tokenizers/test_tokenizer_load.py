@@ -100,8 +100,11 @@ def test_sentencepiece_with_jinja_template(tmp_path: Path, mistral_file: Callabl
     ],
 )
 def test_invalid_messages(mistral_file: Callable[[int], Path], message: dict, named: str) -> None:
-    """What no format encodes (tools, images) is named, on v7, whose tokenizer has tokens for them, as on v1."""
+    """What a format cannot encode (tools on v1, images) is named; v7 encodes tools, but not a call without its
+    function (test_tool_formats checks the valid ones against mistral-common)."""
     for version in (1, 7):
+        if version == 7 and named == "tool results":
+            continue
         with pytest.raises(UserError, match=named):
             load_tokenizer(mistral_file(version)).apply_chat_template([{"role": "user", "content": "hi"}, message])
 
