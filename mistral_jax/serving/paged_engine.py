@@ -22,8 +22,8 @@ import numpy as np
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.serving.engine import Engine, Request
-from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
+from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.requests import Event, RequestError, SamplingParams
 from mistral_jax.serving.scheduler import Scheduler
 
@@ -67,13 +67,12 @@ class PagedEngine(Engine):
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
         self.max_total_tokens = max_total_tokens
         self.programs, self.warm_up_seconds = 0, 0.0
+        self.preemptions = 0  # requests preempted (pages given back, recomputed later)
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                          prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False)
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
-        if speculation is not None:
-            raise UserError("speculative decoding is not paged yet: drop --speculate or --page-size")
         if self.max_total_tokens is None:
             budget = kv_budget_bytes() // token_bytes(self.config)
             self.max_total_tokens = max(self.max_seq_len, min(self.max_batch * self.max_seq_len, budget))
@@ -126,6 +125,9 @@ class PagedEngine(Engine):
             self.metrics.prompt_tokens.inc(len(request.prompt))
         self._drop_cancelled()
         plan = self.scheduler.schedule()
+        if not plan.chunks and plan.preempted:  # everyone preempted this time: the next plan admits them again
+            plan = self.scheduler.schedule()
+        self.preemptions += len(plan.preempted)
         for request_id, _, _ in plan.admitted:
             if request_id in self._queued_ids:
                 self._queued_ids.remove(request_id)
