@@ -25,7 +25,7 @@ def _model(preset: str, seed: int = 0):
     return mj.unstack_layers(config, mj.init_params(config, jax.random.key(seed)))
 
 
-@pytest.fixture(scope="module", params=["tiny-mistral", "tiny-mixtral"])
+@pytest.fixture(scope="module", params=["tiny-mistral", pytest.param("tiny-mixtral", marks=pytest.mark.slow)])
 def engine(request):
     config, params = _model(request.param)
     engine = PagedEngine(config, params, page_size=PAGE, max_total_tokens=512, max_num_batched_tokens=CHUNK,
