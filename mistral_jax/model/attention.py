@@ -14,6 +14,7 @@ from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.layers import param_init, rotary_embedding
+from mistral_jax.model.paged_attention import AttentionMetadata, gather_pages, write_pages
 
 
 def attention_mask(q_pos, k_pos, window: int | None, q_segments=None, k_segments=None):
@@ -107,12 +108,31 @@ def attend_cudnn(q, k, v, mask, causal: bool):
     return out.astype(q.dtype)
 
 
+def paged_attention(q, kv_pages, meta: AttentionMetadata, window: int | None = None):
+    """q [N, H, D] (rotated) over the cache pages of each token's sequence -> [N, H, D].
+
+    The step's own K/V must already be written (`write_pages`). Keys at or past a sequence's kv_len, and those a
+    window hides, are masked by position; padding tokens' outputs are zeros.
+    """
+    page_size = kv_pages.shape[1]
+    keys, values = gather_pages(kv_pages, meta.page_tables, q.dtype)
+    length = keys.shape[2]
+    key_pos = meta.first_page[:, None] * page_size + jnp.arange(length)[None, :]  # [S, L]
+    key_pos = jnp.where(key_pos < meta.kv_lens[:, None], key_pos, -1)
+    query_pos = jnp.take(meta.positions, meta.query_index, mode="fill", fill_value=-1)  # [S, T]
+    queries = jnp.take(q, meta.query_index, axis=0, mode="fill", fill_value=0)  # [S, T, H, D]
+    mask = attention_mask(query_pos, key_pos, window)
+    out = attend(queries, keys, values, mask)  # [S, T, H, D]
+    return jnp.zeros_like(q).at[meta.query_index].set(out, mode="drop")
+
+
 class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, inputs, layer_cache=None):
-        """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions).
+        """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions, or the
+        pages' AttentionMetadata with layer_cache = {"kv": this layer's pages}).
 
         With a cache (layer_cache = {"k", "v"}, one layer's buffers: kv_cache.py), the new keys are written
         to it and the updated layer cache is returned. inputs.cache_empty: the cache holds nothing yet (a
@@ -139,6 +159,10 @@ class Attention(nn.Module):
         q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
         k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
 
+        if inputs.pages is not None:  # a paged cache (serving): one flat row [1, N] of several sequences' tokens
+            kv_pages = write_pages(layer_cache["kv"], k[0], v[0], inputs.pages.slots)
+            out = paged_attention(q[0], kv_pages, inputs.pages, window)[None]
+            return quant.einsum("bthk,hkd->btd", out, wo, cfg), {"kv": kv_pages}
         new_layer_cache = None
         if layer_cache is not None:
             new_layer_cache = kv_cache.write_layer(layer_cache, positions, k, v)

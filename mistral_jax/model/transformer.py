@@ -19,6 +19,7 @@ from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
 from mistral_jax.model.moe import MoE, balance_loss, routing_totals
+from mistral_jax.model.paged_attention import AttentionMetadata
 
 
 @flax.struct.dataclass
@@ -41,6 +42,7 @@ class BlockInputs:
     cache_pos: jax.Array | None = None  # int32 [B, S]: the position in each cache slot before this call
     new_cache_pos: jax.Array | None = None  # int32 [B, S]: ... and after it
     cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
+    pages: AttentionMetadata | None = None  # a paged cache's metadata (then B = 1: a flat row of sequences' tokens)
 
 
 class Block(nn.Module):
@@ -96,7 +98,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False,
-                 return_hidden=False) -> Output:
+                 return_hidden=False, pages=None, logit_index=None) -> Output:
         """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
@@ -106,7 +108,9 @@ class Transformer(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
 
         inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
-        if cache is not None:
+        if pages is not None:  # a paged cache {"kv": per-layer pages}: no ring positions to advance
+            inputs, layer_caches = inputs.replace(pages=pages), dict(cache)
+        elif cache is not None:
             new_pos = kv_cache.advance_positions(cache["pos"], positions)
             inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
             layer_caches = {name: cache[name] for name in kv_cache.buffer_names(cache)}
@@ -132,6 +136,8 @@ class Transformer(nn.Module):
 
         if last_only:
             x = x[:, -1:]
+        elif logit_index is not None:  # only the columns that are sampled from reach the LM head
+            x = jnp.take(x, logit_index, axis=1)
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
         if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
             logits = quant.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
@@ -142,7 +148,9 @@ class Transformer(nn.Module):
         logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
-        if cache is not None:
+        if pages is not None:
+            new_cache = new_layer_caches
+        elif cache is not None:
             new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
         aux = {}
         if cfg.is_moe:
@@ -152,17 +160,20 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, *, last_only=False,
-            cache_empty=False, return_hidden=False) -> Output:
+            cache_empty=False, return_hidden=False, pages: AttentionMetadata | None = None,
+            logit_index=None) -> Output:
     """The pure forward pass: tokens, positions int [B, T] -> Output(logits, cache, aux, hidden).
 
     cache: a cache (kv_cache.py) the tokens are written to; Output.cache is the updated one. Without a
     cache, attention skips the blocks above the diagonal: positions must not decrease along a segment (true
     of prompts, padded or packed rows). last_only: logits for the last column only ([B, 1, V]), as prefill
     needs. cache_empty: the cache holds nothing yet, so attention reads the tokens alone (they are still
-    written to it). return_hidden: Output.hidden holds the residual stream after every layer.
+    written to it). return_hidden: Output.hidden holds the residual stream after every layer. pages: the
+    cache is paged ({"kv": per-layer pages}, model/paged_attention.py) and tokens [1, N] is a flat row of several
+    sequences' tokens. logit_index: int32 [S], the columns whose logits are returned ([B, S, V]).
     """
     return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only,
-                                     cache_empty, return_hidden)
+                                     cache_empty, return_hidden, pages, logit_index)
 
 
 def default_positions(tokens):
