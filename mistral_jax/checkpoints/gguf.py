@@ -16,6 +16,7 @@ import gguf
 import numpy as np
 
 from mistral_jax import gguf_file
+from mistral_jax import families
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
@@ -110,17 +111,16 @@ def _f32(value: float) -> float:
 
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
-    """ModelConfig from llama.cpp metadata (general.architecture must be "llama")."""
+    """ModelConfig from llama.cpp metadata (general.architecture: one the family table names, families.py)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(
-            f"{source}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, Mixtral)"
-        )
+    if arch not in families.gguf_architectures():
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(families.gguf_architectures())})")
 
     def need(key: str) -> Any:
-        value = _field(reader, f"llama.{key}")
+        value = _field(reader, f"{arch}.{key}")
         if value is None:
-            raise CheckpointError(f"{source}: GGUF metadata 'llama.{key}' is missing")
+            raise CheckpointError(f"{source}: GGUF metadata '{arch}.{key}' is missing")
         return value
 
     scaling = _field(reader, "llama.rope.scaling.type", "none")
@@ -131,8 +131,8 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     if not vocab and "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
     n_experts = int(_field(reader, "llama.expert_count", 0))
-    name = f"{_field(reader, 'general.name', '')} {_field(reader, 'general.basename', '')}".lower()
-    family = "mixtral" if n_experts else "mistral" if "mistral" in name else "llama"
+    name = f"{_field(reader, 'general.name', '')} {_field(reader, 'general.basename', '')}"
+    family = families.from_gguf(arch, name, n_experts).name
     key_length = _field(reader, "llama.attention.key_length")
     values = dict(
         family=family,

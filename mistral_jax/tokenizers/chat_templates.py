@@ -11,6 +11,7 @@ import jinja2
 import jinja2.ext
 import jinja2.sandbox
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.errors import UnsupportedTokenizer
 from mistral_jax.tokenizers.vocab import Span, Vocab
@@ -209,9 +210,8 @@ class JinjaTemplate:
 
 
 def default_chat_format(family: str | None) -> ChatFormat | None:
-    """The format for a checkpoint without a template: Mistral instruct for mistral/mixtral, Llama 2 for llama."""
-    if family in ("mistral", "mixtral"):
-        return MistralInstruct()
-    if family == "llama":
-        return Llama2Chat()
-    return None
+    """The format for a checkpoint without a template: the family table's (families.py) chat format."""
+    if family is None:
+        return None
+    formats = {"mistral-instruct": MistralInstruct, "llama2": Llama2Chat}
+    return formats[families.get(family).chat_format]()

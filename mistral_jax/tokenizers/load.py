@@ -9,6 +9,7 @@ from typing import Any
 
 import tokenizers
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 from mistral_jax.paths import as_path, is_url, require_local
 from mistral_jax.tokenizers.base import Tokenizer
@@ -17,7 +18,6 @@ from mistral_jax.tokenizers.hf import HFVocab
 from mistral_jax.tokenizers.spm import SentencePieceVocab
 from mistral_jax.tokenizers.vocab import Vocab
 
-FAMILIES = ("llama", "mistral", "mixtral")
 # mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...,
 # with an m1 suffix for the multimodal ones (tokenizer.model.v7m1)
 _MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)(?:m\d+)?$")
@@ -31,13 +31,13 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
 
     A directory is searched for tokenizer.json, then tokenizer.model, then mistral-common's tokenizer.model.vN
     (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file supplies the chat
-    template, BOS/EOS tokens and `add_bos_token`. `family` ("llama", "mistral", "mixtral") picks the chat format
+    template, BOS/EOS tokens and `add_bos_token`. `family` (a name in families.py) picks the chat format
     used when the checkpoint carries no template; when None it is read from config.json's `model_type`, or taken
     as "mistral" for a mistral-common file name. A URL (an orbax checkpoint on gs://) has its few tokenizer
     files copied to a temporary directory; a GGUF file must be local.
     """
-    if family not in (None, *FAMILIES):
-        raise UserError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
+    if family is not None:
+        families.get(family)  # a UserError naming the known families
     if is_url(path):  # e.g. an orbax checkpoint on gs:// with its tokenizer files: those few files, copied
         with tempfile.TemporaryDirectory(prefix="mistral-jax-tokenizer-") as scratch:
             tokenizer = load_tokenizer(fetch_tokenizer_files(path, Path(scratch)), family)
@@ -99,8 +99,8 @@ def _find_tokenizer_file(directory: Path) -> Path:
 def _family_from_config(config_file: Path) -> str | None:
     if not config_file.is_file():
         return None
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    return model_type if model_type in FAMILIES else None
+    family = families.from_hf(json.loads(config_file.read_text()))
+    return None if family is None else family.name
 
 
 def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
