@@ -38,10 +38,12 @@ def test_parameter_count_matches_published_figure(name):
         assert total == reference["exact"]
 
 
-NEW_FAMILY_PRESETS = ["mistral-7b-v0.3", "mistral-7b-instruct-v0.3", "mixtral-8x22b-v0.1", "mixtral-8x22b-instruct-v0.1",
-                      "mistral-nemo-12b-base-2407", "mistral-nemo-12b-instruct-2407", "ministral-8b-instruct-2410",
-                      "llama-3.1-8b", "llama-3.1-8b-instruct", "llama-3.1-70b", "llama-3.1-70b-instruct", "llama-3.2-1b",
-                      "llama-3.2-1b-instruct", "llama-3.2-3b", "llama-3.2-3b-instruct"]
+NEW_FAMILY_PRESETS = [
+    "mistral-7b-v0.3", "mistral-7b-instruct-v0.3", "mixtral-8x22b-v0.1", "mixtral-8x22b-instruct-v0.1",
+    "mistral-nemo-12b-base-2407", "mistral-nemo-12b-instruct-2407", "ministral-8b-instruct-2410",
+    "llama-3.1-8b", "llama-3.1-8b-instruct", "llama-3.1-70b", "llama-3.1-70b-instruct", "llama-3.2-1b",
+    "llama-3.2-1b-instruct", "llama-3.2-3b", "llama-3.2-3b-instruct",
+]
 
 
 def test_todays_presets_are_there_with_exact_counts():

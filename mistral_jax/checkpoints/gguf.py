@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 import gguf
 import numpy as np
 
-from mistral_jax import gguf_file
-from mistral_jax import families
+from mistral_jax import families, gguf_file
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
