@@ -61,7 +61,7 @@ class Plan:
     seq_len: int
     attention: str  # the kernel over seq_len keys (attention.attention_kernel): "xla" keeps the scores
     kv_bytes_per_token: int  # K and V of one token over every layer, whole model, in the cache's dtype
-    kv_bytes_per_sequence: int  # one row's cache at seq_len: the window bounds it
+    kv_bytes_per_sequence: int  # one row's cache at seq_len: each layer's window bounds its ring
 
     @property
     def total_bytes_per_device(self) -> int:
@@ -113,7 +113,8 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
     kv_per_token = round(2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim
                          * _kv_bytes_per_value(config, compute_bytes))
     return Plan(preset, dict(mesh.shape), counts["total"], counts["active"], params_bytes, optimizer, gradients,
-                kv_cache, activations, seq_len, kernel, kv_per_token, kv_per_token * config.cache_size(seq_len))
+                kv_cache, activations, seq_len, kernel, kv_per_token,
+                kv_per_token * config.kv_slots(seq_len) // config.n_layers)
 
 
 def _stored_itemsize(path, dtype, compute_bytes: int) -> int:

@@ -7,6 +7,7 @@ import pytest
 
 import mistral_jax as mj
 from mistral_jax import cli, planner
+from mistral_jax.model import quant
 
 
 @pytest.mark.parametrize("preset, mesh", [("tiny-mixtral", dict(data=1, fsdp=2, expert=2, tensor=2)),
@@ -97,3 +98,18 @@ def test_quantized_plans_count_int8_weights_scales_and_cache():
     with pytest.raises(mj.UserError, match="quantized"):
         planner.plan(mistral.replace(quant="int8"), one, train=True)
     assert cli.main(["plan", "--preset", "tiny-llama", "--devices", "1", "--quantize", "int4"]) == 2
+
+
+def test_mixtral_8x22b_and_nemo_plans():
+    """int8 weights halve the bfloat16 weights per chip (scales aside); full SFT of 8x22B needs 64 v5p chips."""
+    mixtral = mj.ModelConfig.from_preset("mixtral-8x22b-v0.1")
+    mesh = dict(data=1, fsdp=2, expert=1, tensor=8)
+    bf16 = planner.plan(mixtral, mesh, batch=8, seq_len=4096)
+    int8 = planner.plan(quant.quantized_config(mixtral, "int8"), mesh, batch=8, seq_len=4096)
+    assert bf16.total_params == 140_620_634_112 and bf16.active_params == 39_152_031_744
+    assert int8.params_bytes_per_device == pytest.approx(bf16.params_bytes_per_device / 2, rel=0.02)
+    assert not planner.recommend(mixtral, 16, batch=32, seq_len=2048, train=True).fits["TPU v5p"]
+    assert planner.recommend(mixtral, 64, batch=32, seq_len=2048, train=True).fits["TPU v5p"]
+    nemo = mj.ModelConfig.from_preset("mistral-nemo-12b-base-2407")
+    lora = planner.recommend(nemo, 8, batch=32, seq_len=2048, train=True, lora_rank=16)
+    assert lora.total_params == 12_247_782_400 and lora.fits["TPU v6e"]

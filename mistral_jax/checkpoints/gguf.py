@@ -196,9 +196,9 @@ def _rope_scaling(reader: gguf.GGUFReader, tensors: Mapping[str, Any], source: s
     expected = llama3_divisors(head_dim, theta, fields["rope_factor"], LLAMA3_LOW_FREQ_FACTOR,
                                LLAMA3_HIGH_FREQ_FACTOR, original)
     if not np.allclose(divisors, expected, rtol=1e-4):
-        raise CheckpointError(f"{source}: rope_freqs.weight is not llama3 RoPE scaling (factor {fields['rope_factor']}, "
-                              f"frequency factors 1 / 4, original context {original}); other per-frequency "
-                              "factors are not supported")
+        raise CheckpointError(f"{source}: rope_freqs.weight is not llama3 RoPE scaling (factor "
+                              f"{fields['rope_factor']}, frequency factors 1 / 4, original context {original}); other "
+                              "per-frequency factors are not supported")
     return fields
 
 
