@@ -35,8 +35,9 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
     tokenizer.model.vN (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file
     supplies the chat template, BOS/EOS tokens and `add_bos_token` (a tekken.json's chat format is Mistral's).
     `family` (a name in families.py) picks the chat format used when the checkpoint carries no template; when
-    None it is read from config.json's `model_type`, or taken as "mistral" for a mistral-common or tekken file. A URL (an orbax checkpoint on gs://) has its few tokenizer
-    files copied to a temporary directory; a GGUF file must be local.
+    None it is read from config.json's `model_type`, or taken as "mistral" for a mistral-common or tekken file.
+    A URL (an orbax checkpoint on gs://) has its few tokenizer files copied to a temporary directory; a GGUF
+    file must be local.
     """
     if family is not None:
         families.get(family)  # a UserError naming the known families
