@@ -1,4 +1,5 @@
 import dataclasses
+import pathlib
 
 import jax
 import pytest
@@ -107,3 +108,12 @@ def test_config_mistakes_are_user_errors():
         mj.ModelConfig.from_preset("tiny-llama", sliding_window=0)
     with pytest.raises(UserError, match="unknown ModelConfig fields"):
         mj.ModelConfig.from_dict({**mj.ModelConfig.from_preset("tiny-llama").to_dict(), "no_such_field": 1})
+
+
+def test_readme_lists_every_preset():
+    """README's families table names every full-size preset (alone or as NAME and its "-instruct" twin)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Families and presets"):readme.index("## Speed")]
+    for name in FULL_SIZE:
+        base = name.removesuffix("-instruct").removesuffix("-chat")  # "NAME (+ -instruct)" lists both
+        assert any(f" {n}{end}" in table for n in (name, base) for end in (",", " ")), name
