@@ -134,3 +134,42 @@ def test_llama3_chats_equal_live_transformers(llama3, name):
     ids = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     assert llama3.apply_chat_template(messages, add_generation_prompt=True) == ids
+
+
+def test_llama3_gguf_vocabulary_equals_its_tokenizer_json(llama3, tmp_path):
+    """llama.cpp writes Llama 3's vocabulary as a "gpt2" model with the "llama-bpe" pre-tokenizer: the Llama-3-style
+    fixture written that way encodes texts and chats exactly as its tokenizer.json."""
+    import gguf
+
+    spec = json.loads((LLAMA3 / "tokenizer.json").read_text())
+    size = llama3.vocab_size
+    tokens = [llama3.vocab.id_to_piece(i) for i in range(size)]
+    specials = set(llama3.vocab.special_tokens.values())
+    writer = gguf.GGUFWriter(tmp_path / "llama3.gguf", "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("llama-bpe")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in specials else 1 for i in range(size)])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(llama3.bos_id)
+    writer.add_eos_token_id(llama3.eos_id)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(json.loads((LLAMA3 / "tokenizer_config.json").read_text())["chat_template"])
+    for step in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        step()
+    from_gguf = load_tokenizer(tmp_path / "llama3.gguf")
+    texts = ("Hello world, 12345 ünïcødé\n\t x's", "  spaced  \n\n", "THE Quick's 2024-12-07",
+             LLAMA3_REFERENCE["_text"]["text"])
+    for text in texts:
+        assert from_gguf.encode(text) == llama3.encode(text), text
+    for name in LLAMA3_CHATS:
+        assert from_gguf.apply_chat_template(LLAMA3_REFERENCE[name]["messages"]) == LLAMA3_REFERENCE[name]["ids"]
+
+
+def test_gguf_tekken_pre_tokenizer_splits_as_the_tekken_files():
+    """llama.cpp's "tekken" pre-tokenizer (Nemo / Ministral GGUF files) is the pattern mistral-common's files carry."""
+    from mistral_jax.tokenizers.gguf_vocab import PRE_TOKENIZERS, TEKKEN_SPLIT
+
+    for path in TEKKEN_FILES:
+        assert json.loads(path.read_text())["config"]["pattern"] == TEKKEN_SPLIT
+    assert "tekken" in PRE_TOKENIZERS and "llama-bpe" in PRE_TOKENIZERS
