@@ -130,7 +130,7 @@ def hlo_evidence(config, params, batch: int, slots: int) -> dict:
     """Counts in decode_step's optimized HLO: weight slices materialised per layer, whole-cache copies."""
     cache = mj.init_cache(config, batch, slots)
     ints = jnp.zeros((batch,), jnp.int32)
-    text = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile().as_text()
+    text = decoding.forward_step.lower(config, None, params, cache, ints, ints).compile().as_text()
     entry = text[text.index("\nENTRY"):]
     k, hd = config.n_kv_heads, config.resolved_head_dim
     if config.scan_layers:

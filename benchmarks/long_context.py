@@ -95,7 +95,7 @@ def chunk_memory(preset: str, layers: int, slots: list[int], chunk: int = 512) -
         tokens = jax.ShapeDtypeStruct((1, chunk), jnp.int32)
         for n in slots:
             cache = jax.eval_shape(lambda n=n, c=config: mj.init_cache(c, 1, n))
-            compiled = decoding._prefill_chunk.lower(config, None, params, cache, tokens, tokens, False).compile()
+            compiled = decoding.prefill_chunk.lower(config, None, params, cache, tokens, tokens, False).compile()
             results[f"{kind}/{n}"] = compiled.memory_analysis().temp_size_in_bytes
     return results
 
@@ -137,7 +137,7 @@ def main() -> None:
                 start = time.perf_counter()
                 jax.block_until_ready(run())
                 seconds = time.perf_counter() - start
-            chunk = decoding._prefill_chunk.lower(cfg, None, flat_params, mj.init_cache(cfg, 1, args.prefill),
+            chunk = decoding.prefill_chunk.lower(cfg, None, flat_params, mj.init_cache(cfg, 1, args.prefill),
                                                   prompt[:, :512], positions[:, :512], False).compile()
             temp = chunk.memory_analysis().temp_size_in_bytes
             results["prefill"][kind] = {"seconds": seconds, "tokens_per_s": args.prefill / seconds,

@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -38,7 +37,7 @@ import _common  # noqa: E402
 from speculative import CODE, PASSAGE, TASKS  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax.serving import api, device  # noqa: E402
+from mistral_jax.serving import api, runner  # noqa: E402
 from mistral_jax.serving.engine import Engine  # noqa: E402
 from mistral_jax.speculative import Speculation  # noqa: E402
 from mistral_jax.tokenizers import load_tokenizer  # noqa: E402
@@ -108,18 +107,15 @@ async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: i
 
 
 def _decode_ceiling(engine: Engine, steps: int) -> float:
-    """Tokens/s of the engine's decode step at its full batch, called back to back."""
+    """Tokens/s of the engine's decode step at its full batch, run back to back (through the runner's plans)."""
     b = engine.max_batch
-    inputs, _ = engine._decode_inputs([])
-    inputs = device.DecodeInputs(*(engine.device._put(getattr(inputs, f)) for f in
-                                   ("tokens", "positions", "steps", "keys", "temperature", "top_k", "top_p")))
-    dev = engine.device
-    out, dev.cache = device._decode(dev.config, dev.mesh, dev.params, dev.cache, inputs)
-    jax.block_until_ready(out)
+    inputs = runner.DecodeInputs(np.zeros(b, np.int32), np.arange(1, b + 1, dtype=np.int32), np.ones(b, np.int32),
+                                 np.ones(b, bool))  # every slot live, so the whole batch is timed
+    plan = runner.Plan(decode=inputs)
+    engine.runner.run(plan)
     start = time.perf_counter()
     for _ in range(steps):
-        out, dev.cache = device._decode(dev.config, dev.mesh, dev.params, dev.cache, inputs)
-        np.asarray(out[0])  # the engine reads every step's tokens back
+        engine.runner.run(plan)  # reads every step's tokens back, as the engine does
     return b * steps / (time.perf_counter() - start)
 
 

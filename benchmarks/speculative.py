@@ -29,7 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
-from mistral_jax import decoding, speculative  # noqa: E402
+from mistral_jax import decoding, step  # noqa: E402
 
 PASSAGE = (
     "The Amazon rainforest covers much of the Amazon basin of South America. This basin encompasses seven "
@@ -61,10 +61,10 @@ TASKS = {
 
 def speculative_run(config, params, prompt, max_new_tokens, draft_tokens, eos_id):
     """(tokens, state) of one speculative generate: decoding's own path, kept for its statistics."""
-    args = (config, params, [prompt], max_new_tokens, 0.0, 0, 1.0, 0, eos_id, None, None)
-    state = decoding._begin_speculative(args, "prompt-lookup", draft_tokens).run(max_new_tokens)
-    tokens = np.asarray(state.tokens)[0, :max_new_tokens]
-    return decoding._trim_at_eos(tokens, {eos_id}), state
+    state = decoding.run(config, params, [prompt], max_new_tokens, eos_id=eos_id, draft="prompt-lookup",
+                         draft_tokens=draft_tokens)
+    tokens = np.asarray(state.tokens)[0, :max_new_tokens].tolist()
+    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens, state
 
 
 def verify_cost(config, params, ks, rounds):
@@ -73,8 +73,8 @@ def verify_cost(config, params, ks, rounds):
     for k in [0, *ks]:
         cache = mj.init_cache(config, 1, 512, lookahead=k)
         _, cache = decoding.prefill(config, params, cache, [list(range(256))], [list(range(256))])
-        verify = jax.jit(functools.partial(speculative.verify, config, None))  # the cache not donated: reused
-        args = (params, cache, jnp.array([7]), jnp.array([256]), jnp.zeros((1, k), jnp.int32))
+        verify = jax.jit(functools.partial(step.forward_tokens, config, None))  # the cache not donated: reused
+        args = (params, cache, jnp.full((1, k + 1), 7, jnp.int32), 256 + jnp.arange(k + 1)[None])
         jax.block_until_ready(verify(*args))
         runners[k] = functools.partial(verify, *args)
     samples, _ = _common.interleaved_rounds(runners, rounds, lambda fn: _common.best(fn, 1))

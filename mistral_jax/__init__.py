@@ -16,8 +16,11 @@ _EXPORTS = {
     "ModelConfig": "mistral_jax.config",
     "list_presets": "mistral_jax.config",
     "UserError": "mistral_jax.errors",
+    "ParamError": "mistral_jax.errors",
+    "SamplingParams": "mistral_jax.sampling",
     "CheckpointError": "mistral_jax.checkpoints.errors",
     "load": "mistral_jax.checkpoints.load",
+    "load_adapter": "mistral_jax.checkpoints.load",
     "load_tokenizer": "mistral_jax.tokenizers.load",
     "Output": "mistral_jax.model.transformer",
     "forward": "mistral_jax.model.transformer",
@@ -44,7 +47,9 @@ __all__ = [
     "DecodeState",
     "ModelConfig",
     "Output",
+    "ParamError",
     "Perplexity",
+    "SamplingParams",
     "UserError",
     "decode_step",
     "forward",
@@ -54,6 +59,7 @@ __all__ = [
     "init_params",
     "list_presets",
     "load",
+    "load_adapter",
     "load_tokenizer",
     "logical_axes",
     "logits",
@@ -81,7 +87,7 @@ def __dir__():
 
 if TYPE_CHECKING:
     from mistral_jax.checkpoints.errors import CheckpointError
-    from mistral_jax.checkpoints.load import load
+    from mistral_jax.checkpoints.load import load, load_adapter
     from mistral_jax.config import ModelConfig, list_presets
     from mistral_jax.decoding import (
         DecodeState,
@@ -92,10 +98,11 @@ if TYPE_CHECKING:
         logits,
         prefill,
     )
-    from mistral_jax.errors import UserError
+    from mistral_jax.errors import ParamError, UserError
     from mistral_jax.evaluation import Perplexity, perplexity
     from mistral_jax.model.layer_layout import stack_layers, unstack_layers
     from mistral_jax.model.quant import quantize
     from mistral_jax.model.transformer import Output, forward, init_params, logical_axes
+    from mistral_jax.sampling import SamplingParams
     from mistral_jax.sharding import make_mesh, shard_params
     from mistral_jax.tokenizers.load import load_tokenizer

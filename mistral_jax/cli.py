@@ -61,6 +61,20 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -109,6 +123,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int) ->
     parser.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=_probability, default=1.0, help="1 = off")
+    parser.add_argument("--min-p", type=_fraction, default=0.0,
+                        help="keep tokens at least this fraction of the most likely one's probability (0 = off)")
+    parser.add_argument("--repetition-penalty", type=_positive_float, default=1.0,
+                        help="transformers' repetition penalty over prompt and output tokens (1 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--system", default=None, help="system prompt (chat mode)")
     _add_draft_flags(parser)
@@ -172,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     _add_quantize_flag(commands.choices["convert"])
     commands.choices["export"].add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    commands.choices["export"].add_argument(
+        "--adapter", action="store_true",
+        help="SRC is an sft run trained with --lora-rank: write its LoRA adapter (latest step) as a Hugging Face "
+             "PEFT directory (adapter_config.json + adapter_model.safetensors) for the run's base, not merged weights")
 
     ev = commands.add_parser("eval", help="perplexity of a text file, or of the assistant tokens of a JSONL chat file")
     _add_model_flags(ev)
@@ -282,6 +304,7 @@ class Generation:
             try:
                 for step_tokens in mj.generate_stream(self.config, self.params, [self.prompt], max_new_tokens,
                                                       temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                                                      min_p=a.min_p, repetition_penalty=a.repetition_penalty,
                                                       seed=a.seed, eos_id=list(self.stop_ids) or None,
                                                       mesh=getattr(a, "mesh_", None),
                                                       draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens):
@@ -463,6 +486,14 @@ def cmd_export(args) -> None:
         raise CLIError(f"{args.dst}: export writes a Hugging Face directory to local disk only; export it there and "
                        "copy it, or use `mistral-jax convert` to write orbax on gs://")
     check_new_dir(args.dst)  # before the model is loaded, which may take minutes
+    if args.adapter:
+        from mistral_jax.checkpoints import load, peft, run_dir
+
+        config, adapter = load.run_adapter(args.src)
+        peft.write(config, adapter, args.dst, base_model=str(run_dir.run_info(args.src)["checkpoint"]),
+                   dtype=args.dtype)
+        print(f"wrote PEFT adapter directory {args.dst}", file=sys.stderr)
+        return
     _refuse_quantized(args.src)
     with tempfile.TemporaryDirectory() as scratch:
         config, params, tokenizer_files = _load_source(args, pathlib.Path(scratch))

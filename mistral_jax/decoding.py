@@ -4,10 +4,15 @@ Prompts of different lengths share a batch by left padding: padding columns get 
 are never written to the cache nor attended to, and every row keeps its own positions. A row's tokens
 are therefore the same whether it is generated alone or in a batch.
 
-`generate` and `generate_stream` run the same step (`_advance`: decode one token per row, sample, record):
-generate inside a `lax.while_loop` on device, generate_stream as a jitted call per token from Python.
-The loop's bound is traced and its token buffer and cache come in buckets, so a new `max_new_tokens`
-reuses the compiled programs.
+`generate` and `generate_stream` run the same step (step.py: forward each row's token and any drafts, the
+sampling stage, record) and the same first-token path: generate inside a `lax.while_loop` on device,
+generate_stream as a jitted call per step from Python. The loop's bound is traced and its token buffer and
+cache come in buckets, so a new `max_new_tokens` reuses the compiled programs; settings are per-row arrays
+(sampling.SamplingMetadata), so new settings do too.
+
+Whatever layout the caller's parameters are in, decoding runs the unscanned one (one subtree per layer, the
+fast decode layout: benchmarks/RESULTS.md); scanned parameters are split once and the split copy kept for
+the next call with the same arrays (`decode_params`).
 
 Every entry point takes an optional `mesh` (see sharding.py): parameters are placed on it, the cache
 is split on batch and KV heads, host inputs become global arrays (each process building its own
@@ -20,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 
 import flax.struct
@@ -27,12 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import sharding, speculative
+from mistral_jax import sampling as sampling_stage
+from mistral_jax import sharding, speculative, step
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model import kv_cache
+from mistral_jax.model.layer_layout import unstack_layers
 from mistral_jax.model.transformer import default_positions, forward
-from mistral_jax.sampling import Sampling, as_key, sample
+from mistral_jax.sampling import SamplingMetadata, SamplingParams
 
 DEFAULT_PREFILL_CHUNK = 512
 # Fewest rows generate decodes per backend: XLA:GPU runs a one-row matmul far slower than a two-row one
@@ -42,44 +51,62 @@ MIN_DECODE_ROWS = {"gpu": 2}
 
 @flax.struct.dataclass
 class DecodeState:
-    """Where a batch's generation stands between two decode steps (a pytree: the while loop's carry)."""
+    """Where a batch's generation stands between two steps (a pytree: the while loop's carry)."""
 
-    step: jax.Array  # int32 []: tokens made so far; the next one goes to tokens[:, step]
-    tokens: jax.Array  # int32 [B, N]: the tokens made, N >= max_new_tokens (a bucket)
-    token: jax.Array  # int32 [B]: the latest token, the next step's input
+    counts: jax.Array  # int32 [B]: tokens made per row; the next go to tokens[b, counts[b]:]
+    tokens: jax.Array  # int32 [B, N]: the tokens made, N >= max_new_tokens (+ k + 1 speculating; a bucket)
+    token: jax.Array  # int32 [B]: the latest token, the next step's input (not yet in the cache)
     positions: jax.Array  # int32 [B]: the latest token's position
     done: jax.Array  # bool [B]: the row has made an eos token
-    cache: dict  # the rolling cache (model/kv_cache.py), holding everything before `token`
+    carry: step.Carry  # the cache, the penalties' counts, prompt lookup's state, a draft model's cache
+    steps: jax.Array  # int32 []: steps after the first token
+    drafted: jax.Array  # int32 [B]: draft tokens verified while the row was generating (a row without a
+    # match of its own rides along with its zeros when another row drafts)
+    accepted: jax.Array  # int32 [B]: ... and kept
+
+    @property
+    def cache(self) -> dict:
+        return self.carry.cache
 
 
 # Placement under a mesh (identities when mesh is None) -------------------------------------------
-def _rows(mesh, x):
-    """An array whose first axis is the batch, as a global array split over the batch axes."""
-    x = x if isinstance(x, jax.Array) else np.asarray(x)
-    return sharding.put(x, sharding.named(mesh, x.shape, ("batch",) + (None,) * (x.ndim - 1)))
-
-
-def _replicated(mesh, x):
-    """A host value as a device array: replicated over the mesh, if any."""
-    return jnp.asarray(x) if mesh is None else sharding.put(np.asarray(x), sharding.replicated(mesh))
-
-
-def _seed_key(seed: int, mesh):
-    """The sampling key's raw data (jitted code wraps it back: `sampling.as_key`), replicated."""
-    return _replicated(mesh, jax.random.key_data(jax.random.key(seed)))
-
-
-def _constrain_logits(mesh, logits):  # [B, V]
-    return sharding.constrain(logits, mesh, ("batch", "act_vocab"))
-
-
 def _constrain_state(mesh, state: DecodeState) -> DecodeState:
     """The state's small arrays replicated (every process reads the tokens), the cache split as placed."""
     if mesh is None:
         return state
-    small = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "cache"}
+    small = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "carry"}
     small = jax.lax.with_sharding_constraint(small, sharding.replicated(mesh))
-    return DecodeState(**small, cache=sharding.constrain_cache(mesh, state.cache))
+    carry = state.carry.replace(cache=sharding.constrain_cache(mesh, state.carry.cache))
+    return DecodeState(**small, carry=carry)
+
+
+# The decode layout ------------------------------------------------------------------------------
+_split_lock = threading.Lock()
+_split: dict = {}  # the one kept split: {"refs": weakrefs to the scanned leaves, "config", "params"}
+
+
+def decode_params(config: ModelConfig, params):
+    """(config, params) in the unscanned layout that decoding runs (one subtree per layer: benchmarks/RESULTS.md).
+
+    Scanned parameters are split once; the split copy is kept (one model's worth) for the next call with the
+    same arrays, recognised by weak references, so it goes when the caller drops the scanned ones.
+    """
+    if not config.scan_layers:
+        return config, params
+    leaves = jax.tree.leaves(params)
+    with _split_lock:
+        refs = _split.get("refs")
+        if (refs is not None and _split["config"] == config and len(refs) == len(leaves)
+                and all(r() is leaf for r, leaf in zip(refs, leaves))):
+            return _split["unscanned"], _split["params"]
+        _split.clear()
+        unscanned, split = unstack_layers(config, params)
+        try:
+            refs = [weakref.ref(leaf) for leaf in leaves]
+        except TypeError:  # numpy leaves cannot be weakly referenced: split each time
+            return unscanned, split
+        _split.update(refs=refs, config=config, unscanned=unscanned, params=split)
+        return unscanned, split
 
 
 # The cache and the uncached forward -------------------------------------------------------------
@@ -115,7 +142,7 @@ def logits(config: ModelConfig, params, tokens, *, mesh=None):
     if mesh is None:
         return _logits(config, None, params, jnp.asarray(tokens, jnp.int32))
     params = sharding.ensure_params(config, params, mesh)
-    return _logits(config, mesh, params, _rows(mesh, tokens.astype(np.int32)))
+    return _logits(config, mesh, params, sharding.put_rows(mesh, tokens.astype(np.int32)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -127,10 +154,12 @@ def _logits(config, mesh, params, tokens):
 
 # Prefill and one decode step --------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=3)
-def _prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, cache_empty: bool = False):
-    with sharding.activations(mesh):
-        out = forward(config, params, tokens, positions, cache=cache, last_only=True, cache_empty=cache_empty)
-    return _constrain_logits(mesh, out.logits[:, 0]), sharding.constrain_cache(mesh, out.cache)
+def prefill_chunk(config: ModelConfig, mesh, params, cache, tokens, positions, cache_empty: bool = False):
+    """One prefill chunk (tokens, positions int32 [B, C], placed) -> (float32 logits after its last column [B, V],
+    cache). The cache is donated; compiled once per shape (twice: with cache_empty, the first chunk)."""
+    logits, cache = step.forward_tokens(config, mesh, params, cache, tokens, positions, last_only=True,
+                                        cache_empty=cache_empty)
+    return logits[:, 0], cache
 
 
 def chunk_layout(length: int, cache_size: int, chunk_size: int | None = None) -> tuple[int, int, int]:
@@ -139,7 +168,7 @@ def chunk_layout(length: int, cache_size: int, chunk_size: int | None = None) ->
     Chunks are at most the cache size (so a chunk never overwrites itself) and short prompts round up to a
     power of two, so that prompts of similar length share one compilation.
     """
-    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size, _round_up_pow2(length))
+    chunk = min(chunk_size or DEFAULT_PREFILL_CHUNK, cache_size, round_up_pow2(length))
     n_chunks = math.ceil(length / chunk)
     return chunk, n_chunks, n_chunks * chunk - length  # padded on the left: the last column is the last token
 
@@ -167,12 +196,17 @@ def prefill(config: ModelConfig, params, cache, tokens, positions, chunk_size: i
     logits = None
     for i in range(n_chunks):
         cols = slice(i * chunk, (i + 1) * chunk)
-        chunk_tokens, chunk_positions = tokens[:, cols], positions[:, cols]
-        if mesh is not None:
-            chunk_tokens, chunk_positions = _rows(mesh, chunk_tokens), _rows(mesh, chunk_positions)
-        logits, cache = _prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions,
-                                       cache_empty and i == 0)
+        chunk_tokens, chunk_positions = sharding.put_rows(mesh, (tokens[:, cols], positions[:, cols]))
+        logits, cache = prefill_chunk(config, mesh, params, cache, chunk_tokens, chunk_positions,
+                                      cache_empty and i == 0)
     return logits, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def forward_step(config: ModelConfig, mesh, params, cache, tokens, positions):
+    """`decode_step`'s program: tokens, positions int32 [B] (placed) -> (float32 logits [B, V], cache)."""
+    logits, cache = step.forward_tokens(config, mesh, params, cache, tokens[:, None], positions[:, None])
+    return logits[:, 0], cache
 
 
 def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=None):
@@ -182,56 +216,85 @@ def decode_step(config: ModelConfig, params, cache, tokens, positions, *, mesh=N
     """
     if mesh is not None:
         params, cache = sharding.ensure_params(config, params, mesh), sharding.place_cache(mesh, cache)
-        tokens = _rows(mesh, tokens if isinstance(tokens, jax.Array) else np.asarray(tokens, np.int32))
-        positions = _rows(mesh, positions if isinstance(positions, jax.Array) else np.asarray(positions, np.int32))
-    return _decode_step(config, mesh, params, cache, tokens, positions)
+        tokens, positions = sharding.put_rows(mesh, (np.asarray(tokens, np.int32) if not isinstance(tokens, jax.Array)
+                                                     else tokens, np.asarray(positions, np.int32)
+                                                     if not isinstance(positions, jax.Array) else positions))
+    return forward_step(config, mesh, params, cache, tokens, positions)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
-def _decode_step(config: ModelConfig, mesh, params, cache, tokens, positions):
-    with sharding.activations(mesh):
-        out = forward(config, params, tokens[:, None], positions[:, None], cache=cache)
-    return _constrain_logits(mesh, out.logits[:, 0]), sharding.constrain_cache(mesh, out.cache)
-
-
-# The generation step, shared by generate's loop and generate_stream ----------------------------
-def _first_state(mesh, sampling: Sampling, buffer: int, logits, cache, positions, seed_key, eos_ids) -> DecodeState:
-    """The state after sampling the first new token from the prefill logits [B, V]."""
-    token = sample(logits, jax.random.fold_in(as_key(seed_key), 0), sampling)
-    tokens = jnp.zeros((logits.shape[0], buffer), jnp.int32).at[:, 0].set(token)
-    state = DecodeState(jnp.int32(1), tokens, token, positions, jnp.isin(token, eos_ids), cache)
+# generate's programs: the first token, one step, the whole loop --------------------------------------
+def _first_state(mesh, buffer: int, logits, carry: step.Carry, positions, sampling: SamplingMetadata,
+                 eos_ids) -> DecodeState:
+    """The state after the first new token of each row (step.first, from the prefill logits [B, V])."""
+    token, penalties, lookup = step.first(logits, sampling, carry.penalties, carry.lookup, positions)
+    b = token.shape[0]
+    zeros = jnp.zeros((b,), jnp.int32)
+    tokens = jnp.zeros((b, buffer), jnp.int32).at[:, 0].set(token)
+    state = DecodeState(zeros + 1, tokens, token, positions, jnp.isin(token, eos_ids),
+                        carry.replace(penalties=penalties, lookup=lookup), jnp.int32(0), zeros, zeros)
     return _constrain_state(mesh, state)
 
 
-def _advance(config: ModelConfig, mesh, sampling: Sampling, params, state: DecodeState, seed_key, eos_ids):
-    """One decode step: every row reads its latest token, writes it to the cache and samples the next."""
-    with sharding.activations(mesh):
-        out = forward(config, params, state.token[:, None], state.positions[:, None], cache=state.cache)
-    token = sample(out.logits[:, 0], jax.random.fold_in(as_key(seed_key), state.step), sampling)
-    state = DecodeState(state.step + 1, state.tokens.at[:, state.step].set(token), token, state.positions + 1,
-                        state.done | jnp.isin(token, eos_ids), out.cache)
-    return _constrain_state(mesh, state)
+def _record(state: DecodeState, stepped: step.Stepped, carry: step.Carry, live, eos_ids) -> DecodeState:
+    """Append each row's kept + 1 emitted tokens [B, w + 1]; every row advances (finished rows harmlessly)."""
+    b, width = stepped.emitted.shape
+    rows, column = jnp.arange(b)[:, None], jnp.arange(width)[None]
+    new = column <= stepped.kept[:, None]  # [B, w + 1]
+    at = jnp.where(new, state.counts[:, None] + column, state.tokens.shape[1])
+    made = stepped.kept + 1
+    return DecodeState(
+        counts=state.counts + made,
+        tokens=state.tokens.at[rows, at].set(stepped.emitted, mode="drop"),
+        token=stepped.emitted[jnp.arange(b), stepped.kept],
+        positions=state.positions + made,
+        done=state.done | jnp.any(new & jnp.isin(stepped.emitted, eos_ids), axis=1),
+        carry=carry,
+        steps=state.steps + 1,
+        drafted=state.drafted + stepped.drafted,
+        accepted=state.accepted + jnp.where(live, stepped.kept, 0),
+    )
 
 
-_start = jax.jit(_first_state, static_argnums=(0, 1, 2), donate_argnums=4)
-_step = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=4)
+def _advance(spec, config: ModelConfig, mesh, params, draft_params, sampling: SamplingMetadata, state: DecodeState,
+             eos_ids, limit) -> DecodeState:
+    """One step.step for every row (the width chosen on device for prompt lookup), recorded."""
+    live = ~state.done & (state.counts < limit)
+    rows = step.Rows(state.token, state.positions, state.counts, live)
+
+    def at_width(width, proposal=None):
+        stepped, carry = step.step(spec, width, config, mesh, params, draft_params, rows, sampling, state.carry,
+                                   proposal)
+        return _constrain_state(mesh, _record(state, stepped, carry, live, eos_ids))
+
+    widths = step.widths(spec)
+    if len(widths) == 1:
+        return at_width(widths[0])
+    proposal = speculative.propose(spec, state.carry.lookup, state.positions, live)
+    return jax.lax.switch(proposal.index, [functools.partial(at_width, w, proposal) for w in widths])
+
+
+_start = jax.jit(_first_state, static_argnums=(0, 1), donate_argnums=3)
+_step = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=6)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=6)
-def _generate(config: ModelConfig, mesh, sampling: Sampling, buffer: int, params, logits, cache, positions, seed_key,
-              eos_ids, max_new_tokens) -> DecodeState:
+def _generate(spec, config: ModelConfig, mesh, buffer: int, params, draft_params, carry, logits, positions,
+              sampling, eos_ids, limit) -> DecodeState:
     """The first token from the prefill logits, then `_advance` on device until every row made an eos or
-    `max_new_tokens` (traced) tokens exist."""
+    `limit` (traced) tokens exist."""
 
     def more(state):
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
+        return jnp.any(~state.done & (state.counts < limit))
 
-    state = _first_state(mesh, sampling, buffer, logits, cache, positions, seed_key, eos_ids)
-    return jax.lax.while_loop(more, lambda s: _advance(config, mesh, sampling, params, s, seed_key, eos_ids), state)
+    state = _first_state(mesh, buffer, logits, carry, positions, sampling, eos_ids)
+    advance = functools.partial(_advance, spec, config, mesh, params, draft_params, sampling, eos_ids=eos_ids,
+                                limit=limit)
+    return jax.lax.while_loop(more, advance, state)
 
 
 # generate and generate_stream -------------------------------------------------------------------
-def _round_up_pow2(n: int, least: int = 16) -> int:
+def round_up_pow2(n: int, least: int = 16) -> int:
+    """n rounded up to a power of two, at least `least`: the buckets shapes come in, so nearby sizes share programs."""
     return max(least, 1 << (n - 1).bit_length())
 
 
@@ -282,117 +345,201 @@ def _trim_at_eos(row: np.ndarray, eos_ids: set[int]) -> list[int]:
     return out
 
 
+SHORTHANDS = ("temperature", "top_k", "top_p", "min_p", "seed", "presence_penalty", "frequency_penalty",
+              "repetition_penalty", "logit_bias")
+
+
+def row_sampling(rows: int, sampling=None, **shorthands) -> list[SamplingParams]:
+    """Each row's SamplingParams from generate's `sampling` (one for every row, or one per prompt) or its keyword
+    shorthands (None: not given). One setting for every row gives row i the seed seed + i (mod 2**64), so equal
+    prompts draw different samples and row i equals a lone prompt with that seed."""
+    given = {name: value for name, value in shorthands.items() if value is not None}
+    if sampling is not None and given:
+        raise UserError(f"give sampling= or the keyword settings ({', '.join(sorted(given))}), not both")
+    if sampling is None:
+        sampling = SamplingParams(**given)
+    if isinstance(sampling, SamplingParams):
+        return [dataclasses.replace(sampling, seed=(sampling.seed + i) % sampling_stage.MAX_SEED)
+                for i in range(rows)]
+    sampling = list(sampling)
+    if len(sampling) != rows or not all(isinstance(s, SamplingParams) for s in sampling):
+        raise UserError(f"sampling must be one SamplingParams or one per prompt ({rows}), got {len(sampling)} items")
+    return sampling
+
+
 @dataclasses.dataclass(frozen=True)
 class _Generation:
-    """What generate and generate_stream share: the request's settings and its prefilled prompts."""
+    """A prefilled request and what generate's programs take besides: use `first`/`step` or `run`, once."""
 
     config: ModelConfig
     mesh: object
-    sampling: Sampling
+    spec: speculative.Speculation | None
     params: object
-    seed_key: jax.Array
+    draft_params: object
+    sampling: SamplingMetadata  # [B], placed
     eos_ids: jax.Array  # int32 [E] (a -1 when there is none)
     rows: int  # the caller's rows; any after them are MIN_DECODE_ROWS copies
-    buffer: int  # the token buffer's length: max_new_tokens rounded up, so nearby lengths share programs
+    buffer: int  # the token buffer's length: max_new_tokens (+ k + 1) rounded up, so nearby lengths share programs
     logits: jax.Array  # float32 [B, V] after the last prompt token
-    cache: dict  # the prompts' cache (donated by `first` or `run`: use one, once)
+    carry: step.Carry  # the prompts' cache, counts and lookup state (donated by `first` or `run`)
     positions: jax.Array  # int32 [B] the first new token's position (each prompt's length)
-    prompts: tuple = ()  # the padded prompts: numpy (tokens [B, T], positions [B, T]), as prefilled
 
     def first(self) -> DecodeState:
         """The state holding the first new token (sampled from the prefill logits)."""
-        return _start(self.mesh, self.sampling, self.buffer, self.logits, self.cache, self.positions, self.seed_key,
-                      self.eos_ids)
+        return _start(self.mesh, self.buffer, self.logits, self.carry, self.positions, self.sampling, self.eos_ids)
 
-    def step(self, state: DecodeState) -> DecodeState:
-        return _step(self.config, self.mesh, self.sampling, self.params, state, self.seed_key, self.eos_ids)
+    def step(self, state: DecodeState, max_new_tokens: int) -> DecodeState:
+        return _step(self.spec, self.config, self.mesh, self.params, self.draft_params, self.sampling, state,
+                     self.eos_ids, sharding.put_replicated(self.mesh, np.int32(max_new_tokens)))
 
     def run(self, max_new_tokens: int) -> DecodeState:
         """Every token, on device: `first`, then `step` in a while loop."""
-        bound = _replicated(self.mesh, np.int32(max_new_tokens))
-        return _generate(self.config, self.mesh, self.sampling, self.buffer, self.params, self.logits, self.cache,
-                         self.positions, self.seed_key, self.eos_ids, bound)
+        return _generate(self.spec, self.config, self.mesh, self.buffer, self.params, self.draft_params, self.carry,
+                         self.logits, self.positions, self.sampling, self.eos_ids,
+                         sharding.put_replicated(self.mesh, np.int32(max_new_tokens)))
 
 
-def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-           seed: int, eos_id, prefill_chunk: int | None, mesh, lookahead: int = 0) -> _Generation:
-    """Check the request, place the parameters and prefill the prompts (lookahead: init_cache's)."""
-    sampling = Sampling(temperature, top_k, top_p)
+def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: list[SamplingParams], eos_id,
+           prefill_chunk: int | None, mesh, draft, draft_tokens: int) -> _Generation:
+    """Check the request, place the parameters, prefill the prompts (and a draft model's cache) and set up the
+    rows' settings, penalty counts and prompt lookup state."""
+    spec, draft_params = (None, None) if draft is None else speculative.from_draft(config, draft, draft_tokens)
+    k = 0 if spec is None else spec.draft_tokens
+    metadata = sampling_stage.metadata(settings, config.vocab_size)
+    config, params = decode_params(config, params)
     if mesh is not None:
         params = sharding.ensure_params(config, params, mesh)
     prompts = prompts.tolist() if isinstance(prompts, np.ndarray) else list(prompts)
     rows = len(prompts)
     min_rows = MIN_DECODE_ROWS.get(jax.default_backend(), 1) if mesh is None else 1
-    prompts = prompts + prompts[-1:] * max(0, min_rows - rows)
+    copies = max(0, min_rows - rows)
+    prompts = prompts + prompts[-1:] * copies
+    metadata = jax.tree.map(lambda x: np.concatenate([x, x[-1:].repeat(copies, 0)]), metadata)
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
-    needed = tokens.shape[1] + max_new_tokens + lookahead
-    cache = init_cache(config, tokens.shape[0], cache_length(config, needed), mesh=mesh, lookahead=lookahead)
+    needed = tokens.shape[1] + max_new_tokens + k
+    cache = init_cache(config, tokens.shape[0], cache_length(config, needed), mesh=mesh, lookahead=k)
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
-    seed_key, eos_ids = _seed_key(seed, mesh), _replicated(mesh, np.asarray(_eos_ids(eos_id) or [-1], np.int32))
-    lengths = jnp.asarray(lengths) if mesh is None else _rows(mesh, lengths)
-    return _Generation(config, mesh, sampling, params, seed_key, eos_ids, rows, _round_up_pow2(max_new_tokens),
-                       logits, cache, lengths, (tokens, positions))
-
-
-# Speculative decoding (speculative.py) -----------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _Speculation:
-    """A prefilled request (its cache sized for k tokens ahead) and what speculative.py's programs take besides."""
-
-    gen: _Generation
-    spec: speculative.Speculation
-    draft_params: object
-    draft_cache: dict | None  # the draft model's prefilled cache (donated, like gen.cache: use one, once)
-    history: jax.Array  # int32 [B, H]: the prompts' tokens by position, -1 elsewhere
-    buffer: int  # the token buffer: max_new_tokens + k + 1 rounded up
-
-    def first(self) -> speculative.SpeculativeState:
-        g = self.gen
-        return speculative.start(g.sampling, self.buffer, g.logits, g.cache, g.positions, self.history,
-                                 self.draft_cache, g.seed_key, g.eos_ids)
-
-    def step(self, state: speculative.SpeculativeState, max_new_tokens: int) -> speculative.SpeculativeState:
-        g = self.gen
-        return speculative.step(self.spec, g.config, g.mesh, g.sampling, g.params, self.draft_params, state,
-                                g.seed_key, g.eos_ids, _replicated(g.mesh, np.int32(max_new_tokens)))
-
-    def run(self, max_new_tokens: int) -> speculative.SpeculativeState:
-        g = self.gen
-        return speculative.run(self.spec, g.config, g.mesh, g.sampling, self.buffer, g.params, g.logits, g.cache,
-                               g.positions, self.draft_cache, self.draft_params, self.history, g.seed_key, g.eos_ids,
-                               _replicated(g.mesh, np.int32(max_new_tokens)))
-
-
-def _begin_speculative(begin_args: tuple, draft, draft_tokens: int) -> _Speculation:
-    """`_begin` (begin_args: its arguments) with room for k tokens ahead, and the draft model's prefill."""
-    config, _, _, max_new_tokens, *_, prefill_chunk, mesh = begin_args
-    spec, draft_params = speculative.from_draft(config, draft, draft_tokens)
-    k = spec.draft_tokens
-    gen = _begin(*begin_args, lookahead=k)
-    tokens, positions = gen.prompts
     draft_cache = None
-    if spec.draft_config is not None:
-        draft_config = spec.draft_config
+    if spec is not None and spec.draft_config is not None:
+        draft_config, draft_params = decode_params(spec.draft_config, draft_params)
+        spec = dataclasses.replace(spec, draft_config=draft_config)
         _check_context(draft_config, tokens.shape[1], max_new_tokens)
         if mesh is not None:
             draft_params = sharding.ensure_params(draft_config, draft_params, mesh)
-        needed = tokens.shape[1] + max_new_tokens + k
         draft_cache = init_cache(draft_config, tokens.shape[0], cache_length(draft_config, needed), mesh=mesh,
                                  lookahead=k)
         _, draft_cache = prefill(draft_config, draft_params, draft_cache, tokens, positions, prefill_chunk,
                                  mesh=mesh, cache_empty=True)
-    buffer = _round_up_pow2(max_new_tokens + k + 1)
-    history = np.full((tokens.shape[0], -(-(tokens.shape[1] + buffer) // 256) * 256), -1, np.int32)
-    rows, columns = np.nonzero(positions >= 0)
-    history[rows, positions[rows, columns]] = tokens[rows, columns]
-    history = jnp.asarray(history) if mesh is None else _rows(mesh, history)
-    return _Speculation(gen, spec, draft_params, draft_cache, history, buffer)
+    buffer = round_up_pow2(max_new_tokens + (k + 1 if k else 0))
+    penalties = (sampling_stage.prompt_counts(prompts, config.vocab_size)
+                 if any(s.penalized for s in settings) else None)
+    lookup = None
+    if spec is not None and spec.draft_config is None:
+        lookup = speculative.lookup_rows(prompts, -(-(tokens.shape[1] + buffer) // 256) * 256)
+    carry = step.Carry(cache, sharding.put_rows(mesh, penalties), sharding.put_rows(mesh, lookup), draft_cache)
+    eos_ids = sharding.put_replicated(mesh, np.asarray(_eos_ids(eos_id) or [-1], np.int32))
+    return _Generation(config, mesh, spec, params, draft_params, sharding.put_rows(mesh, metadata), eos_ids, rows,
+                       buffer, logits, carry, sharding.put_rows(mesh, lengths))
 
 
-def _stream_speculative(run: _Speculation, rows: int, max_new_tokens: int, eos_ids: list[int]) -> Iterator[np.ndarray]:
-    """generate_stream's columns from speculative steps: column t once every row has made t + 1 tokens."""
-    state, sent, finished = run.first(), 0, np.zeros(rows, bool)
+def _with_adapter(config: ModelConfig, params, adapter, mesh):
+    """params with a LoRA adapter merged into a transient copy of the weights it adapts (None: params as given)."""
+    if adapter is None:
+        return params
+    from mistral_jax.checkpoints.load import merge_adapter  # checkpoints/load.py: read (a path), check it fits, merge
+    return merge_adapter(config, params, adapter, mesh)
+
+
+def run(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling=None,
+        eos_id: int | Sequence[int] | None = None, prefill_chunk: int | None = None, mesh=None, draft=None,
+        draft_tokens: int = 4, adapter=None, **shorthands) -> DecodeState:
+    """`generate`'s final DecodeState (its tokens, per-row counts, and the drafts verified and kept)."""
+    settings = row_sampling(len(prompts), sampling, **shorthands)
+    params = _with_adapter(config, params, adapter, mesh)
+    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens)
+    return gen.run(max_new_tokens)
+
+
+def generate(
+    config: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    logit_bias: dict | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    prefill_chunk: int | None = None,
+    mesh=None,
+    draft=None,
+    draft_tokens: int = 4,
+    adapter=None,
+) -> list[list[int]]:
+    """New tokens for each prompt (a list of token ids), up to and including the first eos.
+
+    sampling: one `SamplingParams` for every row (row i seeded seed + i) or one per prompt; or the keyword
+    shorthands (temperature 0 is greedy, the default). Its sampling fields apply; the length is max_new_tokens
+    and the stop ids eos_id (max_tokens, stop and logprobs are the server's). The token loop runs on device.
+    mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
+    draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
+    a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
+    adapter: a LoRA (PEFT or sft LoRA run directory, or mj.load_adapter's result) merged into a transient copy of
+    the weights it adapts for this call; the tokens equal generate's on params merged with mj.load(adapter=...).
+    """
+    state = run(config, params, prompts, max_new_tokens, sampling=sampling, temperature=temperature, top_k=top_k,
+                top_p=top_p, min_p=min_p, seed=seed, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                eos_id=eos_id, prefill_chunk=prefill_chunk, mesh=mesh, draft=draft, draft_tokens=draft_tokens,
+                adapter=adapter)
+    tokens = np.asarray(state.tokens)[: len(prompts), :max_new_tokens]
+    return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
+
+
+def generate_stream(
+    config: ModelConfig,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    logit_bias: dict | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    prefill_chunk: int | None = None,
+    mesh=None,
+    draft=None,
+    draft_tokens: int = 4,
+    adapter=None,
+) -> Iterator[np.ndarray]:
+    """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
+
+    Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
+    should ignore. Same settings, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
+    row, yielded one [B] column at a time once every row has it. adapter: as generate's.
+    """
+    params = _with_adapter(config, params, adapter, mesh)
+    settings = row_sampling(len(prompts), sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            repetition_penalty=repetition_penalty, logit_bias=logit_bias)
+    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens)
+    rows, eos_ids = len(prompts), _eos_ids(eos_id)
+    state, sent, finished = gen.first(), 0, np.zeros(rows, bool)
     while True:
         ready = min(int(np.asarray(state.counts)[:rows].min()), max_new_tokens)
         for column in np.asarray(state.tokens)[:rows, sent:ready].T:
@@ -403,72 +550,4 @@ def _stream_speculative(run: _Speculation, rows: int, max_new_tokens: int, eos_i
         sent = ready
         if sent >= max_new_tokens:
             return
-        state = run.step(state, max_new_tokens)
-
-
-def generate(
-    config: ModelConfig,
-    params,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    eos_id: int | Sequence[int] | None = None,
-    prefill_chunk: int | None = None,
-    mesh=None,
-    draft=None,
-    draft_tokens: int = 4,
-) -> list[list[int]]:
-    """New tokens for each prompt (a list of token ids), up to and including the first eos.
-
-    temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The token loop runs on device.
-    mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
-    draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
-    a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
-    """
-    args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
-    if draft is None:
-        run = _begin(*args)
-    else:
-        run = _begin_speculative(args, draft, draft_tokens)
-    tokens = np.asarray(run.run(max_new_tokens).tokens)[: len(prompts), :max_new_tokens]
-    return [_trim_at_eos(row, set(_eos_ids(eos_id))) for row in tokens]
-
-
-def generate_stream(
-    config: ModelConfig,
-    params,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    eos_id: int | Sequence[int] | None = None,
-    prefill_chunk: int | None = None,
-    mesh=None,
-    draft=None,
-    draft_tokens: int = 4,
-) -> Iterator[np.ndarray]:
-    """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
-
-    Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
-    should ignore. Same seed, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
-    row, yielded one [B] column at a time once every row has it.
-    """
-    args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
-    if draft is not None:
-        yield from _stream_speculative(_begin_speculative(args, draft, draft_tokens), len(prompts), max_new_tokens,
-                                       _eos_ids(eos_id))
-        return
-    run = _begin(*args)
-    state = run.first()
-    while True:
-        yield np.asarray(state.token)[: run.rows]
-        if int(state.step) >= max_new_tokens or np.asarray(state.done)[: run.rows].all():
-            return
-        state = run.step(state)
+        state = gen.step(state, max_new_tokens)

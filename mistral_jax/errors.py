@@ -39,3 +39,11 @@ def missing_filesystem(err: ImportError) -> str | None:
     package = next((name for name in FILESYSTEM_PACKAGES if name in text), None)
     return f"{text.rstrip('.')} (pip install {package})" if package else None
 
+
+
+class ParamError(UserError):
+    """A wrong setting; `param` names the field at fault (the server reports it as OpenAI's error.param)."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param

@@ -3,8 +3,9 @@
 A target weight W [lead..., in..., out...] (lead = layers, or layers and experts) gets A [lead..., in..., r]
 and B [lead..., r, out...], B zero so training starts from the base model; the model runs on
 W + (alpha / r) * A @ B, and only A and B are trained. Adapters are a nested dict mirroring the params,
-each target leaf replaced by {"a", "b"}. Pure math plus where the adapters live on a mesh; the SFT program
-(train/) trains them, `mistral_jax.checkpoints.run_dir` merges a run's into its base model.
+each target leaf replaced by {"a", "b"}; an `Adapter` is such a tree with its scale, as read from a run or a
+PEFT directory (checkpoints/load.py's load_adapter). Pure math plus where the adapters live on a mesh; the SFT
+program (train/) trains them, `mistral_jax.checkpoints.load` merges them into a base model.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -94,14 +96,69 @@ def delta(a, b, n_in: int):
 
 
 def merge(params, adapters, scale: float):
-    """params with W + scale * A @ B for every adapted weight (a new tree; params itself is untouched)."""
-    layers = dict(params["layers"])
-    for module, weights in adapters["layers"].items():
+    """params with W + scale * A @ B for every adapted weight (a new tree holding new arrays for the adapted
+    weights only; params itself is untouched). The params may be scanned or unscanned (model/layer_layout.py)."""
+    layers = params["layers"]
+    if "0" in layers:  # unscanned: one subtree per layer, the adapters' leading axis split to match
+        return {**params, "layers": {i: _merge_layer(layer, adapters["layers"], scale, int(i))
+                                     for i, layer in layers.items()}}
+    return {**params, "layers": _merge_layer(layers, adapters["layers"], scale, None)}
+
+
+def _merge_layer(layers, adapters, scale: float, index: int | None):
+    layers = dict(layers)
+    for module, weights in adapters.items():
         layers[module] = dict(layers[module])
         for name, ab in weights.items():
             w = layers[module][name]
-            layers[module][name] = (w + scale * delta(ab["a"], ab["b"], TARGETS[name][1])).astype(w.dtype)
-    return {**params, "layers": layers}
+            a, b = (ab["a"], ab["b"]) if index is None else (ab["a"][index], ab["b"][index])
+            layers[module][name] = (w + scale * delta(a, b, TARGETS[name][1])).astype(w.dtype)
+    return layers
+
+
+@flax.struct.dataclass
+class Adapter:
+    """One loaded LoRA adapter (a pytree: its weights are the leaves): the model runs on W + scale * A @ B for
+    every weight in `weights`."""
+
+    weights: dict  # {"layers": {module: {name: {"a": [L, (E,) in..., r], "b": [L, (E,) r, out...]}}}}, float32
+    scale: float = flax.struct.field(pytree_node=False)
+    source: str = flax.struct.field(pytree_node=False, default="adapter")  # where it came from, for messages
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(name for weights in self.weights["layers"].values() for name in weights)
+
+    @property
+    def rank(self) -> int:
+        return max(ab["a"].shape[-1] for weights in self.weights["layers"].values() for ab in weights.values())
+
+    def check_fits(self, config) -> None:
+        """A UserError (one line, naming the weight and both shapes) unless every factor fits `config`'s model."""
+        from mistral_jax.model.transformer import param_shapes
+
+        layers = param_shapes(config.replace(scan_layers=True))["layers"]  # adapters: stacked on a layer axis
+        for module, weights in self.weights["layers"].items():
+            for name, ab in weights.items():
+                if name not in layers.get(module, {}):
+                    raise UserError(f"{self.source}: adapts {module}/{name}, which this {config.family} model lacks")
+                shape = layers[module][name].shape  # [L, (E,) in..., out...]
+                _, n_in, n_out = TARGETS[name]
+                lead, rank = len(shape) - n_in - n_out, ab["a"].shape[-1]
+                want_a, want_b = (*shape[: lead + n_in], rank), (*shape[:lead], rank, *shape[lead + n_in:])
+                if tuple(ab["a"].shape) != want_a or tuple(ab["b"].shape) != want_b:
+                    raise UserError(f"{self.source}: its {name} factors are A {list(ab['a'].shape)}, B "
+                                    f"{list(ab['b'].shape)}; this base's {name} {list(shape)} needs A {list(want_a)}, "
+                                    f"B {list(want_b)}")
+
+
+def apply(config, params, adapter: Adapter):
+    """params with `adapter` merged (only the adapted weights are new arrays): how generate runs one adapter."""
+    if config.quant != "none":
+        raise UserError(f"an adapter merges into float weights; these are quantized ({config.quant}): merge it into "
+                        "the float model (mj.load(base, adapter=..., quantize=...) quantizes after merging)")
+    adapter.check_fits(config)
+    return merge(params, adapter.weights, adapter.scale)
 
 
 def logical_axes(param_axes, adapters):

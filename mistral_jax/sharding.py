@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -289,6 +290,22 @@ def constrain(x, mesh: Mesh | None, names: Sequence[str | None]):
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def put_rows(mesh: Mesh | None, x):
+    """A host array (or tree of them) whose first axis is the batch, as global arrays split over the batch axes
+    (plain device arrays without a mesh)."""
+    def one(x):
+        if mesh is None:
+            return jnp.asarray(x)
+        x = x if isinstance(x, jax.Array) else np.asarray(x)
+        return put(x, named(mesh, x.shape, ("batch",) + (None,) * (x.ndim - 1)))
+    return jax.tree.map(one, x)
+
+
+def put_replicated(mesh: Mesh | None, x):
+    """A host value (or tree of them) as device arrays: replicated over the mesh, if any."""
+    return jax.tree.map(lambda x: jnp.asarray(x) if mesh is None else put(np.asarray(x), replicated(mesh)), x)
 
 
 def constrain_tree(tree, shardings: Mapping | None):

@@ -57,10 +57,26 @@ def test_sampling_flags_reach_the_sampler(capsys):
     assert first == again != other
 
 
+def test_penalty_and_min_p_flags_reach_the_sampler(capsys):
+    """--repetition-penalty and --min-p give mj.generate's ids with the same settings (and change them)."""
+    args = ["generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,5,6", "--max-new-tokens", "12"]
+    config, params = mj.load(FIXTURE)
+    plain = mj.generate(config, params, [[5, 6, 5, 6]], 12, eos_id=config.eos_id)[0]
+    for flags, settings in [(["--repetition-penalty", "3"], {"repetition_penalty": 3.0}),
+                            (["--min-p", "0.3", "--temperature", "1.5", "--seed", "4"],
+                             {"min_p": 0.3, "temperature": 1.5, "seed": 4})]:
+        ids = run(capsys, *args, *flags)[1].strip().splitlines()[-1]
+        expected = mj.generate(config, params, [[5, 6, 5, 6]], 12, eos_id=config.eos_id, **settings)[0]
+        assert ids == ",".join(map(str, expected)), flags
+        assert expected != plain, flags
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+        (["--min-p", "1.5"], "--min-p: must be in [0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty: must be a finite number > 0"),
         (["--temperature", "-1"], "--temperature: must be >= 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens: must be a positive integer"),
         (["--top-k", "-3"], "--top-k: must be >= 0"),

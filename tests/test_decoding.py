@@ -1,5 +1,6 @@
 """Prefill + decode over the rolling cache equal the plain causal forward; generate's batching and sampling."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 
 import mistral_jax as mj
-from mistral_jax import decoding
+from mistral_jax import decoding, step
 from mistral_jax.compile_stats import CompileStats
+from mistral_jax.sampling import metadata
 
 
 @pytest.fixture(scope="module", params=["scanned", "unscanned"])
@@ -152,13 +154,19 @@ def test_unscanned_decode_step_updates_the_cache_in_place(batch):
     params = mj.init_params(config, jax.random.key(0))
     cache = mj.init_cache(config, batch, 64)
     ints = jnp.zeros((batch,), jnp.int32)
-    text = decoding._decode_step.lower(config, None, params, cache, ints, ints).compile().as_text()
-    entry = text[text.index("\nENTRY"):]
     rows, slots, head_dim = cache["k"][0].shape
-    buffer = rf"f32\[{rows},{slots},{head_dim}\]"
-    assert re.findall(rf"= {buffer}\S* parameter\(", entry)  # the pattern does match the cache buffers
-    assert not re.findall(rf"= {buffer}\S* copy\(", entry)
-    assert "dynamic-slice" not in entry
+    sampling = jax.tree.map(jnp.asarray, metadata([mj.SamplingParams()] * batch, config.vocab_size))
+    generation_step = jax.jit(functools.partial(step.step, None, 0, config, None), donate_argnums=4)
+    programs = {"decode_step": decoding.forward_step.lower(config, None, params, cache, ints, ints),
+                "generation step": generation_step.lower(params, None, step.Rows(ints, ints, ints, ints == 0),
+                                                         sampling, step.Carry(cache, None, None, None))}
+    for name, lowered in programs.items():
+        text = lowered.compile().as_text()
+        entry = text[text.index("\nENTRY"):]
+        buffer = rf"f32\[{rows},{slots},{head_dim}\]"
+        assert re.findall(rf"= {buffer}\S* parameter\(", entry), name  # the pattern does match the cache buffers
+        assert not re.findall(rf"= {buffer}\S* copy\(", entry), name
+        assert "dynamic-slice" not in entry, name
 
 
 def test_a_new_max_new_tokens_compiles_nothing(mistral):

@@ -1,16 +1,33 @@
-"""top-k and top-p keep exactly the tokens they should; temperature 0 is argmax."""
+"""SamplingParams checks every field; top-k, top-p and min-p keep exactly the tokens they should; temperature 0 is
+argmax."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.sampling import Sampling, filter_logits, sample
+import mistral_jax as mj
+from mistral_jax.sampling import SamplingMetadata, metadata, sample, seed_key_data, warp
+from mistral_jax.serving.requests import RequestError
+
+
+def _rows(n: int, vocab: int, **settings) -> SamplingMetadata:
+    """n rows of one setting as the stage reads them (row i seeded seed + i)."""
+    params = [mj.SamplingParams(**{**settings, "seed": settings.get("seed", 0) + i}) for i in range(n)]
+    return jax.tree.map(jnp.asarray, metadata(params, vocab))
+
+
+def _kept(logits, **settings):
+    """Which tokens survive temperature 1 and the filters: logits [B, V] -> bool [B, V]."""
+    meta = _rows(*logits.shape, temperature=1.0, **settings)
+    return np.isfinite(np.asarray(warp(jnp.asarray(logits)[:, None], meta)))[:, 0]
 
 
 def test_top_k_keeps_the_k_largest():
     logits = jnp.array([[0.1, 3.0, 2.0, -1.0, 2.5]])
-    kept = np.isfinite(np.asarray(filter_logits(logits, top_k=2, top_p=1.0)))[0]
+    kept = _kept(logits, top_k=2)[0]
     assert kept.tolist() == [False, True, False, False, True]
 
 
@@ -18,25 +35,73 @@ def test_top_p_keeps_the_smallest_nucleus():
     probs = np.array([0.5, 0.3, 0.15, 0.05])
     logits = jnp.log(jnp.asarray(probs))[None]
     for top_p, expected in [(0.5, 1), (0.6, 2), (0.8, 2), (0.81, 3), (0.96, 4)]:
-        kept = np.isfinite(np.asarray(filter_logits(logits, 0, top_p)))[0]
+        kept = _kept(logits, top_p=top_p)[0]
         assert kept.sum() == expected, top_p
+        assert kept[:expected].all()
+
+
+def test_min_p_keeps_tokens_at_least_min_p_of_the_most_likely():
+    """transformers' MinPLogitsWarper: keep p >= min_p * p_max."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    for min_p, expected in [(0.05, 4), (0.11, 3), (0.3, 3), (0.31, 2), (0.61, 1), (1.0, 1)]:
+        kept = _kept(logits, min_p=min_p)[0]
+        assert kept.sum() == expected, min_p
         assert kept[:expected].all()
 
 
 def test_samples_stay_inside_the_filters():
     logits = jax.random.normal(jax.random.key(0), (4, 50))
-    allowed = np.isfinite(np.asarray(filter_logits(logits, 5, 0.7)))
+    allowed = _kept(logits, top_k=5, top_p=0.7)
     for i in range(20):
-        tokens = np.asarray(sample(logits, jax.random.key(i), Sampling(1.0, 5, 0.7)))
+        meta = _rows(4, 50, temperature=1.0, top_k=5, top_p=0.7, seed=10 * i)
+        tokens = np.asarray(sample(logits, meta))
         assert allowed[np.arange(4), tokens].all()
 
 
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (3, 20))
-    assert np.asarray(sample(logits, jax.random.key(0), Sampling())).tolist() == np.argmax(logits, -1).tolist()
+    meta = _rows(3, 20)
+    assert np.asarray(sample(logits, meta)).tolist() == np.argmax(logits, -1).tolist()
 
 
 @pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}])
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
-        Sampling(**kwargs)
+        mj.SamplingParams(**kwargs)
+
+
+def test_sampling_params_is_public_and_normalises_its_fields():
+    params = mj.SamplingParams(temperature=1, top_k=2**31 - 1, seed=2**64 - 1, logit_bias={"7": -100, 3: 2.5},
+                               stop="x", stop_token_ids=[4], min_p=0.1, repetition_penalty=1.3)
+    assert params.logit_bias == ((3, 2.5), (7, -100.0)) and params.stop == ("x",) and params.stop_token_ids == (4,)
+    assert isinstance(params.temperature, float) and hash(params) == hash(dataclasses.replace(params))
+    assert params.penalized and not mj.SamplingParams().penalized and mj.SamplingParams().greedy
+    assert issubclass(mj.ParamError, mj.UserError) and RequestError is mj.ParamError
+    # seeds are 64 bits: the high word is kept (jax.random.key keeps only the low 32 bits without x64)
+    assert seed_key_data(2**40 + 7).tolist() == [256, 7]
+    assert seed_key_data(7).tolist() == np.asarray(jax.random.key_data(jax.random.key(7))).tolist()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1.0), ("temperature", float("nan")), ("temperature", "x"), ("temperature", True),
+    ("temperature", 1e39), ("top_k", -2), ("top_k", 2**40), ("top_k", 2**31), ("top_k", 1.5), ("top_p", 0.0),
+    ("top_p", 1.5), ("min_p", -0.1), ("min_p", 1.1), ("seed", -1), ("seed", 2**64), ("seed", "1"),
+    ("presence_penalty", "x"), ("presence_penalty", float("inf")), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3), ("repetition_penalty", 0), ("repetition_penalty", float("inf")),
+    ("logit_bias", {1: 101}), ("logit_bias", {-1: 1}), ("logit_bias", {"a": 1}), ("logit_bias", {1: "x"}),
+    ("logit_bias", [1, 2]), ("logit_bias", 3), ("max_tokens", 0), ("stop", [""]), ("stop_token_ids", [-1]),
+    ("ignore_eos", 1), ("logprobs", 6), ("logprobs", -1),
+])
+def test_sampling_params_refuses_each_bad_field_by_name(field, value):
+    with pytest.raises(mj.ParamError) as err:
+        mj.SamplingParams(**{field: value})
+    assert err.value.param == field and field in str(err.value)
+
+
+def test_token_ids_are_checked_against_the_vocabulary():
+    mj.SamplingParams(logit_bias={31: 1}, stop_token_ids=(31,)).check_vocab(32)
+    for field in ("logit_bias", "stop_token_ids"):
+        with pytest.raises(mj.ParamError) as err:
+            mj.SamplingParams(**{field: {32: 1} if field == "logit_bias" else (32,)}).check_vocab(32)
+        assert err.value.param == field

@@ -10,18 +10,18 @@ import pytest
 import scipy.stats
 
 import mistral_jax as mj
-from mistral_jax import decoding, speculative
+from mistral_jax import decoding, speculative, step
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.model import kv_cache
+from mistral_jax.sampling import accept, metadata
 
 # Repeats (prompt lookup finds them), a short row and a long one, so rows accept different counts.
 PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6], [20], [30, 31, 32, 33, 30, 31]]
 
 
 def _state(config, params, prompts, n, draft, k, temperature=0.0, seed=0):
-    """The final SpeculativeState of `mj.generate`'s speculative path (its counters: what was drafted and kept)."""
-    args = (config, params, prompts, n, temperature, 0, 1.0, seed, None, None, None)
-    return decoding._begin_speculative(args, draft, k).run(n)
+    """The final DecodeState of `mj.generate`'s speculative path (its counters: what was drafted and kept)."""
+    return decoding.run(config, params, prompts, n, temperature=temperature, seed=seed, draft=draft, draft_tokens=k)
 
 
 def _perturbed(params, scale: float):
@@ -63,15 +63,17 @@ def test_rejected_tokens_leave_the_cache_as_if_never_written():
     params = mj.init_params(config, jax.random.key(0))
     prompt = list(range(40, 46))  # the first token at 6, drafts at 7..10: a window-sized ring wraps onto 0..2
     k = 4
-    errors, verify = {}, jax.jit(functools.partial(speculative.verify, config, None))
+    errors, verify = {}, jax.jit(functools.partial(step.forward_tokens, config, None))
+    greedy = jax.tree.map(jnp.asarray, metadata([mj.SamplingParams()], config.vocab_size))
     for lookahead in (k, 0):
         cache = mj.init_cache(config, 1, 64, lookahead=lookahead)
         assert kv_cache.cache_size(cache) == config.sliding_window + lookahead
         logits, cache = decoding.prefill(config, params, cache, [prompt], [list(range(6))])
         token = jnp.argmax(logits, -1).astype(jnp.int32)  # position 6
         drafts = jnp.array([[1, 1, 1, 1]], jnp.int32)
-        step_logits, cache = verify(params, cache, token, jnp.array([6]), drafts)
-        kept, emitted = speculative.accept_greedy(step_logits, drafts)
+        step_logits, cache = verify(params, cache, jnp.concatenate([token[:, None], drafts], 1),
+                                    6 + jnp.arange(5)[None])
+        kept, emitted = accept(step_logits, drafts, greedy, jnp.array([1]))
         assert int(kept[0]) == 0
         cache = speculative.keep_accepted(cache, 6 + kept)
         assert int(cache["pos"].max()) == 6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import jax.numpy as jnp
@@ -53,7 +54,7 @@ def read(path) -> tuple[ModelConfig, dict]:
     )
 
 
-def load(path, dtype: str = "float32", *, mesh=None, quantize: str | None = None,
+def load(path, dtype: str = "float32", *, mesh=None, quantize: str | None = None, adapter=None,
          **config_overrides) -> tuple[ModelConfig, dict]:
     """(config, params) from a checkpoint, or from an sft run directory (its latest step, LoRA merged; the
     tokenizer it trained with is `run_dir.tokenizer_source(path)`). Parameters are stored in `dtype`, which is
@@ -65,6 +66,8 @@ def load(path, dtype: str = "float32", *, mesh=None, quantize: str | None = None
     inference prefers (model/layer_layout.py), split leaf by leaf as it loads. quantize="int8": the
     large matmul weights in int8 (model/quant.py), each quantized as it is read (Hugging Face, consolidated,
     GGUF) or once restored (orbax, run directories); a quantized orbax checkpoint restores as it is.
+    adapter: a LoRA merged into the weights (before any quantize): a Hugging Face PEFT directory, an sft run
+    directory trained with --lora-rank, or a `load_adapter` result; one made for another base is refused.
     """
     from mistral_jax.model import quant
     from mistral_jax.model.layer_layout import unstack_layers
@@ -78,7 +81,9 @@ def load(path, dtype: str = "float32", *, mesh=None, quantize: str | None = None
     if run_dir.is_run_dir(path):
         config, params = _load_run(path, dtype, mesh, config_overrides)
     else:
-        config, params = _load_scanned(path, dtype, mesh, config_overrides, quantize)
+        config, params = _load_scanned(path, dtype, mesh, config_overrides, quantize if adapter is None else None)
+    if adapter is not None:
+        params = merge_adapter(config, params, adapter, mesh)
     if quantize is not None and config.quant == "none":
         config, params = quant.quantize(config, params, quantize)
         if mesh is not None:
@@ -136,29 +141,86 @@ def run_params(path, mesh=None):
     The config is the trained model's with float32 weights and compute. A LoRA run's base is read with `load`,
     whatever its format; the run and that base may be URLs (gs://...).
     """
-    import jax
-
-    from mistral_jax import lora, sharding
+    from mistral_jax import sharding
 
     output = as_path(path)
     info = run_dir.run_info(output)
+    if run_dir.lora_spec(info) is not None:
+        config, adapter = run_adapter(output, mesh)
+        _, base = load(info["checkpoint"], "float32", mesh=mesh)
+        return config, merge_adapter(config, base, adapter, mesh, donate=True)
     config = run_dir.model_config(output).replace(dtype="float32", remat=False)
+    shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
+    with _latest(output) as (manager, step):
+        return config, run_dir.restore_trainable(manager, step, orbax.abstract_params(config, shardings))
+
+
+@contextlib.contextmanager
+def _latest(output):
+    """(read-only checkpoint manager, latest step) of a run, closed after the block."""
     manager = run_dir.checkpoint_manager(output, read_only=True)
     try:
         step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f"{output / run_dir.CHECKPOINTS_DIR} holds no complete checkpoint")
-        shardings = sharding.param_shardings(config, mesh) if mesh is not None else None
-        spec = run_dir.lora_spec(info)
-        if spec is None:
-            return config, run_dir.restore_trainable(manager, step, orbax.abstract_params(config, shardings))
-        _, base = load(info["checkpoint"], "float32", mesh=mesh)
-        abstract = jax.eval_shape(lambda: lora.init(base, spec, jax.random.key(0)))
-        placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
-        adapters = run_dir.restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
-        if mesh is None:
-            return config, lora.merge(base, adapters, spec.scale)
-        merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale), out_shardings=shardings, donate_argnums=0)
-        return config, merge(base, adapters)  # each merged weight computed shard by shard, where it stays
+        yield manager, step
     finally:
         manager.close()
+
+
+def run_adapter(path, mesh=None):
+    """(the trained model's config, float32, and its lora.Adapter) of an sft LoRA run's latest checkpoint, the
+    adapters on `mesh` (sharded as the trainer places them) or on the host's first device. No base is read."""
+    import jax
+
+    from mistral_jax import lora, sharding
+    from mistral_jax.model.transformer import param_shapes
+
+    output = as_path(path)
+    info = run_dir.run_info(output)
+    spec = run_dir.lora_spec(info)
+    if spec is None:
+        raise UserError(f"{path} is a full fine-tune (trained without --lora-rank): it holds no LoRA adapter")
+    config = run_dir.model_config(output).replace(dtype="float32", remat=False)
+    abstract = jax.eval_shape(lambda: lora.init(param_shapes(config), spec, jax.random.key(0)))
+    placed = lora.shardings(config, mesh, abstract) if mesh is not None else None
+    with _latest(output) as (manager, step):
+        weights = run_dir.restore_trainable(manager, step, sharding.abstract_arrays(abstract, placed))
+    return config, lora.Adapter(weights, spec.scale, source=f"{path} (an sft LoRA run on {info['checkpoint']})")
+
+
+def load_adapter(path, config: ModelConfig, *, mesh=None):
+    """A lora.Adapter for `config`'s model from a Hugging Face PEFT directory or an sft LoRA run directory
+    (local, or a run on a URL); one made for another base is refused with one line naming what differs."""
+    from mistral_jax import lora
+    from mistral_jax.checkpoints import peft
+
+    if isinstance(path, lora.Adapter):
+        adapter = path
+    elif run_dir.is_run_dir(path):
+        _, adapter = run_adapter(path, mesh)
+    elif not is_url(path) and peft.is_peft_dir(path):
+        adapter = peft.read(path, config)
+    else:
+        raise CheckpointError(f"{path} is not an adapter: expected a Hugging Face PEFT directory "
+                              f"({peft.CONFIG_FILE} + {peft.WEIGHTS_FILE}) or an sft run directory trained with "
+                              "--lora-rank")
+    adapter.check_fits(config)
+    return adapter
+
+
+def merge_adapter(config: ModelConfig, params, adapter, mesh=None, *, donate: bool = False):
+    """`params` (scanned or not) with `adapter` (a path or a lora.Adapter, see load_adapter) merged into its
+    float weights: the adapted leaves are new arrays, the rest shared; on a `mesh` each merged weight is
+    computed shard by shard where it stays (donate: the base's adapted leaves are freed)."""
+    import jax
+
+    from mistral_jax import lora, sharding
+
+    adapter = load_adapter(adapter, config, mesh=mesh)
+    if mesh is None:
+        return lora.apply(config, params, adapter)
+    shardings = sharding.param_shardings(config, mesh)
+    merge = jax.jit(lambda b, a: lora.apply(config, b, a), out_shardings=shardings,
+                    donate_argnums=0 if donate else ())
+    return merge(params, adapter)

@@ -62,7 +62,8 @@ def _stop_strings(body: _Body) -> tuple[str, ...]:
 
 
 def _sampling(body: _Body, prompt_len: int, context: int, default_max: int | None, **extra) -> SamplingParams:
-    """SamplingParams from the body's OpenAI fields (and top_k, stop_token_ids, ignore_eos as vLLM takes them)."""
+    """SamplingParams from the body's OpenAI fields (and top_k, min_p, repetition_penalty, stop_token_ids,
+    ignore_eos as vLLM takes them); SamplingParams checks each value's range and names the field."""
     number = (int, float)
     max_tokens = body.get("max_completion_tokens", int, None) or body.get("max_tokens", int, None)
     if max_tokens is None:
@@ -77,6 +78,11 @@ def _sampling(body: _Body, prompt_len: int, context: int, default_max: int | Non
         temperature=float(body.get("temperature", number, 1.0)),
         top_k=body.get("top_k", int, 0),
         top_p=float(body.get("top_p", number, 1.0)),
+        min_p=body.get("min_p", number, 0.0),
+        presence_penalty=body.get("presence_penalty", number, 0.0),
+        frequency_penalty=body.get("frequency_penalty", number, 0.0),
+        repetition_penalty=body.get("repetition_penalty", number, 1.0),
+        logit_bias=body.get("logit_bias", dict, {}),
         seed=body.get("seed", int, 0),
         stop=_stop_strings(body),
         stop_token_ids=tuple(stop_ids),

@@ -11,7 +11,7 @@ accept (greedy: plain greedy's tokens); the host then hands each request its one
 A gate (serving/gate.py) lets a step verify drafts only where the expected tokens per second beat a plain step,
 from each width's cost timed at warm-up and the drafts kept so far (a full CPU batch of chat rarely pays).
 
-Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/device.py),
+Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/runner.py),
 broadcast to every process on a multi-host mesh so all of them run the same programs in lockstep.
 
     engine = Engine(config, params, tokenizer)
@@ -38,10 +38,10 @@ from mistral_jax import decoding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.serving import lockstep
-from mistral_jax.serving.device import DecodeInputs, Device, Plan, PrefillChunk, RowSampling, Sampled
 from mistral_jax.serving.gate import WidthGate
 from mistral_jax.serving.metrics import ServingMetrics
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.runner import DecodeInputs, ModelRunner, Plan, PrefillChunk, Sampled
 from mistral_jax.serving.text import StopText
 from mistral_jax.speculative import Speculation
 
@@ -58,7 +58,6 @@ class Request:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._on_event = on_event or self._events.put
         self._cancelled = threading.Event()
-        self.key = np.asarray(jax.random.key_data(jax.random.key(params.seed)))
         self.generated: list[int] = []
         self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # the prompt's prefill chunks ([1, C] tokens, positions)
         self.next_chunk = 0
@@ -101,7 +100,7 @@ class _Work:
 
 
 class Engine:
-    """Slots, queue and scheduler over one `Device`. `start()` runs it in a thread (process 0);
+    """Slots, queue and scheduler over one `ModelRunner`. `start()` runs it in a thread (process 0);
     other processes of a multi-host mesh call `follow()`."""
 
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, max_batch: int = 8,
@@ -121,7 +120,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = ServingMetrics()
-        self.device = Device(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
+        self.runner = ModelRunner(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
                              speculation=speculation, draft_params=draft_params)
         self._multihost = jax.process_count() > 1
         self._slots: list[Request | None] = [None] * max_batch
@@ -137,7 +136,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
-        self._key_shape = np.asarray(jax.random.key_data(jax.random.key(0))).shape  # once: not a device op per step
         self._gate = gate if isinstance(gate, WidthGate) else None
         self._time_widths = gate is True  # the gate is built from warm-up's timings
         if warm_up:
@@ -156,8 +154,7 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise RequestError("max_tokens", f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} "
                                              f"exceed the context of {self.max_seq_len} tokens")
-        if any(not 0 <= t < self.config.vocab_size for t in params.stop_token_ids):
-            raise RequestError("stop_token_ids", f"stop token ids must lie in [0, {self.config.vocab_size})")
+        params.check_vocab(self.config.vocab_size)
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this engine has none")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
@@ -207,7 +204,7 @@ class Engine:
             plan = lockstep.broadcast(None)
             if plan.stop:
                 return
-            self.device.run(plan)
+            self.runner.run(plan)
 
     def _run(self) -> None:
         while True:
@@ -225,7 +222,7 @@ class Engine:
                 continue
             plan = lockstep.broadcast(work.plan) if self._multihost else work.plan
             try:
-                results = self.device.run(plan)
+                results = self.runner.run(plan)
             except Exception as err:  # a device failure fails what the plan carried, and the engine goes on
                 log.exception("an engine iteration failed")
                 self._fail(err)
@@ -234,22 +231,20 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile the decode step and every prefill bucket now rather than on the first requests."""
-        chunks = sorted({decoding.chunk_layout(1 << n, self.device.cache_size, self.prefill_chunk)[0]
+        chunks = sorted({decoding.chunk_layout(1 << n, self.runner.cache_size, self.prefill_chunk)[0]
                          for n in range(self.max_seq_len.bit_length())})
-        sampling = RowSampling(np.asarray(jax.random.key_data(jax.random.key(0))), 0.0, 0, 1.0)
-        history = self._history([0])
+        sampling, prompt = SamplingParams(), (0,)
         first = [PrefillChunk(-1, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True, 0, sampling,
-                              history=history) for c in chunks]
+                              prompt) for c in chunks]
         c = chunks[-1]
         if 2 * c <= self.max_seq_len:  # a prompt of several chunks: the later ones attend to the cache too
             first += [PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, dtype=np.int32)[None], True),
                       PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, 2 * c, dtype=np.int32)[None], False,
-                                   0, sampling, history=history)]
-        self.device.run(Plan(decode=self._decode_inputs([])[0], prefills=tuple(first)))
-        if self.device.speculation is not None:
-            costs = self.device.warm_up_speculation(self._decode_inputs([])[0], repeats=3 if self._time_widths else 0)
-            if costs is not None and self._time_widths:
-                self._gate = WidthGate(costs)
+                                   0, sampling, prompt)]
+        self.runner.run(Plan(prefills=tuple(first)))
+        costs = self.runner.warm_up(self._decode_inputs([])[0], repeats=3 if self._time_widths else 0)
+        if costs is not None and self._time_widths:
+            self._gate = WidthGate(costs)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Work | None:
@@ -281,10 +276,12 @@ class Engine:
         if not rows and not prefills and not dropped:
             return None
         max_width = self._gate.max_width(len(rows)) if self._gate is not None and rows else None
-        return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width), rows)
+        penalize = any(self._slots[i].params.penalized for i in rows)
+        return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width,
+                          penalize=penalize), rows)
 
     def _chunk(self, request: Request) -> None:
-        chunk, n_chunks, pad = decoding.chunk_layout(len(request.prompt), self.device.cache_size, self.prefill_chunk)
+        chunk, n_chunks, pad = decoding.chunk_layout(len(request.prompt), self.runner.cache_size, self.prefill_chunk)
         tokens = np.pad(np.asarray(request.prompt, np.int32), (pad, 0))
         positions = np.pad(np.arange(len(request.prompt), dtype=np.int32), (pad, 0), constant_values=-1)
         request.chunks = [(tokens[None, i * chunk:(i + 1) * chunk], positions[None, i * chunk:(i + 1) * chunk])
@@ -298,31 +295,20 @@ class Engine:
         p = request.params
         echo = None
         if i == 0 and p.echo_logprobs and len(request.prompt) > 1:
-            echo = np.zeros((1, decoding._round_up_pow2(len(request.prompt))), np.int32)
+            echo = np.zeros((1, decoding.round_up_pow2(len(request.prompt))), np.int32)
             echo[0, : len(request.prompt)] = request.prompt
         return PrefillChunk(request.id, *request.chunks[i], first=i == 0, slot=request.slot if last else -1,
-                            sampling=RowSampling(request.key, p.temperature, p.top_k, p.top_p) if last else None,
-                            echo=echo, history=self._history(request.prompt) if last else None)
-
-    def _history(self, prompt: list[int]) -> np.ndarray | None:
-        """A slot's prompt lookup history for a new request: its prompt by position, then -1 (None: no lookup)."""
-        if self.device.lookup is None:
-            return None
-        row = np.full(self.device.history_length, -1, np.int32)
-        row[: len(prompt)] = prompt
-        return row
+                            sampling=p if last else None, prompt=tuple(request.prompt) if last else (), echo=echo)
 
     def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
         b = self.max_batch
-        tokens, positions, steps = (np.zeros(b, np.int32) for _ in range(3))
-        keys = np.zeros((b, *self._key_shape), np.uint32)
-        temperature, top_p, top_k = np.zeros(b, np.float32), np.ones(b, np.float32), np.zeros(b, np.int32)
+        tokens, positions, counts = (np.zeros(b, np.int32) for _ in range(3))
+        live = np.zeros(b, bool)
         for i in rows:
             r = self._slots[i]
             tokens[i], positions[i] = r.generated[-1], len(r.prompt) + len(r.generated) - 1
-            steps[i], keys[i] = len(r.generated), r.key
-            temperature[i], top_k[i], top_p[i] = r.params.temperature, r.params.top_k, r.params.top_p
-        return DecodeInputs(tokens, positions, steps, keys, temperature, top_k, top_p), rows
+            counts[i], live[i] = len(r.generated), True
+        return DecodeInputs(tokens, positions, counts, live), rows
 
     def _drop_cancelled(self) -> list[int]:
         dropped = []
@@ -412,7 +398,7 @@ class Engine:
             if request in self._prefilling:
                 self._prefilling.remove(request)
             self._finish(request, Event((), "", finish_reason="error", error=f"{type(err).__name__}: {err}"))
-        self.device.reset()
+        self.runner.reset()
 
     def _cancel_all(self) -> None:
         for request in [*self._waiting, *self._inflight.values()]:

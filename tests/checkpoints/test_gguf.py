@@ -309,7 +309,6 @@ def test_smollm2_speculative_greedy_is_unchanged_and_copies_in_fewer_steps(smoll
     prompt = mj.load_tokenizer(default_model_path()).apply_chat_template(
         [{"role": "user", "content": f"Repeat this sentence exactly: {passage}"}])
     expected = mj.generate(config, params, [prompt], 32)
-    args = (config, params, [prompt], 32, 0.0, 0, 1.0, 0, None, None, None)
-    state = decoding._begin_speculative(args, "prompt-lookup", 8).run(32)
+    state = decoding.run(config, params, [prompt], 32, draft="prompt-lookup", draft_tokens=8)
     assert np.asarray(state.tokens)[0, :32].tolist() == expected[0]
     assert int(state.steps) <= 27 and int(state.accepted[0]) >= 5  # measured: 26 forwards for 31 tokens, 5 kept

@@ -16,9 +16,9 @@ import pytest
 import scipy.stats
 
 import mistral_jax as mj
-from mistral_jax import speculative
+from mistral_jax import sampling, speculative
 from mistral_jax.compile_stats import CompileStats
-from mistral_jax.sampling import filter_row
+from mistral_jax.sampling import metadata
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.gate import EXPLORE_EVERY, WidthGate
 from mistral_jax.serving.requests import SamplingParams
@@ -111,34 +111,50 @@ def _chi_square_fit(tokens: np.ndarray, probs: np.ndarray) -> float:
     return scipy.stats.chisquare(counts, expected / expected.sum() * counts.sum()).pvalue
 
 
-def test_accept_rows_follows_each_rows_own_settings():
-    """accept_rows on 4096 rows of two settings (vocabulary 16), with prompt lookup's point-mass drafts and with
+def _reference_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """NumPy: softmax of logits [V] / temperature over the top-k, then the smallest nucleus of mass top_p."""
+    x = logits.astype(np.float64) / temperature
+    order = np.argsort(-x)
+    keep = np.zeros(len(x), bool)
+    keep[order[: top_k or len(x)]] = True
+    p = np.where(keep, np.exp(x - x.max()), 0.0)
+    p /= p.sum()
+    before = np.cumsum(p[order]) - p[order]  # mass strictly above each token
+    keep[order[before >= top_p]] = False
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+def test_accept_follows_each_rows_own_settings():
+    """sampling.accept on 4096 rows of two settings (vocabulary 16), with prompt lookup's point-mass drafts and with
     drafts drawn from a draft model's q: in each group the first new token is distributed as that group's plain
-    sampling distribution, and so is the second where the first draft was kept (chi-square, significance 0.001,
-    fixed seeds); greedy rows equal accept_greedy."""
+    sampling distribution (a NumPy reference), and so is the second where the first draft was kept (chi-square,
+    significance 0.001, fixed seeds); greedy rows keep drafts while they equal the argmax."""
     n, vocab = 4096, 16
     logits = jax.random.normal(jax.random.key(1), (1, 3, vocab)).repeat(n, 0) * 2  # [N, k + 1, V], k = 2
     settings = [(0.7, 5, 1.0), (1.3, 0, 0.8)]
     group = np.arange(n) % 2
-    temperature, top_k, top_p = (jnp.asarray(np.array([s[i] for s in settings])[group]) for i in range(3))
-    row_settings = (temperature.astype(jnp.float32), top_k.astype(jnp.int32), top_p.astype(jnp.float32))
-    probs = [np.asarray(jax.nn.softmax(jax.vmap(filter_row, (0, None, None, None))(logits[0], *s), -1))
-             for s in settings]  # [k + 1, V] per group
-    keys = jax.vmap(lambda i: jax.random.key_data(jax.random.key(i)))(jnp.arange(n))
-    steps = jnp.arange(n) % 7
+    params = [mj.SamplingParams(temperature=t, top_k=k, top_p=p, seed=i)
+              for i, (t, k, p) in enumerate(settings[g] for g in group)]
+    rows_sampling = jax.tree.map(jnp.asarray, metadata(params, vocab))
+    probs = [np.stack([_reference_probs(np.asarray(logits[0, j]), *s) for j in range(3)]) for s in settings]
+    counts = jnp.asarray(np.arange(n) % 7, jnp.int32)
     lookup = jnp.tile(jnp.asarray([[int(np.argmax(probs[0][0])), 3]]), (n, 1))  # often kept, sometimes not
     q = jax.nn.softmax(jax.random.normal(jax.random.key(2), (1, 2, vocab)), -1).repeat(n, 0)  # [N, k, V]
     from_q = jax.random.categorical(jax.random.key(3), jnp.log(q)).astype(jnp.int32)  # [N, k]
-    accept = jax.jit(speculative.accept_rows)
+    accept = jax.jit(sampling.accept)
     for drafts, draft_q in [(lookup, None), (from_q, q)]:
-        kept, emitted = (np.asarray(x) for x in accept(logits, drafts, keys, steps, *row_settings, draft_q))
+        kept, emitted = (np.asarray(x) for x in accept(logits, drafts, rows_sampling, counts, draft_q))
         for g in (0, 1):
             rows = group == g
             assert 0 < np.mean(kept[rows] >= 1) < 1
             assert _chi_square_fit(emitted[rows, 0], probs[g][0]) > 1e-3
             assert _chi_square_fit(emitted[rows & (kept >= 1), 1], probs[g][1]) > 1e-3
-    greedy = accept(logits, lookup, keys, steps, jnp.zeros(n), jnp.zeros(n, jnp.int32), jnp.ones(n))
-    assert all(np.array_equal(a, b) for a, b in zip(greedy, speculative.accept_greedy(logits, lookup)))
+    greedy = jax.tree.map(jnp.asarray, metadata([mj.SamplingParams()] * n, vocab))
+    kept, emitted = (np.asarray(x) for x in accept(logits, lookup, greedy, counts))
+    target = np.argmax(np.asarray(logits), -1)
+    assert np.array_equal(emitted, target)
+    assert np.array_equal(kept, np.cumprod(np.asarray(lookup) == target[:, :2], axis=1).sum(1))
 
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "hf" / "llama_mha"  # a tiny Llama without a tokenizer

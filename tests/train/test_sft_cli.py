@@ -82,11 +82,8 @@ def test_sharded_run_resumes_and_matches(tmp_path, uninterrupted, llama_dir, dat
     _assert_same_run(uninterrupted, tmp_path / "c", atol=1e-4, params_atol=3e-3)
 
 
-def test_lora_run_exports_merged_params(tmp_path, llama_dir, data_file, capsys) -> None:
-    output = tmp_path / "lora"
-    flags = ("--steps", "4", "--lora-rank", "4", "--lora-targets", "wq,wv,w_down", "--compute-dtype", "bfloat16",
-             "--remat")
-    assert sft.main(_flags(llama_dir, data_file, output, *flags)) == 0
+def test_lora_run_exports_merged_params(tmp_path, lora_run, llama_dir, capsys) -> None:
+    output = lora_run  # conftest.py: 4 steps, rank 4 on wq, wv, w_down, bfloat16 compute, remat
     info = json.loads((output / "run.json").read_text())
     assert info["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["wq", "wv", "w_down"]}
     assert info["model_config"]["dtype"] == "bfloat16" and info["model_config"]["param_dtype"] == "float32"
