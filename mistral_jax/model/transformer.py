@@ -17,6 +17,7 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
+from mistral_jax.model.flash_attention import NO_WINDOW
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
 from mistral_jax.model.moe import MoE, balance_loss, routing_totals
 from mistral_jax.model.paged_attention import AttentionMetadata
@@ -41,6 +42,9 @@ class BlockInputs:
     segment_ids: jax.Array | None = None  # int32 [B, T]: packed examples never attend across segments
     cache_pos: jax.Array | None = None  # int32 [B, S]: the position in each cache slot before this call
     new_cache_pos: jax.Array | None = None  # int32 [B, S]: ... and after it
+    # A cache whose sliding-window layers keep a smaller ring than the full ones (kv_cache.py, "window_pos"):
+    window_cache_pos: jax.Array | None = None  # int32 [B, S_window]: the window ring's slot positions before
+    window_new_cache_pos: jax.Array | None = None  # int32 [B, S_window]: ... and after this call
     cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
     pages: AttentionMetadata | None = None  # a paged cache's metadata (then B = 1: a flat row of sequences' tokens)
 
@@ -50,12 +54,15 @@ class Block(nn.Module):
 
     config: ModelConfig
     keep_hidden: bool = False  # also return the output as a per-layer result (Output.hidden)
+    window: int | None = None  # this layer's sliding window (config.layer_window)
 
     @nn.compact
-    def __call__(self, x, layer_cache, inputs: BlockInputs):
+    def __call__(self, x, layer_cache, inputs: BlockInputs, traced_window=None):
+        """traced_window: this layer's window as an int32 scalar, in a scanned stack whose layers differ."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
-        attn_out, new_layer_cache = Attention(cfg, name="attention")(norm("attention_norm")(x), inputs, layer_cache)
+        attention = Attention(cfg, self.window, name="attention")
+        attn_out, new_layer_cache = attention(norm("attention_norm")(x), inputs, layer_cache, traced_window)
         h = x + attn_out
         if cfg.is_moe:
             mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
@@ -82,8 +89,8 @@ class LayerList(nn.Module):
         new_buffers, results = [], []
         for i in range(self.config.n_layers):
             layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
-            x, (new_layer_cache, *result) = self.block(self.config, self.keep_hidden, name=str(i))(
-                x, layer_cache, inputs)
+            block = self.block(self.config, self.keep_hidden, self.config.layer_window(i), name=str(i))
+            x, (new_layer_cache, *result) = block(x, layer_cache, inputs)
             new_buffers.append(new_layer_cache)
             results.append(result)
         new_caches = None
@@ -113,21 +120,31 @@ class Transformer(nn.Module):
         elif cache is not None:
             new_pos = kv_cache.advance_positions(cache["pos"], positions)
             inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
+            if "window_pos" in cache:
+                inputs = inputs.replace(window_cache_pos=cache["window_pos"],
+                                        window_new_cache_pos=kv_cache.advance_positions(cache["window_pos"], positions))
             layer_caches = {name: cache[name] for name in kv_cache.buffer_names(cache)}
 
         embedded, block = x, Block
         if cfg.remat:
             block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         if cfg.scan_layers:
+            # Layers that differ in window (layer_types) share one program: each gets its window as a scanned
+            # int32, and every layer's ring holds the whole context (the unscanned layout sizes them apart).
+            windows = ()
+            if cfg.mixed_windows:
+                windows = (jnp.array([NO_WINDOW if w is None else w for w in cfg.layer_windows], jnp.int32),)
             blocks = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, *(0 for _ in windows)),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, name="layers")(x, layer_caches, inputs)
+            window = None if cfg.mixed_windows else cfg.sliding_window
+            x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, window, name="layers")(
+                x, layer_caches, inputs, *windows)
         else:
             x, (new_layer_caches, stats, hidden) = LayerList(cfg, block, return_hidden, name="layers")(
                 x, layer_caches, inputs)
@@ -152,6 +169,8 @@ class Transformer(nn.Module):
             new_cache = new_layer_caches
         elif cache is not None:
             new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
+            if "window_pos" in cache:
+                new_cache["window_pos"] = inputs.window_new_cache_pos
         aux = {}
         if cfg.is_moe:
             routing = routing_totals(stats)

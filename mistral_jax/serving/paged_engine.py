@@ -64,6 +64,9 @@ class PagedEngine(Engine):
         budget holds, at most max_batch full contexts); max_batch: running requests at most."""
         if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
             raise UserError("--page-size runs on one device of one process for now; drop it to use a mesh")
+        if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
+            raise UserError("--page-size does not yet page a model whose layers mix sliding and full attention "
+                            "(layer_types); drop it to serve this model with the ring cache")
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
         self.max_total_tokens = max_total_tokens
         self.programs, self.warm_up_seconds = 0, 0.0

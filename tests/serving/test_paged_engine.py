@@ -125,3 +125,12 @@ def test_preemption_in_a_tiny_pool_continues_every_stream_without_a_gap():
         assert err.value.param == "max_tokens"
     finally:
         engine.stop()
+
+
+def test_mixed_layer_windows_are_refused_in_one_line():
+    """The pool pages one layer group: a model mixing sliding and full layers must not lose its full layers' keys."""
+    config = mj.ModelConfig.from_preset("tiny-mistral").replace(
+        sliding_window=8, layer_types=("sliding_attention", "full_attention"))
+    assert config.mixed_windows
+    with pytest.raises(mj.UserError, match="layer_types"):
+        PagedEngine(config, None, page_size=4, max_total_tokens=64)
