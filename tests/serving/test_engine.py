@@ -41,11 +41,23 @@ def test_every_request_equals_generate_alone_and_nothing_recompiles(engine):
         sampled = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.8, top_k=40, top_p=0.9, seed=i))
                    for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
         greedy, sampled = [_tokens(r) for r in greedy], [_tokens(r) for r in sampled]
-    assert compiled.compilations == 0  # warm-up compiled the decode step and every prefill bucket
+        penalized = [engine.submit(p, s) for p, s in zip(prompts, _penalized(config.vocab_size))]  # queue: 24
+        penalized = [_tokens(r) for r in penalized]
+    assert compiled.compilations == 0  # warm-up compiled the decode step (penalized too) and every prefill bucket
     assert greedy == [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
     assert sampled == [mj.generate(config, params, [p], m, temperature=0.8, top_k=40, top_p=0.9, seed=i)[0]
                        for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    assert penalized == [mj.generate(config, params, [p], s.max_tokens, sampling=[s])[0]
+                         for p, s in zip(prompts, _penalized(config.vocab_size))]
     assert engine.active_slots == 0 and not engine.busy
+
+
+def _penalized(vocab_size: int) -> list[SamplingParams]:
+    """Requests with penalties, logit_bias and min_p, greedy and sampled, one per prompt."""
+    return [SamplingParams(max_tokens=m, temperature=0.9 * (i % 2), min_p=0.05 * (i % 3), seed=i,
+                           repetition_penalty=1.0 + 0.3 * (i % 4 == 0), presence_penalty=0.5 * (i % 3 == 1),
+                           frequency_penalty=0.4 * (i % 3 == 2), logit_bias={(7 * i) % vocab_size: 4.0})
+            for i, m in enumerate(MAX_TOKENS)]
 
 
 def test_stop_ids_logprobs_and_cancellation(engine):
