@@ -390,10 +390,14 @@ def _begin_speculative(begin_args: tuple, draft, draft_tokens: int) -> _Speculat
     return _Speculation(gen, spec, draft_params, draft_cache, history, buffer)
 
 
-def _stream_speculative(run: _Speculation, rows: int, max_new_tokens: int, eos_ids: list[int]) -> Iterator[np.ndarray]:
+def _stream_speculative(run: _Speculation, rows: int, max_new_tokens: int, eos_ids: list[int],
+                        stats: dict | None) -> Iterator[np.ndarray]:
     """generate_stream's columns from speculative steps: column t once every row has made t + 1 tokens."""
     state, sent, finished = run.first(), 0, np.zeros(rows, bool)
     while True:
+        if stats is not None:
+            stats.update(drafted=int(np.asarray(state.drafted)[:rows].sum()),
+                         accepted=int(np.asarray(state.accepted)[:rows].sum()))
         ready = min(int(np.asarray(state.counts)[:rows].min()), max_new_tokens)
         for column in np.asarray(state.tokens)[:rows, sent:ready].T:
             yield column
@@ -453,17 +457,19 @@ def generate_stream(
     mesh=None,
     draft=None,
     draft_tokens: int = 4,
+    stats: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
     should ignore. Same seed, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
-    row, yielded one [B] column at a time once every row has it.
+    row, yielded one [B] column at a time once every row has it; `stats` (a dict), if given, then holds the
+    draft tokens verified ("drafted") and kept ("accepted") so far, over all rows.
     """
     args = (config, params, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_id, prefill_chunk, mesh)
     if draft is not None:
         yield from _stream_speculative(_begin_speculative(args, draft, draft_tokens), len(prompts), max_new_tokens,
-                                       _eos_ids(eos_id))
+                                       _eos_ids(eos_id), stats)
         return
     run = _begin(*args)
     state = run.first()

@@ -2,6 +2,7 @@
 
 import io
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -39,11 +40,13 @@ def test_prompt_ids_print_the_generated_ids_last(capsys):
 
 def test_draft_flags_keep_the_greedy_ids(capsys):
     """--draft with a checkpoint (here the model itself) prints plain greedy's ids; a missing one is one line."""
-    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8", "--max-new-tokens",
-                       "9", "--draft", str(FIXTURE), "--draft-tokens", "3")
+    code, out, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8",
+                         "--max-new-tokens", "9", "--draft", str(FIXTURE), "--draft-tokens", "3")
     config, params = mj.load(FIXTURE)
     assert code == 0 and out.strip().splitlines()[-1] == ",".join(map(str, mj.generate(
         config, params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]))
+    kept, drafted = map(int, re.search(r"drafts kept: (\d+) of (\d+)", err).groups())
+    assert 0 < kept == drafted, err  # speculation ran, and the model agrees with itself
     code, _, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6", "--draft", "nowhere")
     assert code == 2 and "--draft: no such checkpoint: nowhere" in err
 
