@@ -45,8 +45,8 @@ def test_draft_flags_keep_the_greedy_ids(capsys):
     config, params = mj.load(FIXTURE)
     assert code == 0 and out.strip().splitlines()[-1] == ",".join(map(str, mj.generate(
         config, params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]))
-    kept, drafted = map(int, re.search(r"drafts kept: (\d+) of (\d+)", err).groups())
-    assert 0 < kept == drafted, err  # speculation ran, and the model agrees with itself
+    counts = re.search(r"drafts kept: (\d+) of (\d+)", err)
+    assert counts and 0 < int(counts[1]) == int(counts[2]), err  # speculation ran; the model agrees with itself
     code, _, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6", "--draft", "nowhere")
     assert code == 2 and "--draft: no such checkpoint: nowhere" in err
 
@@ -58,6 +58,11 @@ def test_sampling_flags_reach_the_sampler(capsys):
     again = run(capsys, *args, "1")[1].splitlines()[-1]
     other = run(capsys, *args, "2")[1].splitlines()[-1]
     assert first == again != other
+    greedy = run(capsys, *args[:-7], "--temperature", "0")[1].splitlines()[-1]
+    for narrow in (["--top-k", "1", "--top-p", "1"], ["--top-k", "0", "--top-p", "1e-6"]):  # one token left to draw
+        for seed in ("1", "2"):
+            assert run(capsys, *args[:-7], "--temperature", "1.0", *narrow, "--seed", seed)[1].splitlines()[-1] \
+                == greedy != first, (narrow, seed)
 
 
 @pytest.mark.parametrize(
