@@ -75,6 +75,9 @@ def test_convert_sft_resume_generate_chat_export_on_gs(gcs_bucket, llama_dir, da
         assert cli.main(["generate", "--checkpoint", checkpoint, *ids]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].strip()
-    monkeypatch.setattr("sys.stdin", io.StringIO("Who runs the Orbit Cafe?\n"))
-    assert cli.main(["chat", "--checkpoint", run, "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out.strip()
+    chats = []
+    for checkpoint in (run, str(tmp_path / "hf")):  # the run on gs:// chats as its local export does
+        monkeypatch.setattr("sys.stdin", io.StringIO("Who runs the Orbit Cafe?\nAnd who else?\n"))
+        assert cli.main(["chat", "--checkpoint", checkpoint, "--max-new-tokens", "6"]) == 0
+        chats.append(capsys.readouterr().out)
+    assert chats[0] == chats[1] and chats[0].strip()
