@@ -307,6 +307,7 @@ class Generation:
     def __init__(self, config, params, prompt: Sequence[int], args, stop_ids: Sequence[int]):
         self.config, self.params, self.prompt, self.args, self.stop_ids = config, params, list(prompt), args, stop_ids
         self.stats: dict = {}
+        self.drafts: dict = {}  # with --draft: draft tokens "drafted" and "accepted" (generate_stream fills it)
 
     def __iter__(self) -> Iterator[int]:
         a = self.args
@@ -321,7 +322,8 @@ class Generation:
                                                       min_p=a.min_p, repetition_penalty=a.repetition_penalty,
                                                       seed=a.seed, eos_id=list(self.stop_ids) or None,
                                                       mesh=getattr(a, "mesh_", None),
-                                                      draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens):
+                                                      draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens,
+                                                      stats=self.drafts):
                     if first_at is None:
                         first_at, prefill_compile = time.perf_counter(), clock.seconds
                     count += 1
@@ -339,7 +341,8 @@ class Generation:
         s = self.stats
         decoded = max(s["new_tokens"] - 1, 0)  # the first new token comes out of prefill
         print(f"[prefill: {s['prompt_tokens']} tokens, {s['prompt_tokens'] / s['prefill_s']:.1f} tok/s | "
-              f"decode: {decoded} tokens, {decoded / s['decode_s']:.1f} tok/s | compile: {s['compile_s']:.1f} s]",
+              f"decode: {decoded} tokens, {decoded / s['decode_s']:.1f} tok/s | compile: {s['compile_s']:.1f} s"
+              + (f" | drafts kept: {self.drafts['accepted']} of {self.drafts['drafted']}" if self.drafts else "") + "]",
               file=sys.stderr, flush=True)
 
 
