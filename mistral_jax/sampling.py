@@ -325,6 +325,20 @@ def _leviathan(warped, drafts, q, key):
     return kept, jnp.pad(drafts, (0, 1)).at[kept].set(token)
 
 
+def _coupled(warped, drafts, sampling: SamplingMetadata, counts):
+    """Leviathan's rule for point-mass drafts, coupled to plain sampling: warped [B, J, V], drafts [B, J - 1] ->
+    (kept [B], emitted [B, J]). Position j draws as a plain step at token index counts + j would (Gumbel-max with
+    that index's key); draft j is kept iff it equals that draw (probability p(d), as min(1, p / q) with q = 1), and
+    the first differing draw is a sample of p without d renormalised, the residual. So a sampled row makes the
+    same tokens speculating or not, whatever its batch verifies."""
+    j = warped.shape[1]
+    keys = jax.vmap(lambda t: row_keys(sampling, counts + t), out_axes=1)(jnp.arange(j, dtype=jnp.int32))  # [B, J]
+    plain = jax.vmap(jax.vmap(lambda key, w: jax.random.categorical(jax.random.fold_in(key, TOKEN), w)))(
+        keys, warped).astype(jnp.int32)  # [B, J]
+    kept = jnp.sum(jnp.cumprod(drafts == plain[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    return kept, plain
+
+
 def accept(x, drafts, sampling: SamplingMetadata, counts, q=None):
     """Step 5 for a row's latest token and its drafts: x [B, J, V] adjusted logits at the J positions, drafts
     int32 [B, J - 1] (J = 1: none), counts int32 [B] each row's token index (its key), q float32 [B, J - 1, V] the
@@ -335,8 +349,9 @@ def accept(x, drafts, sampling: SamplingMetadata, counts, q=None):
     hot = sampling.temperature > 0
 
     def sampled():
-        in_axes = (0, 0, None if q is None else 0, 0)
-        return jax.vmap(_leviathan, in_axes)(warp(x, sampling), drafts, q, row_keys(sampling, counts))
+        if q is None:  # point-mass drafts: keep draft j while it equals plain sampling's draw at that index
+            return _coupled(warp(x, sampling), drafts, sampling, counts)
+        return jax.vmap(_leviathan)(warp(x, sampling), drafts, q, row_keys(sampling, counts))
 
     kept_hot, emitted_hot = jax.lax.cond(jnp.any(hot), sampled, lambda: (kept, target))
     return jnp.where(hot, kept_hot, kept), jnp.where(hot[:, None], emitted_hot, target)

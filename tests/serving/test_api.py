@@ -170,17 +170,6 @@ def test_api_key_disconnect_and_backpressure(server, client):
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
 
 
-def test_sigterm_finishes_requests_in_flight_and_exits_0(server, client):
-    process, _ = server
-    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
-    first = next(iter(stream))
-    process.send_signal(signal.SIGTERM)
-    rest = list(stream)
-    assert first.choices[0].finish_reason is None and rest[-1].choices[0].finish_reason == "length"
-    assert process.wait(timeout=60) == 0
-
-
 def test_penalties_and_logit_bias_reach_the_model(client, smollm2):
     """temperature 0 with presence, frequency and repetition penalties and a logit_bias equals mj.generate with the
     same settings; a bias of -100 on plain greedy's first token changes the answer."""
@@ -220,3 +209,15 @@ def test_bad_settings_are_400s_naming_the_field_and_fail_alone(server, client, s
     text += [c.choices[0].text for c in chunks]
     expected = mj.generate(config, params, [prompt], 40)[0]
     assert "".join(text) == tokenizer.decode(expected)
+
+
+# Last: it stops the module's shared server.
+def test_sigterm_finishes_requests_in_flight_and_exits_0(server, client):
+    process, _ = server
+    stream = client.completions.create(model=MODEL, prompt="Count: 1, 2, 3,", max_tokens=40, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    process.send_signal(signal.SIGTERM)
+    rest = list(stream)
+    assert first.choices[0].finish_reason is None and rest[-1].choices[0].finish_reason == "length"
+    assert process.wait(timeout=60) == 0
