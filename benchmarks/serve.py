@@ -37,6 +37,7 @@ import _common  # noqa: E402
 from speculative import CODE, PASSAGE, TASKS  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
+from mistral_jax.sampling import packed_width  # noqa: E402
 from mistral_jax.serving import api, runner  # noqa: E402
 from mistral_jax.serving.engine import Engine  # noqa: E402
 from mistral_jax.speculative import Speculation  # noqa: E402
@@ -110,7 +111,8 @@ def _decode_ceiling(engine: Engine, steps: int) -> float:
     """Tokens/s of the engine's decode step at its full batch, run back to back (through the runner's plans)."""
     b = engine.max_batch
     inputs = runner.DecodeInputs(np.zeros(b, np.int32), np.arange(1, b + 1, dtype=np.int32), np.ones(b, np.int32),
-                                 np.ones(b, bool))  # every slot live, so the whole batch is timed
+                                 np.ones(b, bool),  # every slot live, so the whole batch is timed
+                                 np.full((b, packed_width(engine.config.vocab_size)), -1, np.int32))
     plan = runner.Plan(decode=inputs)
     engine.runner.run(plan)
     start = time.perf_counter()
