@@ -75,7 +75,9 @@ def grammar(spec: Mapping[str, Any], param: str = "response_format") -> str:
             text = lg.LLMatcher.grammar_from_lark(value)
         else:
             raise ParamError(param, f"{param}: unknown constraint {kind!r}")
-    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+    except ParamError:
+        raise
+    except Exception as err:  # whatever llguidance makes of a client's schema or regex is the client's error
         raise ParamError(param, f"{param}: the {kind} does not compile: {err}") from None
     failed, messages = lg.LLMatcher.validate_grammar_with_warnings(text)
     if failed:

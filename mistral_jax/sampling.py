@@ -64,7 +64,9 @@ class SamplingParams:
     filters off. presence/frequency penalties follow OpenAI (over the generated tokens), repetition_penalty
     transformers' RepetitionPenaltyLogitsProcessor (over prompt and generated tokens; 1 is off), min_p transformers'
     MinPLogitsWarper. logit_bias maps token ids to a bias in [-100, 100] added to their logits (stored as sorted
-    (id, bias) pairs). seed: any integer in [0, 2**64).
+    (id, bias) pairs). seed: any integer in [0, 2**64). response_format: a constraint on the answer (grammars.py:
+    {"json_schema": schema}, {"regex": ...}, OpenAI's {"type": "json_schema", ...}, ...), compiled here once; the
+    serving engine honours it, generate refuses it.
     """
 
     temperature: float = 0.0
