@@ -14,6 +14,7 @@ import openai
 import pytest
 
 import mistral_jax as mj
+from mistral_jax import speculative
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.errors import ParamError
@@ -179,3 +180,26 @@ def test_sampling_params_compile_the_constraint_once_at_construction():
         with pytest.raises(ParamError) as err:
             mj.SamplingParams(response_format=bad)
         assert err.value.param == "response_format"
+
+
+def test_speculation_is_off_for_constrained_rows(served):
+    """Prompt lookup on: an answer that copies its prompt keeps drafts when free, none when constrained (its steps
+    run at width 0), and the constrained answer is the plain engine's."""
+    plain, tokenizer, _ = served
+    config, params = mj.load(default_model_path())
+    engine = Engine(config, params, tokenizer, max_batch=2, max_seq_len=128, prefill_chunk=128,
+                    speculation=speculative.Speculation(4), gate=False).start()
+    try:
+        record = '{"name":"Anna","address":{"city":"Paris","zip":75001}}'
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Repeat exactly: {record} {record}"}])
+        sampling = mj.SamplingParams(max_tokens=40, response_format={"json_schema": SCHEMAS["nested"]})
+        free = engine.submit(prompt, mj.SamplingParams(max_tokens=40))
+        free_tokens = [t for e in free for t in e.token_ids]
+        constrained = engine.submit(prompt, sampling)
+        tokens = [t for e in constrained for t in e.token_ids]
+        assert free.accepted_drafts > 0 and constrained.accepted_drafts == 0
+        assert tokens == [t for e in plain.submit(prompt, sampling) for t in e.token_ids]
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), SCHEMAS["nested"])
+        assert free_tokens == [t for e in plain.submit(prompt, mj.SamplingParams(max_tokens=40)) for t in e.token_ids]
+    finally:
+        engine.stop()
