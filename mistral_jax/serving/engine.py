@@ -149,6 +149,7 @@ class Engine:
         self._constraints: Constraints | None = None  # built with the first constrained request (structured())
         self._unconstrained = np.full((max_batch, packed_width(config.vocab_size)), -1, np.int32)
         self.mask_seconds = 0.0  # host time advancing grammars and filling bitmasks (benchmarks read it)
+        self.constrained_steps = 0  # decode steps with a constrained slot
         if warm_up:
             self.warm_up()
 
@@ -288,8 +289,7 @@ class Engine:
             self._count_queued(-1)
             self._chunk(request)
             if request.params.grammar is not None:
-                self._timed(lambda r=request: (self._constraints.start(r.slot, r.params.grammar),
-                                               self._constraints.fill([r.slot])))
+                self._start_grammar(request)
         self.metrics.active_slots.set(self.active_slots)
         decode, rows = self._decode_inputs([i for i, r in enumerate(self._slots) if r is not None and r.decoding])
         prefills, budget = [], self.prefill_chunk
@@ -306,6 +306,7 @@ class Engine:
         max_width = self._gate.max_width(len(rows)) if self._gate is not None and rows else None
         if self.runner.speculation is not None and any(self._slots[i].params.grammar is not None for i in rows):
             max_width = 0  # speculation off while a constrained slot decodes: drafts are not checked by grammars
+        self.constrained_steps += any(self._slots[i].params.grammar is not None for i in rows)
         penalize = any(self._slots[i].params.penalized for i in rows)
         return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width,
                           penalize=penalize), rows)
@@ -419,6 +420,16 @@ class Engine:
             request.deliver(event)
         else:
             self._finish(request, event)
+
+    def _start_grammar(self, request: Request) -> None:
+        """The request's grammar in its slot, and the bitmask of its first token; one the vocabulary cannot match
+        (a special token it lacks) fails the request alone."""
+        try:
+            self._timed(lambda: (self._constraints.start(request.slot, request.params.grammar),
+                                 self._constraints.fill([request.slot])))
+        except RequestError as err:
+            self._prefilling.remove(request)
+            self._finish(request, Event((), "", finish_reason="error", error=str(err)))
 
     def _advance(self, request: Request, token: int) -> tuple[str | None, str | None]:
         """Feed a constrained request's new token to its grammar and fill its next bitmask -> (finish, error)."""
