@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context per slot, prompt plus answer (default: the model's)")
     serve.add_argument("--prefill-chunk", type=_positive_int, default=512,
                        help="prompt tokens prefilled between two decode steps")
+    serve.add_argument("--page-size", type=_positive_int, default=None,
+                       help="tokens per KV cache page: serve from a paged cache with prefix caching and ragged "
+                            "batches (opt-in for now; default: one ring slot of --max-seq-len per --max-batch)")
+    serve.add_argument("--max-total-tokens", type=_positive_int, default=None,
+                       help="with --page-size: the page pool's capacity in tokens over all requests (default: "
+                            "what a memory budget holds, printed at start-up)")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
+                       help="with --page-size: tokens one iteration carries (decodes and prompt chunks)")
     serve.add_argument("--compilation-cache", type=path_arg, default=None, metavar="DIR",
                        help="jax's persistent compilation cache: a restart reuses the compiled programs")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -302,6 +310,7 @@ class Generation:
     def __init__(self, config, params, prompt: Sequence[int], args, stop_ids: Sequence[int]):
         self.config, self.params, self.prompt, self.args, self.stop_ids = config, params, list(prompt), args, stop_ids
         self.stats: dict = {}
+        self.drafts: dict = {}  # with --draft: draft tokens "drafted" and "accepted" (generate_stream fills it)
 
     def __iter__(self) -> Iterator[int]:
         a = self.args
@@ -316,7 +325,8 @@ class Generation:
                                                       min_p=a.min_p, repetition_penalty=a.repetition_penalty,
                                                       seed=a.seed, eos_id=list(self.stop_ids) or None,
                                                       mesh=getattr(a, "mesh_", None),
-                                                      draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens):
+                                                      draft=getattr(a, "draft_", None), draft_tokens=a.draft_tokens,
+                                                      stats=self.drafts):
                     if first_at is None:
                         first_at, prefill_compile = time.perf_counter(), clock.seconds
                     count += 1
@@ -334,7 +344,8 @@ class Generation:
         s = self.stats
         decoded = max(s["new_tokens"] - 1, 0)  # the first new token comes out of prefill
         print(f"[prefill: {s['prompt_tokens']} tokens, {s['prompt_tokens'] / s['prefill_s']:.1f} tok/s | "
-              f"decode: {decoded} tokens, {decoded / s['decode_s']:.1f} tok/s | compile: {s['compile_s']:.1f} s]",
+              f"decode: {decoded} tokens, {decoded / s['decode_s']:.1f} tok/s | compile: {s['compile_s']:.1f} s"
+              + (f" | drafts kept: {self.drafts['accepted']} of {self.drafts['drafted']}" if self.drafts else "") + "]",
               file=sys.stderr, flush=True)
 
 
@@ -478,11 +489,27 @@ def cmd_serve(args) -> None:
     config, params, tokenizer = _load(args, need_tokenizer="optional")
     speculation, draft_params = (None, None) if args.draft_ is None else speculative.from_draft(config, args.draft_,
                                                                                                  args.draft_tokens)
-    print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr, flush=True)
     started = time.perf_counter()
-    engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
-                    speculation=speculation, draft_params=draft_params)
+    if args.page_size is not None:
+        from mistral_jax.serving.paged_engine import PagedEngine
+
+        if speculation is not None:
+            raise UserError("--page-size does not speculate yet: drop --draft or --page-size")
+        print(f"compiling the paged programs ({args.max_batch} running requests)...", file=sys.stderr, flush=True)
+        engine = PagedEngine(config, params, tokenizer, page_size=args.page_size,
+                             max_total_tokens=args.max_total_tokens,
+                             max_num_batched_tokens=args.max_num_batched_tokens, max_batch=args.max_batch,
+                             max_seq_len=args.max_seq_len, max_queue=args.max_queue, mesh=args.mesh_)
+        pool = engine.pool
+        print(f"paged KV cache: {pool.num_pages} pages of {pool.page_size} tokens ({pool.capacity_tokens} tokens, "
+              f"{engine.runner.page_bytes * pool.num_pages / 2**30:.2f} GiB); {engine.programs} programs",
+              file=sys.stderr, flush=True)
+    else:
+        print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr,
+              flush=True)
+        engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                        prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
+                        speculation=speculation, draft_params=draft_params)
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()

@@ -9,9 +9,11 @@ from typing import Any, Literal, get_args
 
 import jax.numpy as jnp
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 
-Family = Literal["llama", "mistral", "mixtral"]
+Family = str  # a name in families.FAMILIES (the family table), checked by ModelConfig
+RopeScaling = Literal["linear", "llama3"]  # see mistral_jax/model/layers.py
 MoeDispatch = Literal["auto", "ragged", "blocks", "capacity"]  # see mistral_jax/model/moe.py
 AttentionKernel = Literal["auto", "xla", "cudnn", "flash", "splash"]  # see mistral_jax/model/attention.py
 Quant = Literal["none", "int8"]  # see mistral_jax/model/quant.py
@@ -36,7 +38,7 @@ def _presets_dir() -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of a Llama / Mistral / Mixtral decoder.
+    """Architecture and numerics of a Llama / Mistral / Mixtral / Ministral decoder.
 
     The field names follow Mistral's reference code (dim, n_layers, hidden_dim, ...). `n_experts == 0`
     means a dense SwiGLU MLP; otherwise every layer is a top-`n_experts_per_tok` mixture of experts.
@@ -52,8 +54,19 @@ class ModelConfig:
     hidden_dim: int = 11008
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE scaling as transformers' rope_parameters: None (plain), "linear" (every frequency / rope_factor) or
+    # "llama3" (low frequencies / rope_factor, high ones kept, a smooth blend between, by the wavelengths of
+    # rope_original_max_seq_len / rope_low_freq_factor and / rope_high_freq_factor).
+    rope_scaling: RopeScaling | None = None
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
     max_seq_len: int = 4096
     sliding_window: int | None = None  # a query sees itself and the window-1 tokens before it
+    # The attention pattern per layer, as transformers' layer_types: "sliding_attention" layers see
+    # sliding_window, "full_attention" ones the whole context. None: every layer alike (sliding_window or not).
+    layer_types: tuple[str, ...] | None = None
     tie_embeddings: bool = False
     # Mixture of experts.
     n_experts: int = 0
@@ -100,6 +113,20 @@ class ModelConfig:
             problems.append(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             problems.append(f"sliding_window must be positive or None, got {self.sliding_window}")
+        if self.family not in families.NAMES:
+            problems.append(f"family must be one of {families.NAMES}, got {self.family!r}")
+        if self.layer_types is not None:
+            kinds = (families.SLIDING, families.FULL)
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(kinds):
+                problems.append(f"layer_types must be {self.n_layers} (n_layers) of {kinds}, got {self.layer_types}")
+            elif self.sliding_window is None:
+                problems.append("layer_types needs a sliding_window for its sliding_attention layers")
+        if self.rope_scaling is not None and self.rope_scaling not in get_args(RopeScaling):
+            problems.append(f"rope_scaling must be None or one of {get_args(RopeScaling)}, got {self.rope_scaling!r}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            problems.append("rope_high_freq_factor must exceed rope_low_freq_factor")
+        if self.rope_factor <= 0:
+            problems.append(f"rope_factor must be positive, got {self.rope_factor}")
         if self.n_experts < 0 or (self.n_experts and not 0 < self.n_experts_per_tok <= self.n_experts):
             problems.append(f"need 0 < n_experts_per_tok ({self.n_experts_per_tok}) <= n_experts ({self.n_experts})")
         if self.moe_dispatch not in get_args(MoeDispatch):
@@ -135,12 +162,35 @@ class ModelConfig:
     def weights_dtype(self):
         return DTYPES[self.param_dtype]
 
-    def cache_size(self, max_seq_len: int, lookahead: int = 0) -> int:
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it sees the whole context)."""
+        if self.layer_types is not None and self.layer_types[layer] == families.FULL:
+            return None
+        return self.sliding_window
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        return tuple(self.layer_window(i) for i in range(self.n_layers))
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Some layers slide and others see the whole context (layer_types mixes the two)."""
+        return len(set(self.layer_windows)) > 1
+
+    def cache_size(self, max_seq_len: int, lookahead: int = 0, window: int | None | str = "all") -> int:
         """Slots of the rolling KV cache: the window bounds it, however long the generation.
 
         lookahead: slots past the window for tokens written ahead and maybe taken back (speculative.py).
+        window: that of one layer (ModelConfig.layer_window); "all": the largest any layer needs.
         """
-        return min(max_seq_len, self.sliding_window + lookahead) if self.sliding_window else max_seq_len
+        windows = self.layer_windows if window == "all" else (window,)
+        if any(w is None for w in windows):
+            return max_seq_len
+        return min(max_seq_len, max(windows) + lookahead)
+
+    def kv_slots(self, max_seq_len: int, lookahead: int = 0) -> int:
+        """Cache slots summed over the layers, each layer's ring as the unscanned layout sizes it."""
+        return sum(self.cache_size(max_seq_len, lookahead, w) for w in self.layer_windows)
 
     def param_counts(self) -> dict[str, int]:
         """Total parameters, and those a single token uses (fewer for a mixture of experts)."""
@@ -167,6 +217,8 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown ModelConfig fields: {unknown}")
+        if values.get("layer_types") is not None:  # a JSON list; the config stays hashable with a tuple
+            values = {**values, "layer_types": tuple(values["layer_types"])}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

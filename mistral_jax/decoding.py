@@ -530,12 +530,14 @@ def generate_stream(
     draft=None,
     draft_tokens: int = 4,
     adapter=None,
+    stats: dict | None = None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, yielding each step's tokens (int32 [B]) as soon as they exist.
 
     Stops when every row has produced an eos; rows already finished keep yielding tokens the caller
     should ignore. Same settings, same tokens as `generate`. With a draft, a step makes one to k + 1 tokens per
-    row, yielded one [B] column at a time once every row has it. adapter: as generate's.
+    row, yielded one [B] column at a time once every row has it; `stats` (a dict), if given, then holds the
+    draft tokens verified ("drafted") and kept ("accepted") so far, over all rows. adapter: as generate's.
     """
     params = _with_adapter(config, params, adapter, mesh)
     settings = row_sampling(len(prompts), sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -545,6 +547,9 @@ def generate_stream(
     rows, eos_ids = len(prompts), _eos_ids(eos_id)
     state, sent, finished = gen.first(), 0, np.zeros(rows, bool)
     while True:
+        if stats is not None:
+            stats.update(drafted=int(np.asarray(state.drafted)[:rows].sum()),
+                         accepted=int(np.asarray(state.accepted)[:rows].sum()))
         ready = min(int(np.asarray(state.counts)[:rows].min()), max_new_tokens)
         for column in np.asarray(state.tokens)[:rows, sent:ready].T:
             yield column

@@ -62,7 +62,7 @@ class Plan:
     seq_len: int
     attention: str  # the kernel over seq_len keys (attention.attention_kernel): "xla" keeps the scores
     kv_bytes_per_token: int  # K and V of one token over every layer, whole model, in the cache's dtype
-    kv_bytes_per_sequence: int  # one row's cache at seq_len: the window bounds it
+    kv_bytes_per_sequence: int  # one row's cache at seq_len: each layer's window bounds its ring
 
     @property
     def total_bytes_per_device(self) -> int:
@@ -124,7 +124,7 @@ def plan(config: ModelConfig, mesh_sizes: dict, *, preset: str = "", dtype: str 
                          * _kv_bytes_per_value(config, compute_bytes))
     return Plan(preset, dict(mesh.shape), counts["total"], counts["active"], params_bytes, optimizer, gradients,
                 reference, kv_cache, activations, seq_len, kernel, kv_per_token,
-                kv_per_token * config.cache_size(seq_len))
+                kv_per_token * config.kv_slots(seq_len) // config.n_layers)
 
 
 def _stored_itemsize(path, dtype, compute_bytes: int) -> int:

@@ -234,6 +234,7 @@ CACHE_AXES = {  # a scanned model's cache (model/kv_cache.py)
     "k_scale": ("layers", "batch", "kv_heads", None, None),  # an int8 cache's scales: [..., size, 1]
     "v_scale": ("layers", "batch", "kv_heads", None, None),
     "pos": ("batch", None),
+    "window_pos": ("batch", None),  # an unscanned cache whose window layers keep smaller rings
 }
 
 
@@ -252,7 +253,9 @@ def cache_shardings(mesh: Mesh, cache) -> dict:
             return tuple(NamedSharding(mesh, PartitionSpec(rows, None, None)) for _ in cache[name])
         return named(mesh, cache[name].shape, CACHE_AXES[name])
 
-    return {**{name: kv(name) for name in cache if name != "pos"}, "pos": pos}
+    positions = {name: named(mesh, cache[name].shape, CACHE_AXES[name]) for name in ("pos", "window_pos")
+                 if name in cache}
+    return {**{name: kv(name) for name in cache if name not in positions}, **positions}
 
 
 def constrain_cache(mesh: Mesh | None, cache):

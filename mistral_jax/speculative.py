@@ -30,6 +30,7 @@ from mistral_jax import sampling as sampling_stage
 from mistral_jax import sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.model import kv_cache
 from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import SamplingMetadata, TokenCounts
 
@@ -154,8 +155,7 @@ def model_drafts(config: ModelConfig, mesh, params, cache, token, positions, k: 
 # Keeping ------------------------------------------------------------------------------------------------
 def keep_accepted(cache: dict, last_positions) -> dict:
     """The cache with every slot past each row's last kept position (int32 [B]) emptied."""
-    pos = cache["pos"]  # [B, S]
-    return {**cache, "pos": jnp.where(pos > last_positions[:, None], -1, pos)}
+    return kv_cache.drop_positions_after(cache, last_positions)
 
 
 # Choosing the width -------------------------------------------------------------------------------------

@@ -2,18 +2,18 @@
 
 import io
 import pathlib
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from etils import epath
-from etils.epath import testing as epath_testing
 
 import mistral_jax as mj
 from mistral_jax import cli
 from mistral_jax.checkpoints import orbax
 from mistral_jax.checkpoints.embedded import default_model_path
+from mistral_jax.paths import as_path
 from mistral_jax.tokenizers import load_tokenizer
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "mistral_gqa_window"
@@ -39,11 +39,13 @@ def test_prompt_ids_print_the_generated_ids_last(capsys):
 
 def test_draft_flags_keep_the_greedy_ids(capsys):
     """--draft with a checkpoint (here the model itself) prints plain greedy's ids; a missing one is one line."""
-    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8", "--max-new-tokens",
-                       "9", "--draft", str(FIXTURE), "--draft-tokens", "3")
+    code, out, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6,7,8",
+                         "--max-new-tokens", "9", "--draft", str(FIXTURE), "--draft-tokens", "3")
     config, params = mj.load(FIXTURE)
     assert code == 0 and out.strip().splitlines()[-1] == ",".join(map(str, mj.generate(
         config, params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]))
+    counts = re.search(r"drafts kept: (\d+) of (\d+)", err)
+    assert counts and 0 < int(counts[1]) == int(counts[2]), err  # speculation ran; the model agrees with itself
     code, _, err = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", "5,6", "--draft", "nowhere")
     assert code == 2 and "--draft: no such checkpoint: nowhere" in err
 
@@ -55,6 +57,11 @@ def test_sampling_flags_reach_the_sampler(capsys):
     again = run(capsys, *args, "1")[1].splitlines()[-1]
     other = run(capsys, *args, "2")[1].splitlines()[-1]
     assert first == again != other
+    greedy = run(capsys, *args[:-7], "--temperature", "0")[1].splitlines()[-1]
+    for narrow in (["--top-k", "1", "--top-p", "1"], ["--top-k", "0", "--top-p", "1e-6"]):  # one token left to draw
+        for seed in ("1", "2"):
+            assert run(capsys, *args[:-7], "--temperature", "1.0", *narrow, "--seed", seed)[1].splitlines()[-1] \
+                == greedy != first, (narrow, seed)
 
 
 def test_penalty_and_min_p_flags_reach_the_sampler(capsys):
@@ -239,43 +246,38 @@ def test_a_failed_convert_leaves_no_output_and_a_retry_succeeds(capsys, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["orbax"]
 
 
-def test_a_convert_to_a_url_killed_part_way_can_be_rerun(capsys, tmp_path, monkeypatch):
-    """gs:// is local disk here (etils.epath mocked; tests/train/test_sft_urls.py has a real GCS emulator); orbax's
-    own save is replaced by one that writes a file where orbax would, and dies the first time."""
-    saves = []
+def test_a_convert_to_a_url_killed_part_way_can_be_rerun(capsys, gcs_bucket, monkeypatch):
+    """gs:// on the GCS emulator (the gcs_bucket fixture), real orbax: the first save writes its arrays there, then
+    dies; the rerun replaces what it left and finishes a checkpoint that loads as the original."""
 
-    class Checkpointer:
-        def __enter__(self):
-            return self
+    class DiesAfterTheFirstSave(ocp.StandardCheckpointer):
+        saves = 0
 
-        def __exit__(self, *exc):
-            return False
-
-        def save(self, directory, params):
-            directory.mkdir(parents=True)
-            (directory / "shard").write_text("x")
-            saves.append(directory)
-            if len(saves) == 1:
+        def save(self, directory, *args, **kwargs):
+            super().save(directory, *args, **kwargs)
+            self.wait_until_finished()
+            DiesAfterTheFirstSave.saves += 1
+            if DiesAfterTheFirstSave.saves == 1:
                 raise OSError("connection reset")
 
-        def wait_until_finished(self):
-            pass
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(orbax.ocp, "StandardCheckpointer", Checkpointer)
-    url, where = "gs://bucket/ckpt", epath.Path("gs:/bucket/ckpt")
-    with epath_testing.mock_epath():
-        code, _, err = run(capsys, "convert", str(FIXTURE), url)
-        assert code == 2 and "connection reset" in err
-        assert not (where / orbax.CONFIG_FILE).exists()
-        code, _, err = run(capsys, "convert", str(FIXTURE), url)
-        assert code == 0, err
-        assert sorted(p.name for p in where.iterdir()) == [orbax.CONFIG_FILE, orbax.PARAMS_DIR]
-        code, _, err = run(capsys, "convert", str(FIXTURE), url)  # a finished checkpoint is never replaced
-        assert code == 2 and "already exists and is not empty" in err
-        epath.Path("gs:/bucket/other/x").mkdir(parents=True)  # nor a directory that is not ours
-        code, _, err = run(capsys, "convert", str(FIXTURE), "gs://bucket/other")
-        assert code == 2 and "already exists and is not empty" in err
+    monkeypatch.setattr(orbax.ocp, "StandardCheckpointer", DiesAfterTheFirstSave)
+    url = f"{gcs_bucket}/ckpt"
+    where = as_path(url)
+    code, _, err = run(capsys, "convert", str(FIXTURE), url)
+    assert code == 2 and "connection reset" in err
+    assert (where / orbax.PARAMS_DIR).exists() and not (where / orbax.CONFIG_FILE).exists()  # saved, unfinished
+    code, _, err = run(capsys, "convert", str(FIXTURE), url)
+    assert code == 0, err
+    assert sorted(p.name for p in where.iterdir()) == [orbax.CONFIG_FILE, orbax.PARAMS_DIR]
+    (config, params), (config0, params0) = mj.load(url), mj.load(FIXTURE)
+    assert config == config0
+    jax.tree.map(np.testing.assert_array_equal, params, params0)
+    code, _, err = run(capsys, "convert", str(FIXTURE), url)  # a finished checkpoint is never replaced
+    assert code == 2 and "already exists and is not empty" in err
+    as_path(f"{gcs_bucket}/other/x").write_text("x")  # nor a directory that is not ours
+    code, _, err = run(capsys, "convert", str(FIXTURE), f"{gcs_bucket}/other")
+    assert code == 2 and "already exists and is not empty" in err
+    assert DiesAfterTheFirstSave.saves == 2
 
 
 def test_chat_refuses_a_message_too_long_for_the_context_and_keeps_the_conversation(capsys, monkeypatch):

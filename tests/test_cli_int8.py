@@ -6,7 +6,8 @@ import mistral_jax as mj
 from mistral_jax import cli
 
 FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "mistral_gqa_window"
-IDS = "5,6,7,8"
+PROMPT, NEW = [92, 120, 112, 65], 40  # float, int8 weights, int8 cache and both make four different greedy answers
+IDS = ",".join(map(str, PROMPT))
 
 
 def run(capsys, *argv):
@@ -16,17 +17,22 @@ def run(capsys, *argv):
 
 
 def test_quantized_generate_convert_and_the_refusals(capsys, tmp_path):
+    float_config, float_params = mj.load(FIXTURE, scan_layers=False)
     config, params = mj.quantize(*mj.load(FIXTURE, scan_layers=False))
-    want = mj.generate(config.replace(kv_cache_dtype="int8"), params, [[5, 6, 7, 8]], 9, eos_id=config.eos_id)[0]
-    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--max-new-tokens", "9",
-                       "--quantize", "int8", "--kv-cache-dtype", "int8")
+    answers = {(weights, cache): mj.generate(c.replace(kv_cache_dtype=cache), p, [PROMPT], NEW, eos_id=c.eos_id)[0]
+               for weights, (c, p) in (("float", (float_config, float_params)), ("int8", (config, params)))
+               for cache in (None, "int8")}
+    assert len({tuple(a) for a in answers.values()}) == 4  # so an ignored flag shows in the ids
+    want = answers["int8", "int8"]
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(FIXTURE), "--prompt-ids", IDS, "--max-new-tokens",
+                       str(NEW), "--quantize", "int8", "--kv-cache-dtype", "int8")
     assert code == 0 and out.splitlines()[-1] == ",".join(map(str, want))
 
     int8 = tmp_path / "int8"
     assert run(capsys, "convert", str(FIXTURE), str(int8), "--quantize", "int8")[0] == 0
     assert mj.load(int8)[0].quant == "int8"  # restored as it is, without --quantize
-    code, out, _ = run(capsys, "generate", "--checkpoint", str(int8), "--prompt-ids", IDS, "--max-new-tokens", "9",
-                       "--kv-cache-dtype", "int8")
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(int8), "--prompt-ids", IDS, "--max-new-tokens",
+                       str(NEW), "--kv-cache-dtype", "int8")
     assert code == 0 and out.splitlines()[-1] == ",".join(map(str, want))
 
     data = tmp_path / "chats.jsonl"

@@ -1,4 +1,5 @@
 import dataclasses
+import pathlib
 
 import jax
 import pytest
@@ -34,6 +35,32 @@ def test_parameter_count_matches_published_figure(name):
         active = total - per_expert * (config.n_experts - config.n_experts_per_tok)
         assert active / 1e9 == pytest.approx(reference["active"], rel=5e-3), active
     assert total == config.param_counts()["total"]
+    if "exact" in reference:  # the count the published safetensors hold, to the parameter
+        assert total == reference["exact"]
+
+
+NEW_FAMILY_PRESETS = [
+    "mistral-7b-v0.3", "mistral-7b-instruct-v0.3", "mixtral-8x22b-v0.1", "mixtral-8x22b-instruct-v0.1",
+    "mistral-nemo-12b-base-2407", "mistral-nemo-12b-instruct-2407", "ministral-8b-instruct-2410",
+    "llama-3.1-8b", "llama-3.1-8b-instruct", "llama-3.1-70b", "llama-3.1-70b-instruct", "llama-3.2-1b",
+    "llama-3.2-1b-instruct", "llama-3.2-3b", "llama-3.2-3b-instruct",
+]
+
+
+def test_todays_presets_are_there_with_exact_counts():
+    assert set(NEW_FAMILY_PRESETS) <= set(mj.list_presets())
+    for name in NEW_FAMILY_PRESETS:
+        assert "exact" in preset_reference_params(name), name
+
+
+def test_new_preset_semantics():
+    nemo = mj.ModelConfig.from_preset("mistral-nemo-12b-instruct-2407")
+    assert nemo.resolved_head_dim * nemo.n_heads != nemo.dim and nemo.vocab_size == 131072
+    llama32 = mj.ModelConfig.from_preset("llama-3.2-1b")
+    assert (llama32.tie_embeddings, llama32.rope_scaling, llama32.rope_factor) == (True, "llama3", 32.0)
+    assert mj.ModelConfig.from_preset("llama-3.1-8b-instruct").eos_id == 128009  # <|eot_id|>
+    big = mj.ModelConfig.from_preset("mixtral-8x22b-instruct-v0.1")
+    assert (big.n_heads, big.n_kv_heads, big.vocab_size, big.max_seq_len) == (48, 8, 32768, 65536)
 
 
 def test_preset_semantics():
@@ -81,3 +108,12 @@ def test_config_mistakes_are_user_errors():
         mj.ModelConfig.from_preset("tiny-llama", sliding_window=0)
     with pytest.raises(UserError, match="unknown ModelConfig fields"):
         mj.ModelConfig.from_dict({**mj.ModelConfig.from_preset("tiny-llama").to_dict(), "no_such_field": 1})
+
+
+def test_readme_lists_every_preset():
+    """README's families table names every full-size preset (alone or as NAME and its "-instruct" twin)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Families and presets"):readme.index("## Speed")]
+    for name in FULL_SIZE:
+        base = name.removesuffix("-instruct").removesuffix("-chat")  # "NAME (+ -instruct)" lists both
+        assert any(f" {n}{end}" in table for n in (name, base) for end in (",", " ")), name

@@ -7,6 +7,7 @@ import pytest
 
 import mistral_jax as mj
 from mistral_jax import cli, planner
+from mistral_jax.model import quant
 
 
 @pytest.mark.parametrize("preset, mesh", [("tiny-mixtral", dict(data=1, fsdp=2, expert=2, tensor=2)),
@@ -118,3 +119,18 @@ def test_dpo_counts_the_reference_copy_and_two_rows_a_pair(capsys):
     assert cli.main(["plan", "--preset", "mistral-7b-v0.1", "--mesh", "fsdp=8", "--train", "--dpo", "--batch", "8",
                      "--seq-len", "2048"]) == 0
     assert "DPO reference copy           3.37 GiB per device" in capsys.readouterr().out
+
+
+def test_mixtral_8x22b_and_nemo_plans():
+    """int8 weights halve the bfloat16 weights per chip (scales aside); full SFT of 8x22B needs 64 v5p chips."""
+    mixtral = mj.ModelConfig.from_preset("mixtral-8x22b-v0.1")
+    mesh = dict(data=1, fsdp=2, expert=1, tensor=8)
+    bf16 = planner.plan(mixtral, mesh, batch=8, seq_len=4096)
+    int8 = planner.plan(quant.quantized_config(mixtral, "int8"), mesh, batch=8, seq_len=4096)
+    assert bf16.total_params == 140_620_634_112 and bf16.active_params == 39_152_031_744
+    assert int8.params_bytes_per_device == pytest.approx(bf16.params_bytes_per_device / 2, rel=0.02)
+    assert not planner.recommend(mixtral, 16, batch=32, seq_len=2048, train=True).fits["TPU v5p"]
+    assert planner.recommend(mixtral, 64, batch=32, seq_len=2048, train=True).fits["TPU v5p"]
+    nemo = mj.ModelConfig.from_preset("mistral-nemo-12b-base-2407")
+    lora = planner.recommend(nemo, 8, batch=32, seq_len=2048, train=True, lora_rank=16)
+    assert lora.total_params == 12_247_782_400 and lora.fits["TPU v6e"]

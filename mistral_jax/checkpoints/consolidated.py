@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from mistral_jax import families
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.checkpoints.safetensors_files import open_safetensors_dir
@@ -68,23 +69,23 @@ def config_from_params(params: dict[str, Any], shapes: Mapping[str, tuple[int, .
     if missing:
         raise CheckpointError(f"{source}: required field(s) {missing} missing")
     moe = params.get("moe") or {}
+    family = families.consolidated_family(bool(moe))
+    values: dict[str, Any] = {"family": family.name}
+    for key, field in family.consolidated_keys.items():
+        if params.get(key) is not None and field not in values:
+            values[field] = params[key]
     hidden = params.get("hidden_dim") or _shape(
         shapes, "layers.0.feed_forward.w1.weight", "layers.0.feed_forward.experts.0.w1.weight"
     )[0]
     vocab = params.get("vocab_size") if params.get("vocab_size", -1) > 0 else _shape(shapes, "tok_embeddings.weight")[0]
-    values = dict(
-        family="mixtral" if moe else "mistral",
+    values.update(
         vocab_size=int(vocab),
-        dim=params["dim"],
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
         n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
         head_dim=params.get("head_dim") if params.get("head_dim", 0) * params["n_heads"] != params["dim"] else None,
         hidden_dim=int(hidden),
         norm_eps=float(params["norm_eps"]),
         rope_theta=float(params.get("rope_theta") or DEFAULT_ROPE_THETA),
-        max_seq_len=int(params.get("max_seq_len") or params.get("max_position_embeddings") or 32768),
-        sliding_window=params.get("sliding_window"),
+        max_seq_len=int(values.get("max_seq_len") or 32768),
         tie_embeddings="output.weight" not in shapes,
     )
     if moe:

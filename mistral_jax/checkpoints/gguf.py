@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import gguf
 import numpy as np
 
-from mistral_jax import gguf_file
+from mistral_jax import families, gguf_file
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError
 from mistral_jax.config import ModelConfig
@@ -110,29 +110,25 @@ def _f32(value: float) -> float:
 
 
 def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
-    """ModelConfig from llama.cpp metadata (general.architecture must be "llama")."""
+    """ModelConfig from llama.cpp metadata (general.architecture: one the family table names, families.py)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(
-            f"{source}: GGUF architecture {arch!r} is not supported (only 'llama': Llama, Mistral, Mixtral)"
-        )
+    if arch not in families.gguf_architectures():
+        raise CheckpointError(f"{source}: GGUF architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(families.gguf_architectures())})")
 
     def need(key: str) -> Any:
-        value = _field(reader, f"llama.{key}")
+        value = _field(reader, f"{arch}.{key}")
         if value is None:
-            raise CheckpointError(f"{source}: GGUF metadata 'llama.{key}' is missing")
+            raise CheckpointError(f"{source}: GGUF metadata '{arch}.{key}' is missing")
         return value
 
-    scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported (only plain RoPE with a theta)")
     tensors = {t.name: t for t in reader.tensors}
     vocab = _field(reader, "llama.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[1])  # ggml order: [dim, vocab]
     n_experts = int(_field(reader, "llama.expert_count", 0))
-    name = f"{_field(reader, 'general.name', '')} {_field(reader, 'general.basename', '')}".lower()
-    family = "mixtral" if n_experts else "mistral" if "mistral" in name else "llama"
+    name = f"{_field(reader, 'general.name', '')} {_field(reader, 'general.basename', '')}"
+    family = families.from_gguf(arch, name, n_experts).name
     key_length = _field(reader, "llama.attention.key_length")
     values = dict(
         family=family,
@@ -145,6 +141,7 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
         hidden_dim=int(need("feed_forward_length")),
         norm_eps=_f32(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_f32(_field(reader, "llama.rope.freq_base", 10000.0)),
+        **_rope_scaling(reader, tensors, source),
         max_seq_len=int(_field(reader, "llama.context_length", 4096)),
         sliding_window=None,  # llama.cpp does not store one for the llama architecture
         tie_embeddings="output.weight" not in tensors,
@@ -165,6 +162,46 @@ def config_from_gguf(reader: gguf.GGUFReader, source: str) -> ModelConfig:
     return config
 
 
+# Meta's llama3 RoPE scaling parameters, which llama.cpp does not write: it stores their per-frequency divisors as
+# the tensor rope_freqs.weight, whose largest value is the factor (the original context is read where written).
+LLAMA3_LOW_FREQ_FACTOR, LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_ORIGINAL_CONTEXT = 1.0, 4.0, 8192
+
+
+def llama3_divisors(head_dim: int, theta: float, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """How much llama3 scaling divides each RoPE frequency: float64 [head_dim / 2] (1 where it keeps one)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended))
+
+
+def _rope_scaling(reader: gguf.GGUFReader, tensors: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """ModelConfig's RoPE scaling fields: "linear" from the metadata, "llama3" from rope_freqs.weight."""
+    scaling = _field(reader, "llama.rope.scaling.type", "none")
+    if scaling == "linear":
+        return {"rope_scaling": "linear", "rope_factor": _f32(_field(reader, "llama.rope.scaling.factor", 1.0))}
+    if scaling not in ("none", None):
+        raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported (supported: linear, llama3)")
+    if "rope_freqs.weight" not in tensors:
+        return {}
+    divisors = np.asarray(tensors["rope_freqs.weight"].data, np.float64).reshape(-1)
+    if np.all(divisors == 1.0):
+        return {}
+    head_dim = 2 * divisors.size
+    theta = float(_field(reader, "llama.rope.freq_base", 10000.0))
+    original = int(_field(reader, "llama.rope.scaling.original_context_length", LLAMA3_ORIGINAL_CONTEXT))
+    fields = dict(rope_scaling="llama3", rope_factor=_f32(divisors.max()), rope_low_freq_factor=LLAMA3_LOW_FREQ_FACTOR,
+                  rope_high_freq_factor=LLAMA3_HIGH_FREQ_FACTOR, rope_original_max_seq_len=original)
+    expected = llama3_divisors(head_dim, theta, fields["rope_factor"], LLAMA3_LOW_FREQ_FACTOR,
+                               LLAMA3_HIGH_FREQ_FACTOR, original)
+    if not np.allclose(divisors, expected, rtol=1e-4):
+        raise CheckpointError(f"{source}: rope_freqs.weight is not llama3 RoPE scaling (factor "
+                              f"{fields['rope_factor']}, frequency factors 1 / 4, original context {original}); other "
+                              "per-frequency factors are not supported")
+    return fields
+
+
 def _sources(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> dict[str, Source]:
     """transformers name -> where it lives in the file, for every tensor of the file."""
     heads = {"attn_q": config.n_heads, "attn_k": config.n_kv_heads}
@@ -177,6 +214,8 @@ def _sources(reader: gguf.GGUFReader, config: ModelConfig, source: str) -> dict[
             )
         if t.name in GLOBAL_NAMES:
             out[GLOBAL_NAMES[t.name]] = Source(t)
+            continue
+        if t.name == "rope_freqs.weight":  # llama3 RoPE scaling, read into the config (_rope_scaling)
             continue
         match = BLOCK_TENSOR.fullmatch(t.name)
         if match is None:

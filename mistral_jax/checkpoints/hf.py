@@ -12,36 +12,44 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from mistral_jax import families
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.errors import CheckpointError, read_json
 from mistral_jax.checkpoints.safetensors_files import SafetensorsFiles, open_safetensors_dir
 from mistral_jax.config import ModelConfig
 from mistral_jax.paths import check_new_dir, staged_dir
 
-MODEL_TYPES = ("llama", "mistral", "mixtral")
+ROPE_TYPES = ("default", "linear", "llama3")  # rope_type values read (model/layers.py computes each)
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """Classic `rope_theta`, or the newer `rope_parameters` dict; scaled RoPE variants are refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for rope in (params, scaling):
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", None):
-            raise CheckpointError(f"rope type {kind!r} is not supported (only plain RoPE with a theta)")
+def rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's RoPE fields from the classic `rope_theta` + `rope_scaling` or the newer `rope_parameters`."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind not in ROPE_TYPES:
+        raise CheckpointError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
     theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(theta) if theta is not None else 10000.0
+    fields: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else 10000.0}
+    if kind != "default":
+        fields.update(rope_scaling=kind, rope_factor=float(params["factor"]))
+    if kind == "llama3":
+        fields.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                      rope_high_freq_factor=float(params["high_freq_factor"]),
+                      rope_original_max_seq_len=int(params.get("original_max_position_embeddings")
+                                                    or hf.get("max_position_embeddings", 8192)))
+    return fields
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a transformers config.json dict (model_type llama, mistral or mixtral)."""
-    model_type = hf.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    """ModelConfig from a transformers config.json dict (a model_type in the family table, families.py)."""
+    family = families.from_hf(hf)
+    if family is None:
+        raise CheckpointError(f"{source}: unknown model_type {hf.get('model_type')!r}; "
+                              f"supported: {', '.join(families.hf_model_types())}")
     try:
         dim, heads = hf["hidden_size"], hf["num_attention_heads"]
         values = dict(
-            family=model_type,
+            family=family.name,
             vocab_size=hf["vocab_size"],
             dim=dim,
             n_layers=hf["num_hidden_layers"],
@@ -51,19 +59,23 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             head_dim=hf["head_dim"] if hf.get("head_dim") and hf["head_dim"] * heads != dim else None,
             hidden_dim=hf["intermediate_size"],
         )
+        sliding_window, layer_types = families.window_layout_from_hf(family, hf, values["n_layers"])
     except KeyError as err:
         raise CheckpointError(f"{source}: required field {err.args[0]!r} is missing") from err
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
     eos = hf.get("eos_token_id")
     values.update(
         norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        rope_theta=rope_theta(hf),
+        **rope_fields(hf),
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-        sliding_window=hf.get("sliding_window") if model_type != "llama" else None,
+        sliding_window=sliding_window,
+        layer_types=layer_types,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 1,
         eos_id=(eos[0] if isinstance(eos, list) else eos) if eos is not None else 2,
     )
-    if model_type == "mixtral":
+    if family.moe:
         values.update(
             n_experts=hf.get("num_local_experts", 8),
             n_experts_per_tok=hf.get("num_experts_per_tok", 2),
@@ -71,16 +83,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise CheckpointError(f"{source}: attention_bias / mlp_bias checkpoints are not supported")
-    return ModelConfig(**values)
+    try:
+        return ModelConfig(**values)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: {err}") from err
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """A transformers config.json dict for `config` (inverse of config_from_hf)."""
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "mixtral": "MixtralForCausalLM"}[config.family]
+    family = families.get(config.family)
     hf = {
-        "architectures": [arch],
-        "model_type": config.family,
+        "architectures": [family.hf_architectures[0]],
+        "model_type": family.hf_model_types[0],
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "num_hidden_layers": config.n_layers,
@@ -97,8 +111,22 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "eos_token_id": config.eos_id,
         "torch_dtype": config.param_dtype,
     }
-    if config.family != "llama":
+    if config.rope_scaling is not None:
+        rope = {"rope_type": config.rope_scaling, "rope_theta": config.rope_theta, "factor": config.rope_factor}
+        if config.rope_scaling == "llama3":
+            rope.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                        original_max_position_embeddings=config.rope_original_max_seq_len)
+        hf["rope_parameters"] = rope
+    if family.window_pattern != "none":
         hf["sliding_window"] = config.sliding_window
+    elif config.sliding_window is not None:
+        raise CheckpointError(f"a {config.family} config.json has no sliding window; this config has "
+                              f"{config.sliding_window}")
+    if family.window_pattern == "layer_types":
+        hf["layer_types"] = list(config.layer_types or [families.SLIDING if config.sliding_window else
+                                                        families.FULL] * config.n_layers)
+    elif config.layer_types is not None:
+        raise CheckpointError(f"a {config.family} config.json has no layer_types; use family 'ministral'")
     if config.is_moe:
         hf.update(num_local_experts=config.n_experts, num_experts_per_tok=config.n_experts_per_tok,
                   router_aux_loss_coef=config.router_aux_loss_coef)

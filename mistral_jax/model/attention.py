@@ -1,4 +1,4 @@
-"""Grouped-query attention with an optional sliding window, reading and writing the rolling cache."""
+"""Grouped-query attention with a per-layer sliding window (or none), reading and writing the rolling cache."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from mistral_jax.errors import UserError
 from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import flash_attention
-from mistral_jax.model.layers import param_init, rotary_embedding
+from mistral_jax.model.layers import param_init, rope_inv_freq, rotary_embedding
+from mistral_jax.model.paged_attention import AttentionMetadata, gather_pages, write_pages
 
 
 def attention_mask(q_pos, k_pos, window: int | None, q_segments=None, k_segments=None):
@@ -107,20 +108,45 @@ def attend_cudnn(q, k, v, mask, causal: bool):
     return out.astype(q.dtype)
 
 
+def paged_attention(q, kv_pages, meta: AttentionMetadata, window: int | None = None):
+    """q [N, H, D] (rotated) over the cache pages of each token's sequence -> [N, H, D].
+
+    The step's own K/V must already be written (`write_pages`). Keys at or past a sequence's kv_len, and those a
+    window hides, are masked by position; padding tokens' outputs are zeros.
+    """
+    page_size = kv_pages.shape[1]
+    keys, values = gather_pages(kv_pages, meta.page_tables, q.dtype)
+    length = keys.shape[2]
+    key_pos = meta.first_page[:, None] * page_size + jnp.arange(length)[None, :]  # [S, L]
+    key_pos = jnp.where(key_pos < meta.kv_lens[:, None], key_pos, -1)
+    query_pos = jnp.take(meta.positions, meta.query_index, mode="fill", fill_value=-1)  # [S, T]
+    queries = jnp.take(q, meta.query_index, axis=0, mode="fill", fill_value=0)  # [S, T, H, D]
+    mask = attention_mask(query_pos, key_pos, window)
+    out = attend(queries, keys, values, mask)  # [S, T, H, D]
+    return jnp.zeros_like(q).at[meta.query_index].set(out, mode="drop")
+
+
 class Attention(nn.Module):
     config: ModelConfig
+    window: int | None = None  # this layer's sliding window (config.layer_window), None: the whole context
 
     @nn.compact
-    def __call__(self, x, inputs, layer_cache=None):
-        """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions).
+    def __call__(self, x, inputs, layer_cache=None, traced_window=None):
+        """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions, or the
+        pages' AttentionMetadata with layer_cache = {"kv": this layer's pages}).
 
         With a cache (layer_cache = {"k", "v"}, one layer's buffers: kv_cache.py), the new keys are written
         to it and the updated layer cache is returned. inputs.cache_empty: the cache holds nothing yet (a
-        prompt's first chunk), so attention skips it.
+        prompt's first chunk), so attention skips it. traced_window: int32 scalar that replaces `window` in
+        a scanned stack whose layers differ (flash_attention.NO_WINDOW for a full layer).
         """
         cfg = self.config
         dt, hd = cfg.compute_dtype, cfg.resolved_head_dim
-        positions, window = inputs.positions, cfg.sliding_window
+        positions = inputs.positions
+        window = self.window if traced_window is None else traced_window
+        cache_pos, new_cache_pos = inputs.cache_pos, inputs.new_cache_pos
+        if self.window is not None and traced_window is None and inputs.window_cache_pos is not None:
+            cache_pos, new_cache_pos = inputs.window_cache_pos, inputs.window_new_cache_pos  # the window's ring
         init = param_init(cfg.init_std)
         d = x.shape[-1]
 
@@ -136,9 +162,14 @@ class Attention(nn.Module):
         q = quant.einsum("btd,dhk->bthk", x, wq, cfg)  # [B, T, H, hd]
         k = quant.einsum("btd,dhk->bthk", x, wk, cfg)  # [B, T, K, hd]
         v = quant.einsum("btd,dhk->bthk", x, wv, cfg)
-        q = constrain(rotary_embedding(q, positions, cfg.rope_theta), ("batch", "length", "act_heads", None))
-        k = constrain(rotary_embedding(k, positions, cfg.rope_theta), ("batch", "length", "act_kv_heads", None))
+        inv_freq = rope_inv_freq(cfg)
+        q = constrain(rotary_embedding(q, positions, inv_freq), ("batch", "length", "act_heads", None))
+        k = constrain(rotary_embedding(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
 
+        if inputs.pages is not None:  # a paged cache (serving): one flat row [1, N] of several sequences' tokens
+            kv_pages = write_pages(layer_cache["kv"], k[0], v[0], inputs.pages.slots)
+            out = paged_attention(q[0], kv_pages, inputs.pages, window)[None]
+            return quant.einsum("bthk,hkd->btd", out, wo, cfg), {"kv": kv_pages}
         new_layer_cache = None
         if layer_cache is not None:
             new_layer_cache = kv_cache.write_layer(layer_cache, positions, k, v)
@@ -146,7 +177,7 @@ class Attention(nn.Module):
         b = q.shape[0]
         if layer_cache is None or inputs.cache_empty:  # an empty cache adds nothing: the tokens see each other
             segments, kernel = inputs.segment_ids, attention_kernel(cfg, k.shape[2])
-            if kernel == "flash":
+            if kernel == "flash" or (kernel == "splash" and traced_window is not None):  # splash's window is static
                 out = flash_attention(q, k, v, positions, positions, window, segments, segments, causal_blocks=True)
             elif kernel == "splash":
                 from mistral_jax.model.splash_attention import splash_attention  # Pallas loads only when asked
@@ -158,14 +189,14 @@ class Attention(nn.Module):
         elif q.shape[1] == 1:
             # One new token: its slot held a position at least `size` back, outside the window, so writing
             # first and reading the cache alone is exact, and the donated buffer is updated in place.
-            mask = attention_mask(positions, inputs.new_cache_pos, window)
+            mask = attention_mask(positions, new_cache_pos, window)
             keys, values = (kv_cache.read_layer(new_layer_cache, n, b, dt) for n in ("k", "v"))
             out = attend(q, keys, values, mask)
         else:
             # A chunk may overwrite slots its own first queries still need: read the old cache and the chunk.
             keys = jnp.concatenate([kv_cache.read_layer(layer_cache, "k", b, dt), k], axis=2)
             values = jnp.concatenate([kv_cache.read_layer(layer_cache, "v", b, dt), v], axis=2)
-            key_positions = jnp.concatenate([inputs.cache_pos, positions], axis=1)
+            key_positions = jnp.concatenate([cache_pos, positions], axis=1)
             kernel = attention_kernel(cfg, keys.shape[2])
             if kernel in ("flash", "splash"):  # splash masks by index: ring slots are not, so flash reads them
                 out = flash_attention(q, keys, values, positions, key_positions, window)

@@ -16,21 +16,26 @@ import jax.numpy as jnp
 BLOCK = 128  # rows of a query block and of a key block
 
 
-def tile_mask(q_pos, k_pos, q_seg, k_seg, window: int | None):
-    """Which keys each query of a tile sees: bool [B, bq, bk] (attention.attention_mask, per tile)."""
+# The window of a layer that sees the whole context, as a number: larger than any distance between positions.
+NO_WINDOW = 2**30
+
+
+def tile_mask(q_pos, k_pos, q_seg, k_seg, window):
+    """Which keys each query of a tile sees: bool [B, bq, bk] (attention.attention_mask, per tile).
+
+    window: int32 scalar, possibly traced (a scanned stack whose layers differ); NO_WINDOW for none.
+    """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (k <= q) & (k >= 0) & (q_seg[:, :, None] == k_seg[:, None, :])
-    if window is not None:
-        mask &= q - k < window
-    return mask
+    return (k <= q) & (k >= 0) & (q_seg[:, :, None] == k_seg[:, None, :]) & (q - k < window)
 
 
-def flash_attention(q, k, v, q_pos, k_pos, window: int | None = None, q_seg=None, k_seg=None, *,
+def flash_attention(q, k, v, q_pos, k_pos, window=None, q_seg=None, k_seg=None, *,
                     causal_blocks: bool = False, block: int = BLOCK):
     """Softmax attention over grouped KV heads without materialising the [T, S] scores.
 
     q: [B, T, H, D]; k, v: [B, K, S, D] (heads-major, as attention.attend takes them); q_pos [B, T], k_pos
-    [B, S] (negative = padding); segments int [B, T] / [B, S] or None -> [B, T, H, D]. causal_blocks: the
+    [B, S] (negative = padding); window: None, an int or a traced int32 scalar; segments int [B, T] / [B, S] or
+    None -> [B, T, H, D]. causal_blocks: the
     keys are the queries themselves with positions never decreasing along a segment (prompts, SFT rows), so
     key blocks after a query block are skipped without looking. Queries that see no key get zeros.
     """
@@ -48,7 +53,8 @@ def flash_attention(q, k, v, q_pos, k_pos, window: int | None = None, q_seg=None
     q = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     q = jnp.pad(q, ((0, 0),) * 3 + ((0, tp - t), (0, 0)))
     k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, sp - s), (0, 0))) for x in (k, v))
-    out = _flash(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg)  # [B, K, G, Tp, D]
+    window = jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
+    out = _flash(causal_blocks, bq, bk, window, q, k, v, q_pos, k_pos, q_seg, k_seg)  # [B, K, G, Tp, D]
     return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -125,20 +131,20 @@ def _forward(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg)
     return jax.lax.fori_loop(0, n_q, query_block, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _flash(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(causal_blocks, bq, bk, window, q, k, v, q_pos, k_pos, q_seg, k_seg):
     return _forward(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg)[0]
 
 
-def _flash_fwd(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg):
+def _flash_fwd(causal_blocks, bq, bk, window, q, k, v, q_pos, k_pos, q_seg, k_seg):
     out, lse = _forward(window, causal_blocks, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg)
-    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+    return out, (window, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def _flash_bwd(window, causal_blocks, bq, bk, residuals, d_out):
+def _flash_bwd(causal_blocks, bq, bk, residuals, d_out):
     """The flash attention backward: each tile's probabilities recomputed from the log-sum-exp; one pass over
     query blocks for dq, one over key blocks for dk and dv."""
-    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+    window, q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
     tiles = _Tiles(window, bq, bk, q, k, v, q_pos, k_pos, q_seg, k_seg)
     n_q, n_k = q.shape[3] // bq, k.shape[2] // bk
     d_out = d_out.astype(jnp.float32)
@@ -184,7 +190,7 @@ def _flash_bwd(window, causal_blocks, bq, bk, residuals, d_out):
     dq = jax.lax.fori_loop(0, n_q, dq_block, jnp.zeros(q.shape, jnp.float32))
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, n_k, dkv_block, (zeros, zeros))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+    return None, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

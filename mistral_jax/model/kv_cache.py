@@ -6,10 +6,15 @@ A cache is a plain dict pytree (`zeros` here; `mistral_jax.init_cache` builds on
         a tuple of `layers` buffers [batch * kv_heads, size, head_dim] otherwise (rows batch-major),
         which a donated decode step updates in place (layer_layout.py says why the rows stay merged)
   pos:  int32 [batch, size]  the position held by each slot, -1 where empty
+  window_pos: int32 [batch, window size]  only where the layers' rings differ in size: an unscanned cache of a
+        model whose layer_types mix sliding and full layers keeps each sliding layer's ring at its window
+        (+ lookahead) and each full layer's at the context; `pos` is then the full rings', this the window rings'.
+        (A scanned cache stacks one size: every layer holds the context, the window applied by the mask.)
   k_scale, v_scale: only in an int8 cache (config.kv_cache_dtype="int8", as MaxText's quantize_kvcache): k and v
         hold int8 values and these their float32 scales, one per token and KV head (symmetric absmax over
         head_dim), in k's layout with head_dim 1: [layers, batch, kv_heads, size, 1] or [batch * kv_heads, size, 1]
 `size` is min(max_seq_len, sliding_window): memory stays flat however long the generation runs.
+POSITION_NAMES lists the slot-position arrays; `layer_sizes` says each layer's ring.
 Positions are per row, so rows of a batch may be at different points (ragged prompts).
 """
 
@@ -32,18 +37,31 @@ def layer_shape(config: ModelConfig, batch_size: int, max_seq_len: int,
     return batch_size, config.n_kv_heads, config.cache_size(max_seq_len, lookahead), config.resolved_head_dim
 
 
+POSITION_NAMES = ("pos", "window_pos")
+
+
+def layer_sizes(config: ModelConfig, max_seq_len: int, lookahead: int = 0) -> tuple[int, ...]:
+    """Ring slots of each layer in config's layout: scanned, all alike (the largest); unscanned, each layer's own."""
+    if config.scan_layers:
+        return (config.cache_size(max_seq_len, lookahead),) * config.n_layers
+    return tuple(config.cache_size(max_seq_len, lookahead, w) for w in config.layer_windows)
+
+
 def zeros(config: ModelConfig, batch_size: int, max_seq_len: int, dtype=None, lookahead: int = 0) -> dict:
     """An empty cache in the layout of config.scan_layers (dtype: default config.kv_cache_dtype, else the compute
     dtype; int8 adds the scales). lookahead: slots beyond the window for speculative drafts (speculative.py)."""
     dtype = jnp.dtype(dtype if dtype is not None else config.kv_cache_dtype or config.compute_dtype)
     b, kv_heads, size, head_dim = layer_shape(config, batch_size, max_seq_len, lookahead)
+    sizes = layer_sizes(config, max_seq_len, lookahead)
 
     def buffers(width, dtype):
         if config.scan_layers:
             return jnp.zeros((config.n_layers, b, kv_heads, size, width), dtype)
-        return tuple(jnp.zeros((b * kv_heads, size, width), dtype) for _ in range(config.n_layers))
+        return tuple(jnp.zeros((b * kv_heads, n, width), dtype) for n in sizes)
 
     cache = {"k": buffers(head_dim, dtype), "v": buffers(head_dim, dtype), "pos": jnp.full((b, size), -1, jnp.int32)}
+    if min(sizes) != size:
+        cache["window_pos"] = jnp.full((b, min(sizes)), -1, jnp.int32)
     if dtype == jnp.int8:
         cache.update(k_scale=buffers(1, jnp.float32), v_scale=buffers(1, jnp.float32))
     return cache
@@ -81,7 +99,14 @@ def read_layer(layer_cache: dict, name: str, batch: int, dtype):
 
 
 def cache_size(cache: dict) -> int:
-    return cache["pos"].shape[-1]
+    """The smallest ring of a cache: a prefill chunk must fit it."""
+    return min(cache[name].shape[-1] for name in POSITION_NAMES if name in cache)
+
+
+def drop_positions_after(cache: dict, last_positions) -> dict:
+    """`cache` with every slot holding a position past its row's last_positions [B] marked empty (-1)."""
+    return {**cache, **{name: jnp.where(cache[name] > last_positions[:, None], -1, cache[name])
+                        for name in POSITION_NAMES if name in cache}}
 
 
 def ring_slots(positions, size: int):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,13 +34,35 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rotary_embedding(x, positions, theta: float):
-    """Rotate pairs (i, i + d/2) of the last axis by position * theta^(-2i/d) (transformers' layout).
+def rope_inv_freq(config: ModelConfig):
+    """RoPE's inverse frequencies theta^(-2i/d), float32 [D/2], scaled as config.rope_scaling says.
 
-    x: [B, T, H, D]; positions: int [B, T]. Returned in x's dtype; the rotation runs in float32.
+    "linear" divides every frequency by rope_factor; "llama3" divides those whose wavelength exceeds
+    original_max / low_freq_factor, keeps those below original_max / high_freq_factor and blends linearly in
+    original_max / wavelength between them (transformers' `_compute_llama3_parameters`, in float32 as it).
     """
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1]))  # [D/2]
+    d = config.resolved_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(d // 2, dtype=jnp.float32) * 2.0 / d))
+    if config.rope_scaling == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_scaling == "llama3":
+        factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_context = config.rope_original_max_seq_len
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return jnp.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rotary_embedding(x, positions, inv_freq):
+    """Rotate pairs (i, i + d/2) of the last axis by position * inv_freq[i] (transformers' layout).
+
+    x: [B, T, H, D]; positions: int [B, T]; inv_freq: float32 [D/2] (rope_inv_freq). Returned in x's dtype;
+    the rotation runs in float32.
+    """
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]  # [B, T, 1, D/2]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -5,7 +5,8 @@ A batch is a flat list of N tokens from S sequences (decode tokens and prompt ch
 odd: the layout of jax's ragged paged attention kernel, so a TPU path reads the same buffer). Each step writes the
 new tokens' K/V into their slots first, then every sequence's queries attend to the pages of its table only, so
 the cost follows the pages the batch holds, not the longest context the server allows. Shapes (N, S, T, P) come
-from a bounded set of buckets (`bucket`), so a server compiles a fixed set of programs.
+from a bounded set of buckets (`bucket`), so a server compiles a fixed set of programs. The attention itself is
+attention.paged_attention (attention.py reads this metadata; this module stays below it).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from mistral_jax.model.attention import attend, attention_mask
 
 
 @flax.struct.dataclass
@@ -96,21 +95,3 @@ def gather_pages(kv_pages, page_tables, dtype):
     kv = kv.reshape(rows, pages * page_size, heads2 // 2, 2, head_dim).transpose(3, 0, 2, 1, 4)  # [2, S, K, L, D]
     kv = kv.astype(dtype)
     return kv[0], kv[1]
-
-
-def paged_attention(q, kv_pages, meta: AttentionMetadata, window: int | None = None):
-    """q [N, H, D] (rotated) over the cache pages of each token's sequence -> [N, H, D].
-
-    The step's own K/V must already be written (`write_pages`). Keys at or past a sequence's kv_len, and those a
-    window hides, are masked by position; padding tokens' outputs are zeros.
-    """
-    page_size = kv_pages.shape[1]
-    keys, values = gather_pages(kv_pages, meta.page_tables, q.dtype)
-    length = keys.shape[2]
-    key_pos = meta.first_page[:, None] * page_size + jnp.arange(length)[None, :]  # [S, L]
-    key_pos = jnp.where(key_pos < meta.kv_lens[:, None], key_pos, -1)
-    query_pos = jnp.take(meta.positions, meta.query_index, mode="fill", fill_value=-1)  # [S, T]
-    queries = jnp.take(q, meta.query_index, axis=0, mode="fill", fill_value=0)  # [S, T, H, D]
-    mask = attention_mask(query_pos, key_pos, window)
-    out = attend(queries, keys, values, mask)  # [S, T, H, D]
-    return jnp.zeros_like(q).at[meta.query_index].set(out, mode="drop")

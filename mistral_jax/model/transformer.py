@@ -17,8 +17,10 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.model import kv_cache, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
+from mistral_jax.model.flash_attention import NO_WINDOW
 from mistral_jax.model.layers import RMSNorm, SwiGLU, param_init
 from mistral_jax.model.moe import MoE, balance_loss, routing_totals
+from mistral_jax.model.paged_attention import AttentionMetadata
 
 
 @flax.struct.dataclass
@@ -40,7 +42,11 @@ class BlockInputs:
     segment_ids: jax.Array | None = None  # int32 [B, T]: packed examples never attend across segments
     cache_pos: jax.Array | None = None  # int32 [B, S]: the position in each cache slot before this call
     new_cache_pos: jax.Array | None = None  # int32 [B, S]: ... and after it
+    # A cache whose sliding-window layers keep a smaller ring than the full ones (kv_cache.py, "window_pos"):
+    window_cache_pos: jax.Array | None = None  # int32 [B, S_window]: the window ring's slot positions before
+    window_new_cache_pos: jax.Array | None = None  # int32 [B, S_window]: ... and after this call
     cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
+    pages: AttentionMetadata | None = None  # a paged cache's metadata (then B = 1: a flat row of sequences' tokens)
 
 
 class Block(nn.Module):
@@ -48,12 +54,15 @@ class Block(nn.Module):
 
     config: ModelConfig
     keep_hidden: bool = False  # also return the output as a per-layer result (Output.hidden)
+    window: int | None = None  # this layer's sliding window (config.layer_window)
 
     @nn.compact
-    def __call__(self, x, layer_cache, inputs: BlockInputs):
+    def __call__(self, x, layer_cache, inputs: BlockInputs, traced_window=None):
+        """traced_window: this layer's window as an int32 scalar, in a scanned stack whose layers differ."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
-        attn_out, new_layer_cache = Attention(cfg, name="attention")(norm("attention_norm")(x), inputs, layer_cache)
+        attention = Attention(cfg, self.window, name="attention")
+        attn_out, new_layer_cache = attention(norm("attention_norm")(x), inputs, layer_cache, traced_window)
         h = x + attn_out
         if cfg.is_moe:
             mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
@@ -80,8 +89,8 @@ class LayerList(nn.Module):
         new_buffers, results = [], []
         for i in range(self.config.n_layers):
             layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
-            x, (new_layer_cache, *result) = self.block(self.config, self.keep_hidden, name=str(i))(
-                x, layer_cache, inputs)
+            block = self.block(self.config, self.keep_hidden, self.config.layer_window(i), name=str(i))
+            x, (new_layer_cache, *result) = block(x, layer_cache, inputs)
             new_buffers.append(new_layer_cache)
             results.append(result)
         new_caches = None
@@ -96,7 +105,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False,
-                 return_hidden=False) -> Output:
+                 return_hidden=False, pages=None, logit_index=None) -> Output:
         """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
@@ -106,24 +115,36 @@ class Transformer(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
 
         inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
-        if cache is not None:
+        if pages is not None:  # a paged cache {"kv": per-layer pages}: no ring positions to advance
+            inputs, layer_caches = inputs.replace(pages=pages), dict(cache)
+        elif cache is not None:
             new_pos = kv_cache.advance_positions(cache["pos"], positions)
             inputs = inputs.replace(cache_pos=cache["pos"], new_cache_pos=new_pos)
+            if "window_pos" in cache:
+                inputs = inputs.replace(window_cache_pos=cache["window_pos"],
+                                        window_new_cache_pos=kv_cache.advance_positions(cache["window_pos"], positions))
             layer_caches = {name: cache[name] for name in kv_cache.buffer_names(cache)}
 
         embedded, block = x, Block
         if cfg.remat:
             block = nn.remat(Block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
         if cfg.scan_layers:
+            # Layers that differ in window (layer_types) share one program: each gets its window as a scanned
+            # int32, and every layer's ring holds the whole context (the unscanned layout sizes them apart).
+            windows = ()
+            if cfg.mixed_windows:
+                windows = (jnp.array([NO_WINDOW if w is None else w for w in cfg.layer_windows], jnp.int32),)
             blocks = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast),
+                in_axes=(0, nn.broadcast, *(0 for _ in windows)),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, name="layers")(x, layer_caches, inputs)
+            window = None if cfg.mixed_windows else cfg.sliding_window
+            x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, window, name="layers")(
+                x, layer_caches, inputs, *windows)
         else:
             x, (new_layer_caches, stats, hidden) = LayerList(cfg, block, return_hidden, name="layers")(
                 x, layer_caches, inputs)
@@ -132,6 +153,8 @@ class Transformer(nn.Module):
 
         if last_only:
             x = x[:, -1:]
+        elif logit_index is not None:  # only the columns that are sampled from reach the LM head
+            x = jnp.take(x, logit_index, axis=1)
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
         if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
             logits = quant.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
@@ -142,8 +165,12 @@ class Transformer(nn.Module):
         logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
-        if cache is not None:
+        if pages is not None:
+            new_cache = new_layer_caches
+        elif cache is not None:
             new_cache = {**new_layer_caches, "pos": inputs.new_cache_pos}
+            if "window_pos" in cache:
+                new_cache["window_pos"] = inputs.window_new_cache_pos
         aux = {}
         if cfg.is_moe:
             routing = routing_totals(stats)
@@ -152,17 +179,20 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, *, last_only=False,
-            cache_empty=False, return_hidden=False) -> Output:
+            cache_empty=False, return_hidden=False, pages: AttentionMetadata | None = None,
+            logit_index=None) -> Output:
     """The pure forward pass: tokens, positions int [B, T] -> Output(logits, cache, aux, hidden).
 
     cache: a cache (kv_cache.py) the tokens are written to; Output.cache is the updated one. Without a
     cache, attention skips the blocks above the diagonal: positions must not decrease along a segment (true
     of prompts, padded or packed rows). last_only: logits for the last column only ([B, 1, V]), as prefill
     needs. cache_empty: the cache holds nothing yet, so attention reads the tokens alone (they are still
-    written to it). return_hidden: Output.hidden holds the residual stream after every layer.
+    written to it). return_hidden: Output.hidden holds the residual stream after every layer. pages: the
+    cache is paged ({"kv": per-layer pages}, model/paged_attention.py) and tokens [1, N] is a flat row of several
+    sequences' tokens. logit_index: int32 [S], the columns whose logits are returned ([B, S, V]).
     """
     return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only,
-                                     cache_empty, return_hidden)
+                                     cache_empty, return_hidden, pages, logit_index)
 
 
 def default_positions(tokens):

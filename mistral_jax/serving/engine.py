@@ -128,8 +128,7 @@ class Engine:
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = ServingMetrics()
-        self.runner = ModelRunner(config, params, max_batch=max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
-                             speculation=speculation, draft_params=draft_params)
+        self.runner = self._make_runner(params, mesh, speculation, draft_params)
         self._multihost = jax.process_count() > 1
         self._slots: list[Request | None] = [None] * max_batch
         self._waiting: collections.deque[Request] = collections.deque()
@@ -152,6 +151,11 @@ class Engine:
         self.constrained_steps = 0  # decode steps with a constrained slot
         if warm_up:
             self.warm_up()
+
+    def _make_runner(self, params, mesh, speculation, draft_params):
+        """The device side: the slots' ModelRunner (a paged engine makes its own)."""
+        return ModelRunner(self.config, params, max_batch=self.max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
+                           speculation=speculation, draft_params=draft_params)
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,

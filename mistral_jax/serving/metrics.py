@@ -8,7 +8,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class ServingMetrics:
-    """Requests by finish reason, queue depth, active slots, token counts, TTFT and inter-token latency."""
+    """Requests by finish reason, queue depth, active slots, token counts, TTFT and inter-token latency; in paged mode
+    also the prefix cache's looked-up and hit tokens and the KV pages used and in all."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -21,6 +22,15 @@ class ServingMetrics:
         self.generation_tokens = Counter("mistral_jax_generation_tokens", "Tokens generated", registry=r)
         self.accepted_draft_tokens = Counter("mistral_jax_accepted_draft_tokens",
                                              "Drafted tokens the model kept (speculative decoding)", registry=r)
+        self.prefix_cache_queries_tokens = Counter("mistral_jax_prefix_cache_queries_tokens",
+                                                   "Prompt tokens looked up in the prefix cache (paged mode)",
+                                                   registry=r)
+        self.prefix_cache_hits_tokens = Counter("mistral_jax_prefix_cache_hits_tokens",
+                                                "Prompt tokens found in the prefix cache (paged mode)", registry=r)
+        self.kv_pages_used = Gauge("mistral_jax_kv_pages_used", "KV cache pages held by requests (paged mode)",
+                                   registry=r)
+        self.kv_pages_total = Gauge("mistral_jax_kv_pages_total", "KV cache pages in the pool (paged mode)",
+                                    registry=r)
         self.time_to_first_token = Histogram("mistral_jax_time_to_first_token_seconds",
                                              "From submission to the first generated token",
                                              buckets=_LATENCY_BUCKETS, registry=r)

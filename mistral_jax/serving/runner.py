@@ -86,7 +86,7 @@ class Results:
     echo: dict = dataclasses.field(default_factory=dict)  # request id -> Sampled of the prompt (logprobs of 1..T-1)
 
 
-def _chosen(logits, tokens):
+def chosen_logprobs(logits, tokens):
     """logits float32 [R, V], tokens int32 [R] -> (tokens, their logprobs [R], top ids [R, N], top logprobs [R, N])."""
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     top_logprobs, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
@@ -117,9 +117,9 @@ def _step(spec, width: int, config: ModelConfig, mesh, penalize: bool, params, d
     stepped, carry = step.step(spec, width, config, mesh, params, draft_params, rows, sampling,
                                carry.replace(penalties=counts if penalize else None), proposal)
     b, w = stepped.emitted.shape
-    chosen = _chosen(stepped.logits.reshape(b * w, -1), stepped.emitted.reshape(-1))
-    chosen = [x.reshape(b, w, *x.shape[1:]) for x in chosen]  # [B, w + 1, ...]
-    return _replicate(mesh, (stepped.kept, chosen)), carry.replace(penalties=carry.penalties if penalize else counts)
+    picked = chosen_logprobs(stepped.logits.reshape(b * w, -1), stepped.emitted.reshape(-1))
+    picked = [x.reshape(b, w, *x.shape[1:]) for x in picked]  # [B, w + 1, ...]
+    return _replicate(mesh, (stepped.kept, picked)), carry.replace(penalties=carry.penalties if penalize else counts)
 
 
 def _put_row(big, row, slot):
@@ -137,7 +137,7 @@ def _insert(mesh, carry: step.Carry, sampling, row_cache, row_sampling, row_coun
     carry = carry.replace(cache=sharding.constrain_cache(mesh, kv_cache.insert_rows(carry.cache, row_cache, slot)),
                           penalties=put(carry.penalties, row_counts),
                           lookup=None if carry.lookup is None else put(carry.lookup, row_lookup))
-    return _replicate(mesh, _chosen(logits, token)), carry, put(sampling, row_sampling)
+    return _replicate(mesh, chosen_logprobs(logits, token)), carry, put(sampling, row_sampling)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
@@ -151,7 +151,7 @@ def _score_prompt(config: ModelConfig, mesh, params, tokens):
     """Logprobs of tokens[:, 1:] given what precedes each, from one causal pass: tokens int32 [1, T]."""
     with sharding.activations(mesh):
         logits = forward(config, params, tokens, default_positions(tokens)).logits[0, :-1]  # [T-1, V]
-    return _replicate(mesh, _chosen(logits, tokens[0, 1:]))
+    return _replicate(mesh, chosen_logprobs(logits, tokens[0, 1:]))
 
 
 def _sampled(arrays) -> Sampled:

@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, Message, check_message
 from mistral_jax.tokenizers.vocab import Vocab
@@ -96,7 +97,7 @@ class Tokenizer:
         if self.chat_format is None:
             raise UserError(
                 f"{self.source}: the checkpoint carries no chat template; "
-                "pass family='mistral', 'mixtral' or 'llama' to load_tokenizer to pick a default one"
+                f"pass family= one of {families.NAMES} to load_tokenizer to pick a default one"
             )
         tools_ok = self.supports_tools
         if tools and not tools_ok:

@@ -12,6 +12,7 @@ import jinja2.ext
 import jinja2.meta
 import jinja2.sandbox
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 from mistral_jax.tokenizers.errors import UnsupportedTokenizer
 from mistral_jax.tokenizers.vocab import Span, Vocab
@@ -52,7 +53,8 @@ def _require(token_id: int | None, what: str) -> int:
 
 
 class MistralInstruct:
-    """Mistral's instruct format exactly as mistral-common encodes it (v1, v2/v3 with control tokens, and v7).
+    """Mistral's instruct format exactly as mistral-common encodes it (v1, v2/v3 with control tokens, and v7;
+    sentencepiece and tekken vocabularies alike).
 
     Consecutive user (or assistant) messages are merged with "\\n\\n", empty ones skipped. Up to v3, all system
     messages are joined with "\\n\\n" and prepended to the first user message (v1) or the last one (v2/v3), and a
@@ -69,7 +71,10 @@ class MistralInstruct:
 
     @staticmethod
     def uses_system_prompt_tokens(vocab: Vocab) -> bool:
-        """v7 layout: the tokenizer carries [SYSTEM_PROMPT]/[/SYSTEM_PROMPT] control tokens."""
+        """v7 layout: the file says v7 or later (tekken), or, where it says no version, the tokenizer carries
+        [SYSTEM_PROMPT]/[/SYSTEM_PROMPT] control tokens (tekken v3 files carry them unused)."""
+        if vocab.version is not None:
+            return int(vocab.version.removeprefix("v").split("m")[0]) >= 7
         return "[SYSTEM_PROMPT]" in vocab.special_tokens and "[/SYSTEM_PROMPT]" in vocab.special_tokens
 
     def encode(self, vocab: Vocab, messages: Sequence[Message], add_generation_prompt: bool,
@@ -320,9 +325,8 @@ class JinjaTemplate:
 
 
 def default_chat_format(family: str | None) -> ChatFormat | None:
-    """The format for a checkpoint without a template: Mistral instruct for mistral/mixtral, Llama 2 for llama."""
-    if family in ("mistral", "mixtral"):
-        return MistralInstruct()
-    if family == "llama":
-        return Llama2Chat()
-    return None
+    """The format for a checkpoint without a template: the family table's (families.py) chat format."""
+    if family is None:
+        return None
+    formats = {"mistral-instruct": MistralInstruct, "llama2": Llama2Chat}
+    return formats[families.get(family).chat_format]()

@@ -17,11 +17,27 @@ from mistral_jax.tokenizers.vocab import Vocab
 # GGUF token types; they share sentencepiece's numbering.
 NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
 
-# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> the HF pre-tokenizer of the same model.
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> (the HF pre-tokenizer of the same model, whether its BPE
+# takes a whole pre-token that is in the vocabulary as it is: tokenizer.json's ignore_merges).
 _BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+# The split patterns of Llama 3's tokenizer.json and of Mistral's tekken files (Nemo, Ministral).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(pattern: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 PRE_TOKENIZERS = {
-    "gpt-2": _BYTE_LEVEL,
-    "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _BYTE_LEVEL]),
+    "gpt-2": (_BYTE_LEVEL, False),
+    "smollm": (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _BYTE_LEVEL]), False),
+    "llama-bpe": (_split_then_bytes(LLAMA3_SPLIT), True),  # Llama 3.x
+    "tekken": (_split_then_bytes(TEKKEN_SPLIT), False),  # Mistral Nemo, Ministral
 }
 
 
@@ -45,7 +61,7 @@ def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
             raise UnsupportedTokenizer(
                 f"{path}: GGUF pre-tokenizer {pre!r} is not supported (supported: {sorted(PRE_TOKENIZERS)})"
             )
-        tokenizer = _byte_level_bpe(tokens, types, get("tokenizer.ggml.merges"), PRE_TOKENIZERS[pre])
+        tokenizer = _byte_level_bpe(tokens, types, get("tokenizer.ggml.merges"), *PRE_TOKENIZERS[pre])
         vocab: Vocab = HFVocab(tokenizer, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
     elif model == "llama":
         proto = _sentencepiece_proto(
@@ -68,13 +84,12 @@ def load_gguf_vocab(path: str | os.PathLike[str]) -> tuple[Vocab, str | None]:
     return vocab, get("tokenizer.chat_template")
 
 
-def _byte_level_bpe(
-    tokens: list[str], types: list[int], merges: list[str], pre_tokenizer: pre_tokenizers.PreTokenizer
-) -> tokenizers.Tokenizer:
+def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str], pre_tokenizer: pre_tokenizers.PreTokenizer,
+                    ignore_merges: bool = False) -> tokenizers.Tokenizer:
     """A GPT-2 style byte-level BPE; control tokens become special added tokens, user-defined ones plain ones."""
     vocab = {token: i for i, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges]
-    tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs))
+    tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens(

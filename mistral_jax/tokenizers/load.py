@@ -9,35 +9,38 @@ from typing import Any
 
 import tokenizers
 
+from mistral_jax import families
 from mistral_jax.errors import UserError
 from mistral_jax.paths import as_path, is_url, require_local
 from mistral_jax.tokenizers.base import Tokenizer
 from mistral_jax.tokenizers.chat_templates import ChatFormat, JinjaTemplate, default_chat_format
 from mistral_jax.tokenizers.hf import HFVocab
 from mistral_jax.tokenizers.spm import SentencePieceVocab
+from mistral_jax.tokenizers.tekken import TekkenVocab, is_tekken_file
 from mistral_jax.tokenizers.vocab import Vocab
 
-FAMILIES = ("llama", "mistral", "mixtral")
 # mistral-common names its sentencepiece files tokenizer.model.v1, mistral_instruct_tokenizer_240323.model.v3, ...,
 # with an m1 suffix for the multimodal ones (tokenizer.model.v7m1)
 _MISTRAL_COMMON_NAME = re.compile(r"\.model\.v(\d+)(?:m\d+)?$")
 # What a tokenizer is loaded from, besides the model file itself: these are copied from a URL.
 SIDE_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-MODEL_FILES = ("tokenizer.json", "tokenizer.model")
+MODEL_FILES = ("tekken.json", "tokenizer.json", "tokenizer.model")
 
 
 def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> Tokenizer:
-    """Load a sentencepiece `tokenizer.model`, an HF `tokenizer.json`, a GGUF file or a checkpoint directory.
+    """Load a sentencepiece `tokenizer.model`, an HF `tokenizer.json`, Mistral's `tekken.json`, a GGUF file or a
+    checkpoint directory.
 
-    A directory is searched for tokenizer.json, then tokenizer.model, then mistral-common's tokenizer.model.vN
-    (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file supplies the chat
-    template, BOS/EOS tokens and `add_bos_token`. `family` ("llama", "mistral", "mixtral") picks the chat format
-    used when the checkpoint carries no template; when None it is read from config.json's `model_type`, or taken
-    as "mistral" for a mistral-common file name. A URL (an orbax checkpoint on gs://) has its few tokenizer
-    files copied to a temporary directory; a GGUF file must be local.
+    A directory is searched for tekken.json, tokenizer.json, then tokenizer.model, then mistral-common's
+    tokenizer.model.vN (highest N). A tokenizer_config.json (or chat_template.jinja) beside the tokenizer file
+    supplies the chat template, BOS/EOS tokens and `add_bos_token` (a tekken.json's chat format is Mistral's).
+    `family` (a name in families.py) picks the chat format used when the checkpoint carries no template; when
+    None it is read from config.json's `model_type`, or taken as "mistral" for a mistral-common or tekken file.
+    A URL (an orbax checkpoint on gs://) has its few tokenizer files copied to a temporary directory; a GGUF
+    file must be local.
     """
-    if family not in (None, *FAMILIES):
-        raise UserError(f"unknown model family {family!r}; expected one of {FAMILIES} or None")
+    if family is not None:
+        families.get(family)  # a UserError naming the known families
     if is_url(path):  # e.g. an orbax checkpoint on gs:// with its tokenizer files: those few files, copied
         with tempfile.TemporaryDirectory(prefix="mistral-jax-tokenizer-") as scratch:
             tokenizer = load_tokenizer(fetch_tokenizer_files(path, Path(scratch)), family)
@@ -49,7 +52,7 @@ def load_tokenizer(path: str | os.PathLike[str], family: str | None = None) -> T
     file = _find_tokenizer_file(path) if path.is_dir() else path
     if family is None and path.is_dir():
         family = _family_from_config(path / "config.json")
-    if family is None and _MISTRAL_COMMON_NAME.search(file.name):
+    if family is None and (_MISTRAL_COMMON_NAME.search(file.name) or is_tekken_file(file)):
         family = "mistral"
     vocab, template = _load_vocab(file)
     chat_format: ChatFormat | None = JinjaTemplate(template) if template else default_chat_format(family)
@@ -78,12 +81,12 @@ def fetch_tokenizer_files(url, directory: Path, required: bool = True) -> Path:
             (directory / name).write_bytes((folder / name).read_bytes())
             copied.append(name)
     if required and file is None and not set(copied) - {*SIDE_FILES, "config.json"}:
-        raise UserError(f"no tokenizer in {url}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+        raise UserError(f"no tokenizer in {url}: expected {', '.join(MODEL_FILES)} or tokenizer.model.vN")
     return directory if file is None else directory / file
 
 
 def _find_tokenizer_file(directory: Path) -> Path:
-    for name in ("tokenizer.json", "tokenizer.model"):
+    for name in MODEL_FILES:  # tekken.json first: Mistral's own file, where a converted tokenizer.json sits beside it
         if (directory / name).is_file():
             return directory / name
     versioned = [
@@ -93,14 +96,14 @@ def _find_tokenizer_file(directory: Path) -> Path:
     ]
     if versioned:
         return max(versioned)[1]
-    raise UserError(f"no tokenizer in {directory}: expected tokenizer.json, tokenizer.model or tokenizer.model.vN")
+    raise UserError(f"no tokenizer in {directory}: expected {', '.join(MODEL_FILES)} or tokenizer.model.vN")
 
 
 def _family_from_config(config_file: Path) -> str | None:
     if not config_file.is_file():
         return None
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    return model_type if model_type in FAMILIES else None
+    family = families.from_hf(json.loads(config_file.read_text()))
+    return None if family is None else family.name
 
 
 def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
@@ -111,6 +114,8 @@ def _load_vocab(file: Path) -> tuple[Vocab, str | None]:
         from mistral_jax.tokenizers.gguf_vocab import load_gguf_vocab  # the gguf package, for GGUF files only
 
         return load_gguf_vocab(file)
+    if is_tekken_file(file):  # Mistral's chat format (the family's), never a jinja template beside it
+        return TekkenVocab(file.read_bytes(), source=str(file)), None
     config = _read_tokenizer_config(file.parent)
     if file.suffix == ".json":
         try:

@@ -22,6 +22,7 @@ class Vocab(abc.ABC):
     eos_id: int | None
     add_bos: bool
     special_tokens: Mapping[str, int]
+    version: str | None = None  # mistral-common's tokenizer version, where the file says it (tekken: "v3", "v7")
 
     @abc.abstractmethod
     def encode_text(self, text: str) -> list[int]:

@@ -64,7 +64,8 @@ def to_consolidated(hf_dir: pathlib.Path, out: pathlib.Path, with_optional_field
     return out
 
 
-@pytest.mark.parametrize("case", ["mistral_gqa_window", "mixtral_top2", "llama_tied_head_dim"])
+@pytest.mark.parametrize("case", ["mistral_gqa_window", "mixtral_top2", "llama_tied_head_dim", "mistral_v03_head_dim",
+                                  "mixtral_8x22b_heads"])
 def test_consolidated_gives_the_hf_logits(case, tmp_path):
     path = to_consolidated(FIXTURES / case, tmp_path / case)
     config, params = mj.load(path)

@@ -13,6 +13,7 @@ from mistral_jax import gguf_file
 from mistral_jax.checkpoints import gguf as gguf_reader
 from mistral_jax.checkpoints import hf_layout
 from mistral_jax.checkpoints.embedded import default_model_path
+from mistral_jax.model.transformer import forward
 
 Q = gguf.GGMLQuantizationType
 LLAMA = mj.ModelConfig(family="llama", vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
@@ -70,10 +71,12 @@ def tensor_type(w: np.ndarray, qtype: Q, router: bool) -> Q:
 
 
 def write_gguf(path, config: mj.ModelConfig, tensors: dict, qtype: Q = Q.F32, arch: str = "llama", name: str = "tiny",
-               stacked_experts: bool = True, drop: tuple = (), extra: dict | None = None):
-    """A GGUF file with convert_hf_to_gguf's metadata keys and tensor layout."""
+               stacked_experts: bool = True, drop: tuple = (), extra: dict | None = None, metadata: dict | None = None):
+    """A GGUF file with convert_hf_to_gguf's metadata keys and tensor layout (metadata: more uint32 keys)."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name)
+    for key, value in (metadata or {}).items():
+        writer.add_uint32(key, value)
     writer.add_context_length(config.max_seq_len)
     writer.add_embedding_length(config.dim)
     writer.add_block_count(config.n_layers)
@@ -209,11 +212,43 @@ def test_missing_tensor(tmp_path):
 
 
 def test_unexpected_tensor(tmp_path):
-    """Llama 3.1's rope_freqs (scaled RoPE) is refused, not silently dropped."""
-    extra = {"rope_freqs.weight": np.ones(LLAMA.resolved_head_dim // 2, np.float32)}
+    """A tensor llama.cpp's llama architecture does not have is refused, not silently dropped."""
+    extra = {"blk.0.attn_q_norm.weight": np.ones(LLAMA.resolved_head_dim, np.float32)}
     write_gguf(tmp_path / "r.gguf", LLAMA, hf_tensors(LLAMA), extra=extra)
-    with pytest.raises(mj.CheckpointError, match="rope_freqs"):
+    with pytest.raises(mj.CheckpointError, match="attn_q_norm"):
         gguf_reader.read(tmp_path / "r.gguf")
+
+
+HF_FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
+
+
+def llama3_gguf(tmp_path, divisors=None):
+    """The llama3_rope_tied HF fixture as llama.cpp writes a Llama 3.x file: rope_freqs.weight holding the llama3
+    divisors per frequency (computed as convert_hf_to_gguf does), the original context in the metadata."""
+    config, params = mj.load(HF_FIXTURES / "llama3_rope_tied")
+    if divisors is None:
+        divisors = gguf_reader.llama3_divisors(config.resolved_head_dim, config.rope_theta, config.rope_factor,
+                                               config.rope_low_freq_factor, config.rope_high_freq_factor,
+                                               config.rope_original_max_seq_len)
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, config, hf_layout.from_params(config, params), name="Llama 3.2 (tiny)",
+               extra={"rope_freqs.weight": np.asarray(divisors, np.float32)},
+               metadata={"llama.rope.scaling.original_context_length": config.rope_original_max_seq_len})
+    return config, path
+
+
+def test_llama3_rope_freqs_give_transformers_logits(tmp_path):
+    config, path = llama3_gguf(tmp_path)
+    loaded, params = mj.load(path)
+    assert loaded == config
+    reference = np.load(HF_FIXTURES / "llama3_rope_tied" / "reference.npz")
+    ours = jax.jit(forward, static_argnums=0)(loaded, params, reference["tokens"], reference["positions"]).logits
+    assert np.max(np.abs(np.asarray(ours) - reference["logits"])) <= 1e-4 * np.max(np.abs(reference["logits"]))
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
+    with pytest.raises(mj.CheckpointError, match="not llama3 RoPE scaling"):
+        mj.load(llama3_gguf(tmp_path, divisors=np.linspace(1, 3, 4))[1])
 
 
 # The real SmolLM2-135M-Instruct Q4_1 file --------------------------------------------------------

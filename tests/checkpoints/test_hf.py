@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 import mistral_jax as mj
 from mistral_jax.checkpoints import hf
 from mistral_jax.checkpoints.errors import CheckpointError
+from mistral_jax.model.transformer import forward
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_file())
@@ -19,14 +20,18 @@ CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").is_fi
 
 def test_every_family_has_a_fixture():
     assert {"llama_mha", "llama_tied_head_dim", "mistral_gqa_window", "mixtral_top2", "mixtral_top1",
-            "mixtral_top2_fused_layout"} <= set(CASES)
+            "mixtral_top2_fused_layout", "mistral_v03_head_dim", "ministral_layer_types", "llama3_rope_tied",
+            "mixtral_8x22b_heads"} <= set(CASES)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers(case):
     config, params = mj.load(FIXTURES / case)
     reference = np.load(FIXTURES / case / "reference.npz")
-    ours = np.asarray(mj.logits(config, params, reference["tokens"]))
+    tokens = reference["tokens"]
+    positions = reference["positions"] if "positions" in reference else np.broadcast_to(np.arange(tokens.shape[1]),
+                                                                                         tokens.shape)
+    ours = np.asarray(jax.jit(forward, static_argnums=0)(config, params, tokens, positions).logits)
     expected = reference["logits"]
     assert ours.shape == expected.shape
     assert np.max(np.abs(ours - expected)) <= 1e-4 * np.max(np.abs(expected))
@@ -73,11 +78,34 @@ def test_rope_theta_classic_and_new_fields(fields, expected):
     assert hf.config_from_hf({**base, **fields}).rope_theta == expected
 
 
-def test_scaled_rope_is_refused():
+def test_unsupported_rope_scaling_is_refused():
     base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-            "intermediate_size": 128, "vocab_size": 100, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
-    with pytest.raises(CheckpointError, match="llama3"):
+            "intermediate_size": 128, "vocab_size": 100, "rope_scaling": {"rope_type": "yarn", "factor": 8.0}}
+    with pytest.raises(CheckpointError, match="yarn"):
         hf.config_from_hf(base)
+
+
+def test_new_family_fields_are_read():
+    ministral, _ = mj.load(FIXTURES / "ministral_layer_types")
+    assert (ministral.family, ministral.sliding_window) == ("ministral", 4)
+    assert ministral.layer_windows == (4, None, 4) and ministral.mixed_windows
+    llama3, _ = mj.load(FIXTURES / "llama3_rope_tied")
+    assert (llama3.rope_scaling, llama3.rope_factor, llama3.rope_original_max_seq_len) == ("llama3", 8.0, 256)
+    assert llama3.tie_embeddings and llama3.rope_theta == 5e5
+    v03, _ = mj.load(FIXTURES / "mistral_v03_head_dim")
+    assert (v03.vocab_size, v03.head_dim, v03.dim, v03.n_heads, v03.sliding_window) == (32768, 8, 8, 2, None)
+    big, _ = mj.load(FIXTURES / "mixtral_8x22b_heads")
+    assert (big.n_heads, big.n_kv_heads, big.n_experts, big.n_experts_per_tok) == (48, 8, 8, 2)
+
+
+@pytest.mark.parametrize("rope", [{"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e4},
+                                  {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}])
+def test_linear_rope_scaling_both_spellings(rope):
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "intermediate_size": 128, "vocab_size": 100}
+    config = hf.config_from_hf({**base, **rope})
+    assert (config.rope_scaling, config.rope_factor, config.rope_theta) == ("linear", 2.0, 1e4)
+    assert hf.config_from_hf(hf.config_to_hf(config)) == config
 
 
 def test_config_round_trips_through_hf_json():

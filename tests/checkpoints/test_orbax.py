@@ -34,6 +34,8 @@ def test_restore_in_bfloat16(converted):
     config, restored = mj.load(path, dtype="bfloat16")
     assert config.param_dtype == "bfloat16"
     assert all(leaf.dtype == jax.numpy.bfloat16 for leaf in jax.tree.leaves(restored))
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):  # float32's values, rounded once
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(jax.numpy.bfloat16))
 
 
 def test_refuses_to_overwrite(converted, tmp_path):

@@ -87,6 +87,9 @@ def test_splash_model_logits_and_generation_equal_the_exact_path():
     params = mj.init_params(config, jax.random.key(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 128), 0, config.vocab_size))
     splash = config.replace(attention="splash")
+    programs = {c.attention: str(jax.make_jaxpr(lambda p, c=c: mj.logits(c, p, tokens))(params))
+                for c in (config, splash)}
+    assert "pallas_call" in programs["splash"] and "pallas_call" not in programs["xla"]  # the kernel runs, only here
     _close(mj.logits(splash, params, tokens), mj.logits(config, params, tokens))
     prompts = [tokens[0, :40].tolist(), tokens[0, :13].tolist()]
     assert mj.generate(splash, params, prompts, 3) == mj.generate(config, params, prompts, 3)

@@ -28,7 +28,7 @@ def test_write_wraps_and_drops_padding():
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size and max_seq_len must be positive, got 0, 10"):
         mj.init_cache(mj.ModelConfig.from_preset("tiny-llama"), 0, 10)
 
 

@@ -10,17 +10,22 @@ import mistral_jax as mj
 from mistral_jax.model.moe import MoE, block_sizes, expert_capacity, load_balancing_loss, route, routing_stats
 
 
-def dense_reference(x, p, top_k):
-    """Every token through its top-k experts one by one (numpy, float64)."""
+def dense_reference(x, p, top_k, capacity=None):
+    """Every token through its top-k experts one by one (numpy, float64). capacity: each expert takes only its
+    first `capacity` assignments in order (token by token, a token's experts best first); the rest are dropped."""
     x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
     logits = x @ np.asarray(p["router"], np.float64)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     out = np.zeros_like(x)
+    taken = np.zeros(probs.shape[1], int)  # assignments each expert has received so far
     for n in range(x.shape[0]):
         chosen = np.argsort(-probs[n], kind="stable")[:top_k]
         weights = probs[n, chosen] / probs[n, chosen].sum()
         for e, w in zip(chosen, weights):
+            taken[e] += 1
+            if capacity is not None and taken[e] > capacity:
+                continue
             g = x[n] @ np.asarray(p["w_gate"][e], np.float64)
             u = x[n] @ np.asarray(p["w_up"][e], np.float64)
             out[n] += w * ((g / (1 + np.exp(-g))) * u) @ np.asarray(p["w_down"][e], np.float64)
@@ -114,6 +119,8 @@ def test_capacity_drops_overflow_rows_only():
     assert expert_capacity(16, config) == 4  # 0.5 * 16 tokens * 2 / 4 experts
     same = np.all(np.isclose(np.asarray(y), np.asarray(full), atol=1e-5), axis=-1)
     assert 0 < same.sum() < 16  # some tokens lost an expert to the capacity limit, others did not
+    ref = dense_reference(x, params, 2, capacity=4)  # which ones: each expert's assignments past 4, in token order
+    np.testing.assert_allclose(np.asarray(y).reshape(ref.shape), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_load_balancing_loss_matches_transformers_formula():

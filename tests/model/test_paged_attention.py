@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.model import paged_attention as pa
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import attend, attention_mask, paged_attention
 from mistral_jax.serving.pages import PagePool
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE, NUM_PAGES = 4, 2, 8, 4, 40
@@ -29,7 +29,7 @@ def dense_reference(q, k, v, starts, lengths, window):
 
 
 write = jax.jit(pa.write_pages)
-paged = jax.jit(pa.paged_attention, static_argnames="window")
+paged = jax.jit(paged_attention, static_argnames="window")
 
 
 def run_step(steps, window, seed=0, shapes=None, head_dim=HEAD_DIM):
@@ -149,7 +149,7 @@ def test_ragged_paged_attention_kernel_in_interpret_mode():
         out = kernel.ragged_paged_attention(q, kv_pages, meta.kv_lens, meta.page_tables, cu_q_lens,
                                             jnp.array([2], jnp.int32), sm_scale=128**-0.5,
                                             num_kv_pages_per_block=1, num_queries_per_block=8)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(pa.paged_attention(q, kv_pages, meta)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(paged_attention(q, kv_pages, meta)), atol=1e-5)
 
 
 def test_positions_far_past_any_small_integer_range():

@@ -179,3 +179,44 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(server, client):
     rest = list(stream)
     assert first.choices[0].finish_reason is None and rest[-1].choices[0].finish_reason == "length"
     assert process.wait(timeout=60) == 0
+
+
+def test_penalties_and_logit_bias_reach_the_model(client, smollm2):
+    """temperature 0 with presence, frequency and repetition penalties and a logit_bias equals mj.generate with the
+    same settings; a bias of -100 on plain greedy's first token changes the answer."""
+    config, params, tokenizer = smollm2
+    prompt = tokenizer.encode("List the days of the week: Monday, Tuesday, Monday, Tuesday,")
+    plain = mj.generate(config, params, [prompt], 10)[0]
+    settings = {"presence_penalty": 0.6, "frequency_penalty": 0.4, "repetition_penalty": 1.2,
+                "logit_bias": {str(plain[0]): -100}}
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0, logprobs=0,
+                                    presence_penalty=0.6, frequency_penalty=0.4, logit_bias=settings["logit_bias"],
+                                    extra_body={"ignore_eos": True, "repetition_penalty": 1.2})
+    expected = mj.generate(config, params, [prompt], 10, sampling=mj.SamplingParams(**settings))[0]
+    assert out.choices[0].logprobs.tokens == [tokenizer.decode([t]) for t in expected]
+    assert expected[0] != plain[0]
+
+
+def test_bad_settings_are_400s_naming_the_field_and_fail_alone(server, client, smollm2):
+    """While another client streams, requests with top_k 2**40, a string penalty, a non-id logit_bias key or an
+    out-of-range min_p get 400 naming the field, decided at submission; the stream finishes untouched (equal to
+    mj.generate alone)."""
+    config, params, tokenizer = smollm2
+    _, url = server
+    prompt = tokenizer.encode("Count slowly from one to fifty:")
+    stream = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    chunks = iter(stream)
+    text = [next(chunks).choices[0].text]  # the stream has started decoding
+    bad = [({"top_k": 2**40}, "top_k"), ({"presence_penalty": "x"}, "presence_penalty"),
+           ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+           ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+           ({"frequency_penalty": True}, "frequency_penalty"), ({"seed": 2**64}, "seed")]
+    for settings, field in bad:
+        response = httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": MODEL, "prompt": "hi", "max_tokens": 4, **settings})
+        assert response.status_code == 400, settings
+        assert response.json()["error"]["param"] == field, settings
+    text += [c.choices[0].text for c in chunks]
+    expected = mj.generate(config, params, [prompt], 40)[0]
+    assert "".join(text) == tokenizer.decode(expected)

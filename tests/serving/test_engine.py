@@ -2,6 +2,7 @@
 the batch; slots are freed and refilled; nothing recompiles after warm-up; bad requests fail alone."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -41,11 +42,23 @@ def test_every_request_equals_generate_alone_and_nothing_recompiles(engine):
         sampled = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.8, top_k=40, top_p=0.9, seed=i))
                    for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
         greedy, sampled = [_tokens(r) for r in greedy], [_tokens(r) for r in sampled]
-    assert compiled.compilations == 0  # warm-up compiled the decode step and every prefill bucket
+        penalized = [engine.submit(p, s) for p, s in zip(prompts, _penalized(config.vocab_size))]  # queue: 24
+        penalized = [_tokens(r) for r in penalized]
+    assert compiled.compilations == 0  # warm-up compiled the decode step (penalized too) and every prefill bucket
     assert greedy == [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
     assert sampled == [mj.generate(config, params, [p], m, temperature=0.8, top_k=40, top_p=0.9, seed=i)[0]
                        for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+    assert penalized == [mj.generate(config, params, [p], s.max_tokens, sampling=[s])[0]
+                         for p, s in zip(prompts, _penalized(config.vocab_size))]
     assert engine.active_slots == 0 and not engine.busy
+
+
+def _penalized(vocab_size: int) -> list[SamplingParams]:
+    """Requests with penalties, logit_bias and min_p, greedy and sampled, one per prompt."""
+    return [SamplingParams(max_tokens=m, temperature=0.9 * (i % 2), min_p=0.05 * (i % 3), seed=i,
+                           repetition_penalty=1.0 + 0.3 * (i % 4 == 0), presence_penalty=0.5 * (i % 3 == 1),
+                           frequency_penalty=0.4 * (i % 3 == 2), logit_bias={(7 * i) % vocab_size: 4.0})
+            for i, m in enumerate(MAX_TOKENS)]
 
 
 def test_stop_ids_logprobs_and_cancellation(engine):
@@ -95,16 +108,36 @@ def test_bad_requests_fail_alone_and_a_full_queue_refuses(engine):
     assert len(_tokens(engine.submit([1, 2, 3], SamplingParams(max_tokens=4)))) == 4
 
 
+def _decoded_logprobs(config, params, prompt: list[int], tokens: list[int], chunk: int) -> np.ndarray:
+    """Log-probabilities of `tokens` after `prompt` through the public cache API: mj.prefill in chunks, then one
+    mj.decode_step per token (the cache in config.kv_cache_dtype, as the engine keeps it)."""
+    cache = mj.init_cache(config, 1, 64)
+    logits, cache = mj.prefill(config, params, cache, jnp.asarray([prompt], jnp.int32),
+                               jnp.arange(len(prompt))[None], chunk)
+    out = [jax.nn.log_softmax(logits[0])[tokens[0]]]
+    for i, token in enumerate(tokens[:-1]):
+        logits, cache = mj.decode_step(config, params, cache, jnp.asarray([token]), jnp.asarray([len(prompt) + i]))
+        out.append(jax.nn.log_softmax(logits[0])[tokens[i + 1]])
+    return np.asarray(out)
+
+
 def test_a_quantized_model_with_an_int8_cache_serves_as_it_generates():
     """int8 weights (the CPU's int8 dots, activation scales per row: a row's tokens do not depend on its batch)
-    and an int8 KV cache: each request equals mj.generate alone on the same quantized model."""
+    and an int8 KV cache: each request equals mj.generate alone on the same quantized model, and its logprobs
+    are those of decoding through an int8 cache (a float cache's differ by far more than the tolerance)."""
     config = mj.ModelConfig.from_preset("tiny-mistral")
     config, params = mj.quantize(*mj.unstack_layers(config, mj.init_params(config, jax.random.key(1))))
     config = config.replace(kv_cache_dtype="int8")
     prompts = _prompts(config.vocab_size)[:3]  # 3, 20 and 7 tokens on 2 slots
     engine = Engine(config, params, max_batch=2, max_seq_len=64, prefill_chunk=8).start()
     try:
-        served = [_tokens(r) for r in [engine.submit(p, SamplingParams(max_tokens=10)) for p in prompts]]
+        events = [list(r) for r in [engine.submit(p, SamplingParams(max_tokens=10, logprobs=1)) for p in prompts]]
     finally:
         engine.stop()
+    served = [[t for e in ev for t in e.token_ids] for ev in events]
     assert served == [mj.generate(config, params, [p], 10)[0] for p in prompts]
+    float_cache = config.replace(kv_cache_dtype=None)
+    for prompt, tokens, ev in zip(prompts, served, events):
+        logprobs = np.array([e.logprobs[0].logprob for e in ev])
+        np.testing.assert_allclose(logprobs, _decoded_logprobs(config, params, prompt, tokens, 8), atol=1e-5)
+        assert np.max(np.abs(logprobs - _decoded_logprobs(float_cache, params, prompt, tokens, 8))) > 1e-3

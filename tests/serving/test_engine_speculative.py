@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,10 +61,13 @@ def test_slots_keep_different_counts_and_equal_generate_alone(engine):
               expected[1][: expected[1].index(stop) + 1]),
              (looping[1], SamplingParams(max_tokens=23, logprobs=2), expected[1][:23]),
              (looping[2], SamplingParams(max_tokens=22), expected[2][:22])]
+    def sampled_requests():
+        return [engine.submit(p, SamplingParams(max_tokens=15, temperature=0.8, top_k=40, top_p=0.9, seed=i))
+                for i, p in enumerate(looping[:2])]
+
     with CompileStats() as compiled:
         greedy = [engine.submit(prompt, params_) for prompt, params_, _ in cases]
-        sampled = [engine.submit(p, SamplingParams(max_tokens=15, temperature=0.8, top_k=40, top_p=0.9, seed=i))
-                   for i, p in enumerate(looping[:2])]
+        sampled = sampled_requests()
         events = [list(r) for r in greedy]
         sampled_tokens = [_tokens(r) for r in sampled]
     assert compiled.compilations == 0  # warm-up compiled the speculative step, the prefill buckets, the inserts
@@ -73,6 +77,7 @@ def test_slots_keep_different_counts_and_equal_generate_alone(engine):
     accepted = [r.accepted_drafts for r in greedy]
     assert accepted[4] >= 8 and min(accepted) <= 3, accepted  # slots kept very different counts
     assert [len(t) for t in sampled_tokens] == [15, 15] and all(0 <= t < config.vocab_size for t in sampled_tokens[0])
+    assert [_tokens(r) for r in sampled_requests()] == sampled_tokens  # the same seed again, in another batch
 
     prompt, tokens = cases[4][0], cases[4][2]  # logprobs of a request whose drafts were kept
     logits = np.asarray(mj.logits(config, params, [prompt + tokens]))[0, len(prompt) - 1:-1]
@@ -176,6 +181,7 @@ def test_serve_with_prompt_lookup_answers_through_the_openai_client():
         config, params = mj.load(FIXTURE, scan_layers=False)
         rng = np.random.default_rng(1)
         prompts = [[5, 6, 7, 8] * 3, rng.integers(0, 128, 9).tolist(), [40, 41, 42] * 4]
+        prompts[0] += mj.generate(config, params, prompts[:1], 16)[0]  # ends in a loop that greedy keeps up
         reference = mj.generate(config, params, prompts, 16)  # each row as it would be alone
 
         def complete(prompt):  # token ids back (no tokenizer: logprobs name tokens "token_id:N")
@@ -186,6 +192,10 @@ def test_serve_with_prompt_lookup_answers_through_the_openai_client():
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:  # three requests on two slots
             assert list(pool.map(complete, prompts)) == reference
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        kept = [float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("mistral_jax_accepted_draft_tokens_total ")]
+        assert kept and kept[0] > 0, metrics  # prompt lookup ran: the repeating prompts' drafts were kept
     finally:
         kill_all([process])
     refused = subprocess.run([sys.executable, "-m", "mistral_jax.cli", "serve", "--checkpoint", str(FIXTURE),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mistral_jax.model import paged_attention as pa
-from mistral_jax.model.attention import attend, attention_mask
+from mistral_jax.model.attention import attend, attention_mask, paged_attention
 from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.scheduler import Scheduler
 
@@ -43,7 +43,7 @@ def dense(q, k, v, starts, lengths, window):
 @functools.partial(jax.jit, static_argnames="window", donate_argnums=0)
 def step(kv_pages, q, k, v, meta, window):
     kv_pages = pa.write_pages(kv_pages, k, v, meta.slots)
-    return kv_pages, pa.paged_attention(q, kv_pages, meta, window)
+    return kv_pages, paged_attention(q, kv_pages, meta, window)
 
 
 @pytest.mark.parametrize("window, num_pages", [(None, 20), (7, 8)])

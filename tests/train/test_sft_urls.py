@@ -53,7 +53,8 @@ def test_convert_sft_resume_generate_chat_export_on_gs(gcs_bucket, llama_dir, da
     assert cli.main(["convert", str(llama_dir), base]) == 0  # orbax arrays through tensorstore, files through gcsfs
     assert os.environ["TENSORSTORE_GCS_HTTP_URL"] == os.environ["STORAGE_EMULATOR_HOST"]  # derived by the package
     flags = ["sft", "--checkpoint", base, "--output", run, "--data", str(data_file), "--steps", "3",
-             "--save-every", "2", "--batch-size", "2", "--seq-len", "64", "--log-every", "1", "--eval-fraction", "0"]
+             "--save-every", "2", "--batch-size", "2", "--seq-len", "64", "--log-every", "1", "--eval-fraction", "0",
+             "--learning-rate", "0.005"]  # enough to change what the model says (chat below shows whose weights)
     assert cli.main([*flags, "--stop-at", "2"]) == 0
     assert cli.main([*flags, "--resume"]) == 0
     assert "resuming from step 2" in capsys.readouterr().err
@@ -75,9 +76,13 @@ def test_convert_sft_resume_generate_chat_export_on_gs(gcs_bucket, llama_dir, da
         assert cli.main(["generate", "--checkpoint", checkpoint, *ids]) == 0
         answers.append(capsys.readouterr().out)
     assert answers[0] == answers[1] and answers[0].strip()
-    monkeypatch.setattr("sys.stdin", io.StringIO("Who runs the Orbit Cafe?\n"))
-    assert cli.main(["chat", "--checkpoint", run, "--max-new-tokens", "6"]) == 0
-    assert capsys.readouterr().out.strip()
+    chats = []
+    for checkpoint in (run, str(tmp_path / "hf"), base):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Who runs the Orbit Cafe?\nAnd who else?\n"))
+        assert cli.main(["chat", "--checkpoint", checkpoint, "--max-new-tokens", "6"]) == 0
+        chats.append(capsys.readouterr().out)
+    # the run on gs:// chats as its local export does (whitespace, after 3 steps at 0.005), not as its base
+    assert chats[0] == chats[1] != chats[2] and chats[2].strip()
 
 
 def test_dpo_on_gs_resumes_and_uploads_its_tensorboard_events(gcs_bucket, llama_dir, prefs_file, tmp_path,
