@@ -16,7 +16,7 @@ import numpy as np
 
 import mistral_jax as mj
 from mistral_jax.compile_stats import CompileStats
-from mistral_jax.sampling import SamplingParams
+from mistral_jax.sampling import SamplingParams, packed_width
 from mistral_jax.serving import paged_engine
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
 from mistral_jax.serving.pages import PagePool
@@ -59,7 +59,7 @@ def paged(config, params, max_seq_len: int, repeats: int) -> tuple[float, int]:
 def slots(config, params, max_seq_len: int, repeats: int) -> float:
     runner = ModelRunner(config, params, max_batch=ROWS, max_seq_len=max_seq_len)
     inputs = DecodeInputs(np.zeros(ROWS, np.int32), np.full(ROWS, CONTEXT, np.int32), np.zeros(ROWS, np.int32),
-                          np.ones(ROWS, bool))
+                          np.ones(ROWS, bool), np.full((ROWS, packed_width(config.vocab_size)), -1, np.int32))
     runner.run(Plan(decode=inputs))
     best = float("inf")
     for _ in range(repeats):

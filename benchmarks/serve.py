@@ -1,7 +1,7 @@
 """`mistral-jax serve` under load: streaming clients against the real server, beside its ceilings, in one run.
 
     python benchmarks/serve.py [--checkpoint PATH] [--clients 1,4,8,16] [--requests 16] [--json PATH]
-                               [--draft-tokens K]
+                               [--draft-tokens K] [--constrained 8]
 
 - The server: the engine and uvicorn in this process (uvicorn in a thread), on a loopback port; each client is
   the official `openai` async client streaming completions one request after another (closed loop). Prompts
@@ -16,8 +16,10 @@
   template around one message, greedy, up to --draft-max-tokens, stopping at eos) --clients' largest count of
   streaming clients with and without drafts, interleaved over --draft-rounds (best kept), and whether every
   answer is identical. (--clients '' skips the levels above.)
+- With --constrained N: N streaming clients whose answers a JSON schema constrains (a grammar per slot, its
+  bitmask filled on the host after every token) against N without, same prompts, and the host time per step.
 Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
-TTFT p99 at 8 clients < 3x TTFT p50 at 1 client.
+TTFT p99 at 8 clients < 3x TTFT p50 at 1 client. Issue 25: constrained tokens/s >= 0.8x free.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import _common  # noqa: E402
 from speculative import CODE, PASSAGE, TASKS  # noqa: E402
 
 import mistral_jax as mj  # noqa: E402
+from mistral_jax.sampling import packed_width  # noqa: E402
 from mistral_jax.serving import api, runner  # noqa: E402
 from mistral_jax.serving.engine import Engine  # noqa: E402
 from mistral_jax.speculative import Speculation  # noqa: E402
@@ -72,12 +75,14 @@ def _serve(engine: Engine, tokenizer, port: int):
     return server, thread
 
 
-async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, ignore_eos: bool) -> None:
+async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, ignore_eos: bool,
+                  extra: dict | None = None) -> None:
     for prompt in prompts:
         start = time.perf_counter()
         stamps, tokens, text = [], 0, []
         stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, extra_body={"ignore_eos": ignore_eos})
+                                                 stream=True, extra_body={"ignore_eos": ignore_eos, **(extra or {})},
+                                                 stream_options={"include_usage": True})
         async for chunk in stream:
             stamps.append(time.perf_counter())
             if chunk.usage is not None:
@@ -86,14 +91,15 @@ async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, 
         out.append((start, stamps, tokens, (tuple(prompt), "".join(text))))
 
 
-async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int, ignore_eos: bool = True) -> dict:
+async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int, ignore_eos: bool = True,
+                 extra: dict | None = None) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     shares = [prompts[i::clients] for i in range(clients)]
     records: list = []
     start = time.perf_counter()
-    await asyncio.gather(*(_client(client, share, max_tokens, records, ignore_eos) for share in shares))
+    await asyncio.gather(*(_client(client, share, max_tokens, records, ignore_eos, extra) for share in shares))
     wall = time.perf_counter() - start
     await client.close()  # inside the loop: closing it after asyncio.run ends fails
     ttft = [stamps[0] - begun for begun, stamps, *_ in records]
@@ -110,13 +116,35 @@ def _decode_ceiling(engine: Engine, steps: int) -> float:
     """Tokens/s of the engine's decode step at its full batch, run back to back (through the runner's plans)."""
     b = engine.max_batch
     inputs = runner.DecodeInputs(np.zeros(b, np.int32), np.arange(1, b + 1, dtype=np.int32), np.ones(b, np.int32),
-                                 np.ones(b, bool))  # every slot live, so the whole batch is timed
+                                 np.ones(b, bool),  # every slot live, so the whole batch is timed
+                                 np.full((b, packed_width(engine.config.vocab_size)), -1, np.int32))
     plan = runner.Plan(decode=inputs)
     engine.runner.run(plan)
     start = time.perf_counter()
     for _ in range(steps):
         engine.runner.run(plan)  # reads every step's tokens back, as the engine does
     return b * steps / (time.perf_counter() - start)
+
+
+# Answers that never end within --max-tokens, so constrained and free requests make the same number of tokens.
+LONG_JSON = {"type": "object", "properties": {"values": {"type": "array", "items": {"type": "integer"},
+                                                         "minItems": 1000}}, "required": ["values"]}
+
+
+def _constrained_row(args, engine: Engine, url: str, prompts: list[list[int]]) -> dict:
+    """--constrained clients streaming with a JSON schema against as many without, same prompts, interleaved over
+    --draft-rounds (best kept); the host time the grammars take per constrained step."""
+    clients, extra = args.constrained, {"structured_outputs": {"json": LONG_JSON}}
+    asyncio.run(_level(url, prompts[:2], 2, 2, extra=extra))  # the grammar matchers built, connections warm
+    free, constrained, mask_s, steps = 0.0, 0.0, 0.0, 0
+    for _ in range(args.draft_rounds):
+        free = max(free, asyncio.run(_level(url, prompts, clients, args.max_tokens))["tokens_per_s"])
+        seconds, counted = engine.mask_seconds, engine.constrained_steps
+        constrained = max(constrained, asyncio.run(_level(url, prompts, clients, args.max_tokens,
+                                                          extra=extra))["tokens_per_s"])
+        mask_s, steps = mask_s + engine.mask_seconds - seconds, steps + engine.constrained_steps - counted
+    return {"clients": clients, "free_tokens_per_s": free, "constrained_tokens_per_s": constrained,
+            "ratio": constrained / free, "mask_ms_per_step": 1e3 * mask_s / max(steps, 1)}
 
 
 def _draft_rows(args, config, params, tokenizer, plain_url: str) -> list[dict]:
@@ -168,6 +196,8 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=0, help="also compare prompt lookup with k drafts (0: no)")
     parser.add_argument("--draft-max-tokens", type=int, default=96)
     parser.add_argument("--draft-rounds", type=int, default=2)
+    parser.add_argument("--constrained", type=int, default=0,
+                        help="also compare this many clients with a JSON schema against as many without (0: no)")
     args = parser.parse_args()
 
     info = _common.machine()
@@ -193,6 +223,7 @@ def main() -> None:
         levels.append(_level_result := asyncio.run(_level(url, share, clients, args.max_tokens)))
         print(f"{clients} clients: {_level_result['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     drafts = _draft_rows(args, config, params, tokenizer, url) if args.draft_tokens else []
+    structured = _constrained_row(args, engine, url, prompts) if args.constrained else None
     server.should_exit = True
     thread.join()
     engine.stop()
@@ -228,6 +259,14 @@ def main() -> None:
         print(_common.table(["prompts", "plain tok/s", "prompt lookup tok/s", "speedup", "identical"],
                             [[d["prompts"], f"{d['plain_tokens_per_s']:.1f}", f"{d['lookup_tokens_per_s']:.1f}",
                               f"{d['speedup']:.2f}x", d["identical"]] for d in drafts]) + "\n")
+    if structured:
+        targets["constrained >= 0.8x free"] = structured["ratio"] >= 0.8
+        print(f"structured output: {structured['clients']} streaming clients, {args.max_tokens} new tokens each, "
+              f"JSON schema (structured_outputs) or none, best of {args.draft_rounds} interleaved rounds:\n")
+        print(_common.table(["clients", "free tok/s", "JSON schema tok/s", "ratio", "mask host ms / step"],
+                            [[structured["clients"], f"{structured['free_tokens_per_s']:.1f}",
+                              f"{structured['constrained_tokens_per_s']:.1f}", f"{structured['ratio']:.2f}x",
+                              f"{structured['mask_ms_per_step']:.2f}"]]) + "\n")
     if levels:
         rows = [[lv["clients"], lv["requests"], f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / alone:.2f}x",
                  f"{lv['tokens_per_s'] / ceiling:.0%}", f"{lv['ttft_p50_s'] * 1e3:.0f}",
@@ -241,7 +280,8 @@ def main() -> None:
         print(f"- {name}: {_common.status(met)}")
     _common.write_json(args.json, {"machine": info, "settings": vars(args), "compile_s": compile_s, "levels": levels,
                                    "generate_alone_tokens_per_s": alone, "decode_step_tokens_per_s": ceiling,
-                                   "targets": targets, "drafts": drafts})
+                                   "targets": targets, "drafts": drafts,
+                                   "structured": structured})
 
 
 if __name__ == "__main__":

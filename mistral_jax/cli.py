@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen, max_new_tokens=256)
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="wrap --prompt in the chat template (default: when the checkpoint carries one)")
+    gen.add_argument("--json-schema", type=path_arg, default=None, metavar="FILE",
+                     help="constrain the answer to JSON valid under this JSON schema (runs through the serving "
+                          "engine, whose grammar masks each step)")
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit, Ctrl-D)")
     _add_model_flags(chat)
@@ -362,6 +365,8 @@ def cmd_generate(args) -> None:
     from mistral_jax.tokenizers import JinjaTemplate
 
     if args.prompt_ids is not None:
+        if args.json_schema is not None:
+            raise CLIError("--json-schema needs --prompt text (its grammar is matched against the tokenizer)")
         config, params, _ = _load(args, need_tokenizer=False)
         generation = Generation(config, params, args.prompt_ids, args, stop_ids=[config.eos_id])
         ids = list(generation)
@@ -375,7 +380,38 @@ def cmd_generate(args) -> None:
         prompt = tokenizer.apply_chat_template(system + [{"role": "user", "content": args.prompt}])
     else:
         prompt = tokenizer.encode(args.prompt)
+    if args.json_schema is not None:
+        _constrained_answer(config, params, tokenizer, prompt, args)
+        return
     _answer(config, params, tokenizer, prompt, args)
+
+
+def _constrained_answer(config, params, tokenizer, prompt_ids: list[int], args) -> None:
+    """Print one answer constrained by --json-schema: the serving engine alone (one slot), as the server runs it."""
+    from mistral_jax.serving.engine import Engine
+
+    if getattr(args, "draft_", None) is not None:
+        raise CLIError("--json-schema cannot be combined with --draft (speculation is off for constrained rows)")
+    try:
+        schema = json.loads(pathlib.Path(args.json_schema).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CLIError(f"--json-schema {args.json_schema}: not a readable JSON file ({err})") from None
+    max_new_tokens = args.max_new_tokens or max(1, min(args.default_max_new_tokens,
+                                                       config.max_seq_len - len(prompt_ids)))
+    try:
+        sampling = mj.SamplingParams(max_tokens=max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                     seed=args.seed, response_format={"json_schema": schema})
+    except UserError as err:
+        raise CLIError(f"--json-schema {args.json_schema}: {err}") from None
+    engine = Engine(config, params, tokenizer, max_batch=1, max_seq_len=len(prompt_ids) + max_new_tokens,
+                    mesh=getattr(args, "mesh_", None), warm_up=False).start()
+    try:
+        for event in engine.submit(prompt_ids, sampling):
+            print(event.text, end="", flush=True)
+    finally:
+        engine.stop()
+    print(flush=True)
 
 
 _NOT_TEXT = "\x00not text"  # what process 0 sends the others for an input line that is not UTF-8 text

@@ -37,7 +37,7 @@ import numpy as np
 from mistral_jax import sampling as sampling_stage
 from mistral_jax import sharding, speculative, step
 from mistral_jax.config import ModelConfig
-from mistral_jax.errors import UserError
+from mistral_jax.errors import ParamError, UserError
 from mistral_jax.model import kv_cache
 from mistral_jax.model.layer_layout import unstack_layers
 from mistral_jax.model.transformer import default_positions, forward
@@ -359,11 +359,15 @@ def row_sampling(rows: int, sampling=None, **shorthands) -> list[SamplingParams]
     if sampling is None:
         sampling = SamplingParams(**given)
     if isinstance(sampling, SamplingParams):
-        return [dataclasses.replace(sampling, seed=(sampling.seed + i) % sampling_stage.MAX_SEED)
-                for i in range(rows)]
+        sampling = [dataclasses.replace(sampling, seed=(sampling.seed + i) % sampling_stage.MAX_SEED)
+                    for i in range(rows)]
     sampling = list(sampling)
     if len(sampling) != rows or not all(isinstance(s, SamplingParams) for s in sampling):
         raise UserError(f"sampling must be one SamplingParams or one per prompt ({rows}), got {len(sampling)} items")
+    if any(s.response_format is not None for s in sampling):  # its grammar advances on the host after every token
+        raise ParamError("response_format", "response_format: generate runs its steps on device without a "
+                                            "tokenizer; constrained output runs in the serving Engine (mistral-jax "
+                                            "serve, or mistral-jax generate --json-schema)")
     return sampling
 
 

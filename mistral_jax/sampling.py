@@ -18,6 +18,7 @@ row is penalized (a static switch: that program neither keeps nor reads them).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mistral_jax import grammars
 from mistral_jax.errors import ParamError
 
 TOP_LOGPROBS = 20  # alternatives computed for every token (OpenAI's limit); a request may ask for up to this many
@@ -62,7 +64,9 @@ class SamplingParams:
     filters off. presence/frequency penalties follow OpenAI (over the generated tokens), repetition_penalty
     transformers' RepetitionPenaltyLogitsProcessor (over prompt and generated tokens; 1 is off), min_p transformers'
     MinPLogitsWarper. logit_bias maps token ids to a bias in [-100, 100] added to their logits (stored as sorted
-    (id, bias) pairs). seed: any integer in [0, 2**64).
+    (id, bias) pairs). seed: any integer in [0, 2**64). response_format: a constraint on the answer (grammars.py:
+    {"json_schema": schema}, {"regex": ...}, OpenAI's {"type": "json_schema", ...}, ...), compiled here once; the
+    serving engine honours it, generate refuses it.
     """
 
     temperature: float = 0.0
@@ -80,6 +84,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; N >= 0: each token's logprob and the top N alternatives
     echo_logprobs: bool = False  # also the prompt's tokens' logprobs (completions with echo)
+    response_format: str | None = None  # a constraint (grammars.py; a mapping or its JSON), kept as canonical JSON
+    grammar: str | None = dataclasses.field(default=None, init=False, repr=False, compare=False)  # its llguidance
 
     def __post_init__(self):
         def number(name: str, ok, why: str):
@@ -117,6 +123,17 @@ class SamplingParams:
                 raise ParamError(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= TOP_LOGPROBS):
             raise ParamError("logprobs", f"logprobs must be between 0 and {TOP_LOGPROBS}, got {self.logprobs!r}")
+        self._check_response_format()
+
+    def _check_response_format(self):
+        """The constraint in its one-key form as canonical JSON, and its grammar compiled (a ParamError naming
+        response_format where llguidance cannot compile it)."""
+        spec = grammars.constraint(self.response_format)
+        if spec is None:
+            object.__setattr__(self, "response_format", None)
+            return
+        object.__setattr__(self, "grammar", grammars.grammar(spec))
+        object.__setattr__(self, "response_format", json.dumps(spec, sort_keys=True, ensure_ascii=False))
 
     def _check_logit_bias(self):
         bias = self.logit_bias

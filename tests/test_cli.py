@@ -289,3 +289,22 @@ def test_chat_refuses_a_message_too_long_for_the_context_and_keeps_the_conversat
     prompts = [int(line.split("[prefill: ")[1].split()[0]) for line in err.splitlines() if "[prefill:" in line]
     alone = len(load_tokenizer(default_model_path()).apply_chat_template([{"role": "user", "content": last_question}]))
     assert len(prompts) == 2 and prompts[1] > alone + 3  # the first question and answer are still in the prompt
+
+
+@pytest.mark.slow
+def test_generate_json_schema_answers_valid_json_and_names_a_bad_schema(capsys, tmp_path):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    code, out, _ = run(capsys, "generate", "--prompt", "Describe a person as JSON.", "--json-schema",
+                       str(tmp_path / "schema.json"), "--max-new-tokens", "40")
+    assert code == 0
+    jsonschema.validate(json.loads(out.strip()), schema)
+    (tmp_path / "bad.json").write_text('{"type": "bogus"}')
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--json-schema", str(tmp_path / "bad.json"))
+    assert code != 0 and "--json-schema" in err and "does not compile" in err and "Traceback" not in err

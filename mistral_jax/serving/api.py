@@ -27,7 +27,7 @@ from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.guard import BodyGuard
 from mistral_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
-from mistral_jax.serving.tools import ToolCallParser
+from mistral_jax.serving.tools import ToolCallParser, call_grammar
 
 _DISCONNECT_POLL_SECONDS = 0.25
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
@@ -165,6 +165,12 @@ class _Api:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id])
 
+    async def structured(self, params: SamplingParams) -> None:
+        """The engine's grammar matchers built (once, ~1 s) off the event loop before a constrained request."""
+        if params.grammar is not None:
+            self.need_tokenizer("response_format", "structured output needs one")
+            await asyncio.to_thread(self.engine.structured)
+
     def stream(self, chunks: AsyncIterator[dict]) -> EventSourceResponse:
         return EventSourceResponse(chunks, ping=15, shutdown_grace_period=self.drain_seconds)
 
@@ -196,35 +202,42 @@ class _Api:
         return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top[:top]]}
                 for lp in logprobs]
 
-    def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
-        """The parser of the answer's tool calls where the request lets the model call tools, else None."""
+    def tool_parser(self, body: ChatCompletionRequest) -> tuple[ToolCallParser | None, dict | None]:
+        """(the parser of the answer's tool calls where the request lets the model call tools, else None; the
+        grammar constraint of a forced call: tool_choice `required` or a named function, on any model)."""
         choice = body.tool_choice if body.tool_choice is not None else ("auto" if body.tools else "none")
         if choice != "none" and not body.tools:
             raise RequestError("tool_choice", "tool_choice needs tools")
         if choice == "none":
-            return None
-        if choice != "auto":
-            raise RequestError("tool_choice", "tool_choice 'required' or a named function needs constrained "
-                                              "decoding, which this server cannot do yet: use 'auto'")
-        if not self.tokenizer.supports_tools:
-            raise RequestError("tools", "this model's chat template has no tool format, so it cannot call tools")
-        return ToolCallParser(self.tokenizer)
+            return None, None
+        if choice == "auto":
+            if not self.tokenizer.supports_tools:
+                raise RequestError("tools", "this model's chat template has no tool format, so it cannot call tools")
+            return ToolCallParser(self.tokenizer), None
+        name = None if choice == "required" else choice.function.name
+        if name is not None and name not in [t.function.name for t in body.tools]:
+            raise RequestError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
+        if protocol.constraint(body)[0] is not None:
+            raise RequestError("response_format", "response_format: a forced tool call is already constrained")
+        parser = ToolCallParser(self.tokenizer)
+        grammar = call_grammar([t.model_dump() for t in body.tools], name, parser.marker_id)
+        return parser, {"grammar": grammar}
 
     async def chat(self, http: Request, body: ChatCompletionRequest):
         self.check_model(body.model)
         protocol.refuse_unsupported(body)
-        if body.structured_outputs is not None:
-            raise RequestError("structured_outputs", "structured output is not supported yet")
-        if body.response_format is not None and body.response_format.type != "text":
-            raise RequestError("response_format", "structured output is not supported yet")
         self.need_tokenizer(None, "use /v1/completions with token ids")
-        parser = self.tool_parser(body)
-        prompt = await asyncio.to_thread(self.chat_prompt, body.messages, body.tools)
+        parser, forced = self.tool_parser(body)
+        # A forced call on a template without a tool format: the grammar alone carries the tools' schemas.
+        shown = body.tools if forced is None or self.tokenizer.supports_tools else None
+        prompt = await asyncio.to_thread(self.chat_prompt, body.messages, shown)
         top = body.top_logprobs or 0
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
         max_tokens = protocol.chat_max_tokens(body, len(prompt), self.engine.max_seq_len)
-        params = protocol.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None)
+        params = protocol.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None,
+                                          constrained=None if forced is None else (forced, "tools"))
+        await self.structured(params)
         submitted = self.streams.submit(prompt, params)  # a full queue or a bad prompt fails here, before any stream
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
 
@@ -304,8 +317,6 @@ class _Api:
     async def completions(self, http: Request, body: CompletionRequest):
         self.check_model(body.model)
         protocol.refuse_unsupported(body)
-        if body.structured_outputs is not None:
-            raise RequestError("structured_outputs", "structured output is not supported yet")
         prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
         if body.stream and len(prompts) > 1:
             raise RequestError("prompt", "stream takes a single prompt")
@@ -316,6 +327,7 @@ class _Api:
         top = body.logprobs
         params = [protocol.sampling_params(body, max_tokens, logprobs=top, echo_logprobs=body.echo and top is not None)
                   for _ in prompts]
+        await self.structured(params[0])
         submitted = self.streams.submit_all(prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name,
                 "object": "text_completion"}

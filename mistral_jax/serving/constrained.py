@@ -8,56 +8,21 @@ where xgrammar imports torch. Rows without a grammar get all bits set.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from mistral_jax import grammars
 from mistral_jax.errors import ParamError
+from mistral_jax.grammars import grammar
 
-
-def _llguidance():
-    import llguidance  # a server extra: only constrained requests need it
-    import llguidance.numpy
-
-    return llguidance
+__all__ = ["Constraints", "allowed", "grammar", "words"]
 
 
 def words(vocab_size: int) -> int:
     """int32 words per bitmask row."""
     return (vocab_size + 31) // 32
-
-
-def grammar(spec: Mapping[str, Any], param: str = "response_format") -> str:
-    """An llguidance grammar for one request's constraint: {"json_schema": dict}, {"json_object": True},
-    {"regex": str}, {"choice": [str, ...]} or {"grammar": lark text}. A ParamError naming `param` where it is
-    not one of these or does not compile."""
-    lg = _llguidance()
-    if len(spec) != 1:
-        raise ParamError(param, f"{param}: give exactly one of json_schema, json_object, regex, choice, grammar")
-    (kind, value), = spec.items()
-    try:
-        if kind in ("json_schema", "json_object"):  # compact JSON: a small model cannot loop on whitespace
-            schema = value if kind == "json_schema" else {"type": "object"}
-            schema = json.loads(schema) if isinstance(schema, str) else schema
-            text = lg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
-        elif kind == "regex":
-            text = lg.LLMatcher.grammar_from_regex(value)
-        elif kind == "choice":
-            if not value or not all(isinstance(c, str) for c in value):
-                raise ParamError(param, f"{param}: choice must be a non-empty list of strings")
-            text = lg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
-        elif kind == "grammar":
-            text = lg.LLMatcher.grammar_from_lark(value)
-        else:
-            raise ParamError(param, f"{param}: unknown constraint {kind!r}")
-    except (ValueError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-        raise ParamError(param, f"{param}: the {kind} does not compile: {err}") from None
-    failed, messages = lg.LLMatcher.validate_grammar_with_warnings(text)
-    if failed:
-        raise ParamError(param, f"{param}: the {kind} does not compile: {'; '.join(messages)}")
-    return text
 
 
 class Constraints:
@@ -68,7 +33,7 @@ class Constraints:
     """
 
     def __init__(self, tokenizer, batch: int) -> None:
-        lg = _llguidance()
+        lg = grammars.llguidance()
         to_json = getattr(tokenizer.vocab, "to_json", None)
         if to_json is None:
             raise ParamError("response_format", "structured output needs a tokenizer.json vocabulary")
@@ -80,7 +45,7 @@ class Constraints:
 
     def start(self, row: int, grammar_text: str) -> None:
         """Constrain `row` (a new request in that slot) by a grammar from `grammar`."""
-        matcher = _llguidance().LLMatcher(self._tokenizer, grammar_text)
+        matcher = grammars.llguidance().LLMatcher(self._tokenizer, grammar_text)
         if matcher.is_error():
             raise ParamError("response_format", f"response_format: {matcher.get_error()}")
         self._matchers[row] = matcher
@@ -103,7 +68,7 @@ class Constraints:
     def fill(self, rows: Sequence[int] | None = None) -> np.ndarray:
         """The bitmask of the next token of every constrained row (others: all ones): int32 [B, ceil(V / 32)].
         Host work, done for step t + 1 while the device runs step t."""
-        fill = _llguidance().numpy.fill_next_token_bitmask
+        fill = grammars.llguidance().numpy.fill_next_token_bitmask
         for row in range(len(self._matchers)) if rows is None else rows:
             if self._matchers[row] is not None:
                 fill(self._matchers[row], self.bitmask, row)

@@ -11,6 +11,12 @@ accept (greedy: plain greedy's tokens); the host then hands each request its one
 A gate (serving/gate.py) lets a step verify drafts only where the expected tokens per second beat a plain step,
 from each width's cost timed at warm-up and the drafts kept so far (a full CPU batch of chat rarely pays).
 
+Structured output (`SamplingParams.response_format`): the engine keeps a grammar per constrained slot
+(serving/constrained.py), advances it with each sampled token on this thread (never the event loop) and fills the
+slot's allowed-token bitmask for the next step, which travels with the step's inputs (traced: constrained requests
+coming and going compile nothing). A grammar that ends finishes its request with "stop". Speculation is off while a
+constrained slot decodes (prompt lookup's steps run at width 0); a draft-model engine refuses constrained requests.
+
 Scheduling is host work on process 0 (`Engine`); what the devices do is a `Plan` (serving/runner.py),
 broadcast to every process on a multi-host mesh so all of them run the same programs in lockstep.
 
@@ -37,7 +43,9 @@ import numpy as np
 from mistral_jax import decoding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.sampling import packed_width
 from mistral_jax.serving import lockstep
+from mistral_jax.serving.constrained import Constraints
 from mistral_jax.serving.gate import WidthGate
 from mistral_jax.serving.metrics import ServingMetrics
 from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
@@ -137,6 +145,10 @@ class Engine:
         self._stop_ids = frozenset(getattr(tokenizer, "stop_ids", ()) or ())
         self._gate = gate if isinstance(gate, WidthGate) else None
         self._time_widths = gate is True  # the gate is built from warm-up's timings
+        self._constraints: Constraints | None = None  # built with the first constrained request (structured())
+        self._unconstrained = np.full((max_batch, packed_width(config.vocab_size)), -1, np.int32)
+        self.mask_seconds = 0.0  # host time advancing grammars and filling bitmasks (benchmarks read it)
+        self.constrained_steps = 0  # decode steps with a constrained slot
         if warm_up:
             self.warm_up()
 
@@ -159,6 +171,11 @@ class Engine:
             raise RequestError("max_tokens", f"the prompt's {len(prompt)} tokens plus max_tokens {params.max_tokens} "
                                              f"exceed the context of {self.max_seq_len} tokens")
         params.check_vocab(self.config.vocab_size)
+        if params.grammar is not None:
+            if self.runner.draft_config is not None:
+                raise RequestError("response_format", "response_format: structured output is not supported with a "
+                                                      "draft model (its drafts are not checked against the grammar)")
+            self.structured()
         if params.stop and self.tokenizer is None:
             raise RequestError("stop", "stop strings need a tokenizer; this engine has none")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
@@ -174,6 +191,15 @@ class Engine:
         self._inbox.put(request)
         self._wake.set()
         return request
+
+    def structured(self) -> Constraints:
+        """The grammar matcher of every slot, built once (~1 s for a 49k vocabulary: call it off the event loop)."""
+        with self._lock:
+            if self._constraints is None:
+                if self.tokenizer is None:
+                    raise RequestError("response_format", "response_format: structured output needs a tokenizer")
+                self._constraints = Constraints(self.tokenizer, self.max_batch)
+            return self._constraints
 
     # Running ------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -266,6 +292,8 @@ class Engine:
             self._prefilling.append(request)
             self._count_queued(-1)
             self._chunk(request)
+            if request.params.grammar is not None:
+                self._start_grammar(request)
         self.metrics.active_slots.set(self.active_slots)
         decode, rows = self._decode_inputs([i for i, r in enumerate(self._slots) if r is not None and r.decoding])
         prefills, budget = [], self.prefill_chunk
@@ -280,6 +308,9 @@ class Engine:
         if not rows and not prefills and not dropped:
             return None
         max_width = self._gate.max_width(len(rows)) if self._gate is not None and rows else None
+        if self.runner.speculation is not None and any(self._slots[i].params.grammar is not None for i in rows):
+            max_width = 0  # speculation off while a constrained slot decodes: drafts are not checked by grammars
+        self.constrained_steps += any(self._slots[i].params.grammar is not None for i in rows)
         penalize = any(self._slots[i].params.penalized for i in rows)
         return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width,
                           penalize=penalize), rows)
@@ -301,8 +332,12 @@ class Engine:
         if i == 0 and p.echo_logprobs and len(request.prompt) > 1:
             echo = np.zeros((1, decoding.round_up_pow2(len(request.prompt))), np.int32)
             echo[0, : len(request.prompt)] = request.prompt
+        allowed = None
+        if last and p.grammar is not None:
+            allowed = self._constraints.bitmask[request.slot:request.slot + 1].copy()
         return PrefillChunk(request.id, *request.chunks[i], first=i == 0, slot=request.slot if last else -1,
-                            sampling=p if last else None, prompt=tuple(request.prompt) if last else (), echo=echo)
+                            sampling=p if last else None, prompt=tuple(request.prompt) if last else (), echo=echo,
+                            allowed=allowed)
 
     def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
         b = self.max_batch
@@ -312,7 +347,8 @@ class Engine:
             r = self._slots[i]
             tokens[i], positions[i] = r.generated[-1], len(r.prompt) + len(r.generated) - 1
             counts[i], live[i] = len(r.generated), True
-        return DecodeInputs(tokens, positions, counts, live), rows
+        allowed = self._unconstrained if self._constraints is None else self._constraints.bitmask.copy()
+        return DecodeInputs(tokens, positions, counts, live, allowed), rows
 
     def _drop_cancelled(self) -> list[int]:
         dropped = []
@@ -370,25 +406,57 @@ class Engine:
             now - request.last_token_at)
         request.last_token_at = now
         self.metrics.generation_tokens.inc()
-        finish, text = None, ""
+        finish, text, error = None, "", None
         if token in request.stop_ids:
             finish, text = "stop", request.text.flush() if request.text else ""
         elif request.text is not None:
             text, hit = request.text.add(token)
             finish = "stop" if hit else None
+        if finish is None and request.params.grammar is not None:
+            finish, error = self._timed(lambda: self._advance(request, token))
+            text += request.text.flush() if finish is not None and request.text else ""
         if finish is None and len(request.generated) >= request.params.max_tokens:
             finish, text = "length", text + (request.text.flush() if request.text else "")
         logprobs = () if request.params.logprobs is None else (_logprob(sampled, row),)
         event = Event((token,), text, logprobs, finish, len(request.prompt), len(request.generated),
-                      request.prompt_logprobs if len(request.generated) == 1 else None)
+                      request.prompt_logprobs if len(request.generated) == 1 else None, error)
         if finish is None:
             request.deliver(event)
         else:
             self._finish(request, event)
 
+    def _start_grammar(self, request: Request) -> None:
+        """The request's grammar in its slot, and the bitmask of its first token; one the vocabulary cannot match
+        (a special token it lacks) fails the request alone."""
+        try:
+            self._timed(lambda: (self._constraints.start(request.slot, request.params.grammar),
+                                 self._constraints.fill([request.slot])))
+        except RequestError as err:
+            self._prefilling.remove(request)
+            self._finish(request, Event((), "", finish_reason="error", error=str(err)))
+
+    def _advance(self, request: Request, token: int) -> tuple[str | None, str | None]:
+        """Feed a constrained request's new token to its grammar and fill its next bitmask -> (finish, error)."""
+        constraints = self._constraints
+        if not constraints.advance(request.slot, [token]):
+            return "error", f"token {token} broke the request's grammar"
+        if constraints.done(request.slot):
+            return "stop", None
+        constraints.fill([request.slot])
+        return None, None
+
+    def _timed(self, work):
+        start = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.mask_seconds += time.perf_counter() - start
+
     def _finish(self, request: Request, event: Event) -> None:
         if request.slot >= 0 and self._slots[request.slot] is request:
             self._slots[request.slot] = None
+            if request.params.grammar is not None:
+                self._constraints.release(request.slot)
         self._inflight.pop(request.id, None)
         request.finish_reason = event.finish_reason
         self.metrics.requests.labels(event.finish_reason).inc()

@@ -111,6 +111,9 @@ class PagedEngine(Engine):
             raise RequestError("presence_penalty", "penalties are not paged yet (this server runs --page-size)")
         if params.echo_logprobs:
             raise RequestError("echo", "prompt logprobs are not paged yet (this server runs --page-size)")
+        if params.grammar is not None:
+            raise RequestError("response_format", "response_format: structured output is not paged yet (this server "
+                                                  "runs --page-size)")
         if prompt:
             self.pool.check_fits(len(prompt), params.max_tokens)
         return super().submit(prompt, params, on_event)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mistral_jax.errors import ParamError
 from mistral_jax.sampling import TOP_LOGPROBS, SamplingParams
 from mistral_jax.serving.requests import RequestError
 
@@ -224,9 +225,46 @@ def stop_strings(request: _Sampling) -> tuple[str, ...]:
     return stop
 
 
+def constraint(request: _Sampling) -> tuple[dict | None, str]:
+    """(the request's constraint in grammars.py's one-key form or None, the field it came from): vLLM's
+    structured_outputs (json / regex / choice / grammar) or response_format json_object / json_schema."""
+    form = getattr(request, "response_format", None)
+    form = None if form is None or form.type == "text" else form
+    outputs = request.structured_outputs
+    if outputs is not None and form is not None:
+        raise RequestError("structured_outputs", "structured_outputs: send it or response_format, not both")
+    if outputs is not None:
+        given = {k: v for k, v in (("json_schema", outputs.json_), ("regex", outputs.regex),
+                                   ("choice", outputs.choice), ("grammar", outputs.grammar)) if v is not None}
+        if len(given) != 1:
+            raise RequestError("structured_outputs", "structured_outputs: give exactly one of json, regex, choice, "
+                                                     "grammar")
+        return given, "structured_outputs"
+    if form is None:
+        return None, "response_format"
+    if form.type == "json_object":
+        return {"json_object": True}, "response_format"
+    if form.json_schema is None or form.json_schema.schema_ is None:
+        raise RequestError("response_format.json_schema.schema", "response_format: json_schema needs a schema")
+    return {"json_schema": form.json_schema.schema_}, "response_format"
+
+
 def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_tokens: int, *,
-                    logprobs: int | None, echo_logprobs: bool = False) -> SamplingParams:
-    """The engine's settings for a validated request (the one place OpenAI's fields become SamplingParams)."""
+                    logprobs: int | None, echo_logprobs: bool = False,
+                    constrained: tuple[dict | None, str] | None = None) -> SamplingParams:
+    """The engine's settings for a validated request (the one place OpenAI's fields become SamplingParams).
+    constrained: (constraint, field) where the caller made it (a tool call's grammar), else `constraint(request)`;
+    a constraint llguidance cannot compile is a 400 naming that field."""
+    spec, field = constrained or constraint(request)
+    try:
+        return _sampling_params(request, max_tokens, logprobs, echo_logprobs, spec)
+    except ParamError as err:
+        if err.param != "response_format":
+            raise
+        raise RequestError(field, str(err).replace("response_format", field, 1)) from None
+
+
+def _sampling_params(request, max_tokens: int, logprobs, echo_logprobs: bool, spec) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=request.temperature,
@@ -243,6 +281,7 @@ def sampling_params(request: ChatCompletionRequest | CompletionRequest, max_toke
         ignore_eos=request.ignore_eos,
         logprobs=logprobs,
         echo_logprobs=echo_logprobs,
+        response_format=spec,
     )
 
 

@@ -36,6 +36,7 @@ class DecodeInputs:
     positions: np.ndarray  # int32 [B]: its position
     counts: np.ndarray  # int32 [B]: tokens the slot's request made so far (its draws' key index)
     live: np.ndarray  # bool [B]: the slot holds a decoding request
+    allowed: np.ndarray  # int32 [B, ceil(V / 32)]: each slot's allowed-token bitmask (its grammar's; else all ones)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,7 @@ class PrefillChunk:
     sampling: SamplingParams | None = None  # with slot
     prompt: tuple[int, ...] = ()  # with slot: the whole prompt (penalty counts, prompt lookup's history)
     echo: np.ndarray | None = None  # int32 [1, T]: the prompt, right padded, when its logprobs are asked
+    allowed: np.ndarray | None = None  # int32 [1, ceil(V / 32)]: with slot, the first token's bitmask (a grammar's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,7 @@ def _step(spec, width: int, config: ModelConfig, mesh, penalize: bool, params, d
     """step.step for every slot at `width` -> ((kept [B], Sampled arrays [B, w + 1, ...]), carry). Without
     `penalize` the token counts pass through untouched (no slot reads them; a new request resets its row)."""
     counts = carry.penalties
+    sampling = sampling.replace(allowed=inputs.allowed)  # this step's bitmasks (traced: grammars come and go freely)
     rows = step.Rows(inputs.tokens, inputs.positions, inputs.counts, inputs.live)
     stepped, carry = step.step(spec, width, config, mesh, params, draft_params, rows, sampling,
                                carry.replace(penalties=counts if penalize else None), proposal)
@@ -279,7 +282,10 @@ class ModelRunner:
             self._rows[chunk.request_id] = row
             return
         v = self.config.vocab_size
-        row_sampling = self._put(sampling_stage.metadata([chunk.sampling], v))
+        row_sampling = sampling_stage.metadata([chunk.sampling], v)
+        if chunk.allowed is not None:
+            row_sampling = row_sampling.replace(allowed=chunk.allowed)
+        row_sampling = self._put(row_sampling)
         row_counts = self._put(sampling_stage.prompt_counts([chunk.prompt], v))
         row_lookup = (None if self.carry.lookup is None
                       else self._put(speculative.lookup_rows([chunk.prompt], self.history_length)))

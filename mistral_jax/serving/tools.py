@@ -72,3 +72,25 @@ def _parse_json(text: str):
         return json.loads(text.strip())
     except json.JSONDecodeError:
         return None
+
+
+def call_schema(tool: dict) -> dict:
+    """The JSON schema of one call of an OpenAI tool ({"type": "function", "function": {...}}): its name and
+    arguments valid under its parameters."""
+    function = tool["function"]
+    return {"type": "object", "properties": {"name": {"const": function["name"]},
+                                             "arguments": function.get("parameters") or {"type": "object"}},
+            "required": ["name", "arguments"], "additionalProperties": False}
+
+
+def call_grammar(tools: list[dict], name: str | None, marker_id: int | None) -> str:
+    """A lark grammar (llguidance's, with inline %json) of exactly one call of the named tool (None: any of
+    `tools`), written as `ToolCallParser` reads it back: after Mistral's [TOOL_CALLS] token (`marker_id`) a JSON
+    list of one call, elsewhere one JSON object between <tool_call> tags. Compact JSON, as for response_format."""
+    schemas = [call_schema(t) for t in tools if name is None or t["function"]["name"] == name]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    guidance = {"x-guidance": {"whitespace_flexible": False}}
+    if marker_id is not None:
+        body = {"type": "array", "items": schema, "minItems": 1, "maxItems": 1, **guidance}
+        return f"start: <[{marker_id}]> %json {json.dumps(body)}"
+    return f"start: {json.dumps(TAG)} %json {json.dumps({**schema, **guidance})} {json.dumps(END_TAG)}"

@@ -70,6 +70,13 @@ def test_a_window_bounds_the_pages_a_request_reads(engine):
         assert longest == 32 < engine.max_seq_len
 
 
+def test_structured_output_is_refused_not_ignored(engine):
+    engine, _, _ = engine
+    with pytest.raises(RequestError) as err:  # the paged step reads no bitmask yet: a 400, never free text
+        engine.submit([1, 2, 3], SamplingParams(response_format={"regex": "[0-9]+"}))
+    assert err.value.param == "response_format"
+
+
 def test_the_pool_is_all_free_after_many_requests_with_cancellations(engine):
     engine, config, params = engine
     rng = np.random.default_rng(5)

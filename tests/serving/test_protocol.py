@@ -86,13 +86,18 @@ def test_every_refused_field_is_a_400_naming_it(server, field):
     ("/v1/chat/completions", {"messages": HI, "max_tokens": True}, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),  # 0 only with echo
     ("/v1/completions", {"prompt": [[1, 2], [3, -4]]}, "prompt"),
-    # SmolLM2's template has no tool format: auto is refused naming tools; required needs constrained decoding
+    # SmolLM2's template has no tool format: auto is refused naming tools (required and named are constrained)
     ("/v1/chat/completions", {"messages": HI, "tools": [TOOL]}, "tools"),
-    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": HI, "tools": [TOOL], "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"messages": HI, "tool_choice": "auto"}, "tool_choice"),  # no tools to choose
     ("/v1/chat/completions", {"messages": [*HI, {"role": "assistant", "tool_calls": [
         {"id": "abc123XYZ", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
-    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x"}}}, "response_format.json_schema.schema"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_object"},
+                              "structured_outputs": {"regex": "a"}}, "structured_outputs"),
 ])
 def test_fields_out_of_range_are_400s_naming_them(server, path, body, param):
     response = _post(server[1], path, {"model": MODEL, **body})
