@@ -29,6 +29,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+# ... but not in the pytest processes themselves: on jax 0.10.2 XLA:CPU's `executable.serialize()` aborted twice in
+# three full runs while writing the real SmolLM2's generate program (compilation_cache.put_executable_and_time),
+# killing an xdist worker. The processes tests start still share the cache through the environment.
+jax.config.update("jax_enable_compilation_cache", False)
 # gcsfs reads this when imported: true (its default) makes every call ask a gRPC storage-layout API first,
 # which the emulator lacks (60 s a call). Only zonal / hierarchical real buckets need it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
