@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices (for the sharding tests) must be requested before jax starts; a GCS emulator
 (fake-gcs-server) on a loopback port for the gs:// tests."""
 
+import gc
 import itertools
 import os
 import shutil
@@ -39,6 +40,17 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 _buckets = itertools.count()
 NOWHERE = "127.0.0.1:9"  # a closed loopback port: whatever would look for credentials or a GCE server fails here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop jax's compiled programs after each test module. XLA:CPU maps three memory regions per loaded
+    executable, and a worker that keeps every program of a few hundred tests passes the kernel's limit of 65530
+    maps (vm.max_map_count): the next mmap fails and LLVM aborts the worker mid-compile (seen in CI at ~13,000
+    maps a minute). A module's own programs stay cached while it runs."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
