@@ -5,7 +5,7 @@
 Every large matmul of one decode step (per layer q, k, v, o, gate, up, down; then the tied LM head), with
 random weights of the preset's shapes, measured in one run, interleaved, best of --rounds:
   - chained: each matmul's input is computed from the previous one's output, as in a forward pass;
-      float32 at one row (what batch-1 decode runs); `quant.einsum` with quant_matmul="int8_dot" at one row
+      float32 at one row (what batch-1 decode runs); `linear.einsum` with quant_matmul="int8_dot" at one row
       (the model's kernel: activations quantized per row and tile, padded to two rows); int8 x int8 -> int32
       dots at two rows with activations quantized per row only (the cheapest activation quantization);
   - independent: every matmul reads the same input and the outputs are summed at the end, so nothing orders
@@ -30,7 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from mistral_jax.config import ModelConfig  # noqa: E402
-from mistral_jax.model import quant  # noqa: E402
+from mistral_jax.model import linear, quant  # noqa: E402
 
 INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512bw", "avx2")
 
@@ -126,7 +126,7 @@ def main() -> None:
         return jnp.einsum(spec(name), x, w)
 
     def model_int8(name, x, w):
-        return quant.einsum(spec(name), x, w, int8_config)
+        return linear.einsum(spec(name), x, w, int8_config)
 
     d = config.dim
     one, two = jnp.full((1, 1, d), 0.1), jnp.full((2, 1, d), 0.1)

@@ -34,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mistral_jax import lora, sharding, speculative, step
 from mistral_jax import sampling as sampling_stage
-from mistral_jax import sharding, speculative, step
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import ParamError, UserError
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, linear
 from mistral_jax.model.layer_layout import unstack_layers
 from mistral_jax.model.transformer import default_positions, forward
 from mistral_jax.sampling import SamplingMetadata, SamplingParams
@@ -404,7 +404,7 @@ class _Generation:
 
 
 def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: list[SamplingParams], eos_id,
-           prefill_chunk: int | None, mesh, draft, draft_tokens: int) -> _Generation:
+           prefill_chunk: int | None, mesh, draft, draft_tokens: int, adapter=None) -> _Generation:
     """Check the request, place the parameters, prefill the prompts (and a draft model's cache) and set up the
     rows' settings, penalty counts and prompt lookup state."""
     spec, draft_params = (None, None) if draft is None else speculative.from_draft(config, draft, draft_tokens)
@@ -421,6 +421,7 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: 
     metadata = jax.tree.map(lambda x: np.concatenate([x, x[-1:].repeat(copies, 0)]), metadata)
     tokens, positions, lengths = pad_prompts(prompts, config.vocab_size)
     _check_context(config, tokens.shape[1], max_new_tokens)
+    params = _with_adapter(config, params, adapter, mesh, tokens.shape[0])
     needed = tokens.shape[1] + max_new_tokens + k
     cache = init_cache(config, tokens.shape[0], cache_length(config, needed), mesh=mesh, lookahead=k)
     logits, cache = prefill(config, params, cache, tokens, positions, prefill_chunk, mesh=mesh, cache_empty=True)
@@ -447,12 +448,17 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: 
                        buffer, logits, carry, sharding.put_rows(mesh, lengths))
 
 
-def _with_adapter(config: ModelConfig, params, adapter, mesh):
-    """params with a LoRA adapter merged into a transient copy of the weights it adapts (None: params as given)."""
+def _with_adapter(config: ModelConfig, params, adapter, mesh, rows: int):
+    """params carrying `adapter` as a per-row LoRA table (model/linear.py: slot 1, chosen by all `rows` rows),
+    the weights untouched (None: params as given)."""
     if adapter is None:
         return params
-    from mistral_jax.checkpoints.load import merge_adapter  # checkpoints/load.py: read (a path), check it fits, merge
-    return merge_adapter(config, params, adapter, mesh)
+    from mistral_jax.checkpoints.load import load_adapter  # checkpoints/load.py: read (a path), check it fits
+
+    adapter = load_adapter(adapter, config, mesh=mesh)
+    weights, scale = lora.stack_slots(config, [adapter])
+    slots = linear.LoraSlots(weights, scale, np.ones((rows,), np.int32))
+    return linear.with_lora(params, sharding.put_replicated(mesh, slots) if mesh is not None else jax.device_put(slots))
 
 
 def run(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, sampling=None,
@@ -460,8 +466,8 @@ def run(config: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_t
         draft_tokens: int = 4, adapter=None, **shorthands) -> DecodeState:
     """`generate`'s final DecodeState (its tokens, per-row counts, and the drafts verified and kept)."""
     settings = row_sampling(len(prompts), sampling, **shorthands)
-    params = _with_adapter(config, params, adapter, mesh)
-    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens)
+    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens,
+                 adapter)
     return gen.run(max_new_tokens)
 
 
@@ -496,8 +502,9 @@ def generate(
     mesh: run split over a `sharding.make_mesh` mesh (on every process of a multi-host run alike).
     draft: speculative decoding (speculative.py), drafting `draft_tokens` per step by "prompt-lookup" or with
     a (config, params) draft model sharing the tokenizer: the same greedy tokens, the same sampling distribution.
-    adapter: a LoRA (PEFT or sft LoRA run directory, or mj.load_adapter's result) merged into a transient copy of
-    the weights it adapts for this call; the tokens equal generate's on params merged with mj.load(adapter=...).
+    adapter: a LoRA (PEFT or sft LoRA run directory, or mj.load_adapter's result) added to every row's adapted
+    matmuls unmerged (model/linear.py, the per-row path the server runs; no copy of the weights); the tokens equal
+    generate's on params merged with mj.load(adapter=...).
     """
     state = run(config, params, prompts, max_new_tokens, sampling=sampling, temperature=temperature, top_k=top_k,
                 top_p=top_p, min_p=min_p, seed=seed, presence_penalty=presence_penalty,
@@ -539,11 +546,11 @@ def generate_stream(
     row, yielded one [B] column at a time once every row has it; `stats` (a dict), if given, then holds the
     draft tokens verified ("drafted") and kept ("accepted") so far, over all rows. adapter: as generate's.
     """
-    params = _with_adapter(config, params, adapter, mesh)
     settings = row_sampling(len(prompts), sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                             seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                             repetition_penalty=repetition_penalty, logit_bias=logit_bias)
-    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens)
+    gen = _begin(config, params, prompts, max_new_tokens, settings, eos_id, prefill_chunk, mesh, draft, draft_tokens,
+                 adapter)
     rows, eos_ids = len(prompts), _eos_ids(eos_id)
     state, sent, finished = gen.first(), 0, np.zeros(rows, bool)
     while True:

@@ -187,3 +187,69 @@ def shardings(config, mesh, adapters):
 
     axes = logical_axes(param_logical_axes(config), adapters)
     return jax.tree.map(lambda x, names: sharding.named(mesh, x.shape, tuple(names)), adapters, axes)
+
+
+def serving_targets(config) -> tuple[str, ...]:
+    """The targets a per-row adapter table covers for `config`'s model: every dense attention and MLP weight
+    (a mixture of experts' expert weights take merged adapters only: model/linear.py)."""
+    return tuple(t for t in TARGETS if not (config.is_moe and t.startswith("w_")))
+
+
+def slot_shapes(config, targets, slots: int, rank: int, dtype) -> dict:
+    """ShapeDtypeStructs of a per-row adapter table (linear.LoraSlots.weights): `slots` slots of rank `rank` for
+    each target, the layer axis leading: A [L, N, in..., R], B [L, N, R, out...]."""
+    from mistral_jax.model.transformer import param_shapes
+
+    layers = param_shapes(config.replace(scan_layers=True))["layers"]
+    out: dict = {}
+    for module, name in _targets({"layers": layers}, LoraSpec(rank, rank, tuple(targets))):
+        shape = layers[module][name].shape  # [L, in..., out...]
+        n_in = TARGETS[name][1]
+        out.setdefault(module, {})[name] = {
+            "a": jax.ShapeDtypeStruct((shape[0], slots, *shape[1: 1 + n_in], rank), dtype),
+            "b": jax.ShapeDtypeStruct((shape[0], slots, rank, *shape[1 + n_in:]), dtype),
+        }
+    return {"layers": out}
+
+
+def slot_weights(adapter: Adapter, shapes: dict) -> dict:
+    """One adapter's factors in one slot of a table shaped `shapes` (slot_shapes, any slot count): A [L, in..., R],
+    B [L, R, out...] in the table's dtype, lower ranks zero-padded, targets it lacks all zeros (a UserError if
+    it adapts a weight the table lacks or its rank is above the table's)."""
+    layers = shapes["layers"]
+    for module, weights in adapter.weights["layers"].items():
+        for name in weights:
+            if name not in layers.get(module, {}):
+                raise UserError(f"{adapter.source}: adapts {module}/{name}, which per-row adapters do not cover here "
+                                f"(covered: {', '.join(n for m in layers.values() for n in m)})")
+    table_rank = next(iter(next(iter(layers.values())).values()))["a"].shape[-1]
+    if adapter.rank > table_rank:
+        raise UserError(f"{adapter.source}: its rank r={adapter.rank} is above max_lora_rank={table_rank}")
+    out: dict = {}
+    for module, weights in layers.items():
+        for name, ab in weights.items():
+            a_shape = ab["a"].shape[:1] + ab["a"].shape[2:]
+            b_shape = ab["b"].shape[:1] + ab["b"].shape[2:]
+            got = adapter.weights["layers"].get(module, {}).get(name)
+            if got is None:
+                a, b = jnp.zeros(a_shape, ab["a"].dtype), jnp.zeros(b_shape, ab["b"].dtype)
+            else:
+                pad = table_rank - got["a"].shape[-1]
+                a = jnp.pad(jnp.asarray(got["a"]), [(0, 0)] * (got["a"].ndim - 1) + [(0, pad)])
+                b = jnp.pad(jnp.asarray(got["b"]), [(0, 0), (0, pad)] + [(0, 0)] * (got["b"].ndim - 2))
+                a, b = a.astype(ab["a"].dtype), b.astype(ab["b"].dtype)
+            out.setdefault(module, {})[name] = {"a": a, "b": b}
+    return {"layers": out}
+
+
+def stack_slots(config, adapters, rank: int | None = None, dtype=None):
+    """(weights, scale) of a per-row table holding `adapters` in slots 1.. (slot 0 empty): linear.LoraSlots'
+    first two fields. rank: the table's (default the largest adapter's); targets: those the adapters adapt."""
+    rank = rank or max(a.rank for a in adapters)
+    targets = tuple(dict.fromkeys(t for a in adapters for t in a.targets))
+    shapes = slot_shapes(config, targets, len(adapters) + 1, rank, dtype or config.compute_dtype)
+    per_slot = [slot_weights(a, shapes) for a in adapters]
+    weights = jax.tree.map(lambda s, *ws: jnp.stack([jnp.zeros(s.shape[:1] + s.shape[2:], s.dtype), *ws], axis=1),
+                           shapes, *per_slot)
+    scale = jnp.asarray([0.0] + [a.scale for a in adapters], jnp.float32)
+    return weights, scale

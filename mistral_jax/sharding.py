@@ -28,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model import constraints
+from mistral_jax.model import constraints, linear
 from mistral_jax.model.transformer import logical_axes, param_shapes
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -217,7 +217,13 @@ def shard_params(config: ModelConfig, params, mesh: Mesh):
 
 
 def ensure_params(config: ModelConfig, params, mesh: Mesh):
-    """`params` if already placed by `shard_params` on this mesh, else placed now."""
+    """`params` if already placed by `shard_params` on this mesh, else placed now (a per-row adapter table they
+    carry, model/linear.py, rides along as it is)."""
+    params, lora = linear.split_lora(params)
+    return linear.with_lora(_ensure_params(config, params, mesh), lora)
+
+
+def _ensure_params(config: ModelConfig, params, mesh: Mesh):
     shardings = param_shardings(config, mesh)
     leaves, want = jax.tree.leaves(params), jax.tree.leaves(shardings)
     if len(leaves) == len(want) and all(

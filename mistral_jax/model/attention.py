@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model import kv_cache, quant
+from mistral_jax.model import kv_cache, linear, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import flash_attention
 from mistral_jax.model.layers import param_init, rope_inv_freq, rotary_embedding
@@ -131,14 +131,15 @@ class Attention(nn.Module):
     window: int | None = None  # this layer's sliding window (config.layer_window), None: the whole context
 
     @nn.compact
-    def __call__(self, x, inputs, layer_cache=None, traced_window=None):
+    def __call__(self, x, inputs, layer_cache=None, traced_window=None, lora=None):
         """x: [B, T, D]; inputs: transformer.BlockInputs (positions, segments, the cache's slot positions, or the
         pages' AttentionMetadata with layer_cache = {"kv": this layer's pages}).
 
         With a cache (layer_cache = {"k", "v"}, one layer's buffers: kv_cache.py), the new keys are written
         to it and the updated layer cache is returned. inputs.cache_empty: the cache holds nothing yet (a
         prompt's first chunk), so attention skips it. traced_window: int32 scalar that replaces `window` in
-        a scanned stack whose layers differ (flash_attention.NO_WINDOW for a full layer).
+        a scanned stack whose layers differ (flash_attention.NO_WINDOW for a full layer). lora: this layer's adapters
+        (linear.LayerLora) when the batch carries any.
         """
         cfg = self.config
         dt, hd = cfg.compute_dtype, cfg.resolved_head_dim
@@ -153,15 +154,18 @@ class Attention(nn.Module):
         def weight(name, axes, shape):
             return quant.weight(self, name, axes, shape, cfg, init)
 
+        def dot(spec, a, w, name):
+            return linear.einsum(spec, a, w, cfg, lora=(lora, "attention", name))
+
         wq = weight("wq", ("embed", "q_heads", "head_dim"), (d, cfg.n_heads, hd))
         wk = weight("wk", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
         wv = weight("wv", ("embed", "kv_heads", "head_dim"), (d, cfg.n_kv_heads, hd))
         wo = weight("wo", ("q_heads", "head_dim", "embed"), (cfg.n_heads, hd, d))
 
         x = x.astype(dt)
-        q = quant.einsum("btd,dhk->bthk", x, wq, cfg)  # [B, T, H, hd]
-        k = quant.einsum("btd,dhk->bthk", x, wk, cfg)  # [B, T, K, hd]
-        v = quant.einsum("btd,dhk->bthk", x, wv, cfg)
+        q = dot("btd,dhk->bthk", x, wq, "wq")  # [B, T, H, hd]
+        k = dot("btd,dhk->bthk", x, wk, "wk")  # [B, T, K, hd]
+        v = dot("btd,dhk->bthk", x, wv, "wv")
         inv_freq = rope_inv_freq(cfg)
         q = constrain(rotary_embedding(q, positions, inv_freq), ("batch", "length", "act_heads", None))
         k = constrain(rotary_embedding(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
@@ -169,7 +173,7 @@ class Attention(nn.Module):
         if inputs.pages is not None:  # a paged cache (serving): one flat row [1, N] of several sequences' tokens
             kv_pages = write_pages(layer_cache["kv"], k[0], v[0], inputs.pages.slots)
             out = paged_attention(q[0], kv_pages, inputs.pages, window)[None]
-            return quant.einsum("bthk,hkd->btd", out, wo, cfg), {"kv": kv_pages}
+            return dot("bthk,hkd->btd", out, wo, "wo"), {"kv": kv_pages}
         new_layer_cache = None
         if layer_cache is not None:
             new_layer_cache = kv_cache.write_layer(layer_cache, positions, k, v)
@@ -205,4 +209,4 @@ class Attention(nn.Module):
                 attend_chunk = functools.partial(attend_cudnn, causal=False) if kernel == "cudnn" else attend
                 out = attend_chunk(q, keys, values, mask)
         out = constrain(out, ("batch", "length", "act_heads", None))
-        return quant.einsum("bthk,hkd->btd", out, wo, cfg), new_layer_cache
+        return dot("bthk,hkd->btd", out, wo, "wo"), new_layer_cache

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.model import quant
+from mistral_jax.model import linear, quant
 from mistral_jax.model.constraints import constrain
 
 
@@ -79,7 +79,7 @@ class SwiGLU(nn.Module):
     config: ModelConfig | None = None  # given: its quant says whether the weights are int8 (model/quant.py)
 
     @nn.compact
-    def __call__(self, x):  # [B, T, D]
+    def __call__(self, x, lora=None):  # [B, T, D]; lora: this layer's linear.LayerLora, when adapters ride along
         d = x.shape[-1]
         init = param_init(self.init_std)
         def weight(name, axes, shape):
@@ -87,16 +87,16 @@ class SwiGLU(nn.Module):
                 return quant.weight(self, name, axes, shape, self.config, init)
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
 
-        def dot(spec, a, w):
+        def dot(spec, a, w, name):
             if self.config is not None:
-                return quant.einsum(spec, a, w, self.config)
+                return linear.einsum(spec, a, w, self.config, lora=(lora, "mlp", name))
             return jnp.einsum(spec, a, w.astype(self.dtype))
 
         w_gate = weight("w_gate", ("embed", "mlp"), (d, self.hidden_dim))
         w_up = weight("w_up", ("embed", "mlp"), (d, self.hidden_dim))
         w_down = weight("w_down", ("mlp", "embed"), (self.hidden_dim, d))
         x = x.astype(self.dtype)
-        gate = dot("btd,df->btf", x, w_gate)
-        up = dot("btd,df->btf", x, w_up)
+        gate = dot("btd,df->btf", x, w_gate, "w_gate")
+        up = dot("btd,df->btf", x, w_up, "w_up")
         h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return dot("btf,fd->btd", h, w_down)
+        return dot("btf,fd->btd", h, w_down, "w_down")

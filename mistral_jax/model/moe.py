@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
-from mistral_jax.model import quant
+from mistral_jax.model import linear, quant
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.layers import param_init
 
@@ -244,8 +244,8 @@ class MoE(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, valid):
-        """x: [B, T, D]; valid: bool [B, T] -> (y [B, T, D], routing_stats)."""
+    def __call__(self, x, valid, lora=None):
+        """x: [B, T, D]; valid: bool [B, T] -> (y [B, T, D], routing_stats). lora: this layer's linear.LayerLora."""
         cfg = self.config
         dt, pdt, init = cfg.compute_dtype, cfg.weights_dtype, param_init(cfg.init_std)
         b, t, d = x.shape
@@ -261,7 +261,7 @@ class MoE(nn.Module):
 
         order, sorted_experts, group_sizes = _sort_by_expert(experts, e)
         rows = tokens[order // k]  # [N * k, D], grouped by expert
-        w = tuple(quant.dequantize(w_, dt) for w_ in (w_gate, w_up, w_down))  # int8 experts: dequantized whole
+        w = linear.expert_weights((w_gate, w_up, w_down), cfg, lora=(lora, "moe"))
         capacity = expert_capacity(b * t, cfg)
         grouped = {  # each: [N * k, D] rows grouped by expert -> their expert's SwiGLU, [N * k, D]
             "ragged": lambda: _grouped_swiglu_ragged(rows, group_sizes, *w),

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.model import kv_cache, quant
+from mistral_jax.model import kv_cache, linear, quant
 from mistral_jax.model.attention import Attention
 from mistral_jax.model.constraints import constrain
 from mistral_jax.model.flash_attention import NO_WINDOW
@@ -47,6 +47,8 @@ class BlockInputs:
     window_new_cache_pos: jax.Array | None = None  # int32 [B, S_window]: ... and after this call
     cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
     pages: AttentionMetadata | None = None  # a paged cache's metadata (then B = 1: a flat row of sequences' tokens)
+    lora_scale: jax.Array | None = None  # float32 [N]: each adapter slot's scale (linear.LoraSlots)
+    lora_index: jax.Array | None = None  # int32 [B] or [B, T]: each row's (token's) adapter slot, 0 = none
 
 
 class Block(nn.Module):
@@ -57,18 +59,20 @@ class Block(nn.Module):
     window: int | None = None  # this layer's sliding window (config.layer_window)
 
     @nn.compact
-    def __call__(self, x, layer_cache, inputs: BlockInputs, traced_window=None):
-        """traced_window: this layer's window as an int32 scalar, in a scanned stack whose layers differ."""
+    def __call__(self, x, layer_cache, inputs: BlockInputs, layer_lora=None, traced_window=None):
+        """layer_lora: this layer's adapter factors (LoraSlots.weights' layer slice), when the batch carries any;
+        traced_window: this layer's window as an int32 scalar, in a scanned stack whose layers differ."""
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.weights_dtype, name=name)  # noqa: E731
         attention = Attention(cfg, self.window, name="attention")
-        attn_out, new_layer_cache = attention(norm("attention_norm")(x), inputs, layer_cache, traced_window)
+        lora = None if layer_lora is None else linear.LayerLora(layer_lora, inputs.lora_scale, inputs.lora_index)
+        attn_out, new_layer_cache = attention(norm("attention_norm")(x), inputs, layer_cache, traced_window, lora)
         h = x + attn_out
         if cfg.is_moe:
-            mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0)
+            mlp_out, stats = MoE(cfg, name="moe")(norm("ffn_norm")(h), inputs.positions >= 0, lora)
         else:
             mlp = SwiGLU(cfg.hidden_dim, cfg.compute_dtype, cfg.weights_dtype, cfg.init_std, cfg, name="mlp")
-            mlp_out, stats = mlp(norm("ffn_norm")(h)), None
+            mlp_out, stats = mlp(norm("ffn_norm")(h), lora), None
         out = constrain(h + mlp_out, ("batch", "length", "act_embed"))
         return out, (new_layer_cache, stats, out if self.keep_hidden else None)
 
@@ -85,12 +89,14 @@ class LayerList(nn.Module):
     keep_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_caches, inputs: BlockInputs):
+    def __call__(self, x, layer_caches, inputs: BlockInputs, lora_layers=None):
+        """lora_layers: LoraSlots.weights["layers"] (a leading layer axis), when the batch carries adapters."""
         new_buffers, results = [], []
         for i in range(self.config.n_layers):
             layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
             block = self.block(self.config, self.keep_hidden, self.config.layer_window(i), name=str(i))
-            x, (new_layer_cache, *result) = block(x, layer_cache, inputs)
+            layer_lora = None if lora_layers is None else jax.tree.map(lambda w, i=i: w[i], lora_layers)
+            x, (new_layer_cache, *result) = block(x, layer_cache, inputs, layer_lora)
             new_buffers.append(new_layer_cache)
             results.append(result)
         new_caches = None
@@ -105,7 +111,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, segment_ids=None, cache=None, last_only=False, cache_empty=False,
-                 return_hidden=False, pages=None, logit_index=None) -> Output:
+                 return_hidden=False, pages=None, logit_index=None, lora=None) -> Output:
         """tokens, positions: int [B, T] -> Output; see `forward`."""
         cfg = self.config
         dt, pdt = cfg.compute_dtype, cfg.weights_dtype
@@ -115,6 +121,10 @@ class Transformer(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
 
         inputs, layer_caches = BlockInputs(positions, segment_ids, cache_empty=cache_empty), None
+        lora_layers = None
+        if lora is not None:  # adapters ride along: every block reads its layer's factors and the rows' slots
+            inputs = inputs.replace(lora_scale=lora.scale, lora_index=lora.index)
+            lora_layers = lora.weights["layers"]
         if pages is not None:  # a paged cache {"kv": per-layer pages}: no ring positions to advance
             inputs, layer_caches = inputs.replace(pages=pages), dict(cache)
         elif cache is not None:
@@ -138,16 +148,16 @@ class Transformer(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, *(0 for _ in windows)),
+                in_axes=(0, nn.broadcast, 0, *(0 for _ in windows)),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             window = None if cfg.mixed_windows else cfg.sliding_window
             x, (new_layer_caches, stats, hidden) = blocks(cfg, return_hidden, window, name="layers")(
-                x, layer_caches, inputs, *windows)
+                x, layer_caches, inputs, lora_layers, *windows)
         else:
             x, (new_layer_caches, stats, hidden) = LayerList(cfg, block, return_hidden, name="layers")(
-                x, layer_caches, inputs)
+                x, layer_caches, inputs, lora_layers)
         if return_hidden:
             hidden = jnp.concatenate([embedded[None], hidden], axis=0)  # [L + 1, B, T, D]
 
@@ -157,11 +167,11 @@ class Transformer(nn.Module):
             x = jnp.take(x, logit_index, axis=1)
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
         if cfg.tie_embeddings:  # the [V, D] table read as it is stored: `embedding.T` costs XLA:CPU a copy per call
-            logits = quant.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
+            logits = linear.einsum("btd,vd->btv", x, embedding, cfg, preferred_element_type=jnp.float32)
         else:
             head = quant.weight(self, "lm_head", ("embed", "vocab"), (cfg.dim, cfg.vocab_size), cfg,
                                 param_init(cfg.init_std))
-            logits = quant.einsum("btd,dv->btv", x, head, cfg, preferred_element_type=jnp.float32)
+            logits = linear.einsum("btd,dv->btv", x, head, cfg, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("batch", "length", "act_vocab"))
 
         new_cache = None
@@ -189,10 +199,12 @@ def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, ca
     needs. cache_empty: the cache holds nothing yet, so attention reads the tokens alone (they are still
     written to it). return_hidden: Output.hidden holds the residual stream after every layer. pages: the
     cache is paged ({"kv": per-layer pages}, model/paged_attention.py) and tokens [1, N] is a flat row of several
-    sequences' tokens. logit_index: int32 [S], the columns whose logits are returned ([B, S, V]).
+    sequences' tokens. logit_index: int32 [S], the columns whose logits are returned ([B, S, V]). params may carry
+    the batch's adapters (linear.with_lora: a LoraSlots, each row's own adapter added to the adapted matmuls).
     """
+    params, lora = linear.split_lora(params)
     return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only,
-                                     cache_empty, return_hidden, pages, logit_index)
+                                     cache_empty, return_hidden, pages, logit_index, lora)
 
 
 def default_positions(tokens):

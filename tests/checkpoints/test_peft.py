@@ -134,9 +134,9 @@ def test_generate_with_adapter_equals_generate_on_merged_params(tiny_adapter):
     assert mj.generate(config, params, prompts, 12, adapter=directory, mesh=mesh) == expected
     streamed = np.stack(list(mj.generate_stream(config, params, prompts, 12, adapter=directory)), axis=1)
     assert [row[: len(e)].tolist() for row, e in zip(streamed, expected)] == expected
+    # int8 weights: the adapter rides unmerged beside them (model/linear.py), so it changes the tokens there too.
     qconfig, qparams = mj.quantize(config, jax.tree.map(np.array, params), "int8")
-    with pytest.raises(mj.UserError, match="quantized"):
-        mj.generate(qconfig, qparams, prompts, 4, adapter=adapter)
+    assert mj.generate(qconfig, qparams, prompts, 12, adapter=adapter) != mj.generate(qconfig, qparams, prompts, 12)
 
 
 def _edit(src: pathlib.Path, dst: pathlib.Path, settings=None, keep=None) -> pathlib.Path:

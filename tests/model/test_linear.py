@@ -1,0 +1,77 @@
+"""model/linear.py: each row's LoRA update, chosen by a per-row (or per-token) slot, against the merged weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from mistral_jax import lora
+from mistral_jax.config import ModelConfig
+from mistral_jax.model import linear
+from mistral_jax.model.layer_layout import unstack_layers
+from mistral_jax.model.transformer import forward, init_params
+
+CONFIG = ModelConfig(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=128)
+TOL = 1e-5  # float32: x @ W + s (x @ A) @ B against x @ (W + s A @ B), logits of size ~1
+
+
+def _adapter(params, seed: int, rank: int, targets) -> lora.Adapter:
+    spec = lora.LoraSpec(rank, 2.0 * rank, tuple(targets))
+    shapes = lora.init(params, spec, jax.random.key(seed))
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return lora.Adapter(jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.05 for k, x in zip(keys, leaves)]),
+                        spec.scale, f"adapter{seed}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CONFIG, jax.random.key(0))
+    adapters = [_adapter(params, 1, 4, ("wq", "wv", "w_down")), _adapter(params, 7, 8, lora.TARGETS)]
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, 128, (3, 9)))
+    return params, adapters, tokens, jnp.broadcast_to(jnp.arange(9), (3, 9))
+
+
+@pytest.mark.parametrize("scanned", [True, False])
+def test_per_row_adapters_equal_merged_weights(model, scanned):
+    params, adapters, tokens, positions = model
+    config = CONFIG
+    merged = [params] + [lora.apply(CONFIG, params, a) for a in adapters]
+    if not scanned:
+        config, params = unstack_layers(CONFIG, params)
+        merged = [unstack_layers(CONFIG, m)[1] for m in merged]
+    weights, scale = lora.stack_slots(CONFIG, adapters)  # ranks 4 and 8: the first zero-padded to 8
+    assert weights["layers"]["attention"]["wq"]["a"].shape == (2, 3, 64, 8)  # [L, slots, D, R]
+    index = jnp.array([0, 1, 2])  # row 0: no adapter; rows 1, 2: one each
+    ours = forward(config, linear.with_lora(params, linear.LoraSlots(weights, scale, index)), tokens, positions).logits
+    expected = [forward(config, m, tokens, positions).logits for m in merged]
+    np.testing.assert_array_equal(ours[0], expected[0][0])  # slot 0: the base model, exactly
+    for row in (1, 2):
+        assert np.max(np.abs(expected[row][row] - expected[0][row])) > 0.1  # the adapter matters
+        np.testing.assert_allclose(ours[row], expected[row][row], atol=TOL, rtol=0)
+
+
+def test_per_token_slots_as_the_paged_engine_uses(model):
+    params, adapters, tokens, positions = model
+    weights, scale = lora.stack_slots(CONFIG, adapters)
+    index = jnp.array([[2] * 9, [1] * 9, [0] * 9])  # [B, T]: each token its own slot
+    ours = forward(CONFIG, linear.with_lora(params, linear.LoraSlots(weights, scale, index)), tokens, positions).logits
+    np.testing.assert_array_equal(ours[2], forward(CONFIG, params, tokens, positions).logits[2])
+    for row, adapter in ((0, adapters[1]), (1, adapters[0])):
+        expected = forward(CONFIG, lora.apply(CONFIG, params, adapter), tokens, positions).logits[row]
+        np.testing.assert_allclose(ours[row], expected, atol=TOL, rtol=0)
+
+
+def test_generate_runs_the_adapter_unmerged(model):
+    params, adapters, _, _ = model
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    ours = mj.generate(CONFIG, params, prompts, 8, adapter=adapters[1])
+    assert ours == mj.generate(CONFIG, lora.apply(CONFIG, params, adapters[1]), prompts, 8)
+    assert ours != mj.generate(CONFIG, params, prompts, 8)
+
+
+def test_adapter_above_the_table_rank_is_refused(model):
+    params, adapters, _, _ = model
+    with pytest.raises(mj.UserError, match="rank r=8 is above max_lora_rank=4"):
+        lora.stack_slots(CONFIG, adapters, rank=4)
