@@ -16,6 +16,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from mistral_jax.errors import UserError
@@ -215,7 +216,8 @@ def slot_shapes(config, targets, slots: int, rank: int, dtype) -> dict:
 def slot_weights(adapter: Adapter, shapes: dict) -> dict:
     """One adapter's factors in one slot of a table shaped `shapes` (slot_shapes, any slot count): A [L, in..., R],
     B [L, R, out...] in the table's dtype, lower ranks zero-padded, targets it lacks all zeros (a UserError if
-    it adapts a weight the table lacks or its rank is above the table's)."""
+    it adapts a weight the table lacks or its rank is above the table's). Host (numpy) arrays: padding any rank
+    compiles nothing."""
     layers = shapes["layers"]
     for module, weights in adapter.weights["layers"].items():
         for name in weights:
@@ -232,11 +234,11 @@ def slot_weights(adapter: Adapter, shapes: dict) -> dict:
             b_shape = ab["b"].shape[:1] + ab["b"].shape[2:]
             got = adapter.weights["layers"].get(module, {}).get(name)
             if got is None:
-                a, b = jnp.zeros(a_shape, ab["a"].dtype), jnp.zeros(b_shape, ab["b"].dtype)
+                a, b = np.zeros(a_shape, ab["a"].dtype), np.zeros(b_shape, ab["b"].dtype)
             else:
                 pad = table_rank - got["a"].shape[-1]
-                a = jnp.pad(jnp.asarray(got["a"]), [(0, 0)] * (got["a"].ndim - 1) + [(0, pad)])
-                b = jnp.pad(jnp.asarray(got["b"]), [(0, 0), (0, pad)] + [(0, 0)] * (got["b"].ndim - 2))
+                a = np.pad(np.asarray(got["a"]), [(0, 0)] * (got["a"].ndim - 1) + [(0, pad)])
+                b = np.pad(np.asarray(got["b"]), [(0, 0), (0, pad)] + [(0, 0)] * (got["b"].ndim - 2))
                 a, b = a.astype(ab["a"].dtype), b.astype(ab["b"].dtype)
             out.setdefault(module, {})[name] = {"a": a, "b": b}
     return {"layers": out}

@@ -45,10 +45,11 @@ from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.sampling import packed_width
 from mistral_jax.serving import lockstep
+from mistral_jax.serving.adapters import Adapters, AdapterTable
 from mistral_jax.serving.constrained import Constraints
 from mistral_jax.serving.gate import WidthGate
 from mistral_jax.serving.metrics import ServingMetrics
-from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.requests import Event, ModelNotFound, QueueFull, RequestError, SamplingParams, TokenLogprob
 from mistral_jax.serving.runner import DecodeInputs, ModelRunner, Plan, PrefillChunk, Sampled
 from mistral_jax.serving.text import StopText
 from mistral_jax.speculative import Speculation
@@ -61,8 +62,10 @@ class Request:
     """A submitted request. Iterate it for its `Event`s (unless submit got `on_event`); `cancel` frees its slot."""
 
     def __init__(self, request_id: int, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int],
-                 text: StopText | None, on_event: Callable[[Event], None] | None) -> None:
+                 text: StopText | None, on_event: Callable[[Event], None] | None, adapter: str | None = None) -> None:
         self.id, self.prompt, self.params, self.stop_ids, self.text = request_id, prompt, params, stop_ids, text
+        self.adapter = adapter  # the LoRA adapter's name (None: the base model)
+        self.adapter_slot = -1  # its slot in the device table while it holds a decode slot (0: none)
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._on_event = on_event or self._events.put
         self._cancelled = threading.Event()
@@ -114,10 +117,11 @@ class Engine:
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, prefill_chunk: int = decoding.DEFAULT_PREFILL_CHUNK,
                  max_queue: int = 64, mesh=None, warm_up: bool = True, speculation: Speculation | None = None,
-                 draft_params=None, gate: bool | WidthGate = True) -> None:
+                 draft_params=None, gate: bool | WidthGate = True, adapters: Adapters | None = None) -> None:
         """speculation: speculative decoding per slot, by prompt lookup or (speculation.draft_config, draft_params).
         gate: prompt lookup verifies drafts only where that is expected to pay (serving/gate.py): True times the
-        widths at warm-up, a WidthGate brings its own costs, False verifies wherever slots draft."""
+        widths at warm-up, a WidthGate brings its own costs, False verifies wherever slots draft.
+        adapters: LoRA adapters a request may pick by name (serving/adapters.py), resident in a device table."""
         if max_batch < 1 or max_queue < 1 or prefill_chunk < 1:
             raise RequestError(None, "max_batch, max_queue and prefill_chunk must be positive")
         draft_config = None if speculation is None else speculation.draft_config
@@ -128,6 +132,8 @@ class Engine:
         self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.metrics = ServingMetrics()
+        self.adapters = adapters
+        self._loads: list[tuple[int, str]] = []  # adapter loads the next plan carries
         self.runner = self._make_runner(params, mesh, speculation, draft_params)
         self._multihost = jax.process_count() > 1
         self._slots: list[Request | None] = [None] * max_batch
@@ -155,13 +161,21 @@ class Engine:
     def _make_runner(self, params, mesh, speculation, draft_params):
         """The device side: the slots' ModelRunner (a paged engine makes its own)."""
         return ModelRunner(self.config, params, max_batch=self.max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
-                           speculation=speculation, draft_params=draft_params)
+                           speculation=speculation, draft_params=draft_params, adapters=self._adapter_table())
+
+    def _adapter_table(self) -> AdapterTable | None:
+        """The device table of the adapters (None without any: the plain programs)."""
+        a = self.adapters
+        return None if a is None else AdapterTable(self.config, a.max_loras, a.max_lora_rank)
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a request of prompt token ids. Raises RequestError (bad input) or QueueFull (try later)."""
+               on_event: Callable[[Event], None] | None = None, adapter: str | None = None) -> Request:
+        """Queue a request of prompt token ids, on LoRA `adapter` (a name; None: the base). Raises RequestError
+        (bad input), ModelNotFound (an adapter not served) or QueueFull (try later)."""
         params = params or SamplingParams()
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            raise ModelNotFound(adapter)
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise RequestError("prompt", "the prompt is empty")
@@ -180,7 +194,7 @@ class Engine:
             raise RequestError("stop", "stop strings need a tokenizer; this engine has none")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
         text = StopText(self.tokenizer.decode_stream(), params.stop) if self.tokenizer is not None else None
-        request = Request(next(self._ids), prompt, params, stop_ids, text, on_event)
+        request = Request(next(self._ids), prompt, params, stop_ids, text, on_event, adapter)
         with self._lock:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")
@@ -272,6 +286,8 @@ class Engine:
                       PrefillChunk(-2, np.zeros((1, c), np.int32), np.arange(c, 2 * c, dtype=np.int32)[None], False,
                                    0, sampling, prompt)]
         self.runner.run(Plan(prefills=tuple(first)))
+        if self.runner.adapters is not None:
+            self.runner.adapters.warm_up()
         costs = self.runner.warm_up(self._decode_inputs([])[0], repeats=3 if self._time_widths else 0)
         if costs is not None and self._time_widths:
             self._gate = WidthGate(costs)
@@ -284,8 +300,13 @@ class Engine:
             except queue.Empty:
                 break
         dropped = self._drop_cancelled()
+        deferred = []  # waiting for an adapter slot that requests running on other adapters all hold
         while self._waiting and None in self._slots:
             request = self._waiting.popleft()
+            if not self._pin_adapter(request):
+                if request.finish_reason is None:
+                    deferred.append(request)
+                continue
             request.slot = self._slots.index(None)
             self._slots[request.slot] = request
             self._inflight[request.id] = request
@@ -294,6 +315,7 @@ class Engine:
             self._chunk(request)
             if request.params.grammar is not None:
                 self._start_grammar(request)
+        self._waiting.extendleft(reversed(deferred))
         self.metrics.active_slots.set(self.active_slots)
         decode, rows = self._decode_inputs([i for i, r in enumerate(self._slots) if r is not None and r.decoding])
         prefills, budget = [], self.prefill_chunk
@@ -312,8 +334,29 @@ class Engine:
             max_width = 0  # speculation off while a constrained slot decodes: drafts are not checked by grammars
         self.constrained_steps += any(self._slots[i].params.grammar is not None for i in rows)
         penalize = any(self._slots[i].params.penalized for i in rows)
+        loads, self._loads = tuple(self._loads), []
         return _Work(Plan(decode if rows else None, tuple(prefills), tuple(dropped), max_width=max_width,
-                          penalize=penalize), rows)
+                          penalize=penalize, loads=loads), rows)
+
+    def _pin_adapter(self, request: Request) -> bool:
+        """Give an admitted request its adapter's table slot (its load, if any, rides in the next plan); False when
+        it must wait for one, or it failed (its adapter was unloaded since it was submitted)."""
+        if self.adapters is None:
+            request.adapter_slot = 0
+            return True
+        try:
+            got = self.adapters.acquire(request.adapter)
+        except KeyError:
+            self._count_queued(-1)
+            self._finish(request, Event((), "", finish_reason="error", error=f"adapter {request.adapter!r} was "
+                                        "unloaded"))
+            return False
+        if got is None:
+            return False
+        request.adapter_slot, load = got
+        if load is not None:
+            self._loads.append(load)
+        return True
 
     def _chunk(self, request: Request) -> None:
         chunk, n_chunks, pad = decoding.chunk_layout(len(request.prompt), self.runner.cache_size, self.prefill_chunk)
@@ -337,18 +380,19 @@ class Engine:
             allowed = self._constraints.bitmask[request.slot:request.slot + 1].copy()
         return PrefillChunk(request.id, *request.chunks[i], first=i == 0, slot=request.slot if last else -1,
                             sampling=p if last else None, prompt=tuple(request.prompt) if last else (), echo=echo,
-                            allowed=allowed)
+                            allowed=allowed, adapter=request.adapter_slot)
 
     def _decode_inputs(self, rows: list[int]) -> tuple[DecodeInputs, list[int]]:
         b = self.max_batch
         tokens, positions, counts = (np.zeros(b, np.int32) for _ in range(3))
-        live = np.zeros(b, bool)
+        live, adapters = np.zeros(b, bool), np.zeros(b, np.int32)
         for i in rows:
             r = self._slots[i]
+            adapters[i] = r.adapter_slot
             tokens[i], positions[i] = r.generated[-1], len(r.prompt) + len(r.generated) - 1
             counts[i], live[i] = len(r.generated), True
         allowed = self._unconstrained if self._constraints is None else self._constraints.bitmask.copy()
-        return DecodeInputs(tokens, positions, counts, live, allowed), rows
+        return DecodeInputs(tokens, positions, counts, live, allowed, adapters), rows
 
     def _drop_cancelled(self) -> list[int]:
         dropped = []
@@ -453,6 +497,9 @@ class Engine:
             self.mask_seconds += time.perf_counter() - start
 
     def _finish(self, request: Request, event: Event) -> None:
+        if request.adapter_slot > 0 and self.adapters is not None:
+            self.adapters.release(request.adapter_slot)
+        request.adapter_slot = -1
         if request.slot >= 0 and self._slots[request.slot] is request:
             self._slots[request.slot] = None
             if request.params.grammar is not None:
@@ -471,6 +518,8 @@ class Engine:
                 self._prefilling.remove(request)
             self._finish(request, Event((), "", finish_reason="error", error=f"{type(err).__name__}: {err}"))
         self.runner.reset()
+        if self.adapters is not None:
+            self.adapters.forget_loads()  # the runner's table is empty again
 
     def _cancel_all(self) -> None:
         for request in [*self._waiting, *self._inflight.values()]:

@@ -7,10 +7,18 @@ import dataclasses
 from mistral_jax.errors import ParamError
 from mistral_jax.sampling import TOP_LOGPROBS, SamplingParams
 
-__all__ = ["TOP_LOGPROBS", "Event", "QueueFull", "RequestError", "SamplingParams", "TokenLogprob"]
+__all__ = ["TOP_LOGPROBS", "Event", "ModelNotFound", "QueueFull", "RequestError", "SamplingParams", "TokenLogprob"]
 
 # The settings type and its error live with the sampling stage; the server's names for them stay here.
 RequestError = ParamError  # a bad request; `param` names the field at fault (OpenAI's error.param)
+
+
+class ModelNotFound(Exception):
+    """A request names a model (a LoRA adapter) this server does not serve (HTTP 404)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist.")
+        self.model = model
 
 
 class QueueFull(Exception):

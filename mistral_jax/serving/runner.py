@@ -23,9 +23,10 @@ import numpy as np
 from mistral_jax import decoding, sharding, speculative, step
 from mistral_jax import sampling as sampling_stage
 from mistral_jax.config import ModelConfig
-from mistral_jax.model import kv_cache
+from mistral_jax.model import kv_cache, linear
 from mistral_jax.model.transformer import default_positions, forward
 from mistral_jax.sampling import TOP_LOGPROBS, SamplingParams
+from mistral_jax.serving.adapters import AdapterTable
 
 
 @flax.struct.dataclass
@@ -37,6 +38,7 @@ class DecodeInputs:
     counts: np.ndarray  # int32 [B]: tokens the slot's request made so far (its draws' key index)
     live: np.ndarray  # bool [B]: the slot holds a decoding request
     allowed: np.ndarray  # int32 [B, ceil(V / 32)]: each slot's allowed-token bitmask (its grammar's; else all ones)
+    adapters: np.ndarray  # int32 [B]: each slot's LoRA slot in the adapter table (0: none; unread without a table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class PrefillChunk:
     prompt: tuple[int, ...] = ()  # with slot: the whole prompt (penalty counts, prompt lookup's history)
     echo: np.ndarray | None = None  # int32 [1, T]: the prompt, right padded, when its logprobs are asked
     allowed: np.ndarray | None = None  # int32 [1, ceil(V / 32)]: with slot, the first token's bitmask (a grammar's)
+    adapter: int = 0  # the request's LoRA slot in the adapter table (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Plan:
     stop: bool = False
     max_width: int | None = None  # prompt lookup: the widest verify this step may take (serving/gate.py)
     penalize: bool = False  # some decoding slot has penalties: the step keeps and reads the token counts
+    loads: tuple[tuple[int, str], ...] = ()  # (adapter table slot, adapter path) to load first (serving/adapters.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +167,12 @@ class ModelRunner:
     prefilled; runs plans."""
 
     def __init__(self, config: ModelConfig, params, *, max_batch: int, max_seq_len: int, mesh=None,
-                 speculation: speculative.Speculation | None = None, draft_params=None) -> None:
+                 speculation: speculative.Speculation | None = None, draft_params=None,
+                 adapters: AdapterTable | None = None) -> None:
+        """adapters: the LoRA table rows choose from (DecodeInputs.adapters, PrefillChunk.adapter); None: the plain
+        programs, no adapter math."""
         config, params = decoding.decode_params(config, params)
+        self.adapters = adapters
         if speculation is not None and speculation.draft_config is not None:
             draft_config, draft_params = decoding.decode_params(speculation.draft_config, draft_params)
             speculation = dataclasses.replace(speculation, draft_config=draft_config)
@@ -193,6 +201,12 @@ class ModelRunner:
         self.carry = step.Carry(self._empty_cache(b), self._put(sampling_stage.prompt_counts([[]] * b, v)), lookup,
                                 draft_cache)
         self.sampling = self._put(sampling_stage.metadata([SamplingParams()] * b, v))
+        if self.adapters is not None:
+            self.adapters.reset()
+
+    def _params(self, index):
+        """The weights, carrying the adapter table and each row's slot (index int32 [B], placed) when there is one."""
+        return self.params if self.adapters is None else linear.with_lora(self.params, self.adapters.slots(index))
 
     @property
     def history_length(self) -> int:
@@ -214,6 +228,8 @@ class ModelRunner:
 
     def run(self, plan: Plan) -> Results:
         results = Results()
+        for slot, path in plan.loads:
+            self.adapters.load(slot, path)
         if plan.decode is not None:
             inputs = self._put(plan.decode)
             width, proposal = self.widths[-1], None
@@ -235,7 +251,8 @@ class ModelRunner:
         return results
 
     def _step(self, width: int, penalize: bool, inputs: DecodeInputs, proposal):
-        (kept, out), self.carry = _step(self.speculation, width, self.config, self.mesh, penalize, self.params,
+        (kept, out), self.carry = _step(self.speculation, width, self.config, self.mesh, penalize,
+                                        self._params(inputs.adapters),
                                         self.draft_params, self.carry, self.sampling, inputs, proposal)
         return kept, out
 
@@ -261,12 +278,13 @@ class ModelRunner:
         return costs
 
     def _prefill(self, chunk: PrefillChunk, results: Results) -> None:
+        params = self._params(self._put(np.full((1,), chunk.adapter, np.int32)))
         if chunk.echo is not None:
             results.echo[chunk.request_id] = _sampled(
-                _score_prompt(self.config, self.mesh, self.params, self._put(chunk.echo)))
+                _score_prompt(self.config, self.mesh, params, self._put(chunk.echo)))
         row = self._empty_cache(1) if chunk.first else self._rows.pop(chunk.request_id)
         tokens, positions = self._put((chunk.tokens, chunk.positions))
-        logits, row = decoding.prefill_chunk(self.config, self.mesh, self.params, row, tokens, positions, chunk.first)
+        logits, row = decoding.prefill_chunk(self.config, self.mesh, params, row, tokens, positions, chunk.first)
         put = functools.partial(sharding.put_replicated, self.mesh)
         if self.carry.draft_cache is not None:  # the draft model's own row, prefilled alike
             draft_row = (self._empty_cache(1, self.draft_config) if chunk.first

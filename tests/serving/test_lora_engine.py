@@ -1,0 +1,88 @@
+"""Multi-LoRA serving in the engine (no HTTP): each request on its adapter equals mj.generate on that adapter merged
+(lora.merge), token for token, whatever shares the batch; more adapters than --max-loras slots swap in and out (LRU)
+without a compilation; adapters for another base are refused at start-up."""
+
+import jax
+import numpy as np
+import pytest
+
+import mistral_jax as mj
+from mistral_jax import lora
+from mistral_jax.checkpoints import peft
+from mistral_jax.compile_stats import CompileStats
+from mistral_jax.serving.adapters import Adapters, parse_modules
+from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.requests import ModelNotFound, SamplingParams
+
+RANKS = {"ada": 2, "bob": 4, "cat": 8, "dan": 4}  # "cat" also adapts the MLP
+PROMPT_LENGTHS = [3, 20, 7, 11, 5, 33, 2, 17]
+MAX_TOKENS = [6, 9, 12, 5, 8, 10, 7, 4]
+
+
+def random_adapter(config, params, seed: int, rank: int, targets=("wq", "wk", "wv", "wo")) -> lora.Adapter:
+    """An adapter whose B is not zero (a fresh one changes nothing): factors N(0, 0.05^2)."""
+    spec = lora.LoraSpec(rank, 2.0 * rank, targets)
+    leaves, tree = jax.tree.flatten(lora.init(params, spec, jax.random.key(seed)))
+    keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+    weights = jax.tree.unflatten(tree, [np.asarray(jax.random.normal(k, x.shape)) * 0.05 for k, x in zip(keys, leaves)])
+    return lora.Adapter(weights, spec.scale, f"adapter {seed}")
+
+
+def write_adapters(config, params, directory) -> dict[str, str]:
+    """PEFT directories of RANKS' adapters: {name: path}."""
+    paths = {}
+    for seed, (name, rank) in enumerate(RANKS.items()):
+        targets = lora.TARGETS if name == "cat" else ("wq", "wk", "wv", "wo")
+        adapter = random_adapter(config, params, seed, rank, tuple(targets))
+        paths[name] = str(peft.write(config, adapter, directory / name, base_model="tiny-mistral"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    config = mj.ModelConfig.from_preset("tiny-mistral")
+    params = mj.init_params(config, jax.random.key(0))
+    paths = write_adapters(config, params, tmp_path_factory.mktemp("adapters"))
+    adapters = Adapters(config, paths, max_loras=2, max_lora_rank=8)
+    engine = Engine(config, params, max_batch=8, max_seq_len=96, prefill_chunk=16, adapters=adapters).start()
+    yield engine, config, params, paths
+    engine.stop()
+
+
+def _expected(config, params, paths, name, prompt, max_tokens):
+    if name is None:
+        return mj.generate(config, params, [prompt], max_tokens)[0]
+    adapter = mj.load_adapter(paths[name], config)
+    return mj.generate(config, lora.merge(params, adapter.weights, adapter.scale), [prompt], max_tokens)[0]
+
+
+@pytest.mark.parametrize("names", [("ada", "bob", "cat", None), ("dan", "cat", "ada", "bob", None)])
+def test_each_request_equals_generate_on_its_merged_adapter_without_compiling(served, names):
+    engine, config, params, paths = served
+    rng = np.random.default_rng(len(names))
+    prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+    picks = [names[i % len(names)] for i in range(len(prompts))]  # 8 at once over 3 (then 4) adapters and the base
+    with CompileStats() as compiled:
+        requests = [engine.submit(p, SamplingParams(max_tokens=m), adapter=a)
+                    for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+        got = [[t for event in r for t in event.token_ids] for r in requests]
+    assert compiled.compilations == 0  # adapters coming, going and swapping slots compile nothing
+    expected = [_expected(config, params, paths, a, p, m) for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+    assert got == expected
+    base = [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
+    assert all(g != b for g, b, a in zip(got, base, picks) if a is not None)  # each adapter changes its tokens
+    assert engine.active_slots == 0 and not engine.busy
+
+
+def test_unknown_adapter_and_another_base_are_refused(served, tmp_path):
+    engine, config, params, paths = served
+    with pytest.raises(ModelNotFound, match="`nobody` does not exist"):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=2), adapter="nobody")
+    other = mj.ModelConfig.from_preset("tiny-mistral").replace(dim=48)
+    with pytest.raises(mj.UserError) as err:
+        Adapters(other, {"ada": paths["ada"]})
+    assert "\n" not in str(err.value) and "[32, 32]" not in str(err.value)
+    with pytest.raises(mj.UserError, match="rank r=8 is above max_lora_rank=4"):
+        Adapters(config, {"cat": paths["cat"]}, max_lora_rank=4)
+    with pytest.raises(mj.UserError, match="--lora-modules: 'ada' is not NAME=PATH"):
+        parse_modules(["ada"])
