@@ -190,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM, seconds to let requests in flight finish before they are cancelled")
     serve.add_argument("--max-request-bytes", type=_positive_int, default=8 * 2**20,
                        help="a larger request body is refused with 413 (default 8 MiB)")
+    serve.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                       help="LoRA adapters served over the base, unmerged (a request's model picks one): each PATH a "
+                            "Hugging Face PEFT directory or an sft run trained with --lora-rank")
+    serve.add_argument("--max-loras", type=_positive_int, default=None,
+                       help="adapters resident on the device at once (least recently used swapped out; default 4)")
+    serve.add_argument("--max-lora-rank", type=_positive_int, default=None,
+                       help="the largest adapter rank served (lower ranks are zero-padded; default 16)")
+    serve.add_argument("--enable-lora-loading", action="store_true",
+                       help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) at run time")
 
     for name, help_text in (
         ("convert", "write any loadable checkpoint as an orbax checkpoint (restorable onto any mesh)"),
@@ -489,10 +498,14 @@ def cmd_serve(args) -> None:
     config, params, tokenizer = _load(args, need_tokenizer="optional")
     speculation, draft_params = (None, None) if args.draft_ is None else speculative.from_draft(config, args.draft_,
                                                                                                  args.draft_tokens)
+    adapters = _serving_adapters(args, config)
     started = time.perf_counter()
     if args.page_size is not None:
         from mistral_jax.serving.paged_engine import PagedEngine
 
+        if adapters is not None:
+            raise UserError("--page-size does not serve LoRA adapters yet: drop --lora-modules/--enable-lora-loading "
+                            "or --page-size")
         if speculation is not None:
             raise UserError("--page-size does not speculate yet: drop --draft or --page-size")
         print(f"compiling the paged programs ({args.max_batch} running requests)...", file=sys.stderr, flush=True)
@@ -509,7 +522,7 @@ def cmd_serve(args) -> None:
               flush=True)
         engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
-                        speculation=speculation, draft_params=draft_params)
+                        speculation=speculation, draft_params=draft_params, adapters=adapters)
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()
@@ -519,7 +532,20 @@ def cmd_serve(args) -> None:
     name = args.served_model_name or (pathlib.Path(str(args.checkpoint).rstrip("/")).name.removesuffix(".gguf")
                                       if args.checkpoint is not None else "smollm2-135m-instruct")
     server.run(engine, tokenizer, name, host=args.host, port=args.port, api_key=args.api_key,
-               shutdown_timeout=args.shutdown_timeout, max_request_bytes=args.max_request_bytes)
+               shutdown_timeout=args.shutdown_timeout, max_request_bytes=args.max_request_bytes,
+               enable_lora_loading=args.enable_lora_loading)
+
+
+def _serving_adapters(args, config):
+    """The served LoRA adapters (serving/adapters.py) from --lora-modules, --max-loras, --max-lora-rank and
+    --enable-lora-loading; None when none is asked for (the plain programs). Each is read and checked now."""
+    from mistral_jax.serving import adapters
+
+    if not (args.lora_modules or args.enable_lora_loading or args.max_loras or args.max_lora_rank):
+        return None
+    return adapters.Adapters(config, adapters.parse_modules(args.lora_modules),
+                             max_loras=args.max_loras or adapters.DEFAULT_MAX_LORAS,
+                             max_lora_rank=args.max_lora_rank or adapters.DEFAULT_MAX_LORA_RANK)
 
 
 def _tokenizer_files(src, scratch: pathlib.Path) -> list[pathlib.Path]:

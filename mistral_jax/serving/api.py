@@ -26,7 +26,7 @@ from mistral_jax.serving import protocol
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.guard import BodyGuard
 from mistral_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
-from mistral_jax.serving.requests import Event, QueueFull, RequestError, SamplingParams, TokenLogprob
+from mistral_jax.serving.requests import Event, ModelNotFound, QueueFull, RequestError, SamplingParams, TokenLogprob
 from mistral_jax.serving.tools import ToolCallParser, call_grammar
 
 _DISCONNECT_POLL_SECONDS = 0.25
@@ -73,18 +73,19 @@ class _Streams:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def submit(self, prompt: list[int], params: SamplingParams):
+    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        request = self.engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        request = self.engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
+                                     adapter=adapter)
         return request, events
 
-    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams]):
+    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None = None):
         """Every prompt submitted, or none (a full queue cancels those already in)."""
         submitted = []
         try:
             for p, s in zip(prompts, params):
-                submitted.append(self.submit(p, s))
+                submitted.append(self.submit(p, s, adapter))
         except (QueueFull, UserError):
             for request, _ in submitted:
                 request.cancel()
@@ -151,9 +152,49 @@ class _Api:
         self.drain_seconds = drain_seconds
         self.streams = _Streams(engine)
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise RequestError("model", f"unknown model {model!r}; this server serves {self.model_name!r}")
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter `model` names (None: the base model's name, or no name); ModelNotFound (404) else."""
+        if model is None or model == self.model_name:
+            return None
+        adapters = self.engine.adapters
+        if adapters is None or model not in adapters:
+            raise ModelNotFound(model)
+        return model
+
+    def models(self, created: int) -> dict:
+        """GET /v1/models: the base, then each adapter with the base as its `parent` (vLLM's cards)."""
+        card = {"object": "model", "created": created, "owned_by": "mistral-jax",
+                "max_model_len": self.engine.max_seq_len}
+        data = [{"id": self.model_name, **card, "root": self.model_name, "parent": None}]
+        adapters = self.engine.adapters
+        for name in [] if adapters is None else adapters.names():
+            data.append({"id": name, **card, "root": adapters.paths.get(name), "parent": self.model_name})
+        return {"object": "list", "data": data}
+
+    async def load_adapter(self, body: protocol.LoadLoraAdapterRequest) -> Response:
+        """POST /v1/load_lora_adapter: read and check the adapter (in a thread), then serve it by name."""
+        adapters = self.engine.adapters
+        if adapters is None:
+            raise RequestError("lora_name", "this server was started without LoRA adapters (give --lora-modules or "
+                                            "--max-loras to serve some)")
+        try:
+            await asyncio.to_thread(adapters.add, body.lora_name, body.lora_path)
+        except FileNotFoundError as err:
+            raise RequestError("lora_path", f"lora_path: {err}") from None
+        except UserError as err:
+            raise RequestError("lora_name" if "already loaded" in str(err) else "lora_path", str(err)) from None
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.", media_type="text/plain")
+
+    def unload_adapter(self, body: protocol.UnloadLoraAdapterRequest) -> Response:
+        """POST /v1/unload_lora_adapter: stop serving the adapter (requests running on it finish)."""
+        adapters = self.engine.adapters
+        try:
+            if adapters is None:
+                raise KeyError(body.lora_name)
+            adapters.remove(body.lora_name)
+        except KeyError:
+            raise ModelNotFound(body.lora_name) from None
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
     def need_tokenizer(self, param: str | None, what: str) -> None:
         if self.tokenizer is None:
@@ -224,7 +265,7 @@ class _Api:
         return parser, {"grammar": grammar}
 
     async def chat(self, http: Request, body: ChatCompletionRequest):
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         protocol.refuse_unsupported(body)
         self.need_tokenizer(None, "use /v1/completions with token ids")
         parser, forced = self.tool_parser(body)
@@ -238,8 +279,8 @@ class _Api:
         params = protocol.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None,
                                           constrained=None if forced is None else (forced, "tools"))
         await self.structured(params)
-        submitted = self.streams.submit(prompt, params)  # a full queue or a bad prompt fails here, before any stream
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
+        submitted = self.streams.submit(prompt, params, adapter)  # a full queue or a bad prompt fails here
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": adapter or self.model_name}
 
         def choice(content: dict, events: list[Event], key: str, finish: str | None) -> dict:
             logprobs = [lp for e in events for lp in e.logprobs]
@@ -315,7 +356,7 @@ class _Api:
         return out
 
     async def completions(self, http: Request, body: CompletionRequest):
-        self.check_model(body.model)
+        adapter = self.check_model(body.model)
         protocol.refuse_unsupported(body)
         prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
         if body.stream and len(prompts) > 1:
@@ -328,8 +369,8 @@ class _Api:
         params = [protocol.sampling_params(body, max_tokens, logprobs=top, echo_logprobs=body.echo and top is not None)
                   for _ in prompts]
         await self.structured(params[0])
-        submitted = self.streams.submit_all(prompts, params)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name,
+        submitted = self.streams.submit_all(prompts, params, adapter)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": adapter or self.model_name,
                 "object": "text_completion"}
         as_ids = body.return_tokens_as_token_ids
 
@@ -409,11 +450,13 @@ class _Api:
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
-               drain_seconds: float = 30.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               drain_seconds: float = 30.0, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+               enable_lora_loading: bool = False) -> FastAPI:
     """The FastAPI application serving `engine` under the model id `model_name`.
 
     drain_seconds: on the server's shutdown, how long open streams may run on before they are cut.
     max_request_bytes: a larger body is refused with 413 before it is read to the end.
+    enable_lora_loading: POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) exist.
     """
     app = FastAPI(title="mistral-jax", docs_url=None, redoc_url=None)
     api = _Api(engine, tokenizer, model_name, drain_seconds)
@@ -441,6 +484,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def user_error(_, err: UserError):
         return _error(400, str(err))
 
+    @app.exception_handler(ModelNotFound)
+    async def not_found(_, err: ModelNotFound):
+        return JSONResponse({"error": {"message": str(err), "type": "invalid_request_error", "param": "model",
+                                       "code": "model_not_found"}}, status_code=404)
+
     @app.exception_handler(QueueFull)
     async def queue_full(_, err: QueueFull):
         return _error(503, str(err), kind="server_busy", headers={"Retry-After": "1"})
@@ -455,9 +503,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "mistral-jax",
-                "max_model_len": engine.max_seq_len}
-        return {"object": "list", "data": [card]}
+        return api.models(created)
+
+    if enable_lora_loading:
+        @app.post("/v1/load_lora_adapter", responses=protocol.ERRORS)
+        async def load_lora_adapter(body: protocol.LoadLoraAdapterRequest):
+            return await api.load_adapter(body)
+
+        @app.post("/v1/unload_lora_adapter", responses=protocol.ERRORS)
+        async def unload_lora_adapter(body: protocol.UnloadLoraAdapterRequest):
+            return api.unload_adapter(body)
 
     @app.post("/v1/chat/completions", responses={200: {"model": protocol.ChatCompletion}, **protocol.ERRORS})
     async def chat_completions(http: Request, body: ChatCompletionRequest):

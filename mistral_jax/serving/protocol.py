@@ -172,6 +172,20 @@ class CompletionRequest(_Sampling):
     return_tokens_as_token_ids: bool = False
 
 
+class LoadLoraAdapterRequest(_Strict):
+    """POST /v1/load_lora_adapter, vLLM's body: serve the adapter at lora_path as the model lora_name."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Strict):
+    """POST /v1/unload_lora_adapter, vLLM's body (lora_int_id is accepted and not needed)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 class TokenizeRequest(_Strict):
     """POST /tokenize, as vLLM takes it: a prompt, or messages rendered with the chat template."""
 
@@ -387,5 +401,5 @@ class DetokenizeResponse(_Open):
     prompt: str
 
 
-ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-          503: {"model": ErrorResponse}}
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+          413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}

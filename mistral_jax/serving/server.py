@@ -14,11 +14,11 @@ from mistral_jax.serving.engine import Engine
 
 def run(engine: Engine, tokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
         api_key: str | None = None, shutdown_timeout: float = 30.0,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> None:
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, enable_lora_loading: bool = False) -> None:
     """Serve until SIGTERM or SIGINT: then stop accepting, let requests in flight finish for up to
     `shutdown_timeout` seconds, cancel the rest and stop the engine (and the other processes' followers)."""
     app = create_app(engine, tokenizer, model_name, api_key, drain_seconds=shutdown_timeout,
-                     max_request_bytes=max_request_bytes)
+                     max_request_bytes=max_request_bytes, enable_lora_loading=enable_lora_loading)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=shutdown_timeout + 1)  # after the streams' own grace period
     server = _Server(config, model_name)

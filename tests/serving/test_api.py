@@ -8,6 +8,7 @@ import time
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
 import mistral_jax as mj
@@ -122,7 +123,6 @@ def test_streamed_text_never_splits_a_character(client):
 
 @pytest.mark.parametrize("body,param", [
     (b"{not json", None),
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model"),
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
@@ -141,6 +141,13 @@ def test_bad_input_gets_a_400_naming_the_field(server, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_unknown_model_gets_openais_404(server, client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert "gpt-4" in err.value.body["message"]
 
 
 def test_api_key_disconnect_and_backpressure(server, client):
