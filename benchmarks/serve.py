@@ -1,7 +1,7 @@
 """`mistral-jax serve` under load: streaming clients against the real server, beside its ceilings, in one run.
 
     python benchmarks/serve.py [--checkpoint PATH] [--clients 1,4,8,16] [--requests 16] [--json PATH]
-                               [--draft-tokens K] [--constrained 8]
+                               [--draft-tokens K] [--constrained 8] [--adapters 4]
 
 - The server: the engine and uvicorn in this process (uvicorn in a thread), on a loopback port; each client is
   the official `openai` async client streaming completions one request after another (closed loop). Prompts
@@ -18,8 +18,12 @@
   answer is identical. (--clients '' skips the levels above.)
 - With --constrained N: N streaming clients whose answers a JSON schema constrains (a grammar per slot, its
   bitmask filled on the host after every token) against N without, same prompts, and the host time per step.
+- With --adapters N: a second engine serving N LoRA adapters (random, rank --adapter-rank, every attention and MLP
+  weight; `serve --lora-modules`, --max-loras N) and --adapter-clients clients spread over them against as many
+  on the base model of the plain engine, same prompts, interleaved over --draft-rounds (best kept).
 Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
-TTFT p99 at 8 clients < 3x TTFT p50 at 1 client. Issue 25: constrained tokens/s >= 0.8x free.
+TTFT p99 at 8 clients < 3x TTFT p50 at 1 client. Issue 25: constrained tokens/s >= 0.8x free. Issue 26: clients over
+4 adapters >= 0.7x the base's tokens/s.
 """
 
 from __future__ import annotations
@@ -76,11 +80,11 @@ def _serve(engine: Engine, tokenizer, port: int):
 
 
 async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, ignore_eos: bool,
-                  extra: dict | None = None) -> None:
+                  extra: dict | None = None, model: str = "bench") -> None:
     for prompt in prompts:
         start = time.perf_counter()
         stamps, tokens, text = [], 0, []
-        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": ignore_eos, **(extra or {})},
                                                  stream_options={"include_usage": True})
         async for chunk in stream:
@@ -92,14 +96,15 @@ async def _client(client, prompts: list[list[int]], max_tokens: int, out: list, 
 
 
 async def _level(url: str, prompts: list[list[int]], clients: int, max_tokens: int, ignore_eos: bool = True,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, models: tuple[str, ...] = ("bench",)) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     shares = [prompts[i::clients] for i in range(clients)]
     records: list = []
     start = time.perf_counter()
-    await asyncio.gather(*(_client(client, share, max_tokens, records, ignore_eos, extra) for share in shares))
+    await asyncio.gather(*(_client(client, share, max_tokens, records, ignore_eos, extra, models[i % len(models)])
+                           for i, share in enumerate(shares)))
     wall = time.perf_counter() - start
     await client.close()  # inside the loop: closing it after asyncio.run ends fails
     ttft = [stamps[0] - begun for begun, stamps, *_ in records]
@@ -117,7 +122,8 @@ def _decode_ceiling(engine: Engine, steps: int) -> float:
     b = engine.max_batch
     inputs = runner.DecodeInputs(np.zeros(b, np.int32), np.arange(1, b + 1, dtype=np.int32), np.ones(b, np.int32),
                                  np.ones(b, bool),  # every slot live, so the whole batch is timed
-                                 np.full((b, packed_width(engine.config.vocab_size)), -1, np.int32))
+                                 np.full((b, packed_width(engine.config.vocab_size)), -1, np.int32),
+                                 np.zeros(b, np.int32))  # no adapter
     plan = runner.Plan(decode=inputs)
     engine.runner.run(plan)
     start = time.perf_counter()
@@ -145,6 +151,49 @@ def _constrained_row(args, engine: Engine, url: str, prompts: list[list[int]]) -
         mask_s, steps = mask_s + engine.mask_seconds - seconds, steps + engine.constrained_steps - counted
     return {"clients": clients, "free_tokens_per_s": free, "constrained_tokens_per_s": constrained,
             "ratio": constrained / free, "mask_ms_per_step": 1e3 * mask_s / max(steps, 1)}
+
+
+def _adapter_row(args, config, params, tokenizer, plain_url: str, prompts: list[list[int]]) -> dict:
+    """--adapter-clients clients spread over --adapters random LoRA adapters (their own engine, every adapter
+    resident) against as many on the base (the plain engine), same prompts, interleaved over --draft-rounds."""
+    import tempfile
+
+    import jax
+
+    from mistral_jax import lora
+    from mistral_jax.checkpoints import peft
+    from mistral_jax.model.transformer import param_shapes
+    from mistral_jax.serving.adapters import Adapters
+
+    names, scratch = [f"lora{i}" for i in range(args.adapters)], tempfile.TemporaryDirectory()
+    paths = {}
+    spec = lora.LoraSpec(args.adapter_rank, 2.0 * args.adapter_rank, tuple(lora.serving_targets(config)))
+    scanned = param_shapes(config.replace(scan_layers=True))
+    shapes = jax.eval_shape(lambda: lora.init(scanned, spec, jax.random.key(0)))
+    for i, name in enumerate(names):
+        rng = np.random.default_rng(i)
+        weights = jax.tree.map(lambda x, rng=rng: (0.01 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+        paths[name] = str(peft.write(config, lora.Adapter(weights, spec.scale), pathlib.Path(scratch.name) / name,
+                                     base_model="bench"))
+    adapters = Adapters(config, paths, max_loras=args.adapters, max_lora_rank=args.adapter_rank)
+    engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    max_queue=4 * args.requests, adapters=adapters)
+    port = _free_port()
+    server, thread = _serve(engine.start(), tokenizer, port)
+    url, clients = f"http://127.0.0.1:{port}/v1", args.adapter_clients
+    models = tuple(names)
+    asyncio.run(_level(url, prompts[:len(names)], len(names), 2, models=models))  # every adapter loaded, warm
+    base = with_adapters = 0.0
+    for _ in range(args.draft_rounds):
+        base = max(base, asyncio.run(_level(plain_url, prompts, clients, args.max_tokens))["tokens_per_s"])
+        with_adapters = max(with_adapters, asyncio.run(_level(url, prompts, clients, args.max_tokens,
+                                                              models=models))["tokens_per_s"])
+    server.should_exit = True
+    thread.join()
+    engine.stop()
+    scratch.cleanup()
+    return {"clients": clients, "adapters": args.adapters, "rank": args.adapter_rank, "base_tokens_per_s": base,
+            "adapter_tokens_per_s": with_adapters, "ratio": with_adapters / base}
 
 
 def _draft_rows(args, config, params, tokenizer, plain_url: str) -> list[dict]:
@@ -196,6 +245,10 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=0, help="also compare prompt lookup with k drafts (0: no)")
     parser.add_argument("--draft-max-tokens", type=int, default=96)
     parser.add_argument("--draft-rounds", type=int, default=2)
+    parser.add_argument("--adapters", type=int, default=0,
+                        help="also compare clients spread over this many LoRA adapters against the base (0: no)")
+    parser.add_argument("--adapter-rank", type=int, default=16)
+    parser.add_argument("--adapter-clients", type=int, default=8)
     parser.add_argument("--constrained", type=int, default=0,
                         help="also compare this many clients with a JSON schema against as many without (0: no)")
     args = parser.parse_args()
@@ -224,6 +277,7 @@ def main() -> None:
         print(f"{clients} clients: {_level_result['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     drafts = _draft_rows(args, config, params, tokenizer, url) if args.draft_tokens else []
     structured = _constrained_row(args, engine, url, prompts) if args.constrained else None
+    adapted = _adapter_row(args, config, params, tokenizer, url, prompts) if args.adapters else None
     server.should_exit = True
     thread.join()
     engine.stop()
@@ -267,6 +321,14 @@ def main() -> None:
                             [[structured["clients"], f"{structured['free_tokens_per_s']:.1f}",
                               f"{structured['constrained_tokens_per_s']:.1f}", f"{structured['ratio']:.2f}x",
                               f"{structured['mask_ms_per_step']:.2f}"]]) + "\n")
+    if adapted:
+        targets["clients over adapters >= 0.7x the base"] = adapted["ratio"] >= 0.7
+        print(f"LoRA adapters: {adapted['clients']} streaming clients over {adapted['adapters']} adapters of rank "
+              f"{adapted['rank']} (one engine, every adapter resident) against as many on the base (the plain "
+              f"engine), {args.max_tokens} new tokens each, best of {args.draft_rounds} interleaved rounds:\n")
+        print(_common.table(["clients", "adapters", "base tok/s", "adapters tok/s", "ratio"],
+                            [[adapted["clients"], adapted["adapters"], f"{adapted['base_tokens_per_s']:.1f}",
+                              f"{adapted['adapter_tokens_per_s']:.1f}", f"{adapted['ratio']:.2f}x"]]) + "\n")
     if levels:
         rows = [[lv["clients"], lv["requests"], f"{lv['tokens_per_s']:.1f}", f"{lv['tokens_per_s'] / alone:.2f}x",
                  f"{lv['tokens_per_s'] / ceiling:.0%}", f"{lv['ttft_p50_s'] * 1e3:.0f}",
@@ -281,7 +343,7 @@ def main() -> None:
     _common.write_json(args.json, {"machine": info, "settings": vars(args), "compile_s": compile_s, "levels": levels,
                                    "generate_alone_tokens_per_s": alone, "decode_step_tokens_per_s": ceiling,
                                    "targets": targets, "drafts": drafts,
-                                   "structured": structured})
+                                   "structured": structured, "adapters": adapted})
 
 
 if __name__ == "__main__":
