@@ -105,7 +105,7 @@ class PagedEngine(Engine):
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, adapter: str | None = None) -> Request:
         params = params or SamplingParams()
         if params.penalized:
             raise RequestError("presence_penalty", "penalties are not paged yet (this server runs --page-size)")
@@ -116,7 +116,7 @@ class PagedEngine(Engine):
                                                   "runs --page-size)")
         if prompt:
             self.pool.check_fits(len(prompt), params.max_tokens)
-        return super().submit(prompt, params, on_event)
+        return super().submit(prompt, params, on_event, adapter)  # an adapter: ModelNotFound (none served paged yet)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Iteration | None:
