@@ -503,16 +503,14 @@ def cmd_serve(args) -> None:
     if args.page_size is not None:
         from mistral_jax.serving.paged_engine import PagedEngine
 
-        if adapters is not None:
-            raise UserError("--page-size does not serve LoRA adapters yet: drop --lora-modules/--enable-lora-loading "
-                            "or --page-size")
         if speculation is not None:
             raise UserError("--page-size does not speculate yet: drop --draft or --page-size")
         print(f"compiling the paged programs ({args.max_batch} running requests)...", file=sys.stderr, flush=True)
         engine = PagedEngine(config, params, tokenizer, page_size=args.page_size,
                              max_total_tokens=args.max_total_tokens,
                              max_num_batched_tokens=args.max_num_batched_tokens, max_batch=args.max_batch,
-                             max_seq_len=args.max_seq_len, max_queue=args.max_queue, mesh=args.mesh_)
+                             max_seq_len=args.max_seq_len, max_queue=args.max_queue, mesh=args.mesh_,
+                             adapters=adapters)
         pool = engine.pool
         print(f"paged KV cache: {pool.num_pages} pages of {pool.page_size} tokens ({pool.capacity_tokens} tokens, "
               f"{engine.runner.page_bytes * pool.num_pages / 2**30:.2f} GiB); {engine.programs} programs",

@@ -64,9 +64,10 @@ class Adapters:
         self.config, self.max_loras, self.max_lora_rank = config, max_loras, max_lora_rank
         self.paths: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # name -> slot, LRU first
+        # path -> the slot holding it, least recently used first (by path: a request keeps the adapter it was
+        # submitted with, even if its name is unloaded or given to another path meanwhile)
+        self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._pins: collections.Counter[int] = collections.Counter()  # slot -> requests running on it
-        self._loaded: dict[int, str] = {}  # slot -> path of what the device table holds there
         for name, path in (modules or {}).items():
             self.add(name, path)
 
@@ -80,12 +81,9 @@ class Adapters:
             self.paths[name] = str(path)
 
     def remove(self, name: str) -> None:
-        """Stop serving `name` (requests running on it finish; its slot is reused once they do)."""
+        """Stop serving `name` (requests already submitted on it finish; its slot is reused once they do)."""
         with self._lock:
-            if name not in self.paths:
-                raise KeyError(name)
             del self.paths[name]
-            self._resident.pop(name, None)
 
     def __contains__(self, name: str) -> bool:
         return name in self.paths
@@ -94,30 +92,28 @@ class Adapters:
         with self._lock:
             return list(self.paths)
 
-    def acquire(self, name: str | None) -> tuple[int, tuple[int, str] | None] | None:
-        """A running request's slot for adapter `name` (None: 0, the base) pinned, and the (slot, path) to load
-        there first if it is not resident; None when every slot is pinned by other adapters' requests (wait)."""
-        if name is None:
+    def path(self, name: str | None) -> str | None:
+        """Where adapter `name` is read from (None: the base); KeyError if it is not served."""
+        return None if name is None else self.paths[name]
+
+    def acquire(self, path: str | None) -> tuple[int, tuple[int, str] | None] | None:
+        """A running request's slot for the adapter at `path` (None: 0, the base) pinned, and the (slot, path) to
+        load there first if it is not resident; None when every slot is pinned by other adapters' requests (wait)."""
+        if path is None:
             return 0, None
         with self._lock:
-            path = self.paths.get(name)
-            if path is None:
-                raise KeyError(name)
-            slot, load = self._resident.get(name), None
+            slot, load = self._resident.get(path), None
             if slot is None:
-                pinned = set(s for s, n in self._pins.items() if n > 0)
-                free = [s for s in range(1, self.max_loras + 1) if s not in self._resident.values()
-                        and s not in pinned]
+                pinned = {s for s, n in self._pins.items() if n > 0}
+                free = [s for s in range(1, self.max_loras + 1) if s not in self._resident.values()]
                 if not free:  # evict the least recently used resident adapter whose slot no request uses
-                    victim = next((n for n, s in self._resident.items() if s not in pinned), None)
+                    victim = next((p for p, s in self._resident.items() if s not in pinned), None)
                     if victim is None:
                         return None
                     free = [self._resident.pop(victim)]
-                slot = free[0]
-                self._resident[name] = slot
-                if self._loaded.get(slot) != path:
-                    load, self._loaded[slot] = (slot, path), path
-            self._resident.move_to_end(name)
+                slot, load = free[0], (free[0], path)
+                self._resident[path] = slot
+            self._resident.move_to_end(path)
             self._pins[slot] += 1
             return slot, load
 
@@ -130,7 +126,6 @@ class Adapters:
     def forget_loads(self) -> None:
         """The device table was rebuilt empty (the runner's reset): every adapter must be loaded again."""
         with self._lock:
-            self._loaded.clear()
             self._resident.clear()
 
 

@@ -65,6 +65,7 @@ class Request:
                  text: StopText | None, on_event: Callable[[Event], None] | None, adapter: str | None = None) -> None:
         self.id, self.prompt, self.params, self.stop_ids, self.text = request_id, prompt, params, stop_ids, text
         self.adapter = adapter  # the LoRA adapter's name (None: the base model)
+        self.adapter_path: str | None = None  # where it was read from when the request came (kept if unloaded)
         self.adapter_slot = -1  # its slot in the device table while it holds a decode slot (0: none)
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._on_event = on_event or self._events.put
@@ -174,8 +175,10 @@ class Engine:
         """Queue a request of prompt token ids, on LoRA `adapter` (a name; None: the base). Raises RequestError
         (bad input), ModelNotFound (an adapter not served) or QueueFull (try later)."""
         params = params or SamplingParams()
-        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
-            raise ModelNotFound(adapter)
+        try:
+            adapter_path = None if adapter is None else self.adapters.path(adapter)
+        except (AttributeError, KeyError):  # no adapters served, or not this one
+            raise ModelNotFound(adapter) from None
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise RequestError("prompt", "the prompt is empty")
@@ -195,6 +198,7 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
         text = StopText(self.tokenizer.decode_stream(), params.stop) if self.tokenizer is not None else None
         request = Request(next(self._ids), prompt, params, stop_ids, text, on_event, adapter)
+        request.adapter_path = adapter_path
         with self._lock:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")
@@ -304,8 +308,7 @@ class Engine:
         while self._waiting and None in self._slots:
             request = self._waiting.popleft()
             if not self._pin_adapter(request):
-                if request.finish_reason is None:
-                    deferred.append(request)
+                deferred.append(request)
                 continue
             request.slot = self._slots.index(None)
             self._slots[request.slot] = request
@@ -340,17 +343,11 @@ class Engine:
 
     def _pin_adapter(self, request: Request) -> bool:
         """Give an admitted request its adapter's table slot (its load, if any, rides in the next plan); False when
-        it must wait for one, or it failed (its adapter was unloaded since it was submitted)."""
+        it must wait for one (every slot held by requests running on other adapters)."""
         if self.adapters is None:
             request.adapter_slot = 0
             return True
-        try:
-            got = self.adapters.acquire(request.adapter)
-        except KeyError:
-            self._count_queued(-1)
-            self._finish(request, Event((), "", finish_reason="error", error=f"adapter {request.adapter!r} was "
-                                        "unloaded"))
-            return False
+        got = self.adapters.acquire(request.adapter_path)
         if got is None:
             return False
         request.adapter_slot, load = got

@@ -21,6 +21,7 @@ import numpy as np
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.serving.adapters import Adapters
 from mistral_jax.serving.engine import Engine, Request
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
 from mistral_jax.serving.pages import PagePool
@@ -59,9 +60,13 @@ class PagedEngine(Engine):
     def __init__(self, config: ModelConfig, params, tokenizer=None, *, page_size: int = DEFAULT_PAGE_SIZE,
                  max_total_tokens: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_batch: int = 8, max_seq_len: int | None = None, max_queue: int = 64, mesh=None,
-                 warm_up: bool = True) -> None:
+                 warm_up: bool = True, adapters: Adapters | None = None) -> None:
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
-        budget holds, at most max_batch full contexts); max_batch: running requests at most."""
+        budget holds, at most max_batch full contexts); max_batch: running requests at most. adapters: LoRA
+        adapters (serving/adapters.py), at least max_batch resident, so an admitted request always finds a slot."""
+        if adapters is not None and adapters.max_loras < max_batch:
+            raise UserError(f"--page-size needs --max-loras ({adapters.max_loras}) at least --max-batch ({max_batch}):"
+                            " every running request's adapter stays resident")
         if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
             raise UserError("--page-size runs on one device of one process for now; drop it to use a mesh")
         if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
@@ -73,7 +78,8 @@ class PagedEngine(Engine):
         self.preemptions = 0  # requests preempted (pages given back, recomputed later)
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
-                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False)
+                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False,
+                         adapters=adapters)
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
         if self.max_total_tokens is None:
@@ -84,7 +90,8 @@ class PagedEngine(Engine):
         self._new_scheduler()
         return PagedModelRunner(self.config, params, num_pages=self.pool.num_pages, page_size=self.page_size,
                                 max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
-                                max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens))
+                                max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens),
+                                adapters=self._adapter_table())
 
     def _new_scheduler(self) -> None:
         self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, (self.config.sliding_window,))
@@ -116,7 +123,7 @@ class PagedEngine(Engine):
                                                   "runs --page-size)")
         if prompt:
             self.pool.check_fits(len(prompt), params.max_tokens)
-        return super().submit(prompt, params, on_event, adapter)  # an adapter: ModelNotFound (none served paged yet)
+        return super().submit(prompt, params, on_event, adapter)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Iteration | None:
@@ -127,13 +134,14 @@ class PagedEngine(Engine):
                 break
             self._inflight[request.id] = request
             self._queued_ids.add(request.id)
-            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens)
+            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens, request.adapter_path)
             self.metrics.prompt_tokens.inc(len(request.prompt))
         self._drop_cancelled()
         plan = self.scheduler.schedule()
         if not plan.chunks and plan.preempted:  # everyone preempted this time: the next plan admits them again
             plan = self.scheduler.schedule()
         self.preemptions += len(plan.preempted)
+        loads = self._pin_adapters(plan)
         for request_id, _, _ in plan.admitted:
             if request_id in self._queued_ids:
                 self._queued_ids.remove(request_id)
@@ -143,7 +151,26 @@ class PagedEngine(Engine):
             return None
         sampling = tuple(self._inflight[c.request_id].params for c in plan.chunks)
         index = tuple(len(self._inflight[c.request_id].generated) for c in plan.chunks)
-        return _Iteration(PagedWork(plan, sampling, index))
+        adapters = tuple(max(self._inflight[c.request_id].adapter_slot, 0) for c in plan.chunks)
+        return _Iteration(PagedWork(plan, sampling, index, adapters, loads))
+
+    def _pin_adapters(self, plan) -> tuple[tuple[int, str], ...]:
+        """Admitted requests pin their adapter's slot, preempted ones let theirs go (max_loras >= max_batch: a
+        slot is always free) -> the loads this iteration runs first."""
+        if self.adapters is None:
+            return ()
+        for request_id in plan.preempted:
+            request = self._inflight.get(request_id)
+            if request is not None and request.adapter_slot > 0:
+                self.adapters.release(request.adapter_slot)
+            if request is not None:
+                request.adapter_slot = -1
+        for request_id, _, _ in plan.admitted:
+            request = self._inflight[request_id]
+            if request.adapter_slot < 0 and not self._pin_adapter(request):
+                raise RuntimeError(f"no adapter slot for request {request_id}: max_loras < max_batch")
+        loads, self._loads = tuple(self._loads), []
+        return loads
 
     def _update_gauges(self) -> None:
         queries, hits = self.scheduler.prefix_queries_tokens, self.scheduler.prefix_hits_tokens

@@ -23,9 +23,11 @@ from mistral_jax import decoding
 from mistral_jax import sampling as sampling_stage
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
+from mistral_jax.model import linear
 from mistral_jax.model import paged_attention as pa
 from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import SamplingParams
+from mistral_jax.serving.adapters import AdapterTable
 from mistral_jax.serving.runner import Sampled, chosen_logprobs
 from mistral_jax.serving.scheduler import Plan
 
@@ -41,6 +43,7 @@ class PagedInputs:
     meta: pa.AttentionMetadata  # positions, slots, per-row queries and page tables
     logit_index: jax.Array  # int32 [S]: flat index of each row's last token (its logits are sampled)
     index: jax.Array  # int32 [S]: each row's token index (its draw's key): tokens its request generated so far
+    adapters: jax.Array  # int32 [N]: each token's LoRA slot in the adapter table (0: none; unread without a table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +53,16 @@ class PagedWork:
     plan: Plan
     sampling: tuple[SamplingParams, ...]  # one per chunk
     index: tuple[int, ...]  # one per chunk: the token index of the token it samples
+    adapters: tuple[int, ...] = ()  # one per chunk: its request's LoRA slot (empty: none)
+    loads: tuple[tuple[int, str], ...] = ()  # (adapter table slot, adapter path) to load first
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, sampling):
+def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, sampling, lora=None):
     """The model over the flat row, writing K/V into the pages, and one token per row -> (Sampled arrays [S],
-    kv_pages)."""
+    kv_pages). lora: the adapter table (linear.LoraSlots without its index), each token choosing its slot."""
+    if lora is not None:
+        params = linear.with_lora(params, lora.replace(index=inputs.adapters[None]))
     out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
                   pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
@@ -67,8 +74,9 @@ class PagedModelRunner:
     """The per-layer KV pages and the programs over them (single process, no mesh for now)."""
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_batch: int,
-                 max_num_batched_tokens: int, max_pages_per_seq: int) -> None:
+                 max_num_batched_tokens: int, max_pages_per_seq: int, adapters: AdapterTable | None = None) -> None:
         config, params = decoding.decode_params(config, params)
+        self.adapters = adapters  # the LoRA table (None: the plain programs)
         if config.kv_cache_dtype == "int8":
             raise UserError("an int8 KV cache is not paged yet: drop --kv-cache-dtype int8 or --page-size")
         self.dtype = jnp.dtype(config.kv_cache_dtype or config.compute_dtype)
@@ -83,6 +91,8 @@ class PagedModelRunner:
         cfg = self.config
         shape = (self.num_pages, self.page_size, 2 * cfg.n_kv_heads, cfg.resolved_head_dim)
         self.kv_pages = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.n_layers))
+        if self.adapters is not None:
+            self.adapters.reset()
 
     @property
     def page_bytes(self) -> int:
@@ -112,6 +122,8 @@ class PagedModelRunner:
     def run(self, work: PagedWork) -> Sampled:
         """Run one iteration -> one sampled token (with logprobs) per chunk, in the plan's order."""
         plan = work.plan
+        for slot, path in work.loads:
+            self.adapters.load(slot, path)
         n, s, t, p = self.shape_for(plan)
         rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
         meta = pa.build_metadata(rows, self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
@@ -121,14 +133,19 @@ class PagedModelRunner:
         ends = np.cumsum([len(c.token_ids) for c in plan.chunks]) - 1
         logit_index, index = np.zeros(s, np.int32), np.zeros(s, np.int32)
         logit_index[:len(ends)], index[:len(ends)] = ends, work.index
+        adapters = np.zeros(n, np.int32)
+        if work.adapters:
+            per_token = np.repeat(np.asarray(work.adapters, np.int32), [len(c.token_ids) for c in plan.chunks])
+            adapters[:len(per_token)] = per_token
         params = list(work.sampling) + [SamplingParams()] * (s - len(work.sampling))
-        sampled = self._run(PagedInputs(tokens, meta, logit_index, index),
+        sampled = self._run(PagedInputs(tokens, meta, logit_index, index, adapters),
                             sampling_stage.metadata(params, self.config.vocab_size))
         return Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)] for f in dataclasses.fields(Sampled)))
 
     def _run(self, inputs: PagedInputs, sampling) -> Sampled:
+        lora = None if self.adapters is None else self.adapters.slots(None)
         out, self.kv_pages = _paged_step(self.config, self.params, self.kv_pages, jax.tree.map(jnp.asarray, inputs),
-                                         jax.tree.map(jnp.asarray, sampling))
+                                         jax.tree.map(jnp.asarray, sampling), lora)
         return Sampled(*(np.asarray(x) for x in out))
 
     def warm_up(self) -> int:
@@ -137,6 +154,9 @@ class PagedModelRunner:
         sampling = sampling_stage.metadata([SamplingParams()] * pa.bucket(self.max_batch), self.config.vocab_size)
         for n, s, t, p in shapes:
             meta = pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
-            inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32))
+            inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32),
+                                 np.zeros(n, np.int32))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))
+        if self.adapters is not None:
+            self.adapters.warm_up()
         return len(shapes)

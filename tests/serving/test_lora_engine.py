@@ -12,6 +12,7 @@ from mistral_jax.checkpoints import peft
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.serving.adapters import Adapters, parse_modules
 from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.paged_engine import PagedEngine
 from mistral_jax.serving.requests import ModelNotFound, SamplingParams
 
 RANKS = {"ada": 2, "bob": 4, "cat": 8, "dan": 4}  # "cat" also adapts the MLP
@@ -86,3 +87,25 @@ def test_unknown_adapter_and_another_base_are_refused(served, tmp_path):
         Adapters(config, {"cat": paths["cat"]}, max_lora_rank=4)
     with pytest.raises(mj.UserError, match="--lora-modules: 'ada' is not NAME=PATH"):
         parse_modules(["ada"])
+
+
+def test_paged_engine_serves_adapters_per_token(served):
+    _, config, params, paths = served
+    adapters = Adapters(config, paths, max_loras=4, max_lora_rank=8)
+    engine = PagedEngine(config, params, page_size=8, max_total_tokens=512, max_num_batched_tokens=32, max_batch=4,
+                         max_seq_len=96, adapters=adapters).start()
+    try:
+        rng = np.random.default_rng(7)
+        prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
+        prompts[5] = prompts[1][:16]  # a page-aligned prefix of another request's prompt, on another adapter
+        picks = ["ada", "bob", "cat", None, "dan", "ada", "cat", None]
+        with CompileStats() as compiled:
+            requests = [engine.submit(p, SamplingParams(max_tokens=m), adapter=a)
+                        for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+            got = [[t for event in r for t in event.token_ids] for r in requests]
+        assert compiled.compilations == 0
+        assert got == [_expected(config, params, paths, a, p, m) for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+    finally:
+        engine.stop()
+    with pytest.raises(mj.UserError, match=r"--max-loras \(2\) at least --max-batch \(4\)"):
+        PagedEngine(config, params, max_batch=4, adapters=Adapters(config, {}, max_loras=2), warm_up=False)
