@@ -246,9 +246,11 @@ def slot_weights(adapter: Adapter, shapes: dict) -> dict:
 
 def stack_slots(config, adapters, rank: int | None = None, dtype=None):
     """(weights, scale) of a per-row table holding `adapters` in slots 1.. (slot 0 empty): linear.LoraSlots'
-    first two fields. rank: the table's (default the largest adapter's); targets: those the adapters adapt."""
+    first two fields. rank: the table's (default the largest adapter's); targets: those the adapters adapt (a
+    UserError for one serving_targets does not cover)."""
     rank = rank or max(a.rank for a in adapters)
-    targets = tuple(dict.fromkeys(t for a in adapters for t in a.targets))
+    covered = serving_targets(config)
+    targets = tuple(dict.fromkeys(t for a in adapters for t in a.targets if t in covered))
     shapes = slot_shapes(config, targets, len(adapters) + 1, rank, dtype or config.compute_dtype)
     per_slot = [slot_weights(a, shapes) for a in adapters]
     weights = jax.tree.map(lambda s, *ws: jnp.stack([jnp.zeros(s.shape[:1] + s.shape[2:], s.dtype), *ws], axis=1),

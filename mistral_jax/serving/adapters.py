@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import lora
+from mistral_jax import lora, sharding
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.model import linear
@@ -143,6 +143,7 @@ class AdapterTable:
     config: ModelConfig
     max_loras: int
     max_lora_rank: int
+    mesh: object = None  # a jax Mesh: the table is replicated over it (every device reads any row's adapter)
 
     def __post_init__(self):
         self.shapes = lora.slot_shapes(self.config, lora.serving_targets(self.config), self.max_loras + 1,
@@ -150,8 +151,9 @@ class AdapterTable:
         self.reset()
 
     def reset(self) -> None:
-        self.weights = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.shapes)
-        self.scale = jnp.zeros((self.max_loras + 1,), jnp.float32)
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.shapes)
+        self.weights, self.scale = sharding.put_replicated(self.mesh, (zeros, np.zeros((self.max_loras + 1,),
+                                                                                        np.float32)))
         self._cache: dict[str, lora.Adapter] = {}
 
     def warm_up(self) -> None:

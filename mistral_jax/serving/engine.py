@@ -162,12 +162,12 @@ class Engine:
     def _make_runner(self, params, mesh, speculation, draft_params):
         """The device side: the slots' ModelRunner (a paged engine makes its own)."""
         return ModelRunner(self.config, params, max_batch=self.max_batch, max_seq_len=self.max_seq_len, mesh=mesh,
-                           speculation=speculation, draft_params=draft_params, adapters=self._adapter_table())
+                           speculation=speculation, draft_params=draft_params, adapters=self._adapter_table(mesh))
 
-    def _adapter_table(self) -> AdapterTable | None:
-        """The device table of the adapters (None without any: the plain programs)."""
+    def _adapter_table(self, mesh=None) -> AdapterTable | None:
+        """The device table of the adapters, replicated over `mesh` (None without any: the plain programs)."""
         a = self.adapters
-        return None if a is None else AdapterTable(self.config, a.max_loras, a.max_lora_rank)
+        return None if a is None else AdapterTable(self.config, a.max_loras, a.max_lora_rank, mesh)
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,

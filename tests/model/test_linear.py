@@ -75,3 +75,16 @@ def test_adapter_above_the_table_rank_is_refused(model):
     params, adapters, _, _ = model
     with pytest.raises(mj.UserError, match="rank r=8 is above max_lora_rank=4"):
         lora.stack_slots(CONFIG, adapters, rank=4)
+
+
+def test_mixture_of_experts_attention_per_row_and_expert_adapters_merged():
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = init_params(config, jax.random.key(0))
+    attention, experts = _adapter(params, 3, 4, ("wq", "wo")), _adapter(params, 5, 4, ("wv", "w_up"))
+    assert lora.serving_targets(config) == ("wq", "wk", "wv", "wo")  # expert weights take no per-row update
+    with pytest.raises(mj.UserError, match=r"adapts moe/w_up, which per-row adapters do not cover"):
+        lora.stack_slots(config, [experts])
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    for adapter in (attention, experts):  # per row; merged for this call (generate's fallback)
+        expected = mj.generate(config, lora.apply(config, params, adapter), prompts, 6)
+        assert mj.generate(config, params, prompts, 6, adapter=adapter) == expected
