@@ -460,6 +460,8 @@ def _with_adapter(config: ModelConfig, params, adapter, mesh, rows: int):
     if set(adapter.targets) - set(lora.serving_targets(config)):
         return merge_adapter(config, params, adapter, mesh)
     weights, scale = lora.stack_slots(config, [adapter])
+    if not config.scan_layers:  # the decode layout: each block reads its own arrays
+        weights = linear.unstack(weights)
     slots = linear.LoraSlots(weights, scale, np.ones((rows,), np.int32))
     return linear.with_lora(params, sharding.put_replicated(mesh, slots) if mesh is not None else jax.device_put(slots))
 

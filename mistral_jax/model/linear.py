@@ -82,12 +82,22 @@ def with_lora(params, lora: LoraSlots | None):
     return params if lora is None else {**params, LORA_KEY: lora}
 
 
-def layer(lora: LoraSlots | None, i: int | None = None) -> LayerLora | None:
-    """Layer i's share (i None: the weights are already one layer's, as inside a scan)."""
-    if lora is None:
+def layer_weights(layers: dict | None, i: int):
+    """Layer i's factors from LoraSlots.weights["layers"]: its own subtree (the unscanned layout, `unstack`) or a
+    slice of the stacked arrays."""
+    if layers is None:
         return None
-    weights = lora.weights["layers"] if i is None else jax.tree.map(lambda w: w[i], lora.weights["layers"])
-    return LayerLora(weights, lora.scale, lora.index)
+    if str(i) in layers:
+        return layers[str(i)]
+    return jax.tree.map(lambda w: w[i], layers)
+
+
+def unstack(weights: dict) -> dict:
+    """LoraSlots.weights with the layer axis split into one subtree per layer ({"layers": {"0": ..., ...}}), as
+    the unscanned layout keeps its weights: each block reads its own arrays, no slice of the table per step."""
+    layers = weights["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {"layers": {str(i): jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n)}}
 
 
 def einsum(spec: str, x, w, config: ModelConfig, preferred_element_type=None, lora=None):
@@ -109,8 +119,10 @@ def einsum(spec: str, x, w, config: ModelConfig, preferred_element_type=None, lo
 
 
 def update(x, a, b, scale, index):
-    """scale[i] * (x @ A[i]) @ B[i] per row (index [B]: gathered per row, BGMV) or per token (index [B, T]: every
-    slot's shrink, masked to the token's slot, then one expand over all slots' ranks).
+    """scale[i] * (x @ A[i]) @ B[i] per row (index [B]) or per token (index [B, T]). With more slots than rows,
+    each row's factors are gathered (BGMV); otherwise every slot's shrink is computed, masked to the row's (token's)
+    slot, then one expand over all slots' ranks: it reads each slot's factors once, where a gather copies them per
+    row (decode of a full batch: fewer bytes).
 
     x [B, T, in...]; a [N, in..., R]; b [N, R, out...]; scale float32 [N] -> [B, T, out...] in x's dtype.
     """
@@ -120,13 +132,14 @@ def update(x, a, b, scale, index):
     xf = x.reshape(bsz, t, math.prod(x.shape[2:]))  # [B, T, IN]
     a2 = a.reshape(n, -1, rank).astype(x.dtype)  # [N, IN, R]
     b2 = b.reshape(n, rank, -1).astype(x.dtype)  # [N, R, OUT]
-    if index.ndim == 1:
+    if index.ndim == 1 and n > bsz:
         h = jnp.einsum("bti,bir->btr", xf, a2[index])  # [B, T, R]
         h = h * scale[index].astype(x.dtype)[:, None, None]
         y = jnp.einsum("btr,bro->bto", h, b2[index])  # [B, T, OUT]
     else:
         h = jnp.einsum("bti,nir->btnr", xf, a2)  # [B, T, N, R]
-        pick = jax.nn.one_hot(index, n, dtype=x.dtype) * scale.astype(x.dtype)  # [B, T, N]
+        index = index[:, None] if index.ndim == 1 else index  # [B, 1] or [B, T]
+        pick = jax.nn.one_hot(index, n, dtype=x.dtype) * scale.astype(x.dtype)  # [B, 1 or T, N]
         h = (h * pick[..., None]).reshape(bsz, t, n * rank)
         y = jnp.einsum("btk,ko->bto", h, b2.reshape(n * rank, -1))  # [B, T, OUT]
     return y.reshape(bsz, t, *out_shape)

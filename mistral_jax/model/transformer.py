@@ -90,12 +90,13 @@ class LayerList(nn.Module):
 
     @nn.compact
     def __call__(self, x, layer_caches, inputs: BlockInputs, lora_layers=None):
-        """lora_layers: LoraSlots.weights["layers"] (a leading layer axis), when the batch carries adapters."""
+        """lora_layers: LoraSlots.weights["layers"] (a leading layer axis, or one subtree per layer as this layout
+        keeps its weights: no slice per call), when the batch carries adapters."""
         new_buffers, results = [], []
         for i in range(self.config.n_layers):
             layer_cache = None if layer_caches is None else {n: b[i] for n, b in layer_caches.items()}
             block = self.block(self.config, self.keep_hidden, self.config.layer_window(i), name=str(i))
-            layer_lora = None if lora_layers is None else jax.tree.map(lambda w, i=i: w[i], lora_layers)
+            layer_lora = linear.layer_weights(lora_layers, i)
             x, (new_layer_cache, *result) = block(x, layer_cache, inputs, layer_lora)
             new_buffers.append(new_layer_cache)
             results.append(result)

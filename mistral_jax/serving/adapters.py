@@ -131,14 +131,16 @@ class Adapters:
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _put_slot(weights, scale, slot, one, one_scale):
-    """The table (weights, scale [N]; donated) with adapter `one` ([L, ...] per factor) and its scale written at
-    slot `slot` (traced: any slot, one program)."""
-    return jax.tree.map(lambda t, w: t.at[:, slot].set(w.astype(t.dtype)), weights, one), scale.at[slot].set(one_scale)
+    """The table (weights per layer [N, ...], scale [N]; donated) with adapter `one` ([L, ...] per factor) and its
+    scale written at slot `slot` (traced: any slot, one program)."""
+    one = linear.unstack(one)
+    return jax.tree.map(lambda t, w: t.at[slot].set(w.astype(t.dtype)), weights, one), scale.at[slot].set(one_scale)
 
 
 @dataclasses.dataclass
 class AdapterTable:
-    """The adapters on device: a fixed-shape LoraSlots table; `load` writes one slot in place."""
+    """The adapters on device: a fixed-shape LoraSlots table, one subtree per layer (the decode layout's);
+    `load` writes one slot in place."""
 
     config: ModelConfig
     max_loras: int
@@ -151,7 +153,7 @@ class AdapterTable:
         self.reset()
 
     def reset(self) -> None:
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.shapes)
+        zeros = linear.unstack(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.shapes))  # per layer
         self.weights, self.scale = sharding.put_replicated(self.mesh, (zeros, np.zeros((self.max_loras + 1,),
                                                                                         np.float32)))
         self._cache: dict[str, lora.Adapter] = {}
