@@ -5,8 +5,12 @@ Each layer keeps its pages [num_pages, page_size, 2 * kv_heads, head_dim] (model
 bookkeeping (serving/pages.py) stays on the host. Programs come in two bounded families, all compiled by `warm_up`:
 decodes only (one token per row: rows bucketed to powers of two up to max_batch) and mixed iterations (tokens
 bucketed to powers of two up to max_num_batched_tokens, every row may hold a chunk), each per page-count bucket.
-The chunk's last token is sampled through the one sampling stage (sampling.py) with its request's settings and
-token index, so a request's draws equal mj.generate's wherever it runs.
+The chunk's last token is sampled through the one sampling stage (sampling.py) with its request's settings, token
+index, allowed-token bitmask (a grammar's, serving/constrained.py) and, where a row sets penalties, its token counts
+(built on the host from what the request generated, so preemption and recomputation need no device state), so a
+request's draws equal mj.generate's wherever it runs. Counts and bitmasks are traced inputs: a plan without penalties
+or grammars passes device-resident neutral ones (no transfer) and a `lax.cond` skips the penalty math, so settings
+coming and going compile nothing. Echoed prompt logprobs come from the slot runner's prompt scorer.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from mistral_jax.errors import UserError
 from mistral_jax.model import paged_attention as pa
 from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import SamplingParams
-from mistral_jax.serving.runner import Sampled, chosen_logprobs
+from mistral_jax.serving.runner import Results, Sampled, chosen_logprobs, score_prompt
 from mistral_jax.serving.scheduler import Plan
 
 SMALLEST_TOKENS = 16  # the smallest token bucket of a mixed iteration
@@ -41,6 +45,8 @@ class PagedInputs:
     meta: pa.AttentionMetadata  # positions, slots, per-row queries and page tables
     logit_index: jax.Array  # int32 [S]: flat index of each row's last token (its logits are sampled)
     index: jax.Array  # int32 [S]: each row's token index (its draw's key): tokens its request generated so far
+    allowed: jax.Array  # int32 [S, ceil(V / 32)]: each row's allowed-token bitmask (a grammar's; else all ones)
+    counts: sampling_stage.TokenCounts  # [S, V] generated counts and [S, ceil(V / 32)] prompt bitmasks (penalties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +56,9 @@ class PagedWork:
     plan: Plan
     sampling: tuple[SamplingParams, ...]  # one per chunk
     index: tuple[int, ...]  # one per chunk: the token index of the token it samples
+    allowed: np.ndarray | None = None  # int32 [C, ceil(V / 32)]: the chunks' bitmasks (None: no grammar)
+    counts: sampling_stage.TokenCounts | None = None  # numpy [C, V] and [C, ceil(V / 32)] (None: no penalties)
+    echo: tuple[tuple[int, np.ndarray], ...] = ()  # (request id, its prompt int32 [1, T] right padded): score it
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -59,7 +68,11 @@ def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, samp
     out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
                   pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
-    token = sampling_stage.sample(logits, sampling, None, inputs.index)
+    sampling = sampling.replace(allowed=inputs.allowed)
+    penalized = jnp.any((sampling.presence != 0) | (sampling.frequency != 0) | (sampling.repetition != 1))
+    x = jax.lax.cond(penalized, lambda: sampling_stage.adjust(logits[:, None], sampling, inputs.counts),
+                     lambda: sampling_stage.adjust(logits[:, None], sampling, None))  # [S, 1, V]
+    token = sampling_stage.accept(x, jnp.zeros((x.shape[0], 0), jnp.int32), sampling, inputs.index)[1][:, 0]
     return chosen_logprobs(logits, token), out.cache["kv"]
 
 
@@ -73,9 +86,11 @@ class PagedModelRunner:
             raise UserError("an int8 KV cache is not paged yet: drop --kv-cache-dtype int8 or --page-size")
         self.dtype = jnp.dtype(config.kv_cache_dtype or config.compute_dtype)
         self.config, self.params = config, params
+        self.speculation = self.draft_config = None  # as the slot runner's: no speculation here yet
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages = pa.bucket(max_pages_per_seq, SMALLEST_PAGES)
+        self._neutrals: dict[int, tuple] = {}  # row bucket -> device all-ones bitmasks and empty counts
         self.reset()
 
     def reset(self) -> None:
@@ -109,8 +124,9 @@ class PagedModelRunner:
         n = pa.bucket(plan.num_tokens, SMALLEST_TOKENS)
         return n, pa.bucket(self.max_batch), n, pages
 
-    def run(self, work: PagedWork) -> Sampled:
-        """Run one iteration -> one sampled token (with logprobs) per chunk, in the plan's order."""
+    def run(self, work: PagedWork) -> Results:
+        """Run one iteration -> Results: `decode`, one sampled token (with logprobs) per chunk in the plan's order;
+        `echo`, the asked prompts' logprobs by request id."""
         plan = work.plan
         n, s, t, p = self.shape_for(plan)
         rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
@@ -122,9 +138,28 @@ class PagedModelRunner:
         logit_index, index = np.zeros(s, np.int32), np.zeros(s, np.int32)
         logit_index[:len(ends)], index[:len(ends)] = ends, work.index
         params = list(work.sampling) + [SamplingParams()] * (s - len(work.sampling))
-        sampled = self._run(PagedInputs(tokens, meta, logit_index, index),
+        allowed, counts = self._neutral(s)
+        pad = functools.partial(_pad_rows, rows=s)
+        if work.allowed is not None:
+            allowed = pad(work.allowed, fill=-1)
+        if work.counts is not None:
+            counts = jax.tree.map(pad, work.counts)
+        sampled = self._run(PagedInputs(tokens, meta, logit_index, index, allowed, counts),
                             sampling_stage.metadata(params, self.config.vocab_size))
-        return Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)] for f in dataclasses.fields(Sampled)))
+        results = Results(decode=Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)]
+                                           for f in dataclasses.fields(Sampled))))
+        for request_id, prompt in work.echo:
+            results.echo[request_id] = Sampled(*(np.asarray(x) for x in score_prompt(
+                self.config, None, self.params, jnp.asarray(prompt))))
+        return results
+
+    def _neutral(self, rows: int) -> tuple[jax.Array, sampling_stage.TokenCounts]:
+        """Device-resident all-ones bitmasks and empty counts for `rows` rows (made once per row bucket)."""
+        if rows not in self._neutrals:
+            v = self.config.vocab_size
+            self._neutrals[rows] = (jnp.full((rows, sampling_stage.packed_width(v)), -1, jnp.int32),
+                                    jax.tree.map(jnp.asarray, sampling_stage.prompt_counts([[]] * rows, v)))
+        return self._neutrals[rows]
 
     def _run(self, inputs: PagedInputs, sampling) -> Sampled:
         out, self.kv_pages = _paged_step(self.config, self.params, self.kv_pages, jax.tree.map(jnp.asarray, inputs),
@@ -137,6 +172,12 @@ class PagedModelRunner:
         sampling = sampling_stage.metadata([SamplingParams()] * pa.bucket(self.max_batch), self.config.vocab_size)
         for n, s, t, p in shapes:
             meta = pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
-            inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32))
+            inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32),
+                                 *self._neutral(s))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))
         return len(shapes)
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
+    """x [C, ...] padded with `fill` to [rows, ...]."""
+    return np.pad(x, ((0, rows - len(x)),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)

@@ -147,7 +147,7 @@ def _insert_draft_row(mesh, cache, row_cache, slot):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_prompt(config: ModelConfig, mesh, params, tokens):
+def score_prompt(config: ModelConfig, mesh, params, tokens):
     """Logprobs of tokens[:, 1:] given what precedes each, from one causal pass: tokens int32 [1, T]."""
     with sharding.activations(mesh):
         logits = forward(config, params, tokens, default_positions(tokens)).logits[0, :-1]  # [T-1, V]
@@ -263,7 +263,7 @@ class ModelRunner:
     def _prefill(self, chunk: PrefillChunk, results: Results) -> None:
         if chunk.echo is not None:
             results.echo[chunk.request_id] = _sampled(
-                _score_prompt(self.config, self.mesh, self.params, self._put(chunk.echo)))
+                score_prompt(self.config, self.mesh, self.params, self._put(chunk.echo)))
         row = self._empty_cache(1) if chunk.first else self._rows.pop(chunk.request_id)
         tokens, positions = self._put((chunk.tokens, chunk.positions))
         logits, row = decoding.prefill_chunk(self.config, self.mesh, self.params, row, tokens, positions, chunk.first)
