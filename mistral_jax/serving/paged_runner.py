@@ -3,8 +3,10 @@ requests as one flat row of tokens over a paged KV cache), one sampled token per
 
 Each layer keeps its pages [num_pages, page_size, 2 * kv_heads, head_dim] (model/paged_attention.py); the pool's
 bookkeeping (serving/pages.py) stays on the host. Programs come in two bounded families, all compiled by `warm_up`:
-decodes only (one token per row: rows bucketed to powers of two up to max_batch) and mixed iterations (tokens
-bucketed to powers of two up to max_num_batched_tokens, every row may hold a chunk), each per page-count bucket.
+decodes only (one token per row: 1, max_batch / 2 or max_batch rows) and mixed iterations (tokens bucketed to powers
+of 4 up to max_num_batched_tokens, every row may hold a chunk), each per page-count bucket (powers of 4 up to the
+longest context's pages). Powers of 4 rather than 2 halve the programs (SmolLM2 at --max-seq-len 1024: 18 rather
+than 45) while a step still reads at most 4x the pages its longest row holds.
 The chunk's last token is sampled through the one sampling stage (sampling.py) with its request's settings, token
 index, allowed-token bitmask (a grammar's, serving/constrained.py) and, where a row sets penalties, its token counts
 (built on the host from what the request generated, so preemption and recomputation need no device state), so a
@@ -15,6 +17,7 @@ coming and going compile nothing. Echoed prompt logprobs come from the slot runn
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 
@@ -106,22 +109,34 @@ class PagedModelRunner:
 
     def shapes(self) -> list[tuple[int, int, int, int]]:
         """Every (tokens N, rows S, queries T, pages P) program: decodes, then mixed iterations."""
-        pages = [1 << i for i in range(self.max_pages.bit_length()) if SMALLEST_PAGES <= 1 << i <= self.max_pages]
-        pages = pages or [self.max_pages]
-        rows = [1 << i for i in range(pa.bucket(self.max_batch).bit_length()) if 1 << i <= pa.bucket(self.max_batch)]
-        mixed = [1 << i for i in range(pa.bucket(self.max_num_batched_tokens).bit_length())
-                 if SMALLEST_TOKENS <= 1 << i <= pa.bucket(self.max_num_batched_tokens)]
-        mixed = mixed or [pa.bucket(self.max_num_batched_tokens)]
         s = pa.bucket(self.max_batch)
-        return [(r, r, 1, p) for r in rows for p in pages] + [(n, s, n, p) for n in mixed for p in pages]
+        return ([(r, r, 1, p) for r in self.decode_rows for p in self.page_buckets]
+                + [(n, s, n, p) for n in self.token_buckets for p in self.page_buckets])
+
+    @functools.cached_property
+    def page_buckets(self) -> tuple[int, ...]:
+        """Page counts a row may read: powers of 4 from SMALLEST_PAGES, then the longest context's (few programs,
+        and a step reads at most 4x the pages its longest row holds)."""
+        return _ladder(SMALLEST_PAGES, self.max_pages, 4)
+
+    @functools.cached_property
+    def decode_rows(self) -> tuple[int, ...]:
+        """Row counts of decode-only iterations: one request alone, half the batch, the whole batch."""
+        s = pa.bucket(self.max_batch)
+        return tuple(sorted({1, max(1, s // 2), s}))
+
+    @functools.cached_property
+    def token_buckets(self) -> tuple[int, ...]:
+        """Token counts of mixed iterations: powers of 4 from SMALLEST_TOKENS up to the budget's bucket."""
+        return _ladder(SMALLEST_TOKENS, pa.bucket(self.max_num_batched_tokens), 4)
 
     def shape_for(self, plan: Plan) -> tuple[int, int, int, int]:
         """The bucket a plan runs in."""
-        pages = pa.bucket(max(len(c.tables[0].pages) for c in plan.chunks), SMALLEST_PAGES)
+        pages = _fit(self.page_buckets, max(len(c.tables[0].pages) for c in plan.chunks))
         if all(len(c.token_ids) == 1 for c in plan.chunks):
-            rows = pa.bucket(len(plan.chunks))
+            rows = _fit(self.decode_rows, len(plan.chunks))
             return rows, rows, 1, pages
-        n = pa.bucket(plan.num_tokens, SMALLEST_TOKENS)
+        n = _fit(self.token_buckets, plan.num_tokens)
         return n, pa.bucket(self.max_batch), n, pages
 
     def run(self, work: PagedWork) -> Results:
@@ -176,6 +191,20 @@ class PagedModelRunner:
                                  *self._neutral(s))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))
         return len(shapes)
+
+
+def _ladder(smallest: int, largest: int, factor: int) -> tuple[int, ...]:
+    """smallest, smallest * factor, ... below largest, then largest (just `largest` where it is the smaller)."""
+    sizes, size = [], smallest
+    while size < largest:
+        sizes.append(size)
+        size *= factor
+    return (*sizes, largest)
+
+
+def _fit(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket holding n."""
+    return buckets[bisect.bisect_left(buckets, n)]
 
 
 def _pad_rows(x: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
