@@ -60,6 +60,20 @@ def token_bytes(config: ModelConfig) -> int:
     return 2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim * dtype.itemsize
 
 
+def unsupported(config: ModelConfig, mesh=None, speculation=None) -> str | None:
+    """Why the paged engine cannot serve this model or setting yet (None: it can); the engine factory falls back
+    to the slot engine on it."""
+    if speculation is not None:
+        return "speculative decoding (--draft) is not paged yet"
+    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
+        return "it runs on one device of one process for now (this is a mesh)"
+    if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
+        return "the model's layers mix sliding and full attention (layer_types)"
+    if config.kv_cache_dtype == "int8":
+        return "an int8 KV cache is not paged yet (--kv-cache-dtype int8)"
+    return None
+
+
 class PagedEngine(Engine):
     """`Engine` with a scheduler and a page pool in place of the slots (see the module docstring)."""
 
@@ -69,11 +83,9 @@ class PagedEngine(Engine):
                  warm_up: bool = True) -> None:
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
         budget holds, at most max_batch full contexts); max_batch: running requests at most."""
-        if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-            raise UserError("--page-size runs on one device of one process for now; drop it to use a mesh")
-        if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
-            raise UserError("--page-size does not yet page a model whose layers mix sliding and full attention "
-                            "(layer_types); drop it to serve this model with the ring cache")
+        reason = unsupported(config, mesh)
+        if reason is not None:
+            raise UserError(f"the paged engine cannot serve this yet: {reason}; --page-size 0 serves it from slots")
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
         self.max_total_tokens = max_total_tokens
         self.programs, self.warm_up_seconds = 0, 0.0
@@ -171,12 +183,10 @@ class PagedEngine(Engine):
         """Penalized rows' token counts from their prompts and outputs so far (None: no row is penalized)."""
         if not any(r.params.penalized for r in requests):
             return None
-        v = self.config.vocab_size
-        counts = sampling_stage.prompt_counts([r.prompt if r.params.penalized else () for r in requests], v)
-        for i, r in enumerate(requests):
-            if r.params.penalized and r.generated:
-                counts.generated[i] = np.bincount(r.generated, minlength=v)
-        return counts
+        penalized = [r.params.penalized for r in requests]
+        return sampling_stage.token_counts([r.prompt if p else () for r, p in zip(requests, penalized)],
+                                           [r.generated if p else () for r, p in zip(requests, penalized)],
+                                           self.config.vocab_size)
 
     def _start_grammar(self, request: Request) -> bool:
         """A row of grammar state for the request, and its first token's bitmask; a grammar the vocabulary cannot
