@@ -132,7 +132,7 @@ class PagedEngine(Engine):
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
                on_event: Callable[[Event], None] | None = None) -> Request:
         params = params or SamplingParams()
-        if prompt:
+        if prompt and len(prompt) + params.max_tokens <= self.max_seq_len:  # past the context: the slot engine's 400
             self.pool.check_fits(len(prompt), params.max_tokens)
         return super().submit(prompt, params, on_event)
 
@@ -191,6 +191,10 @@ class PagedEngine(Engine):
     def _start_grammar(self, request: Request) -> bool:
         """A row of grammar state for the request, and its first token's bitmask; a grammar the vocabulary cannot
         match fails the request alone (False)."""
+        if not self._grammar_free:  # more than max_batch + max_queue in flight (preemptions): refuse, never stall
+            self._finish(request, Event((), "", finish_reason="error", error="response_format: too many constrained "
+                                                                             "requests in flight; retry later"))
+            return False
         request.slot = self._grammar_free.pop()
         try:
             self._timed(lambda: (self._constraints.start(request.slot, request.params.grammar),

@@ -11,6 +11,7 @@ from mistral_jax import speculative
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.factory import make_engine
 from mistral_jax.serving.paged_engine import DEFAULT_PAGE_SIZE, PagedEngine
+from mistral_jax.serving.requests import RequestError, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,17 @@ def test_what_pages_cannot_serve_falls_back_to_slots_in_one_line(tiny, caplog, c
     if speculation is None:  # asked for outright, the paged engine refuses and says how to serve it
         with pytest.raises(mj.UserError, match="--page-size 0"):
             PagedEngine(config, params, max_batch=2, max_seq_len=64, warm_up=False)
+
+
+def test_refusals_name_the_fields_the_slot_engine_names(tiny):
+    """Past the context: max_tokens (as the slot engine says); within it but past the pool: prompt."""
+    config, params = tiny
+    paged = make_engine(config, params, max_batch=2, max_seq_len=64, max_total_tokens=32, page_size=4, warm_up=False)
+    slots = make_engine(config, params, page_size=0, max_batch=2, max_seq_len=64, warm_up=False)
+    for engine in (paged, slots):
+        with pytest.raises(RequestError) as err:
+            engine.submit(list(range(60)), SamplingParams(max_tokens=8))
+        assert err.value.param == "max_tokens"
+    with pytest.raises(RequestError) as err:  # 40 tokens fit the context of 64, not a pool of 32
+        paged.submit(list(range(40)), SamplingParams(max_tokens=8))
+    assert err.value.param == "prompt"
