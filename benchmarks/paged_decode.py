@@ -27,7 +27,8 @@ from mistral_jax.serving.scheduler import Scheduler
 ROWS, CONTEXT, PAGE = 8, 90, 16  # 90 + up to 37 decodes stay in 8 pages: one page bucket
 
 
-def paged(config, params, max_seq_len: int, repeats: int) -> tuple[float, float, int, int, tuple[float, float]]:
+def paged(config, params, max_seq_len: int, repeats: int,
+          warm_up: bool = True) -> tuple[float, float, int, int, tuple[float, float]]:
     """(seconds per decode iteration, plain and penalized; pages in the pool, programs compiled at warm-up, warm-up
     wall and CPU seconds)."""
     budget = paged_engine.DEFAULT_KV_BUDGET_BYTES // paged_engine.token_bytes(config)
@@ -37,7 +38,7 @@ def paged(config, params, max_seq_len: int, repeats: int) -> tuple[float, float,
     runner = PagedModelRunner(config, params, num_pages=pool.num_pages, page_size=PAGE, max_batch=ROWS,
                               max_num_batched_tokens=256, max_pages_per_seq=pool.pages_for(max_seq_len, 256))
     start, cpu = time.perf_counter(), time.process_time()
-    programs = runner.warm_up()
+    programs = runner.warm_up() if warm_up else 0  # without: only the programs the iterations below run compile
     warm_up = time.perf_counter() - start, time.process_time() - cpu  # wall and CPU seconds (a loaded machine)
     rng = np.random.default_rng(0)
     for i in range(ROWS):
@@ -83,12 +84,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--lengths", default="1024,32768")
+    parser.add_argument("--no-warm-up", action="store_true", help="time the decode only (compile what it runs)")
     parser.add_argument("--slots", default="1024", help="lengths at which to time the ring slots' decode step too")
     args = parser.parse_args()
     config = mj.ModelConfig.from_preset("smollm2-135m-instruct")
     params = mj.init_params(config, jax.random.key(0))
     for length in map(int, args.lengths.split(",")):
-        step, penalized, pages, programs, warm_up = paged(config, params, length, args.repeats)
+        step, penalized, pages, programs, warm_up = paged(config, params, length, args.repeats, not args.no_warm_up)
         line = f"--max-seq-len {length}: {programs} programs in {warm_up[0]:.1f} s ({warm_up[1]:.1f} CPU s); " \
                f"paged decode of {ROWS} x " \
                f"{CONTEXT} tokens {step * 1e3:.1f} ms, penalized {penalized * 1e3:.1f} ms (pool {pages} pages of " \
