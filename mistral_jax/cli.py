@@ -28,6 +28,7 @@ from mistral_jax.errors import UserError, one_line
 from mistral_jax.model import quant
 from mistral_jax.paths import check_new_dir, is_url, path_arg
 from mistral_jax.serving import lockstep
+from mistral_jax.serving.paged_engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_PAGE_SIZE, PagedEngine
 from train import dpo, plot, sft  # the training programs live in train/; only the CLI reaches into it
 
 # The orbax, GGUF and run-directory readers and mistral_jax.tokenizers are imported where used: at the top
@@ -175,15 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-seq-len", type=_positive_int, default=None,
                        help="context per slot, prompt plus answer (default: the model's)")
     serve.add_argument("--prefill-chunk", type=_positive_int, default=512,
-                       help="prompt tokens prefilled between two decode steps")
-    serve.add_argument("--page-size", type=_positive_int, default=None,
-                       help="tokens per KV cache page: serve from a paged cache with prefix caching and ragged "
-                            "batches (opt-in for now; default: one ring slot of --max-seq-len per --max-batch)")
+                       help="slot engine (--page-size 0): prompt tokens prefilled between two decode steps")
+    serve.add_argument("--page-size", type=_non_negative_int, default=DEFAULT_PAGE_SIZE,
+                       help=f"tokens per KV cache page (default {DEFAULT_PAGE_SIZE}): serve from a paged cache with "
+                            "prefix caching and ragged batches; 0 serves from one ring slot of --max-seq-len per "
+                            "--max-batch (so do --draft, a mesh and an int8 KV cache for now)")
     serve.add_argument("--max-total-tokens", type=_positive_int, default=None,
-                       help="with --page-size: the page pool's capacity in tokens over all requests (default: "
-                            "what a memory budget holds, printed at start-up)")
-    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=256,
-                       help="with --page-size: tokens one iteration carries (decodes and prompt chunks)")
+                       help="the page pool's capacity in tokens over all requests (default: what a memory budget "
+                            "holds, printed at start-up)")
+    serve.add_argument("--max-num-batched-tokens", type=_positive_int, default=DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                       help="tokens one paged iteration carries (decodes and prompt chunks)")
     serve.add_argument("--compilation-cache", type=path_arg, default=None, metavar="DIR",
                        help="jax's persistent compilation cache: a restart reuses the compiled programs")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -493,34 +495,23 @@ def cmd_serve(args) -> None:
         jax.config.update("jax_compilation_cache_dir", str(args.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    from mistral_jax.serving.engine import Engine
+    from mistral_jax.serving.factory import make_engine
 
     config, params, tokenizer = _load(args, need_tokenizer="optional")
     speculation, draft_params = (None, None) if args.draft_ is None else speculative.from_draft(config, args.draft_,
                                                                                                  args.draft_tokens)
     adapters = _serving_adapters(args, config)
     started = time.perf_counter()
-    if args.page_size is not None:
-        from mistral_jax.serving.paged_engine import PagedEngine
-
-        if speculation is not None:
-            raise UserError("--page-size does not speculate yet: drop --draft or --page-size")
-        print(f"compiling the paged programs ({args.max_batch} running requests)...", file=sys.stderr, flush=True)
-        engine = PagedEngine(config, params, tokenizer, page_size=args.page_size,
-                             max_total_tokens=args.max_total_tokens,
-                             max_num_batched_tokens=args.max_num_batched_tokens, max_batch=args.max_batch,
-                             max_seq_len=args.max_seq_len, max_queue=args.max_queue, mesh=args.mesh_,
-                             adapters=adapters)
+    print(f"compiling the serving programs ({args.max_batch} running requests)...", file=sys.stderr, flush=True)
+    engine = make_engine(config, params, tokenizer, page_size=args.page_size, max_total_tokens=args.max_total_tokens,
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_batch=args.max_batch,
+                         max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                         mesh=args.mesh_, speculation=speculation, draft_params=draft_params, adapters=adapters)
+    if isinstance(engine, PagedEngine):
         pool = engine.pool
         print(f"paged KV cache: {pool.num_pages} pages of {pool.page_size} tokens ({pool.capacity_tokens} tokens, "
               f"{engine.runner.page_bytes * pool.num_pages / 2**30:.2f} GiB); {engine.programs} programs",
               file=sys.stderr, flush=True)
-    else:
-        print(f"compiling the decode step and prefill buckets ({args.max_batch} slots)...", file=sys.stderr,
-              flush=True)
-        engine = Engine(config, params, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                        prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, mesh=args.mesh_,
-                        speculation=speculation, draft_params=draft_params, adapters=adapters)
     print(f"compiled in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not distributed.is_main_process():
         engine.follow()

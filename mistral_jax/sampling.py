@@ -254,6 +254,15 @@ def prompt_counts(prompts: Sequence[Sequence[int]], vocab_size: int) -> TokenCou
     return TokenCounts(np.zeros((len(prompts), vocab_size), np.int32), pack_tokens(prompts, vocab_size))
 
 
+def token_counts(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], vocab_size: int) -> TokenCounts:
+    """Counts after each row generated `outputs` (numpy): what `count` makes on device, rebuilt on the host."""
+    counts = prompt_counts(prompts, vocab_size)
+    for row, output in enumerate(outputs):
+        if len(output):
+            counts.generated[row] = np.bincount(np.asarray(output, np.int64), minlength=vocab_size)
+    return counts
+
+
 def count(counts: TokenCounts | None, tokens, new) -> TokenCounts | None:
     """counts plus tokens int32 [B, J] where new (bool [B, J])."""
     if counts is None:

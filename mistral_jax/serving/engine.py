@@ -216,8 +216,13 @@ class Engine:
             if self._constraints is None:
                 if self.tokenizer is None:
                     raise RequestError("response_format", "response_format: structured output needs a tokenizer")
-                self._constraints = Constraints(self.tokenizer, self.max_batch)
+                self._constraints = Constraints(self.tokenizer, self.grammar_rows)
             return self._constraints
+
+    @property
+    def grammar_rows(self) -> int:
+        """Rows of grammar state: one per slot (a paged engine keeps one per request in flight)."""
+        return self.max_batch
 
     # Running ------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -433,10 +438,14 @@ class Engine:
             if request is None:
                 continue
             if chunk.request_id in results.echo:
-                request.prompt_logprobs = (None, *_logprobs(results.echo[chunk.request_id], len(request.prompt) - 1))
+                self._echoed(request, results.echo[chunk.request_id])
             if chunk.slot >= 0:  # the prompt's last chunk: its first token
                 request.decoding = True
                 self._on_token(request, results.first[chunk.request_id], 0)
+
+    def _echoed(self, request: Request, sampled: Sampled) -> None:
+        """The prompt's logprobs (the first token has none), from the scorer's rows for tokens 1..T-1."""
+        request.prompt_logprobs = (None, *_logprobs(sampled, len(request.prompt) - 1))
 
     def _on_token(self, request: Request, sampled: Sampled, row: int) -> None:
         token = int(sampled.tokens[row])

@@ -6,6 +6,11 @@ metrics are the slot engine's (engine.py); only where work is planned and run di
 A request is submitted to the scheduler when it arrives (refused at once, naming the field, if it could never fit
 in the pool); when the pool runs short the newest request is preempted and later recomputed from its prompt and
 the output so far, so its stream goes on without a gap. Single process, single device for now.
+
+Sampling features follow the request, not a slot: penalty counts are rebuilt on the host from the request's prompt
+and output for each iteration where some row is penalized; a grammar (structured output, forced tool calls) holds a
+row of grammar state (`Constraints`) from arrival to finish, so a preempted request resumes its grammar where it was;
+echoed prompt logprobs are scored once, when the request is first admitted.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from mistral_jax import decoding
+from mistral_jax import sampling as sampling_stage
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
 from mistral_jax.serving.adapters import Adapters
@@ -54,6 +61,23 @@ def token_bytes(config: ModelConfig) -> int:
     return 2 * config.n_layers * config.n_kv_heads * config.resolved_head_dim * dtype.itemsize
 
 
+def unsupported(config: ModelConfig, mesh=None, speculation=None, adapters: Adapters | None = None,
+                max_batch: int = 8) -> str | None:
+    """Why the paged engine cannot serve this model or setting yet (None: it can); the engine factory falls back
+    to the slot engine on it."""
+    if speculation is not None:
+        return "speculative decoding (--draft) is not paged yet"
+    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
+        return "it runs on one device of one process for now (this is a mesh)"
+    if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
+        return "the model's layers mix sliding and full attention (layer_types)"
+    if config.kv_cache_dtype == "int8":
+        return "an int8 KV cache is not paged yet (--kv-cache-dtype int8)"
+    if adapters is not None and adapters.max_loras < max_batch:  # every running request's adapter stays resident
+        return f"LoRA adapters are paged with --max-loras ({adapters.max_loras}) at least --max-batch ({max_batch})"
+    return None
+
+
 class PagedEngine(Engine):
     """`Engine` with a scheduler and a page pool in place of the slots (see the module docstring)."""
 
@@ -64,19 +88,15 @@ class PagedEngine(Engine):
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
         budget holds, at most max_batch full contexts); max_batch: running requests at most. adapters: LoRA
         adapters (serving/adapters.py), at least max_batch resident, so an admitted request always finds a slot."""
-        if adapters is not None and adapters.max_loras < max_batch:
-            raise UserError(f"--page-size needs --max-loras ({adapters.max_loras}) at least --max-batch ({max_batch}):"
-                            " every running request's adapter stays resident")
-        if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-            raise UserError("--page-size runs on one device of one process for now; drop it to use a mesh")
-        if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
-            raise UserError("--page-size does not yet page a model whose layers mix sliding and full attention "
-                            "(layer_types); drop it to serve this model with the ring cache")
+        reason = unsupported(config, mesh, adapters=adapters, max_batch=max_batch)
+        if reason is not None:
+            raise UserError(f"the paged engine cannot serve this yet: {reason}; --page-size 0 serves it from slots")
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
         self.max_total_tokens = max_total_tokens
         self.programs, self.warm_up_seconds = 0, 0.0
         self.preemptions = 0  # requests preempted (pages given back, recomputed later)
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
+        self._grammar_free = list(range(max_batch + max_queue))[::-1]  # free rows of grammar state (Constraints)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                          prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False,
                          adapters=adapters)
@@ -110,18 +130,16 @@ class PagedEngine(Engine):
     def active_slots(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def grammar_rows(self) -> int:
+        """A row of grammar state per request in flight: running or waiting (max_queue), preempted ones included."""
+        return self.max_batch + self.max_queue
+
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
                on_event: Callable[[Event], None] | None = None, adapter: str | None = None) -> Request:
         params = params or SamplingParams()
-        if params.penalized:
-            raise RequestError("presence_penalty", "penalties are not paged yet (this server runs --page-size)")
-        if params.echo_logprobs:
-            raise RequestError("echo", "prompt logprobs are not paged yet (this server runs --page-size)")
-        if params.grammar is not None:
-            raise RequestError("response_format", "response_format: structured output is not paged yet (this server "
-                                                  "runs --page-size)")
-        if prompt:
+        if prompt and len(prompt) + params.max_tokens <= self.max_seq_len:  # past the context: the slot engine's 400
             self.pool.check_fits(len(prompt), params.max_tokens)
         return super().submit(prompt, params, on_event, adapter)
 
@@ -134,6 +152,8 @@ class PagedEngine(Engine):
                 break
             self._inflight[request.id] = request
             self._queued_ids.add(request.id)
+            if request.params.grammar is not None and not self._start_grammar(request):
+                continue
             self.scheduler.submit(request.id, request.prompt, request.params.max_tokens, request.adapter_path)
             self.metrics.prompt_tokens.inc(len(request.prompt))
         self._drop_cancelled()
@@ -149,10 +169,49 @@ class PagedEngine(Engine):
         self._update_gauges()
         if not plan.chunks:
             return None
-        sampling = tuple(self._inflight[c.request_id].params for c in plan.chunks)
-        index = tuple(len(self._inflight[c.request_id].generated) for c in plan.chunks)
-        adapters = tuple(max(self._inflight[c.request_id].adapter_slot, 0) for c in plan.chunks)
-        return _Iteration(PagedWork(plan, sampling, index, adapters, loads))
+        requests = [self._inflight[c.request_id] for c in plan.chunks]
+        admitted = {request_id for request_id, _, _ in plan.admitted}
+        echo = tuple((r.id, _padded(r.prompt)) for r in requests
+                     if r.id in admitted and r.params.echo_logprobs and r.prompt_logprobs is None and len(r.prompt) > 1)
+        adapters = tuple(max(r.adapter_slot, 0) for r in requests)
+        return _Iteration(PagedWork(plan, tuple(r.params for r in requests), tuple(len(r.generated) for r in requests),
+                                    self._allowed(plan, requests), self._counts(requests), echo, adapters, loads))
+
+    def _allowed(self, plan, requests: list[Request]) -> np.ndarray | None:
+        """The chunks' bitmasks [C, ceil(V / 32)]: a constrained chunk that samples has its grammar's (None: none)."""
+        rows = [(i, r.slot) for i, (c, r) in enumerate(zip(plan.chunks, requests))
+                if c.sample and r.params.grammar is not None]
+        if not rows:
+            return None
+        allowed = np.full((len(requests), sampling_stage.packed_width(self.config.vocab_size)), -1, np.int32)
+        for i, row in rows:
+            allowed[i] = self._constraints.bitmask[row]
+        return allowed
+
+    def _counts(self, requests: list[Request]) -> sampling_stage.TokenCounts | None:
+        """Penalized rows' token counts from their prompts and outputs so far (None: no row is penalized)."""
+        if not any(r.params.penalized for r in requests):
+            return None
+        penalized = [r.params.penalized for r in requests]
+        return sampling_stage.token_counts([r.prompt if p else () for r, p in zip(requests, penalized)],
+                                           [r.generated if p else () for r, p in zip(requests, penalized)],
+                                           self.config.vocab_size)
+
+    def _start_grammar(self, request: Request) -> bool:
+        """A row of grammar state for the request, and its first token's bitmask; a grammar the vocabulary cannot
+        match fails the request alone (False)."""
+        if not self._grammar_free:  # more than max_batch + max_queue in flight (preemptions): refuse, never stall
+            self._finish(request, Event((), "", finish_reason="error", error="response_format: too many constrained "
+                                                                             "requests in flight; retry later"))
+            return False
+        request.slot = self._grammar_free.pop()
+        try:
+            self._timed(lambda: (self._constraints.start(request.slot, request.params.grammar),
+                                 self._constraints.fill([request.slot])))
+        except RequestError as err:
+            self._finish(request, Event((), "", finish_reason="error", error=str(err)))
+            return False
+        return True
 
     def _pin_adapters(self, plan) -> tuple[tuple[int, str], ...]:
         """Admitted requests pin their adapter's slot, preempted ones let theirs go (max_loras >= max_batch: a
@@ -188,12 +247,15 @@ class PagedEngine(Engine):
     # Results ------------------------------------------------------------------------------------
     def _consume(self, work: _Iteration, results) -> None:
         plan = work.plan.plan
+        for request_id, sampled in results.echo.items():
+            if request_id in self._inflight:
+                self._echoed(self._inflight[request_id], sampled)
         rows = {c.request_id: i for i, c in enumerate(plan.chunks) if c.sample}
-        self.scheduler.update(plan, {request_id: int(results.tokens[i]) for request_id, i in rows.items()})
+        self.scheduler.update(plan, {request_id: int(results.decode.tokens[i]) for request_id, i in rows.items()})
         for request_id, i in rows.items():
             request = self._inflight.get(request_id)
             if request is not None:
-                self._on_token(request, results, i)
+                self._on_token(request, results.decode, i)
         self._update_gauges()
 
     def _finish(self, request: Request, event: Event) -> None:
@@ -201,9 +263,20 @@ class PagedEngine(Engine):
         if request.id in self._queued_ids:
             self._queued_ids.remove(request.id)
             self._count_queued(-1)
+        if request.slot >= 0:  # its row of grammar state
+            self._constraints.release(request.slot)
+            self._grammar_free.append(request.slot)
+            request.slot = -1
         super()._finish(request, event)
 
     def _fail(self, err: Exception) -> None:
         """As the slot engine, then a fresh pool: the pages' contents (and so the prefix cache) are gone."""
         super()._fail(err)
         self._new_scheduler()
+
+
+def _padded(prompt: Sequence[int]) -> np.ndarray:
+    """A prompt right padded to a power of two, int32 [1, T] (the prompt scorer's buckets, as the slot engine's)."""
+    tokens = np.zeros((1, decoding.round_up_pow2(len(prompt))), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    return tokens

@@ -3,14 +3,21 @@ requests as one flat row of tokens over a paged KV cache), one sampled token per
 
 Each layer keeps its pages [num_pages, page_size, 2 * kv_heads, head_dim] (model/paged_attention.py); the pool's
 bookkeeping (serving/pages.py) stays on the host. Programs come in two bounded families, all compiled by `warm_up`:
-decodes only (one token per row: rows bucketed to powers of two up to max_batch) and mixed iterations (tokens
-bucketed to powers of two up to max_num_batched_tokens, every row may hold a chunk), each per page-count bucket.
-The chunk's last token is sampled through the one sampling stage (sampling.py) with its request's settings and
-token index, so a request's draws equal mj.generate's wherever it runs.
+decodes only (one token per row: 1, max_batch / 2 or max_batch rows) and mixed iterations (tokens bucketed to powers
+of 4 up to max_num_batched_tokens, every row may hold a chunk), each per page-count bucket (powers of 4 up to the
+longest context's pages). Powers of 4 rather than 2 halve the programs (SmolLM2 at --max-seq-len 1024: 18 rather
+than 45) while a step still reads at most 4x the pages its longest row holds.
+The chunk's last token is sampled through the one sampling stage (sampling.py) with its request's settings, token
+index, allowed-token bitmask (a grammar's, serving/constrained.py) and, where a row sets penalties, its token counts
+(built on the host from what the request generated, so preemption and recomputation need no device state), so a
+request's draws equal mj.generate's wherever it runs. Counts and bitmasks are traced inputs: a plan without penalties
+or grammars passes device-resident neutral ones (no transfer) and a `lax.cond` skips the penalty math, so settings
+coming and going compile nothing. Echoed prompt logprobs come from the slot runner's prompt scorer.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 
@@ -28,7 +35,7 @@ from mistral_jax.model import paged_attention as pa
 from mistral_jax.model.transformer import forward
 from mistral_jax.sampling import SamplingParams
 from mistral_jax.serving.adapters import AdapterTable
-from mistral_jax.serving.runner import Sampled, chosen_logprobs
+from mistral_jax.serving.runner import Results, Sampled, chosen_logprobs, score_prompt
 from mistral_jax.serving.scheduler import Plan
 
 SMALLEST_TOKENS = 16  # the smallest token bucket of a mixed iteration
@@ -44,6 +51,8 @@ class PagedInputs:
     logit_index: jax.Array  # int32 [S]: flat index of each row's last token (its logits are sampled)
     index: jax.Array  # int32 [S]: each row's token index (its draw's key): tokens its request generated so far
     adapters: jax.Array  # int32 [N]: each token's LoRA slot in the adapter table (0: none; unread without a table)
+    allowed: jax.Array  # int32 [S, ceil(V / 32)]: each row's allowed-token bitmask (a grammar's; else all ones)
+    counts: sampling_stage.TokenCounts  # [S, V] generated counts and [S, ceil(V / 32)] prompt bitmasks (penalties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,9 @@ class PagedWork:
     plan: Plan
     sampling: tuple[SamplingParams, ...]  # one per chunk
     index: tuple[int, ...]  # one per chunk: the token index of the token it samples
+    allowed: np.ndarray | None = None  # int32 [C, ceil(V / 32)]: the chunks' bitmasks (None: no grammar)
+    counts: sampling_stage.TokenCounts | None = None  # numpy [C, V] and [C, ceil(V / 32)] (None: no penalties)
+    echo: tuple[tuple[int, np.ndarray], ...] = ()  # (request id, its prompt int32 [1, T] right padded): score it
     adapters: tuple[int, ...] = ()  # one per chunk: its request's LoRA slot (empty: none)
     loads: tuple[tuple[int, str], ...] = ()  # (adapter table slot, adapter path) to load first
 
@@ -66,7 +78,11 @@ def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, samp
     out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
                   pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
-    token = sampling_stage.sample(logits, sampling, None, inputs.index)
+    sampling = sampling.replace(allowed=inputs.allowed)
+    penalized = jnp.any((sampling.presence != 0) | (sampling.frequency != 0) | (sampling.repetition != 1))
+    x = jax.lax.cond(penalized, lambda: sampling_stage.adjust(logits[:, None], sampling, inputs.counts),
+                     lambda: sampling_stage.adjust(logits[:, None], sampling, None))  # [S, 1, V]
+    token = sampling_stage.accept(x, jnp.zeros((x.shape[0], 0), jnp.int32), sampling, inputs.index)[1][:, 0]
     return chosen_logprobs(logits, token), out.cache["kv"]
 
 
@@ -81,9 +97,11 @@ class PagedModelRunner:
             raise UserError("an int8 KV cache is not paged yet: drop --kv-cache-dtype int8 or --page-size")
         self.dtype = jnp.dtype(config.kv_cache_dtype or config.compute_dtype)
         self.config, self.params = config, params
+        self.speculation = self.draft_config = None  # as the slot runner's: no speculation here yet
         self.num_pages, self.page_size, self.max_batch = num_pages, page_size, max_batch
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_pages = pa.bucket(max_pages_per_seq, SMALLEST_PAGES)
+        self._neutrals: dict[int, tuple] = {}  # row bucket -> device all-ones bitmasks and empty counts
         self.reset()
 
     def reset(self) -> None:
@@ -101,26 +119,39 @@ class PagedModelRunner:
 
     def shapes(self) -> list[tuple[int, int, int, int]]:
         """Every (tokens N, rows S, queries T, pages P) program: decodes, then mixed iterations."""
-        pages = [1 << i for i in range(self.max_pages.bit_length()) if SMALLEST_PAGES <= 1 << i <= self.max_pages]
-        pages = pages or [self.max_pages]
-        rows = [1 << i for i in range(pa.bucket(self.max_batch).bit_length()) if 1 << i <= pa.bucket(self.max_batch)]
-        mixed = [1 << i for i in range(pa.bucket(self.max_num_batched_tokens).bit_length())
-                 if SMALLEST_TOKENS <= 1 << i <= pa.bucket(self.max_num_batched_tokens)]
-        mixed = mixed or [pa.bucket(self.max_num_batched_tokens)]
         s = pa.bucket(self.max_batch)
-        return [(r, r, 1, p) for r in rows for p in pages] + [(n, s, n, p) for n in mixed for p in pages]
+        return ([(r, r, 1, p) for r in self.decode_rows for p in self.page_buckets]
+                + [(n, s, n, p) for n in self.token_buckets for p in self.page_buckets])
+
+    @functools.cached_property
+    def page_buckets(self) -> tuple[int, ...]:
+        """Page counts a row may read: powers of 4 from SMALLEST_PAGES, then the longest context's (few programs,
+        and a step reads at most 4x the pages its longest row holds)."""
+        return _ladder(SMALLEST_PAGES, self.max_pages, 4)
+
+    @functools.cached_property
+    def decode_rows(self) -> tuple[int, ...]:
+        """Row counts of decode-only iterations: one request alone, half the batch, the whole batch."""
+        s = pa.bucket(self.max_batch)
+        return tuple(sorted({1, max(1, s // 2), s}))
+
+    @functools.cached_property
+    def token_buckets(self) -> tuple[int, ...]:
+        """Token counts of mixed iterations: powers of 4 from SMALLEST_TOKENS up to the budget's bucket."""
+        return _ladder(SMALLEST_TOKENS, pa.bucket(self.max_num_batched_tokens), 4)
 
     def shape_for(self, plan: Plan) -> tuple[int, int, int, int]:
         """The bucket a plan runs in."""
-        pages = pa.bucket(max(len(c.tables[0].pages) for c in plan.chunks), SMALLEST_PAGES)
+        pages = _fit(self.page_buckets, max(len(c.tables[0].pages) for c in plan.chunks))
         if all(len(c.token_ids) == 1 for c in plan.chunks):
-            rows = pa.bucket(len(plan.chunks))
+            rows = _fit(self.decode_rows, len(plan.chunks))
             return rows, rows, 1, pages
-        n = pa.bucket(plan.num_tokens, SMALLEST_TOKENS)
+        n = _fit(self.token_buckets, plan.num_tokens)
         return n, pa.bucket(self.max_batch), n, pages
 
-    def run(self, work: PagedWork) -> Sampled:
-        """Run one iteration -> one sampled token (with logprobs) per chunk, in the plan's order."""
+    def run(self, work: PagedWork) -> Results:
+        """Run one iteration -> Results: `decode`, one sampled token (with logprobs) per chunk in the plan's order;
+        `echo`, the asked prompts' logprobs by request id."""
         plan = work.plan
         for slot, path in work.loads:
             self.adapters.load(slot, path)
@@ -138,9 +169,31 @@ class PagedModelRunner:
             per_token = np.repeat(np.asarray(work.adapters, np.int32), [len(c.token_ids) for c in plan.chunks])
             adapters[:len(per_token)] = per_token
         params = list(work.sampling) + [SamplingParams()] * (s - len(work.sampling))
-        sampled = self._run(PagedInputs(tokens, meta, logit_index, index, adapters),
+        allowed, counts = self._neutral(s)
+        pad = functools.partial(_pad_rows, rows=s)
+        if work.allowed is not None:
+            allowed = pad(work.allowed, fill=-1)
+        if work.counts is not None:
+            counts = jax.tree.map(pad, work.counts)
+        sampled = self._run(PagedInputs(tokens, meta, logit_index, index, adapters, allowed, counts),
                             sampling_stage.metadata(params, self.config.vocab_size))
-        return Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)] for f in dataclasses.fields(Sampled)))
+        results = Results(decode=Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)]
+                                           for f in dataclasses.fields(Sampled))))
+        slot_of = dict(zip((c.request_id for c in plan.chunks), work.adapters))
+        for request_id, prompt in work.echo:
+            params = self.params if self.adapters is None else linear.with_lora(
+                self.params, self.adapters.slots(jnp.full((1,), slot_of.get(request_id, 0), jnp.int32)))
+            results.echo[request_id] = Sampled(*(np.asarray(x) for x in score_prompt(
+                self.config, None, params, jnp.asarray(prompt))))
+        return results
+
+    def _neutral(self, rows: int) -> tuple[jax.Array, sampling_stage.TokenCounts]:
+        """Device-resident all-ones bitmasks and empty counts for `rows` rows (made once per row bucket)."""
+        if rows not in self._neutrals:
+            v = self.config.vocab_size
+            self._neutrals[rows] = (jnp.full((rows, sampling_stage.packed_width(v)), -1, jnp.int32),
+                                    jax.tree.map(jnp.asarray, sampling_stage.prompt_counts([[]] * rows, v)))
+        return self._neutrals[rows]
 
     def _run(self, inputs: PagedInputs, sampling) -> Sampled:
         lora = None if self.adapters is None else self.adapters.slots(None)
@@ -155,8 +208,27 @@ class PagedModelRunner:
         for n, s, t, p in shapes:
             meta = pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
             inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32),
-                                 np.zeros(n, np.int32))
+                                 np.zeros(n, np.int32), *self._neutral(s))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))
         if self.adapters is not None:
             self.adapters.warm_up()
         return len(shapes)
+
+
+def _ladder(smallest: int, largest: int, factor: int) -> tuple[int, ...]:
+    """smallest, smallest * factor, ... below largest, then largest (just `largest` where it is the smaller)."""
+    sizes, size = [], smallest
+    while size < largest:
+        sizes.append(size)
+        size *= factor
+    return (*sizes, largest)
+
+
+def _fit(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket holding n."""
+    return buckets[bisect.bisect_left(buckets, n)]
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill: int = 0) -> np.ndarray:
+    """x [C, ...] padded with `fill` to [rows, ...]."""
+    return np.pad(x, ((0, rows - len(x)),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)

@@ -151,7 +151,7 @@ def _insert_draft_row(mesh, cache, row_cache, slot):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_prompt(config: ModelConfig, mesh, params, tokens):
+def score_prompt(config: ModelConfig, mesh, params, tokens):
     """Logprobs of tokens[:, 1:] given what precedes each, from one causal pass: tokens int32 [1, T]."""
     with sharding.activations(mesh):
         logits = forward(config, params, tokens, default_positions(tokens)).logits[0, :-1]  # [T-1, V]
@@ -281,7 +281,7 @@ class ModelRunner:
         params = self._params(self._put(np.full((1,), chunk.adapter, np.int32)))
         if chunk.echo is not None:
             results.echo[chunk.request_id] = _sampled(
-                _score_prompt(self.config, self.mesh, params, self._put(chunk.echo)))
+                score_prompt(self.config, self.mesh, params, self._put(chunk.echo)))
         row = self._empty_cache(1) if chunk.first else self._rows.pop(chunk.request_id)
         tokens, positions = self._put((chunk.tokens, chunk.positions))
         logits, row = decoding.prefill_chunk(self.config, self.mesh, params, row, tokens, positions, chunk.first)

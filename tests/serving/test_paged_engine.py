@@ -70,9 +70,9 @@ def test_a_window_bounds_the_pages_a_request_reads(engine):
         assert longest == 32 < engine.max_seq_len
 
 
-def test_structured_output_is_refused_not_ignored(engine):
+def test_structured_output_without_a_tokenizer_is_refused_not_ignored(engine):
     engine, _, _ = engine
-    with pytest.raises(RequestError) as err:  # the paged step reads no bitmask yet: a 400, never free text
+    with pytest.raises(RequestError) as err:  # no vocabulary to match a grammar against: a 400, never free text
         engine.submit([1, 2, 3], SamplingParams(response_format={"regex": "[0-9]+"}))
     assert err.value.param == "response_format"
 
