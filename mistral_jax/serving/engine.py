@@ -75,6 +75,7 @@ class Request:
         self.submitted = self.last_token_at = time.monotonic()
         self.finish_reason: str | None = None
         self.accepted_drafts = 0  # speculating: drafted tokens the model kept for this request
+        self.after: int | None = None  # another choice of the same prompt (n > 1), whose prompt pages it may share
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the engine frees the slot within one step."""
@@ -159,8 +160,10 @@ class Engine:
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
-        """Queue a request of prompt token ids. Raises RequestError (bad input) or QueueFull (try later)."""
+               on_event: Callable[[Event], None] | None = None, after: Request | None = None) -> Request:
+        """Queue a request of prompt token ids. Raises RequestError (bad input) or QueueFull (try later).
+        after: an earlier request with the same prompt (another of n choices): a paged engine shares its prompt's
+        pages; the slots run the two as separate rows."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -181,6 +184,10 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._stop_ids)
         text = StopText(self.tokenizer.decode_stream(), params.stop) if self.tokenizer is not None else None
         request = Request(next(self._ids), prompt, params, stop_ids, text, on_event)
+        if after is not None:
+            if after.prompt != prompt:
+                raise ValueError("after: a request sharing its prompt must have the same prompt")
+            request.after = after.id
         with self._lock:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")

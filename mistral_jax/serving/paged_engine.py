@@ -105,7 +105,7 @@ class PagedEngine(Engine):
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, after: Request | None = None) -> Request:
         params = params or SamplingParams()
         if params.penalized:
             raise RequestError("presence_penalty", "penalties are not paged yet (this server runs --page-size)")
@@ -116,7 +116,7 @@ class PagedEngine(Engine):
                                                   "runs --page-size)")
         if prompt:
             self.pool.check_fits(len(prompt), params.max_tokens)
-        return super().submit(prompt, params, on_event)
+        return super().submit(prompt, params, on_event, after)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Iteration | None:
@@ -127,7 +127,7 @@ class PagedEngine(Engine):
                 break
             self._inflight[request.id] = request
             self._queued_ids.add(request.id)
-            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens)
+            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens, after=request.after)
             self.metrics.prompt_tokens.inc(len(request.prompt))
         self._drop_cancelled()
         plan = self.scheduler.schedule()
