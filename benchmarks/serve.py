@@ -18,6 +18,8 @@
   answer is identical. (--clients '' skips the levels above.)
 - With --constrained N: N streaming clients whose answers a JSON schema constrains (a grammar per slot, its
   bitmask filled on the host after every token) against N without, same prompts, and the host time per step.
+With --peer-python PATH: instead, our server (its own process, default flags) beside `transformers serve
+--continuous-batching` from that venv, on chat questions (benchmarks/serve_peer.py says how).
 Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
 TTFT p99 at 8 clients < 3x TTFT p50 at 1 client. Issue 25: constrained tokens/s >= 0.8x free.
 """
@@ -183,6 +185,10 @@ def _draft_rows(args, config, params, tokenizer, plain_url: str) -> list[dict]:
 
 
 def main() -> None:
+    if any(a.split("=")[0] == "--peer-python" for a in sys.argv[1:]):  # issue 24's table: ours beside the peer
+        import serve_peer
+
+        return serve_peer.main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--clients", default="1,4,8,16")

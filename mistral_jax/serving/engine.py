@@ -243,19 +243,23 @@ class Engine:
                 return
             self.runner.run(plan)
 
+    def _idle_plan(self, stop: bool = False):
+        """What followers run when process 0 has nothing to do (or stops): its runner's empty plan."""
+        return Plan(stop=stop)
+
     def _run(self) -> None:
         while True:
             if self._stop_requested.is_set():
                 self._cancel_all()
                 if self._multihost:
-                    lockstep.broadcast(Plan(stop=True))
+                    lockstep.broadcast(self._idle_plan(stop=True))
                 return
             work = self._schedule()
             if work is None:
                 self._wake.wait(_IDLE_PLAN_SECONDS)
                 self._wake.clear()
                 if self._multihost:
-                    lockstep.broadcast(Plan())
+                    lockstep.broadcast(self._idle_plan())
                 continue
             plan = lockstep.broadcast(work.plan) if self._multihost else work.plan
             try:

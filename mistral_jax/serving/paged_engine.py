@@ -5,7 +5,8 @@ metrics are the slot engine's (engine.py); only where work is planned and run di
 
 A request is submitted to the scheduler when it arrives (refused at once, naming the field, if it could never fit
 in the pool); when the pool runs short the newest request is preempted and later recomputed from its prompt and
-the output so far, so its stream goes on without a gap. Single process, single device for now.
+the output so far, so its stream goes on without a gap. On a mesh of one process or several the plan (page tables
+and all: process 0 allocates, the others only run what it sends) is broadcast as the slot engine's is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
@@ -25,6 +27,7 @@ from mistral_jax.serving.engine import Engine, Request
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
 from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.requests import Event, RequestError, SamplingParams
+from mistral_jax.serving.scheduler import Plan as SchedulerPlan
 from mistral_jax.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -62,8 +65,6 @@ class PagedEngine(Engine):
                  warm_up: bool = True) -> None:
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
         budget holds, at most max_batch full contexts); max_batch: running requests at most."""
-        if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-            raise UserError("--page-size runs on one device of one process for now; drop it to use a mesh")
         if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
             raise UserError("--page-size does not yet page a model whose layers mix sliding and full attention "
                             "(layer_types); drop it to serve this model with the ring cache")
@@ -73,18 +74,22 @@ class PagedEngine(Engine):
         self.preemptions = 0  # requests preempted (pages given back, recomputed later)
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
-                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False)
+                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, mesh=mesh, warm_up=warm_up,
+                         gate=False)
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
         if self.max_total_tokens is None:
             budget = kv_budget_bytes() // token_bytes(self.config)
+            if jax.process_count() > 1:  # every process allocates alike: process 0's budget sizes every pool
+                budget = int(multihost_utils.broadcast_one_to_all(np.int64(budget)))
             self.max_total_tokens = max(self.max_seq_len, min(self.max_batch * self.max_seq_len, budget))
             log.info("paged KV cache: %d tokens by default (%.2f GiB; --max-total-tokens sets it)",
                      self.max_total_tokens, self.max_total_tokens * token_bytes(self.config) / 2**30)
         self._new_scheduler()
         return PagedModelRunner(self.config, params, num_pages=self.pool.num_pages, page_size=self.page_size,
                                 max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
-                                max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens))
+                                max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens),
+                                mesh=mesh)
 
     def _new_scheduler(self) -> None:
         self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, (self.config.sliding_window,))
@@ -102,6 +107,9 @@ class PagedEngine(Engine):
     @property
     def active_slots(self) -> int:
         return len(self.scheduler.running)
+
+    def _idle_plan(self, stop: bool = False) -> PagedWork:
+        return PagedWork(SchedulerPlan(()), (), (), stop=stop)
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import decoding
+from mistral_jax import decoding, sharding
 from mistral_jax import sampling as sampling_stage
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
@@ -50,25 +50,36 @@ class PagedWork:
     plan: Plan
     sampling: tuple[SamplingParams, ...]  # one per chunk
     index: tuple[int, ...]  # one per chunk: the token index of the token it samples
+    stop: bool = False  # multi-host: process 0 is stopping, the followers stop too
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, sampling):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _paged_step(config: ModelConfig, mesh, params, kv_pages, inputs: PagedInputs, sampling):
     """The model over the flat row, writing K/V into the pages, and one token per row -> (Sampled arrays [S],
-    kv_pages)."""
-    out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
-                  pages=inputs.meta, logit_index=inputs.logit_index)
+    kv_pages). Under a mesh the pages stay split over KV heads and the sampled tokens come back replicated."""
+    with sharding.activations(mesh):
+        out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
+                      pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
     token = sampling_stage.sample(logits, sampling, None, inputs.index)
-    return chosen_logprobs(logits, token), out.cache["kv"]
+    sampled, kv_pages = chosen_logprobs(logits, token), out.cache["kv"]
+    if mesh is not None:
+        sampled = jax.lax.with_sharding_constraint(sampled, sharding.replicated(mesh))
+        kv_pages = tuple(jax.lax.with_sharding_constraint(x, sharding.page_sharding(mesh, x.shape))
+                         for x in kv_pages)
+    return sampled, kv_pages
 
 
 class PagedModelRunner:
-    """The per-layer KV pages and the programs over them (single process, no mesh for now)."""
+    """The per-layer KV pages and the programs over them; under a mesh (one process or several, in lockstep) the
+    weights are placed by sharding.py's rules and each layer's pages split over its KV heads."""
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_batch: int,
-                 max_num_batched_tokens: int, max_pages_per_seq: int) -> None:
+                 max_num_batched_tokens: int, max_pages_per_seq: int, mesh=None) -> None:
         config, params = decoding.decode_params(config, params)
+        self.mesh = mesh
+        if mesh is not None:
+            params = sharding.ensure_params(config, params, mesh)
         if config.kv_cache_dtype == "int8":
             raise UserError("an int8 KV cache is not paged yet: drop --kv-cache-dtype int8 or --page-size")
         self.dtype = jnp.dtype(config.kv_cache_dtype or config.compute_dtype)
@@ -82,7 +93,9 @@ class PagedModelRunner:
         """Zeroed pages (after a failed iteration, whose donated pages may be gone)."""
         cfg = self.config
         shape = (self.num_pages, self.page_size, 2 * cfg.n_kv_heads, cfg.resolved_head_dim)
-        self.kv_pages = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.n_layers))
+        where = None if self.mesh is None else sharding.page_sharding(self.mesh, shape)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=where)
+        self.kv_pages = tuple(zeros() for _ in range(cfg.n_layers))
 
     @property
     def page_bytes(self) -> int:
@@ -112,6 +125,8 @@ class PagedModelRunner:
     def run(self, work: PagedWork) -> Sampled:
         """Run one iteration -> one sampled token (with logprobs) per chunk, in the plan's order."""
         plan = work.plan
+        if not plan.chunks:  # an idle or stopping plan (broadcast to followers): nothing to run
+            return None
         n, s, t, p = self.shape_for(plan)
         rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
         meta = pa.build_metadata(rows, self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
@@ -127,8 +142,8 @@ class PagedModelRunner:
         return Sampled(*(getattr(sampled, f.name)[:len(plan.chunks)] for f in dataclasses.fields(Sampled)))
 
     def _run(self, inputs: PagedInputs, sampling) -> Sampled:
-        out, self.kv_pages = _paged_step(self.config, self.params, self.kv_pages, jax.tree.map(jnp.asarray, inputs),
-                                         jax.tree.map(jnp.asarray, sampling))
+        put = functools.partial(sharding.put_replicated, self.mesh)
+        out, self.kv_pages = _paged_step(self.config, self.mesh, self.params, self.kv_pages, put(inputs), put(sampling))
         return Sampled(*(np.asarray(x) for x in out))
 
     def warm_up(self) -> int:

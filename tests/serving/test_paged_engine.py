@@ -5,11 +5,13 @@ page and chunk boundaries; the pool ends with every page free; nothing compiles 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 import mistral_jax as mj
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.serving.paged_engine import PagedEngine
 from mistral_jax.serving.requests import RequestError, SamplingParams
+from mistral_jax.sharding import make_mesh
 
 PAGE, CHUNK = 4, 16  # page_size and max_num_batched_tokens
 SUFFIXES = [1, 3, 4, 6, 13, 17, 22, 30]  # after a 10-token system prompt: across pages (4) and chunks (16)
@@ -141,3 +143,29 @@ def test_mixed_layer_windows_are_refused_in_one_line():
     assert config.mixed_windows
     with pytest.raises(mj.UserError, match="layer_types"):
         PagedEngine(config, None, page_size=4, max_total_tokens=64)
+
+
+@pytest.mark.slow
+def test_a_mesh_of_8_devices_serves_what_one_device_does():
+    """Weights placed by sharding.py's rules and each layer's pages split over its 2 KV heads (fsdp 4 x tensor 2):
+    greedy and seeded requests equal mj.generate unsharded, token for token."""
+    config, params = _model("tiny-mistral", seed=4)
+    mesh = make_mesh(fsdp=4, tensor=2)
+    engine = PagedEngine(config, params, page_size=PAGE, max_total_tokens=256, max_num_batched_tokens=CHUNK,
+                         max_batch=2, max_seq_len=64, mesh=mesh).start()
+    try:
+        prompts = _prompts(config.vocab_size, seed=2)[::2]
+        with CompileStats() as compiled:
+            greedy = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts, MAX_TOKENS)]
+            seeded = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.9, seed=3 + i))
+                      for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+            greedy, seeded = [_tokens(r) for r in greedy], [_tokens(r) for r in seeded]
+        assert compiled.compilations == 0
+        pages = engine.runner.kv_pages[0]
+        assert pages.sharding.spec == PartitionSpec(None, None, "tensor") and len(pages.sharding.device_set) == 8
+        assert greedy == [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
+        assert seeded == [mj.generate(config, params, [p], m, temperature=0.9, seed=3 + i)[0]
+                          for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+        assert engine.pool.num_used == 0
+    finally:
+        engine.stop()
