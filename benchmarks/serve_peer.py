@@ -3,7 +3,8 @@
     python benchmarks/serve.py --peer-python /path/to/venv/bin/python [--clients 1,4,8,16] [--requests 16]
                                [--max-tokens 64] [--ours-flags "--page-size 16"] [--json serve_peer.json]
 
-- The peer runs from another virtual environment (torch CPU + transformers; never a dependency of this project):
+- The peer runs from another virtual environment (torch CPU, transformers and accelerate, which --install-peer
+  pip-installs there; never a dependency of this project):
   its `transformers serve --continuous-batching --device cpu` on a loopback port, serving our checkpoint exported
   with `mistral-jax export` (float32), so both serve the same weights and chat template.
 - Ours: `mistral-jax serve` with its default flags (plus --ours-flags), in its own process on a loopback port.
@@ -231,6 +232,22 @@ def _generate_alone(checkpoint: str, tokenizer, max_tokens: int) -> float:
     return tokens / seconds
 
 
+PEER_PACKAGES = ("torch", "transformers", "accelerate")  # `transformers serve` places the model through accelerate
+
+
+def _peer_versions(python: str, install: bool) -> list[str]:
+    """[transformers, torch] versions of the peer's venv; with install, its missing packages pip-installed first."""
+    probe = "import torch, transformers, accelerate; print(transformers.__version__, torch.__version__)"
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if found.returncode and install:
+        subprocess.run([python, "-m", "pip", "install", *PEER_PACKAGES], check=True)
+        found = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if found.returncode:
+        raise SystemExit(f"{python} lacks the peer's packages ({found.stderr.strip().splitlines()[-1]}): "
+                         f"`{python} -m pip install {' '.join(PEER_PACKAGES)}`, or pass --install-peer")
+    return found.stdout.split()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", required=True, help="python of a venv with torch and transformers")
@@ -240,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--shared-requests", type=int, default=5, help="requests behind the shared system prompt")
     parser.add_argument("--ours-flags", default="", help="extra `mistral-jax serve` flags (default: none)")
+    parser.add_argument("--install-peer", action="store_true",
+                        help="pip-install torch, transformers and accelerate into --peer-python's venv if missing")
     parser.add_argument("--no-burst", action="store_true", help="skip the --max-total-tokens 4096 burst")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -256,9 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         hf_dir = pathlib.Path(scratch) / "hf"
         subprocess.run([sys.executable, "-m", "mistral_jax.cli", "export", checkpoint, str(hf_dir)], check=True)
-        version = subprocess.run([args.peer_python, "-c", "import torch, transformers; "
-                                  "print(transformers.__version__, torch.__version__)"],
-                                 capture_output=True, text=True, check=True).stdout.split()
+        version = _peer_versions(args.peer_python, args.install_peer)
         result["peer_versions"] = {"transformers": version[0], "torch": version[1]}
         servers = {}
         port = _free_port()

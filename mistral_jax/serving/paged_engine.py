@@ -22,7 +22,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mistral_jax.config import ModelConfig
-from mistral_jax.errors import UserError
 from mistral_jax.serving.engine import Engine, Request
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
 from mistral_jax.serving.pages import PagePool
@@ -65,9 +64,6 @@ class PagedEngine(Engine):
                  warm_up: bool = True) -> None:
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
         budget holds, at most max_batch full contexts); max_batch: running requests at most."""
-        if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
-            raise UserError("--page-size does not yet page a model whose layers mix sliding and full attention "
-                            "(layer_types); drop it to serve this model with the ring cache")
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
         self.max_total_tokens = max_total_tokens
         self.programs, self.warm_up_seconds = 0, 0.0
@@ -92,7 +88,7 @@ class PagedEngine(Engine):
                                 mesh=mesh)
 
     def _new_scheduler(self) -> None:
-        self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, (self.config.sliding_window,))
+        self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, self.config.window_groups)
         self.scheduler = Scheduler(self.pool, self.max_batch, self.max_num_batched_tokens)
         self.metrics.kv_pages_total.set(self.pool.num_pages)
         self.metrics.kv_pages_used.set(0)

@@ -38,7 +38,7 @@ class PagedInputs:
     """One iteration's device inputs."""
 
     tokens: jax.Array  # int32 [N]: the flat token row (padding: 0)
-    meta: pa.AttentionMetadata  # positions, slots, per-row queries and page tables
+    meta: tuple[pa.AttentionMetadata, ...]  # per layer group (config.window_groups): positions, slots, page tables
     logit_index: jax.Array  # int32 [S]: flat index of each row's last token (its logits are sampled)
     index: jax.Array  # int32 [S]: each row's token index (its draw's key): tokens its request generated so far
 
@@ -58,7 +58,7 @@ def _paged_step(config: ModelConfig, mesh, params, kv_pages, inputs: PagedInputs
     """The model over the flat row, writing K/V into the pages, and one token per row -> (Sampled arrays [S],
     kv_pages). Under a mesh the pages stay split over KV heads and the sampled tokens come back replicated."""
     with sharding.activations(mesh):
-        out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
+        out = forward(config, params, inputs.tokens[None], inputs.meta[0].positions[None], cache={"kv": kv_pages},
                       pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
     token = sampling_stage.sample(logits, sampling, None, inputs.index)
@@ -115,7 +115,7 @@ class PagedModelRunner:
 
     def shape_for(self, plan: Plan) -> tuple[int, int, int, int]:
         """The bucket a plan runs in."""
-        pages = pa.bucket(max(len(c.tables[0].pages) for c in plan.chunks), SMALLEST_PAGES)
+        pages = pa.bucket(max(len(t.pages) for c in plan.chunks for t in c.tables), SMALLEST_PAGES)
         if all(len(c.token_ids) == 1 for c in plan.chunks):
             rows = pa.bucket(len(plan.chunks))
             return rows, rows, 1, pages
@@ -128,8 +128,9 @@ class PagedModelRunner:
         if not plan.chunks:  # an idle or stopping plan (broadcast to followers): nothing to run
             return None
         n, s, t, p = self.shape_for(plan)
-        rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
-        meta = pa.build_metadata(rows, self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
+        meta = tuple(pa.build_metadata([(c.start, len(c.token_ids), c.tables[g].first, c.tables[g].pages)
+                                        for c in plan.chunks], self.page_size, self.num_pages, tokens=n, rows=s,
+                                       queries=t, pages=p) for g in range(len(self.config.window_groups)))
         tokens = np.zeros(n, np.int32)
         flat = np.concatenate([c.token_ids for c in plan.chunks]).astype(np.int32)
         tokens[:len(flat)] = flat
@@ -151,7 +152,8 @@ class PagedModelRunner:
         shapes = self.shapes()
         sampling = sampling_stage.metadata([SamplingParams()] * pa.bucket(self.max_batch), self.config.vocab_size)
         for n, s, t, p in shapes:
-            meta = pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
+            meta = (pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p),
+                    ) * len(self.config.window_groups)
             inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))
         return len(shapes)

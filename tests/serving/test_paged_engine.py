@@ -136,13 +136,36 @@ def test_preemption_in_a_tiny_pool_continues_every_stream_without_a_gap():
         engine.stop()
 
 
-def test_mixed_layer_windows_are_refused_in_one_line():
-    """The pool pages one layer group: a model mixing sliding and full layers must not lose its full layers' keys."""
+def test_layers_mixing_sliding_and_full_attention_page_in_two_groups():
+    """layer_types mixing a window of 8 and full attention: one page table per group, the sliding layers' pages
+    outside the window freed as the request decodes far past it; every request equals mj.generate."""
     config = mj.ModelConfig.from_preset("tiny-mistral").replace(
         sliding_window=8, layer_types=("sliding_attention", "full_attention"))
-    assert config.mixed_windows
-    with pytest.raises(mj.UserError, match="layer_types"):
-        PagedEngine(config, None, page_size=4, max_total_tokens=64)
+    assert config.mixed_windows and config.window_groups == (8, None)
+    config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(6)))
+    engine = PagedEngine(config, params, page_size=PAGE, max_total_tokens=256, max_num_batched_tokens=CHUNK,
+                         max_batch=4, max_seq_len=64).start()
+    try:
+        prompts = _prompts(config.vocab_size, seed=3)[1::2]
+        lengths = [40, 7, 25, 12]
+        seen = []  # (full pages, sliding pages) held by the longest request while it decodes
+        longest = engine.submit(prompts[0], SamplingParams(max_tokens=lengths[0]))
+        others = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.8, seed=i))
+                  for i, (p, m) in enumerate(zip(prompts[1:], lengths[1:]))]
+        tokens = []
+        for event in longest:
+            tokens += event.token_ids
+            if engine.pool.holds(longest.id):
+                seen.append((len(engine.pool.table(longest.id, 1).pages), len(engine.pool.table(longest.id, 0).pages)))
+        assert tokens == mj.generate(config, params, [prompts[0]], lengths[0])[0]
+        assert [_tokens(r) for r in others] == [mj.generate(config, params, [p], m, temperature=0.8, seed=i)[0]
+                                                for i, (p, m) in enumerate(zip(prompts[1:], lengths[1:]))]
+        full, sliding = max(f for f, _ in seen), max(s for _, s in seen)
+        assert full >= (len(prompts[0]) + lengths[0] - 2) // PAGE  # the full layers keep every page
+        assert sliding <= -(-(8 - 1 + CHUNK) // PAGE) + 1 < full  # the window's layers hold its pages alone
+        assert engine.pool.num_used == 0
+    finally:
+        engine.stop()
 
 
 @pytest.mark.slow
