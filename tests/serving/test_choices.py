@@ -4,8 +4,6 @@ not; choice j equals mj.generate alone seeded seed + j (generate's recipe for ba
 and repeat; the paged engine's choices share the prompt's pages; a bad n is a 400 naming it."""
 
 import functools
-import threading
-import time
 
 import httpx
 import jax
@@ -15,12 +13,10 @@ import pytest
 
 import mistral_jax as mj
 from mistral_jax.checkpoints.embedded import default_model_path
-from mistral_jax.serving import api
 from mistral_jax.serving.engine import Engine
 from mistral_jax.serving.paged_engine import PagedEngine
 from mistral_jax.tokenizers import load_tokenizer
-from tests.processes import free_port
-from tests.serving.live import AUTH, KEY, MODEL
+from tests.serving.live import AUTH, KEY, MODEL, serving_in_process
 
 pytestmark = pytest.mark.slow
 QUEUE, PAGE = 12, 8
@@ -40,8 +36,6 @@ def model():
 @pytest.fixture(scope="module", params=["slots", "paged"])
 def served(request, model):
     """(engine, openai client, url) of a server over the tiny model."""
-    import uvicorn
-
     config, params, tokenizer = model
     config, params = mj.unstack_layers(config, params)
     if request.param == "paged":
@@ -50,17 +44,8 @@ def served(request, model):
     else:
         engine = Engine(config, params, tokenizer, max_batch=4, max_seq_len=64, prefill_chunk=32, max_queue=QUEUE)
     engine.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, tokenizer, MODEL, api_key=KEY), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield engine, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0), url
-    server.should_exit = True
-    thread.join()
+    with serving_in_process(engine, tokenizer) as url:
+        yield engine, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0), url
     engine.stop()
 
 
