@@ -86,7 +86,7 @@ class _Server:
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{name} exited while starting:\n{self._tail()}")
+                raise RuntimeError(f"{name} exited while starting (out of memory? see dmesg):\n{self._tail()}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--shared-requests", type=int, default=5, help="requests behind the shared system prompt")
     parser.add_argument("--ours-flags", default="", help="extra `mistral-jax serve` flags (default: none)")
+    parser.add_argument("--peer-flags", default="", help="extra `transformers serve` flags (default: none; e.g. "
+                                                         "\"--cb-num-blocks 64\" where its default pool of KV blocks "
+                                                         "does not fit in the free memory)")
     parser.add_argument("--install-peer", action="store_true",
                         help="pip-install torch, transformers and accelerate into --peer-python's venv if missing")
     parser.add_argument("--no-burst", action="store_true", help="skip the --max-total-tokens 4096 burst")
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         peer_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         servers["peer"] = lambda: _Server(
             "peer", [str(peer_cli), "serve", str(hf_dir), "--continuous-batching", "--device", "cpu", "--dtype",
-                     "float32", "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning"],
+                     "float32", "--host", "127.0.0.1", "--port", str(peer_port), "--log-level", "warning",
+                     *shlex.split(args.peer_flags)],
             peer_port, str(hf_dir), env=peer_env)
         for name, start in servers.items():
             server = start()
