@@ -21,6 +21,8 @@
 - With --adapters N: a second engine serving N LoRA adapters (random, rank --adapter-rank, every attention and MLP
   weight; `serve --lora-modules`, --max-loras N) and --adapter-clients clients spread over them against as many
   on the base model of the plain engine, same prompts, interleaved over --draft-rounds (best kept).
+With --peer-python PATH: instead, our server (its own process, default flags) beside `transformers serve
+--continuous-batching` from that venv, on chat questions (benchmarks/serve_peer.py says how).
 Targets (issue 14, CPU): at 8 clients, tokens/s >= 4x one-at-a-time and >= 80% of the batch-8 decode step;
 TTFT p99 at 8 clients < 3x TTFT p50 at 1 client. Issue 25: constrained tokens/s >= 0.8x free. Issue 26: clients over
 4 adapters >= 0.7x the base's tokens/s.
@@ -232,6 +234,10 @@ def _draft_rows(args, config, params, tokenizer, plain_url: str) -> list[dict]:
 
 
 def main() -> None:
+    if any(a.split("=")[0] == "--peer-python" for a in sys.argv[1:]):  # issue 24's table: ours beside the peer
+        import serve_peer
+
+        return serve_peer.main()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--clients", default="1,4,8,16")

@@ -173,6 +173,11 @@ class ModelConfig:
         return tuple(self.layer_window(i) for i in range(self.n_layers))
 
     @property
+    def window_groups(self) -> tuple[int | None, ...]:
+        """The distinct layer windows, in the order layers first use them: a paged cache's layer groups."""
+        return tuple(dict.fromkeys(self.layer_windows))
+
+    @property
     def mixed_windows(self) -> bool:
         """Some layers slide and others see the whole context (layer_types mixes the two)."""
         return len(set(self.layer_windows)) > 1

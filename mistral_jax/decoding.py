@@ -359,8 +359,7 @@ def row_sampling(rows: int, sampling=None, **shorthands) -> list[SamplingParams]
     if sampling is None:
         sampling = SamplingParams(**given)
     if isinstance(sampling, SamplingParams):
-        sampling = [dataclasses.replace(sampling, seed=(sampling.seed + i) % sampling_stage.MAX_SEED)
-                    for i in range(rows)]
+        sampling = [sampling.for_row(i) for i in range(rows)]
     sampling = list(sampling)
     if len(sampling) != rows or not all(isinstance(s, SamplingParams) for s in sampling):
         raise UserError(f"sampling must be one SamplingParams or one per prompt ({rows}), got {len(sampling)} items")

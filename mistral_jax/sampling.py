@@ -125,6 +125,11 @@ class SamplingParams:
             raise ParamError("logprobs", f"logprobs must be between 0 and {TOP_LOGPROBS}, got {self.logprobs!r}")
         self._check_response_format()
 
+    def for_row(self, row: int) -> SamplingParams:
+        """These settings for row (or choice) `row` of a batch sharing them: seeded seed + row (mod 2**64), the one
+        recipe of generate's batch rows and the server's n choices, so row i equals a lone request seeded so."""
+        return dataclasses.replace(self, seed=(self.seed + row) % MAX_SEED)
+
     def _check_response_format(self):
         """The constraint in its one-key form as canonical JSON, and its grammar compiled (a ParamError naming
         response_format where llguidance cannot compile it)."""

@@ -274,6 +274,15 @@ def place_cache(mesh: Mesh, cache):
     return jax.tree.map(put, cache, cache_shardings(mesh, cache))
 
 
+def page_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """One layer's paged KV cache [num_pages, page_size, 2 * kv_heads, head_dim] (K and V interleaved by head,
+    model/paged_attention.py) split over its KV heads as the activations' kv heads are; a head's K and V stay on
+    one device (replicated where the tensor axis does not divide the heads)."""
+    pages, size, heads2, dim = shape
+    spec = fit_spec((pages, size, heads2 // 2, dim), (None, None, "act_kv_heads", None), mesh)
+    return NamedSharding(mesh, spec)
+
+
 # Activations ---------------------------------------------------------------------------------------
 def activations(mesh: Mesh | None):
     """Inside a traced function: resolve the model's activation hints (`constraints.constrain`) on `mesh`.

@@ -171,8 +171,10 @@ class Attention(nn.Module):
         k = constrain(rotary_embedding(k, positions, inv_freq), ("batch", "length", "act_kv_heads", None))
 
         if inputs.pages is not None:  # a paged cache (serving): one flat row [1, N] of several sequences' tokens
-            kv_pages = write_pages(layer_cache["kv"], k[0], v[0], inputs.pages.slots)
-            out = paged_attention(q[0], kv_pages, inputs.pages, window)[None]
+            meta = inputs.pages  # or one per layer group (config.window_groups) where the layers' windows differ
+            meta = meta if isinstance(meta, AttentionMetadata) else meta[cfg.window_groups.index(self.window)]
+            kv_pages = write_pages(layer_cache["kv"], k[0], v[0], meta.slots)
+            out = paged_attention(q[0], kv_pages, meta, window)[None]
             return dot("bthk,hkd->btd", out, wo, "wo"), {"kv": kv_pages}
         new_layer_cache = None
         if layer_cache is not None:

@@ -46,7 +46,8 @@ class BlockInputs:
     window_cache_pos: jax.Array | None = None  # int32 [B, S_window]: the window ring's slot positions before
     window_new_cache_pos: jax.Array | None = None  # int32 [B, S_window]: ... and after this call
     cache_empty: bool = flax.struct.field(pytree_node=False, default=False)  # attend to the new tokens alone
-    pages: AttentionMetadata | None = None  # a paged cache's metadata (then B = 1: a flat row of sequences' tokens)
+    # a paged cache's metadata, or one per layer group (config.window_groups); then B = 1: a flat row of sequences'
+    pages: AttentionMetadata | tuple[AttentionMetadata, ...] | None = None
     lora_scale: jax.Array | None = None  # float32 [N]: each adapter slot's scale (linear.LoraSlots)
     lora_index: jax.Array | None = None  # int32 [B] or [B, T]: each row's (token's) adapter slot, 0 = none
 
@@ -190,7 +191,7 @@ class Transformer(nn.Module):
 
 
 def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, cache=None, *, last_only=False,
-            cache_empty=False, return_hidden=False, pages: AttentionMetadata | None = None,
+            cache_empty=False, return_hidden=False, pages: AttentionMetadata | tuple | None = None,
             logit_index=None) -> Output:
     """The pure forward pass: tokens, positions int [B, T] -> Output(logits, cache, aux, hidden).
 
@@ -199,9 +200,10 @@ def forward(config: ModelConfig, params, tokens, positions, segment_ids=None, ca
     of prompts, padded or packed rows). last_only: logits for the last column only ([B, 1, V]), as prefill
     needs. cache_empty: the cache holds nothing yet, so attention reads the tokens alone (they are still
     written to it). return_hidden: Output.hidden holds the residual stream after every layer. pages: the
-    cache is paged ({"kv": per-layer pages}, model/paged_attention.py) and tokens [1, N] is a flat row of several
-    sequences' tokens. logit_index: int32 [S], the columns whose logits are returned ([B, S, V]). params may carry
-    the batch's adapters (linear.with_lora: a LoraSlots, each row's own adapter added to the adapted matmuls).
+    cache is paged ({"kv": per-layer pages}, model/paged_attention.py; one metadata, or one per layer group where
+    layer windows differ) and tokens [1, N] is a flat row of several sequences' tokens. logit_index: int32 [S], the
+    columns whose logits are returned ([B, S, V]). params may carry the batch's adapters (linear.with_lora: a
+    LoraSlots, each row's own adapter added to the adapted matmuls).
     """
     params, lora = linear.split_lora(params)
     return Transformer(config).apply({"params": params}, tokens, positions, segment_ids, cache, last_only,

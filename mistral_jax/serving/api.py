@@ -24,6 +24,7 @@ from sse_starlette.sse import EventSourceResponse
 from mistral_jax.errors import UserError
 from mistral_jax.serving import protocol
 from mistral_jax.serving.engine import Engine
+from mistral_jax.serving.engine import Request as EngineRequest
 from mistral_jax.serving.guard import BodyGuard
 from mistral_jax.serving.protocol import ChatCompletionRequest, CompletionRequest
 from mistral_jax.serving.requests import Event, ModelNotFound, QueueFull, RequestError, SamplingParams, TokenLogprob
@@ -67,52 +68,69 @@ def _logprob(value: float) -> float:
     return max(value, _LOGPROB_FLOOR)
 
 
+class _Submitted:
+    """The requests of one HTTP request (its prompts' n choices each, choice index = prompt * n + j) and the one
+    queue of their (choice index, event) pairs, filled from the engine's thread."""
+
+    def __init__(self, requests: list[EngineRequest], events: asyncio.Queue) -> None:
+        self.requests, self.events = requests, events
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()  # a no-op once finished; frees the slot or pages of a client that left
+
+
 class _Streams:
-    """Engine events into asyncio: a queue per request, filled from the engine's thread."""
+    """Engine events into asyncio: one queue per HTTP request, tagged with each event's choice index."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def submit(self, prompt: list[int], params: SamplingParams, adapter: str | None = None):
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams], n: int = 1,
+               adapter: str | None = None) -> _Submitted:
+        """Each prompt's n choices submitted on LoRA `adapter` (None: the base) (choice j of prompt i:
+        params[i].for_row(j), sharing choice 0's prompt pages), or none of them (a full queue or a bad prompt
+        cancels those already in)."""
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        request = self.engine.submit(prompt, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                                     adapter=adapter)
-        return request, events
-
-    def submit_all(self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None = None):
-        """Every prompt submitted, or none (a full queue cancels those already in)."""
-        submitted = []
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        submitted = _Submitted([], events)
         try:
-            for p, s in zip(prompts, params):
-                submitted.append(self.submit(p, s, adapter))
+            for i, (prompt, settings) in enumerate(zip(prompts, params)):
+                first = None
+                for j, choice in enumerate(protocol.choice_params(settings, n)):
+                    def put(event: Event, index: int = i * n + j) -> None:
+                        loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                    request = self.engine.submit(prompt, choice, put, adapter=adapter, after=first)
+                    submitted.requests.append(request)
+                    first = first or request
         except (QueueFull, UserError):
-            for request, _ in submitted:
-                request.cancel()
+            submitted.cancel()
             raise
         return submitted
 
-    async def events(self, http: Request, submitted):
-        """Every event of a request `submit` made; cancels it if the client goes away first."""
-        request, events = submitted
+    async def events(self, http: Request, submitted: _Submitted) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) of every choice as they come, until all finished; cancels them all if the client
+        goes away first (or the consumer stops early)."""
+        open_ = len(submitted.requests)
         try:
-            while True:
+            while open_:
                 try:
-                    event = await asyncio.wait_for(events.get(), _DISCONNECT_POLL_SECONDS)
+                    index, event = await asyncio.wait_for(submitted.events.get(), _DISCONNECT_POLL_SECONDS)
                 except TimeoutError:
                     if await http.is_disconnected():
                         return
                     continue
-                yield event
-                if event.finish_reason is not None:
-                    return
+                open_ -= event.finish_reason is not None
+                yield index, event
         finally:
-            request.cancel()  # a no-op once finished; frees the slot of a client that left
+            submitted.cancel()
 
-    async def collect(self, http: Request, submitted) -> list[Event] | None:
-        """All of a request's events, or None where the client went away before it finished."""
-        events = [event async for event in self.events(http, submitted)]
-        return events if events and events[-1].finish_reason is not None else None
+    async def collect(self, http: Request, submitted: _Submitted) -> list[list[Event]] | None:
+        """Each choice's events, or None where the client went away before all finished."""
+        out: list[list[Event]] = [[] for _ in submitted.requests]
+        async for index, event in self.events(http, submitted):
+            out[index].append(event)
+        return out if all(e and e[-1].finish_reason is not None for e in out) else None
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -142,6 +160,31 @@ class _LegacyLogprobs:
             out["text_offset"].append(self.offset)
             self.offset += len(text)
         return out
+
+
+class _ChatDeltas:
+    """One chat choice's stream: its text held back while it may be starting a tool call, the call sent whole once
+    it parses."""
+
+    def __init__(self, parser: ToolCallParser | None, calls_of) -> None:
+        self.parser, self.calls_of = parser, calls_of
+        self.ids, self.text, self.sent, self.calling = [], "", "", False
+
+    def feed(self, event: Event) -> list[tuple[dict, list[Event], str | None]]:
+        """The deltas an event makes: (delta, the events whose logprobs it carries, finish_reason)."""
+        parser = self.parser
+        self.ids += event.token_ids
+        self.text += event.text
+        self.calling = self.calling or (parser is not None and parser.starts_call(self.ids, self.text))
+        text = self.text
+        ready = self.sent if self.calling else text[:len(text) - (parser.may_start_call(text) if parser else 0)]
+        delta, self.sent = ready[len(self.sent):], ready
+        done = event.finish_reason is not None
+        if done and self.calling and (parsed := self.calls_of(self.ids))[1] is not None:
+            calls = [{"index": i, **call} for i, call in enumerate(parsed[1])]
+            return [({"content": delta}, [event], None)] * bool(delta) + [({"tool_calls": calls}, [], "tool_calls")]
+        delta += text[len(self.sent):] if done else ""
+        return [({"content": delta} if delta else {}, [event], event.finish_reason)]
 
 
 class _Api:
@@ -279,62 +322,63 @@ class _Api:
         params = protocol.sampling_params(body, max_tokens, logprobs=top if body.logprobs else None,
                                           constrained=None if forced is None else (forced, "tools"))
         await self.structured(params)
-        submitted = self.streams.submit(prompt, params, adapter)  # a full queue or a bad prompt fails here
+        self.check_n(body.n, 1)
+        submitted = self.streams.submit([prompt], [params], body.n, adapter)  # a full queue or bad prompt fails here
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": adapter or self.model_name}
 
-        def choice(content: dict, events: list[Event], key: str, finish: str | None) -> dict:
+        def choice(index: int, content: dict, events: list[Event], key: str, finish: str | None) -> dict:
             logprobs = [lp for e in events for lp in e.logprobs]
-            return {"index": 0, key: content, "finish_reason": finish,
+            return {"index": index, key: content, "finish_reason": finish,
                     "logprobs": {"content": self.chat_logprobs(logprobs, top)} if body.logprobs else None}
 
         def calls_of(ids: list[int]) -> tuple[str, list[dict] | None]:
             content, calls = parser.split(ids)
             return content, None if calls is None else calls[:1] if not body.parallel_tool_calls else calls
 
-        if not body.stream:
-            events = await self.streams.collect(http, submitted)
-            if events is None:
-                return Response(status_code=499)
+        def answer(index: int, events: list[Event]) -> dict:
             message, finish = {"role": "assistant", "content": "".join(e.text for e in events)}, None
             if parser is not None:
                 content, calls = calls_of([t for e in events for t in e.token_ids])
                 if calls is not None:
                     message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, \
                         "tool_calls"
-            return {**head, "object": "chat.completion", "usage": _usage(events[-1].prompt_tokens,
-                                                                         events[-1].completion_tokens),
-                    "choices": [choice(message, events, "message", finish or events[-1].finish_reason)]}
+            return choice(index, message, events, "message", finish or events[-1].finish_reason)
+
+        if not body.stream:
+            results = await self.streams.collect(http, submitted)
+            if results is None:
+                return Response(status_code=499)
+            usage = _usage(len(prompt), sum(events[-1].completion_tokens for events in results))
+            return {**head, "object": "chat.completion", "usage": usage,
+                    "choices": [answer(i, events) for i, events in enumerate(results)]}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def chunks() -> AsyncIterator[dict]:
             chunk = {**head, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
-            yield _sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None, "logprobs": None}]})
-            ids, text, sent, calling = [], "", "", False  # a tool call's text is held back until it parses
-            async for event in self.streams.events(http, submitted):
+            for index in range(body.n):
+                yield _sse({**chunk, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                                  "finish_reason": None, "logprobs": None}]})
+            streams = [_ChatDeltas(parser, calls_of) for _ in range(body.n)]
+            done = 0
+            async for index, event in self.streams.events(http, submitted):
                 if event.finish_reason == "error":
                     yield _sse({"error": {"message": event.error, "type": "server_error"}})
                     return
-                ids += event.token_ids
-                text += event.text
-                calling = calling or (parser is not None and parser.starts_call(ids, text))
-                ready = sent if calling else text[:len(text) - (parser.may_start_call(text) if parser else 0)]
-                delta, sent = ready[len(sent):], ready
-                done = event.finish_reason is not None
-                if done and calling and (parsed := calls_of(ids))[1] is not None:
-                    calls = [{"index": i, **call} for i, call in enumerate(parsed[1])]
-                    if delta:
-                        yield _sse({**chunk, "choices": [choice({"content": delta}, [event], "delta", None)]})
-                    yield _sse({**chunk, "choices": [choice({"tool_calls": calls}, [], "delta", "tool_calls")]})
-                else:
-                    delta += text[len(sent):] if done else ""
-                    yield _sse({**chunk, "choices": [choice({"content": delta} if delta else {}, [event], "delta",
-                                                            event.finish_reason)]})
-                if done and include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(event.prompt_tokens, event.completion_tokens)})
+                for delta, events, finish in streams[index].feed(event):
+                    yield _sse({**chunk, "choices": [choice(index, delta, events, "delta", finish)]})
+                done += event.finish_reason is not None
+                if done == body.n and include_usage:
+                    usage = _usage(len(prompt), sum(len(s.ids) for s in streams))
+                    yield _sse({**chunk, "choices": [], "usage": usage})
             yield _sse("[DONE]")
 
         return self.stream(chunks())
+
+    def check_n(self, n: int, prompts: int) -> None:
+        """n choices of each prompt must fit in the engine's queue at once (a 400 naming n, never a 503)."""
+        if n * prompts > self.engine.max_queue:
+            raise RequestError("n", f"n: {n} choices of {prompts} prompt(s) exceed the server's queue of "
+                                    f"{self.engine.max_queue} requests (--max-queue)")
 
     # completions --------------------------------------------------------------------------------
     def completion_prompts(self, prompt) -> list[list[int]]:
@@ -359,8 +403,6 @@ class _Api:
         adapter = self.check_model(body.model)
         protocol.refuse_unsupported(body)
         prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
-        if body.stream and len(prompts) > 1:
-            raise RequestError("prompt", "stream takes a single prompt")
         if body.max_tokens == 0 and not body.echo:
             raise RequestError("max_tokens", "max_tokens 0 is only allowed with echo (the prompt's logprobs alone)")
         prompt_only = body.max_tokens == 0  # scored, not continued: the one token sampled is dropped
@@ -369,19 +411,21 @@ class _Api:
         params = [protocol.sampling_params(body, max_tokens, logprobs=top, echo_logprobs=body.echo and top is not None)
                   for _ in prompts]
         await self.structured(params[0])
-        submitted = self.streams.submit_all(prompts, params, adapter)
+        self.check_n(body.n, len(prompts))
+        submitted = self.streams.submit(prompts, params, body.n, adapter)  # choice i * n + j: prompt i's j-th
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": adapter or self.model_name,
                 "object": "text_completion"}
         as_ids = body.return_tokens_as_token_ids
 
-        def choice(i: int, events: list[Event], first: bool, logprobs: _LegacyLogprobs | None) -> dict:
+        def choice(index: int, events: list[Event], first: bool, logprobs: _LegacyLogprobs | None) -> dict:
+            prompt = prompts[index // body.n]
             echo = body.echo and first
             kept = [] if prompt_only else events
-            text = (self.tokenizer.decode(prompts[i]) if echo and self.tokenizer is not None else "")
-            scored = events[0].prompt_logprobs or (None,) * len(prompts[i])  # a 1-token prompt has no scores
-            entries = list(zip(prompts[i], scored)) if echo and top is not None else []
+            text = (self.tokenizer.decode(prompt) if echo and self.tokenizer is not None else "")
+            scored = events[0].prompt_logprobs or (None,) * len(prompt)  # a 1-token prompt has no scores
+            entries = list(zip(prompt, scored)) if echo and top is not None else []
             entries += [(lp.token_id, lp) for e in kept for lp in e.logprobs]
-            return {"index": i, "text": text + "".join(e.text for e in kept),
+            return {"index": index, "text": text + "".join(e.text for e in kept),
                     "finish_reason": events[-1].finish_reason, "logprobs": None if logprobs is None else logprobs(
                         entries)}
 
@@ -391,26 +435,29 @@ class _Api:
         def legacy() -> _LegacyLogprobs | None:
             return None if top is None else _LegacyLogprobs(lambda t: self.token_text(t, as_ids), top)
 
+        prompt_tokens = sum(len(p) for p in prompts)
         if not body.stream:
-            results = await asyncio.gather(*(self.streams.collect(http, s) for s in submitted))
-            if any(events is None for events in results):
+            results = await self.streams.collect(http, submitted)
+            if results is None:
                 return Response(status_code=499)
-            usage = _usage(sum(len(p) for p in prompts), sum(completion_tokens(e[-1]) for e in results))
+            usage = _usage(prompt_tokens, sum(completion_tokens(events[-1]) for events in results))
             return {**head, "usage": usage, "choices": [choice(i, events, True, legacy())
                                                         for i, events in enumerate(results)]}
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         async def chunks() -> AsyncIterator[dict]:
-            first, logprobs = True, legacy()
+            count = len(submitted.requests)
+            first, logprobs, last = [True] * count, [legacy() for _ in range(count)], [None] * count
             chunk = {**head, **({"usage": None} if include_usage else {})}
-            async for event in self.streams.events(http, submitted[0]):
+            async for index, event in self.streams.events(http, submitted):
                 if event.finish_reason == "error":
                     yield _sse({"error": {"message": event.error, "type": "server_error"}})
                     return
-                yield _sse({**chunk, "choices": [choice(0, [event], first, logprobs)]})
-                first = False
-                if event.finish_reason is not None and include_usage:
-                    yield _sse({**chunk, "choices": [], "usage": _usage(event.prompt_tokens, completion_tokens(event))})
+                yield _sse({**chunk, "choices": [choice(index, [event], first[index], logprobs[index])]})
+                first[index], last[index] = False, event if event.finish_reason is not None else None
+                if include_usage and all(e is not None for e in last):
+                    usage = _usage(prompt_tokens, sum(completion_tokens(e) for e in last))
+                    yield _sse({**chunk, "choices": [], "usage": usage})
             yield _sse("[DONE]")
 
         return self.stream(chunks())

@@ -79,6 +79,7 @@ class Request:
         self.submitted = self.last_token_at = time.monotonic()
         self.finish_reason: str | None = None
         self.accepted_drafts = 0  # speculating: drafted tokens the model kept for this request
+        self.after: int | None = None  # another choice of the same prompt (n > 1), whose prompt pages it may share
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the engine frees the slot within one step."""
@@ -171,9 +172,12 @@ class Engine:
 
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None, adapter: str | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, adapter: str | None = None,
+               after: Request | None = None) -> Request:
         """Queue a request of prompt token ids, on LoRA `adapter` (a name; None: the base). Raises RequestError
-        (bad input), ModelNotFound (an adapter not served) or QueueFull (try later)."""
+        (bad input), ModelNotFound (an adapter not served) or QueueFull (try later). after: an earlier request with
+        the same prompt (another of n choices): a paged engine shares its prompt's pages; the slots run the two as
+        separate rows."""
         params = params or SamplingParams()
         try:
             adapter_path = None if adapter is None else self.adapters.path(adapter)
@@ -199,6 +203,10 @@ class Engine:
         text = StopText(self.tokenizer.decode_stream(), params.stop) if self.tokenizer is not None else None
         request = Request(next(self._ids), prompt, params, stop_ids, text, on_event, adapter)
         request.adapter_path = adapter_path
+        if after is not None:
+            if after.prompt != prompt or after.adapter != adapter:
+                raise ValueError("after: a request sharing its prompt must have the same prompt and adapter")
+            request.after = after.id
         with self._lock:
             if not self._accepting:
                 raise QueueFull("the server is shutting down")
@@ -259,19 +267,23 @@ class Engine:
                 return
             self.runner.run(plan)
 
+    def _idle_plan(self, stop: bool = False):
+        """What followers run when process 0 has nothing to do (or stops): its runner's empty plan."""
+        return Plan(stop=stop)
+
     def _run(self) -> None:
         while True:
             if self._stop_requested.is_set():
                 self._cancel_all()
                 if self._multihost:
-                    lockstep.broadcast(Plan(stop=True))
+                    lockstep.broadcast(self._idle_plan(stop=True))
                 return
             work = self._schedule()
             if work is None:
                 self._wake.wait(_IDLE_PLAN_SECONDS)
                 self._wake.clear()
                 if self._multihost:
-                    lockstep.broadcast(Plan())
+                    lockstep.broadcast(self._idle_plan())
                 continue
             plan = lockstep.broadcast(work.plan) if self._multihost else work.plan
             try:

@@ -5,7 +5,8 @@ metrics are the slot engine's (engine.py); only where work is planned and run di
 
 A request is submitted to the scheduler when it arrives (refused at once, naming the field, if it could never fit
 in the pool); when the pool runs short the newest request is preempted and later recomputed from its prompt and
-the output so far, so its stream goes on without a gap. Single process, single device for now.
+the output so far, so its stream goes on without a gap. On a mesh of one process or several the plan (page tables
+and all: process 0 allocates, the others only run what it sends) is broadcast as the slot engine's is.
 
 Sampling features follow the request, not a slot: penalty counts are rebuilt on the host from the request's prompt
 and output for each iteration where some row is penalized; a grammar (structured output, forced tool calls) holds a
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mistral_jax import decoding
 from mistral_jax import sampling as sampling_stage
@@ -33,6 +35,7 @@ from mistral_jax.serving.engine import Engine, Request
 from mistral_jax.serving.paged_runner import PagedModelRunner, PagedWork
 from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.requests import Event, RequestError, SamplingParams
+from mistral_jax.serving.scheduler import Plan as SchedulerPlan
 from mistral_jax.serving.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -67,14 +70,12 @@ def unsupported(config: ModelConfig, mesh=None, speculation=None, adapters: Adap
     to the slot engine on it."""
     if speculation is not None:
         return "speculative decoding (--draft) is not paged yet"
-    if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
-        return "it runs on one device of one process for now (this is a mesh)"
-    if config.mixed_windows:  # the pool keeps one layer group; full layers would lose the window's pages
-        return "the model's layers mix sliding and full attention (layer_types)"
     if config.kv_cache_dtype == "int8":
         return "an int8 KV cache is not paged yet (--kv-cache-dtype int8)"
     if adapters is not None and adapters.max_loras < max_batch:  # every running request's adapter stays resident
         return f"LoRA adapters are paged with --max-loras ({adapters.max_loras}) at least --max-batch ({max_batch})"
+    if adapters is not None and (jax.process_count() > 1 or (mesh is not None and mesh.size > 1)):
+        return "LoRA adapters are not paged on a mesh yet"
     return None
 
 
@@ -98,12 +99,14 @@ class PagedEngine(Engine):
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
         self._grammar_free = list(range(max_batch + max_queue))[::-1]  # free rows of grammar state (Constraints)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
-                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, warm_up=warm_up, gate=False,
-                         adapters=adapters)
+                         prefill_chunk=max_num_batched_tokens, max_queue=max_queue, mesh=mesh, warm_up=warm_up,
+                         gate=False, adapters=adapters)
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
         if self.max_total_tokens is None:
             budget = kv_budget_bytes() // token_bytes(self.config)
+            if jax.process_count() > 1:  # every process allocates alike: process 0's budget sizes every pool
+                budget = int(multihost_utils.broadcast_one_to_all(np.int64(budget)))
             self.max_total_tokens = max(self.max_seq_len, min(self.max_batch * self.max_seq_len, budget))
             log.info("paged KV cache: %d tokens by default (%.2f GiB; --max-total-tokens sets it)",
                      self.max_total_tokens, self.max_total_tokens * token_bytes(self.config) / 2**30)
@@ -111,10 +114,10 @@ class PagedEngine(Engine):
         return PagedModelRunner(self.config, params, num_pages=self.pool.num_pages, page_size=self.page_size,
                                 max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens),
-                                adapters=self._adapter_table())
+                                mesh=mesh, adapters=self._adapter_table())
 
     def _new_scheduler(self) -> None:
-        self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, (self.config.sliding_window,))
+        self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, self.config.window_groups)
         self.scheduler = Scheduler(self.pool, self.max_batch, self.max_num_batched_tokens)
         self.metrics.kv_pages_total.set(self.pool.num_pages)
         self.metrics.kv_pages_used.set(0)
@@ -135,13 +138,17 @@ class PagedEngine(Engine):
         """A row of grammar state per request in flight: running or waiting (max_queue), preempted ones included."""
         return self.max_batch + self.max_queue
 
+    def _idle_plan(self, stop: bool = False) -> PagedWork:
+        return PagedWork(SchedulerPlan(()), (), (), stop=stop)
+
     # Submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: Sequence[int], params: SamplingParams | None = None,
-               on_event: Callable[[Event], None] | None = None, adapter: str | None = None) -> Request:
+               on_event: Callable[[Event], None] | None = None, adapter: str | None = None,
+               after: Request | None = None) -> Request:
         params = params or SamplingParams()
         if prompt and len(prompt) + params.max_tokens <= self.max_seq_len:  # past the context: the slot engine's 400
             self.pool.check_fits(len(prompt), params.max_tokens)
-        return super().submit(prompt, params, on_event, adapter)
+        return super().submit(prompt, params, on_event, adapter=adapter, after=after)
 
     # Scheduling ---------------------------------------------------------------------------------
     def _schedule(self) -> _Iteration | None:
@@ -154,7 +161,8 @@ class PagedEngine(Engine):
             self._queued_ids.add(request.id)
             if request.params.grammar is not None and not self._start_grammar(request):
                 continue
-            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens, request.adapter_path)
+            self.scheduler.submit(request.id, request.prompt, request.params.max_tokens, request.adapter_path,
+                                  after=request.after)
             self.metrics.prompt_tokens.inc(len(request.prompt))
         self._drop_cancelled()
         plan = self.scheduler.schedule()

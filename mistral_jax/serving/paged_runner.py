@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import decoding
+from mistral_jax import decoding, sharding
 from mistral_jax import sampling as sampling_stage
 from mistral_jax.config import ModelConfig
 from mistral_jax.errors import UserError
@@ -47,7 +47,7 @@ class PagedInputs:
     """One iteration's device inputs."""
 
     tokens: jax.Array  # int32 [N]: the flat token row (padding: 0)
-    meta: pa.AttentionMetadata  # positions, slots, per-row queries and page tables
+    meta: tuple[pa.AttentionMetadata, ...]  # per layer group (config.window_groups): positions, slots, page tables
     logit_index: jax.Array  # int32 [S]: flat index of each row's last token (its logits are sampled)
     index: jax.Array  # int32 [S]: each row's token index (its draw's key): tokens its request generated so far
     adapters: jax.Array  # int32 [N]: each token's LoRA slot in the adapter table (0: none; unread without a table)
@@ -67,32 +67,45 @@ class PagedWork:
     echo: tuple[tuple[int, np.ndarray], ...] = ()  # (request id, its prompt int32 [1, T] right padded): score it
     adapters: tuple[int, ...] = ()  # one per chunk: its request's LoRA slot (empty: none)
     loads: tuple[tuple[int, str], ...] = ()  # (adapter table slot, adapter path) to load first
+    stop: bool = False  # multi-host: process 0 is stopping, the followers stop too
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _paged_step(config: ModelConfig, params, kv_pages, inputs: PagedInputs, sampling, lora=None):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=3)
+def _paged_step(config: ModelConfig, mesh, params, kv_pages, inputs: PagedInputs, sampling, lora=None):
     """The model over the flat row, writing K/V into the pages, and one token per row -> (Sampled arrays [S],
-    kv_pages). lora: the adapter table (linear.LoraSlots without its index), each token choosing its slot."""
+    kv_pages). Under a mesh the pages stay split over KV heads and the sampled tokens come back replicated. lora:
+    the adapter table (linear.LoraSlots without its index), each token choosing its slot."""
     if lora is not None:
         params = linear.with_lora(params, lora.replace(index=inputs.adapters[None]))
-    out = forward(config, params, inputs.tokens[None], inputs.meta.positions[None], cache={"kv": kv_pages},
-                  pages=inputs.meta, logit_index=inputs.logit_index)
+    with sharding.activations(mesh):
+        out = forward(config, params, inputs.tokens[None], inputs.meta[0].positions[None], cache={"kv": kv_pages},
+                      pages=inputs.meta, logit_index=inputs.logit_index)
     logits = out.logits[0]  # [S, V]
     sampling = sampling.replace(allowed=inputs.allowed)
     penalized = jnp.any((sampling.presence != 0) | (sampling.frequency != 0) | (sampling.repetition != 1))
     x = jax.lax.cond(penalized, lambda: sampling_stage.adjust(logits[:, None], sampling, inputs.counts),
                      lambda: sampling_stage.adjust(logits[:, None], sampling, None))  # [S, 1, V]
     token = sampling_stage.accept(x, jnp.zeros((x.shape[0], 0), jnp.int32), sampling, inputs.index)[1][:, 0]
-    return chosen_logprobs(logits, token), out.cache["kv"]
+    sampled, kv_pages = chosen_logprobs(logits, token), out.cache["kv"]
+    if mesh is not None:
+        sampled = jax.lax.with_sharding_constraint(sampled, sharding.replicated(mesh))
+        kv_pages = tuple(jax.lax.with_sharding_constraint(x, sharding.page_sharding(mesh, x.shape))
+                         for x in kv_pages)
+    return sampled, kv_pages
 
 
 class PagedModelRunner:
-    """The per-layer KV pages and the programs over them (single process, no mesh for now)."""
+    """The per-layer KV pages and the programs over them; under a mesh (one process or several, in lockstep) the
+    weights are placed by sharding.py's rules and each layer's pages split over its KV heads."""
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_batch: int,
-                 max_num_batched_tokens: int, max_pages_per_seq: int, adapters: AdapterTable | None = None) -> None:
+                 max_num_batched_tokens: int, max_pages_per_seq: int, mesh=None,
+                 adapters: AdapterTable | None = None) -> None:
         config, params = decoding.decode_params(config, params)
         self.adapters = adapters  # the LoRA table (None: the plain programs)
+        self.mesh = mesh
+        if mesh is not None:
+            params = sharding.ensure_params(config, params, mesh)
         if config.kv_cache_dtype == "int8":
             raise UserError("an int8 KV cache is not paged yet: drop --kv-cache-dtype int8 or --page-size")
         self.dtype = jnp.dtype(config.kv_cache_dtype or config.compute_dtype)
@@ -108,7 +121,9 @@ class PagedModelRunner:
         """Zeroed pages (after a failed iteration, whose donated pages may be gone)."""
         cfg = self.config
         shape = (self.num_pages, self.page_size, 2 * cfg.n_kv_heads, cfg.resolved_head_dim)
-        self.kv_pages = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.n_layers))
+        where = None if self.mesh is None else sharding.page_sharding(self.mesh, shape)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=where)
+        self.kv_pages = tuple(zeros() for _ in range(cfg.n_layers))
         if self.adapters is not None:
             self.adapters.reset()
 
@@ -142,7 +157,7 @@ class PagedModelRunner:
 
     def shape_for(self, plan: Plan) -> tuple[int, int, int, int]:
         """The bucket a plan runs in."""
-        pages = _fit(self.page_buckets, max(len(c.tables[0].pages) for c in plan.chunks))
+        pages = _fit(self.page_buckets, max(len(t.pages) for c in plan.chunks for t in c.tables))
         if all(len(c.token_ids) == 1 for c in plan.chunks):
             rows = _fit(self.decode_rows, len(plan.chunks))
             return rows, rows, 1, pages
@@ -153,11 +168,14 @@ class PagedModelRunner:
         """Run one iteration -> Results: `decode`, one sampled token (with logprobs) per chunk in the plan's order;
         `echo`, the asked prompts' logprobs by request id."""
         plan = work.plan
+        if not plan.chunks:  # an idle or stopping plan (broadcast to followers): nothing to run
+            return None
         for slot, path in work.loads:
             self.adapters.load(slot, path)
         n, s, t, p = self.shape_for(plan)
-        rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
-        meta = pa.build_metadata(rows, self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
+        meta = tuple(pa.build_metadata([(c.start, len(c.token_ids), c.tables[g].first, c.tables[g].pages)
+                                        for c in plan.chunks], self.page_size, self.num_pages, tokens=n, rows=s,
+                                       queries=t, pages=p) for g in range(len(self.config.window_groups)))
         tokens = np.zeros(n, np.int32)
         flat = np.concatenate([c.token_ids for c in plan.chunks]).astype(np.int32)
         tokens[:len(flat)] = flat
@@ -184,7 +202,7 @@ class PagedModelRunner:
             params = self.params if self.adapters is None else linear.with_lora(
                 self.params, self.adapters.slots(jnp.full((1,), slot_of.get(request_id, 0), jnp.int32)))
             results.echo[request_id] = Sampled(*(np.asarray(x) for x in score_prompt(
-                self.config, None, params, jnp.asarray(prompt))))
+                self.config, self.mesh, params, sharding.put_replicated(self.mesh, prompt))))
         return results
 
     def _neutral(self, rows: int) -> tuple[jax.Array, sampling_stage.TokenCounts]:
@@ -197,8 +215,9 @@ class PagedModelRunner:
 
     def _run(self, inputs: PagedInputs, sampling) -> Sampled:
         lora = None if self.adapters is None else self.adapters.slots(None)
-        out, self.kv_pages = _paged_step(self.config, self.params, self.kv_pages, jax.tree.map(jnp.asarray, inputs),
-                                         jax.tree.map(jnp.asarray, sampling), lora)
+        put = functools.partial(sharding.put_replicated, self.mesh)
+        out, self.kv_pages = _paged_step(self.config, self.mesh, self.params, self.kv_pages, put(inputs), put(sampling),
+                                         lora)
         return Sampled(*(np.asarray(x) for x in out))
 
     def warm_up(self) -> int:
@@ -206,7 +225,8 @@ class PagedModelRunner:
         shapes = self.shapes()
         sampling = sampling_stage.metadata([SamplingParams()] * pa.bucket(self.max_batch), self.config.vocab_size)
         for n, s, t, p in shapes:
-            meta = pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p)
+            meta = (pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p),
+                    ) * len(self.config.window_groups)
             inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32),
                                  np.zeros(n, np.int32), *self._neutral(s))
             self._run(inputs, jax.tree.map(lambda x, s=s: x[:s], sampling))

@@ -223,12 +223,17 @@ def refuse_unsupported(request: _Sampling) -> None:
         value = getattr(request, name, None)
         if value is not None and value != _DEFAULTS.get(name, None):
             raise RequestError(name, f"{name}: {why}")
-    if request.n != 1:
-        raise RequestError("n", "only n=1 is supported")
-    if getattr(request, "best_of", None) not in (None, 1):
-        raise RequestError("best_of", "only best_of=1 is supported")
+    if getattr(request, "best_of", None) not in (None, request.n):
+        raise RequestError("best_of", "best_of: only best_of equal to n is supported (no choices are ranked)")
     if request.stream_options is not None and not request.stream:
         raise RequestError("stream_options", "stream_options is only allowed with stream: true")
+
+
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The settings of a request's n choices: choice j seeded seed + j (`SamplingParams.for_row`, generate's recipe
+    for batch rows, and vLLM's for n), so choices differ and each equals a lone request with its seed. Greedy
+    choices are all alike, as OpenAI returns them (vLLM refuses n > 1 with temperature 0)."""
+    return [params.for_row(j) for j in range(n)]
 
 
 def stop_strings(request: _Sampling) -> tuple[str, ...]:

@@ -1,9 +1,12 @@
-"""`mistral-jax serve` on a loopback port with the embedded SmolLM2, shared by a module's tests."""
+"""`mistral-jax serve` on a loopback port with the embedded SmolLM2, shared by a module's tests; or an engine's
+app served in this process (uvicorn in a thread), so the test can also call the engine and count compilations."""
 
 import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import openai
 
@@ -35,3 +38,24 @@ def running_server(*flags: str):
 
 def openai_client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+
+
+@contextlib.contextmanager
+def serving_in_process(engine, tokenizer):
+    """The API over a started `engine` on a loopback port (uvicorn in a thread) -> its url; stopped at the end."""
+    import uvicorn
+
+    from mistral_jax.serving import api
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, tokenizer, MODEL, api_key=KEY), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join()

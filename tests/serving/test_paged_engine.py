@@ -5,11 +5,13 @@ page and chunk boundaries; the pool ends with every page free; nothing compiles 
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 import mistral_jax as mj
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.serving.paged_engine import PagedEngine
 from mistral_jax.serving.requests import RequestError, SamplingParams
+from mistral_jax.sharding import make_mesh
 
 PAGE, CHUNK = 4, 16  # page_size and max_num_batched_tokens
 SUFFIXES = [1, 3, 4, 6, 13, 17, 22, 30]  # after a 10-token system prompt: across pages (4) and chunks (16)
@@ -134,10 +136,59 @@ def test_preemption_in_a_tiny_pool_continues_every_stream_without_a_gap():
         engine.stop()
 
 
-def test_mixed_layer_windows_are_refused_in_one_line():
-    """The pool pages one layer group: a model mixing sliding and full layers must not lose its full layers' keys."""
+def test_layers_mixing_sliding_and_full_attention_page_in_two_groups():
+    """layer_types mixing a window of 8 and full attention: one page table per group, the sliding layers' pages
+    outside the window freed as the request decodes far past it; every request equals mj.generate."""
     config = mj.ModelConfig.from_preset("tiny-mistral").replace(
         sliding_window=8, layer_types=("sliding_attention", "full_attention"))
-    assert config.mixed_windows
-    with pytest.raises(mj.UserError, match="layer_types"):
-        PagedEngine(config, None, page_size=4, max_total_tokens=64)
+    assert config.mixed_windows and config.window_groups == (8, None)
+    config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(6)))
+    engine = PagedEngine(config, params, page_size=PAGE, max_total_tokens=256, max_num_batched_tokens=CHUNK,
+                         max_batch=4, max_seq_len=64).start()
+    try:
+        prompts = _prompts(config.vocab_size, seed=3)[1::2]
+        lengths = [40, 7, 25, 12]
+        seen = []  # (full pages, sliding pages) held by the longest request while it decodes
+        longest = engine.submit(prompts[0], SamplingParams(max_tokens=lengths[0]))
+        others = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.8, seed=i))
+                  for i, (p, m) in enumerate(zip(prompts[1:], lengths[1:]))]
+        tokens = []
+        for event in longest:
+            tokens += event.token_ids
+            if engine.pool.holds(longest.id):
+                seen.append((len(engine.pool.table(longest.id, 1).pages), len(engine.pool.table(longest.id, 0).pages)))
+        assert tokens == mj.generate(config, params, [prompts[0]], lengths[0])[0]
+        assert [_tokens(r) for r in others] == [mj.generate(config, params, [p], m, temperature=0.8, seed=i)[0]
+                                                for i, (p, m) in enumerate(zip(prompts[1:], lengths[1:]))]
+        full, sliding = max(f for f, _ in seen), max(s for _, s in seen)
+        assert full >= (len(prompts[0]) + lengths[0] - 2) // PAGE  # the full layers keep every page
+        assert sliding <= -(-(8 - 1 + CHUNK) // PAGE) + 1 < full  # the window's layers hold its pages alone
+        assert engine.pool.num_used == 0
+    finally:
+        engine.stop()
+
+
+@pytest.mark.slow
+def test_a_mesh_of_8_devices_serves_what_one_device_does():
+    """Weights placed by sharding.py's rules and each layer's pages split over its 2 KV heads (fsdp 4 x tensor 2):
+    greedy and seeded requests equal mj.generate unsharded, token for token."""
+    config, params = _model("tiny-mistral", seed=4)
+    mesh = make_mesh(fsdp=4, tensor=2)
+    engine = PagedEngine(config, params, page_size=PAGE, max_total_tokens=256, max_num_batched_tokens=CHUNK,
+                         max_batch=2, max_seq_len=64, mesh=mesh).start()
+    try:
+        prompts = _prompts(config.vocab_size, seed=2)[::2]
+        with CompileStats() as compiled:
+            greedy = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts, MAX_TOKENS)]
+            seeded = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.9, seed=3 + i))
+                      for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+            greedy, seeded = [_tokens(r) for r in greedy], [_tokens(r) for r in seeded]
+        assert compiled.compilations == 0
+        pages = engine.runner.kv_pages[0]
+        assert pages.sharding.spec == PartitionSpec(None, None, "tensor") and len(pages.sharding.device_set) == 8
+        assert greedy == [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
+        assert seeded == [mj.generate(config, params, [p], m, temperature=0.9, seed=3 + i)[0]
+                          for i, (p, m) in enumerate(zip(prompts, MAX_TOKENS))]
+        assert engine.pool.num_used == 0
+    finally:
+        engine.stop()

@@ -74,7 +74,8 @@ def test_every_refused_field_is_a_400_naming_it(server, field):
 
 
 @pytest.mark.parametrize("path,body,param", [
-    ("/v1/chat/completions", {"messages": HI, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": HI, "n": 0}, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 65}, "n"),  # more choices than the queue (64) holds
     ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
     ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": HI, "top_logprobs": 21, "logprobs": True}, "top_logprobs"),

@@ -1,5 +1,6 @@
 """`mistral-jax serve` on 2 local processes x 4 CPU devices (gloo): process 0 answers, both step in lockstep,
-and the tokens equal one process on the same 8-device mesh; SIGTERM to process 0 stops both, exit 0."""
+and the tokens equal one process on the same 8-device mesh, with the slots or the paged cache (process 0's page
+tables travel in the broadcast plan); SIGTERM to process 0 stops both, exit 0."""
 
 import concurrent.futures
 import os
@@ -27,14 +28,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_serve_what_one_process_generates():
+PAGED = ["--page-size", "16", "--max-total-tokens", "512", "--max-num-batched-tokens", "16"]  # few programs
+
+
+@pytest.mark.parametrize("flags", [[], PAGED], ids=["slots", "paged"])
+def test_two_processes_serve_what_one_process_generates(flags):
     http_port, coordinator = _free_port(), _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "mistral_jax.cli", "serve", "--checkpoint", str(CHECKPOINT), "--mesh", MESH,
          "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", str(i),
-         "--port", str(http_port), "--max-batch", "4", "--max-seq-len", "64", "--prefill-chunk", "16"],
+         "--port", str(http_port), "--max-batch", "4", "--max-seq-len", "64", "--prefill-chunk", "16", *flags],
         env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         mesh = make_mesh(**parse_mesh(MESH))

@@ -6,8 +6,6 @@ answers as the engine alone; constrained requests coming and going compile nothi
 import concurrent.futures
 import json
 import re
-import threading
-import time
 
 import jsonschema
 import openai
@@ -18,11 +16,9 @@ from mistral_jax import speculative
 from mistral_jax.checkpoints.embedded import default_model_path
 from mistral_jax.compile_stats import CompileStats
 from mistral_jax.errors import ParamError
-from mistral_jax.serving import api
 from mistral_jax.serving.engine import Engine
 from mistral_jax.tokenizers import load_tokenizer
-from tests.processes import free_port
-from tests.serving.live import KEY, MODEL
+from tests.serving.live import KEY, MODEL, serving_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -59,21 +55,11 @@ MAX_TOKENS = 64
 @pytest.fixture(scope="module")
 def served():
     """(engine, tokenizer, openai client) of a server on a loopback port over an engine of 4 slots."""
-    import uvicorn
-
     config, params = mj.load(default_model_path())
     tokenizer = load_tokenizer(default_model_path())
     engine = Engine(config, params, tokenizer, max_batch=4, max_seq_len=384, prefill_chunk=128).start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(api.create_app(engine, tokenizer, MODEL, api_key=KEY), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield engine, tokenizer, openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-    server.should_exit = True
-    thread.join()
+    with serving_in_process(engine, tokenizer) as url:
+        yield engine, tokenizer, openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
     engine.stop()
 
 
