@@ -49,8 +49,8 @@ class LoraSlots:
     """The adapters a batch may use, stacked on a slot axis (slot 0: none), and each row's slot."""
 
     # {"layers": {module: {name: {"a": [L, N, in..., R], "b": [L, N, R, out...]}}}}, the compute dtype; N slots,
-    # R the largest rank (lower ranks zero-padded); slot 0 all zeros. The layer axis stays leading in either
-    # layer layout: each block takes its layer's slice (`layer`).
+    # R the largest rank (lower ranks zero-padded); slot 0 all zeros. The unscanned layout may keep one subtree
+    # per layer instead ({"layers": {"0": {module: ...}}}, `unstack`), each [N, ...]: no slice per step.
     weights: dict
     scale: jax.Array  # float32 [N]: alpha / r (or alpha / sqrt(r), rsLoRA) of each slot's adapter; slot 0: 0
     index: jax.Array  # int32 [B] (each row's slot) or [B, T] (each token's: the paged engine's flat row)

@@ -50,6 +50,11 @@ def test_per_row_adapters_equal_merged_weights(model, scanned):
     for row in (1, 2):
         assert np.max(np.abs(expected[row][row] - expected[0][row])) > 0.1  # the adapter matters
         np.testing.assert_allclose(ours[row], expected[row][row], atol=TOL, rtol=0)
+    # Two rows, three slots: each row's factors gathered (BGMV) rather than every slot's shrink masked.
+    slots = linear.LoraSlots(weights, scale, jnp.array([2, 1]))
+    gathered = forward(config, linear.with_lora(params, slots), tokens[1:], positions[1:]).logits
+    np.testing.assert_allclose(gathered[0], expected[2][1], atol=TOL, rtol=0)
+    np.testing.assert_allclose(gathered[1], expected[1][2], atol=TOL, rtol=0)
 
 
 def test_per_token_slots_as_the_paged_engine_uses(model):
