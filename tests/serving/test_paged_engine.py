@@ -124,9 +124,9 @@ def test_preemption_in_a_tiny_pool_continues_every_stream_without_a_gap():
         assert seeded == [mj.generate(config, params, [p], 16, temperature=1.0, seed=7 + i)[0]
                           for i, p in enumerate(prompts)]
         assert engine.pool.num_used == 0
-        with pytest.raises(RequestError) as err:  # 50 prompt tokens need 13 pages: never fits, refused at once
-            engine.submit(list(range(50)), SamplingParams(max_tokens=1))
-        assert err.value.param == "prompt"
+        with pytest.raises(RequestError) as err:  # past the context of 32 (and 13 pages): refused at once, naming
+            engine.submit(list(range(50)), SamplingParams(max_tokens=1))  # max_tokens as the slot engine does
+        assert err.value.param == "max_tokens"
         with pytest.raises(RequestError) as err:
             engine.submit(list(range(20)), SamplingParams(max_tokens=40))
         assert err.value.param == "max_tokens"
