@@ -55,7 +55,7 @@ QUESTIONS = [
 ]
 SYSTEM = ("You are a patient assistant for a public library. " + " ".join(
     f"Rule {i}: answer politely, cite the catalogue where it helps, keep answers short and never invent a book, "
-    f"an author or a shelf number that the catalogue does not list." for i in range(1, 34)))
+    f"an author or a shelf number that the catalogue does not list." for i in range(1, 28)))
 BURST = 24  # requests sent at once to the --max-total-tokens 4096 server
 STARTUP_S = 900
 
