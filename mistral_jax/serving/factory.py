@@ -26,7 +26,7 @@ def make_engine(config: ModelConfig, params, tokenizer=None, *, page_size: int =
     budget), else (page_size 0, or what it cannot serve) the slot engine (prefill_chunk, speculation); adapters:
     the served LoRA adapters (serving/adapters.py)"""
     reason = "--page-size 0" if page_size == 0 else paged_engine.unsupported(config, mesh, speculation,
-                                                                             adapters, max_batch)
+                                                                             adapters, max_batch, max_total_tokens)
     if reason is None:
         return paged_engine.PagedEngine(config, params, tokenizer, page_size=page_size,
                                         max_total_tokens=max_total_tokens,

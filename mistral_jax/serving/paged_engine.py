@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from mistral_jax import decoding
 from mistral_jax import sampling as sampling_stage
@@ -65,11 +64,13 @@ def token_bytes(config: ModelConfig) -> int:
 
 
 def unsupported(config: ModelConfig, mesh=None, speculation=None, adapters: Adapters | None = None,
-                max_batch: int = 8) -> str | None:
+                max_batch: int = 8, max_total_tokens: int | None = None) -> str | None:
     """Why the paged engine cannot serve this model or setting yet (None: it can); the engine factory falls back
     to the slot engine on it."""
     if speculation is not None:
         return "speculative decoding (--draft) is not paged yet"
+    if jax.process_count() > 1 and max_total_tokens is None:  # a default from each host's free memory could differ
+        return "several processes page only with --max-total-tokens (every process must size its pool alike)"
     if config.kv_cache_dtype == "int8":
         return "an int8 KV cache is not paged yet (--kv-cache-dtype int8)"
     if adapters is not None and adapters.max_loras < max_batch:  # every running request's adapter stays resident
@@ -89,7 +90,7 @@ class PagedEngine(Engine):
         """max_total_tokens: the pool's capacity in tokens over all requests (default: what the device's memory
         budget holds, at most max_batch full contexts); max_batch: running requests at most. adapters: LoRA
         adapters (serving/adapters.py), at least max_batch resident, so an admitted request always finds a slot."""
-        reason = unsupported(config, mesh, adapters=adapters, max_batch=max_batch)
+        reason = unsupported(config, mesh, adapters=adapters, max_batch=max_batch, max_total_tokens=max_total_tokens)
         if reason is not None:
             raise UserError(f"the paged engine cannot serve this yet: {reason}; --page-size 0 serves it from slots")
         self.page_size, self.max_num_batched_tokens = page_size, max_num_batched_tokens
@@ -104,9 +105,7 @@ class PagedEngine(Engine):
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
         if self.max_total_tokens is None:
-            budget = kv_budget_bytes() // token_bytes(self.config)
-            if jax.process_count() > 1:  # every process allocates alike: process 0's budget sizes every pool
-                budget = int(multihost_utils.broadcast_one_to_all(np.int64(budget)))
+            budget = kv_budget_bytes() // token_bytes(self.config)  # one process (several need the flag)
             self.max_total_tokens = max(self.max_seq_len, min(self.max_batch * self.max_seq_len, budget))
             log.info("paged KV cache: %d tokens by default (%.2f GiB; --max-total-tokens sets it)",
                      self.max_total_tokens, self.max_total_tokens * token_bytes(self.config) / 2**30)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server():
     with running_server("--max-batch", "8", "--max-queue", "16", "--max-seq-len", str(CONTEXT),
-                        "--prefill-chunk", "32") as running:
+                        "--prefill-chunk", "32", "--max-num-batched-tokens", "32") as running:
         yield running
 
 

@@ -30,19 +30,17 @@ def test_paged_by_default_slots_with_page_size_zero(tiny, caplog):
     assert not caplog.records  # asked for: nothing to explain
 
 
-@pytest.mark.parametrize("case", ["speculation", "mixed windows", "int8 kv"])
+@pytest.mark.parametrize("case", ["speculation", "int8 kv"])
 def test_what_pages_cannot_serve_falls_back_to_slots_in_one_line(tiny, caplog, case):
     config, params = tiny
     speculation = speculative.Speculation(draft_tokens=2) if case == "speculation" else None
-    if case == "mixed windows":
-        config = config.replace(sliding_window=8, layer_types=("sliding_attention", "full_attention"))
     if case == "int8 kv":
         config = config.replace(kv_cache_dtype="int8")
     with caplog.at_level(logging.WARNING, logger="mistral_jax.serving.factory"):
         engine = make_engine(config, params, max_batch=2, max_seq_len=64, speculation=speculation, warm_up=False)
     assert type(engine) is Engine
     assert len(caplog.records) == 1
-    assert {"speculation": "speculative", "mixed windows": "layer_types", "int8 kv": "int8"}[case] in caplog.text
+    assert {"speculation": "speculative", "int8 kv": "int8"}[case] in caplog.text
     if speculation is None:  # asked for outright, the paged engine refuses and says how to serve it
         with pytest.raises(mj.UserError, match="--page-size 0"):
             PagedEngine(config, params, max_batch=2, max_seq_len=64, warm_up=False)

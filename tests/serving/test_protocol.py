@@ -27,8 +27,10 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
 
 @pytest.fixture(scope="module")
 def server():
+    # The protocol layer over the slot engine (4 programs to compile, not the paged engine's 12 for the real
+    # SmolLM2): test_api's server runs the default paged engine over HTTP.
     with running_server("--max-batch", "4", "--max-seq-len", str(CONTEXT), "--prefill-chunk", "32",
-                        "--max-request-bytes", str(LIMIT)) as running:
+                        "--max-request-bytes", str(LIMIT), "--page-size", "0") as running:
         yield running
 
 
