@@ -138,7 +138,8 @@ class SamplingParams:
             object.__setattr__(self, "response_format", None)
             return
         object.__setattr__(self, "grammar", grammars.grammar(spec))
-        object.__setattr__(self, "response_format", json.dumps(spec, sort_keys=True, ensure_ascii=False))
+        # Keys keep their order: a schema's property order is the order its JSON is generated in.
+        object.__setattr__(self, "response_format", json.dumps(spec, ensure_ascii=False))
 
     def _check_logit_bias(self):
         bias = self.logit_bias

@@ -2,6 +2,7 @@
 argmax; generate draws from NumPy's softmax(logits / T) under the top-k / top-p masks."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +145,14 @@ def test_generate_draws_from_numpys_filtered_softmax(temperature, top_k, top_p):
         counts = np.append(counts[~small], counts[small].sum())
         expected = np.append(expected[~small], expected[small].sum())
     assert scipy.stats.chisquare(counts, expected).pvalue > 1e-3
+
+
+def test_a_choice_keeps_the_schema_as_given():
+    """for_row (n choices, batch rows) rebuilds the settings: the constraint must stay as given, property order and
+    all (it is the order the JSON is generated in; sorting it changed a greedy server answer)."""
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "address": {"type": "string"}},
+              "required": ["name", "address"]}
+    params = mj.SamplingParams(response_format={"json_schema": schema})
+    again = params.for_row(1)
+    assert again.response_format == params.response_format
+    assert list(json.loads(again.response_format)["json_schema"]["properties"]) == ["name", "address"]
