@@ -98,10 +98,10 @@ class PagedEngine(Engine):
         self.programs, self.warm_up_seconds = 0, 0.0
         self.preemptions = 0  # requests preempted (pages given back, recomputed later)
         self._queued_ids: set[int] = set()  # in the scheduler, never admitted yet (counted in the queue depth)
-        self._grammar_free = list(range(max_batch + max_queue))[::-1]  # free rows of grammar state (Constraints)
         super().__init__(config, params, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len,
                          prefill_chunk=max_num_batched_tokens, max_queue=max_queue, mesh=mesh, warm_up=warm_up,
                          gate=False, adapters=adapters)
+        self._grammar_free = list(range(self.grammar_rows))[::-1]  # free rows of grammar state (Constraints)
 
     def _make_runner(self, params, mesh, speculation, draft_params) -> PagedModelRunner:
         if self.max_total_tokens is None:
@@ -197,9 +197,9 @@ class PagedEngine(Engine):
 
     def _counts(self, requests: list[Request]) -> sampling_stage.TokenCounts | None:
         """Penalized rows' token counts from their prompts and outputs so far (None: no row is penalized)."""
-        if not any(r.params.penalized for r in requests):
-            return None
         penalized = [r.params.penalized for r in requests]
+        if not any(penalized):
+            return None
         return sampling_stage.token_counts([r.prompt if p else () for r, p in zip(requests, penalized)],
                                            [r.generated if p else () for r, p in zip(requests, penalized)],
                                            self.config.vocab_size)
@@ -227,9 +227,9 @@ class PagedEngine(Engine):
             return ()
         for request_id in plan.preempted:
             request = self._inflight.get(request_id)
-            if request is not None and request.adapter_slot > 0:
-                self.adapters.release(request.adapter_slot)
             if request is not None:
+                if request.adapter_slot > 0:
+                    self.adapters.release(request.adapter_slot)
                 request.adapter_slot = -1
         for request_id, _, _ in plan.admitted:
             request = self._inflight[request_id]
