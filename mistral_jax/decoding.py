@@ -449,15 +449,12 @@ def _begin(config: ModelConfig, params, prompts, max_new_tokens: int, settings: 
 
 def _with_adapter(config: ModelConfig, params, adapter, mesh, rows: int):
     """params carrying `adapter` as a per-row LoRA table (model/linear.py: slot 1, chosen by all `rows` rows),
-    the weights untouched (None: params as given). An adapter of a mixture of experts' expert weights is merged
-    into a transient copy of those instead (the grouped expert matmuls take no per-row update)."""
+    the weights untouched (None: params as given)."""
     if adapter is None:
         return params
-    from mistral_jax.checkpoints.load import load_adapter, merge_adapter  # read (a path), check it fits, merge
+    from mistral_jax.checkpoints.load import load_adapter  # read (a path), check it fits
 
     adapter = load_adapter(adapter, config, mesh=mesh)
-    if set(adapter.targets) - set(lora.serving_targets(config)):
-        return merge_adapter(config, params, adapter, mesh)
     weights, scale = lora.stack_slots(config, [adapter])
     if not config.scan_layers:  # the decode layout: each block reads its own arrays
         weights = linear.unstack(weights)

@@ -191,31 +191,33 @@ def shardings(config, mesh, adapters):
 
 
 def serving_targets(config) -> tuple[str, ...]:
-    """The targets a per-row adapter table covers for `config`'s model: every dense attention and MLP weight
-    (a mixture of experts' expert weights take merged adapters only: model/linear.py)."""
-    return tuple(t for t in TARGETS if not (config.is_moe and t.startswith("w_")))
+    """The targets a per-row adapter table covers for `config`'s model: every attention and MLP weight, a mixture
+    of experts' stacked expert weights included (model/linear.py's ExpertLora)."""
+    return tuple(TARGETS)
 
 
 def slot_shapes(config, targets, slots: int, rank: int, dtype) -> dict:
     """ShapeDtypeStructs of a per-row adapter table (linear.LoraSlots.weights): `slots` slots of rank `rank` for
-    each target, the layer axis leading: A [L, N, in..., R], B [L, N, R, out...]."""
+    each target, the layer axis leading: A [L, N, (E,) in..., R], B [L, N, (E,) R, out...] (E: a mixture of
+    experts' expert axis)."""
     from mistral_jax.model.transformer import param_shapes
 
     layers = param_shapes(config.replace(scan_layers=True))["layers"]
     out: dict = {}
     for module, name in _targets({"layers": layers}, LoraSpec(rank, rank, tuple(targets))):
-        shape = layers[module][name].shape  # [L, in..., out...]
-        n_in = TARGETS[name][1]
+        shape = layers[module][name].shape  # [L, (E,) in..., out...]
+        _, n_in, n_out = TARGETS[name]
+        lead = len(shape) - n_in - n_out
         out.setdefault(module, {})[name] = {
-            "a": jax.ShapeDtypeStruct((shape[0], slots, *shape[1: 1 + n_in], rank), dtype),
-            "b": jax.ShapeDtypeStruct((shape[0], slots, rank, *shape[1 + n_in:]), dtype),
+            "a": jax.ShapeDtypeStruct((shape[0], slots, *shape[1: lead + n_in], rank), dtype),
+            "b": jax.ShapeDtypeStruct((shape[0], slots, *shape[1:lead], rank, *shape[lead + n_in:]), dtype),
         }
     return {"layers": out}
 
 
 def slot_weights(adapter: Adapter, shapes: dict) -> dict:
-    """One adapter's factors in one slot of a table shaped `shapes` (slot_shapes, any slot count): A [L, in..., R],
-    B [L, R, out...] in the table's dtype, lower ranks zero-padded, targets it lacks all zeros (a UserError if
+    """One adapter's factors in one slot of a table shaped `shapes` (slot_shapes, any slot count): A [L, (E,) in...,
+    R], B [L, (E,) R, out...] in the table's dtype, lower ranks zero-padded, targets it lacks all zeros (a UserError if
     it adapts a weight the table lacks or its rank is above the table's). Host (numpy) arrays: padding any rank
     compiles nothing."""
     layers = shapes["layers"]
@@ -236,9 +238,9 @@ def slot_weights(adapter: Adapter, shapes: dict) -> dict:
             if got is None:
                 a, b = np.zeros(a_shape, ab["a"].dtype), np.zeros(b_shape, ab["b"].dtype)
             else:
-                pad = table_rank - got["a"].shape[-1]
+                pad, lead = table_rank - got["a"].shape[-1], got["a"].ndim - 1 - TARGETS[name][1]  # lead: L, (E)
                 a = np.pad(np.asarray(got["a"]), [(0, 0)] * (got["a"].ndim - 1) + [(0, pad)])
-                b = np.pad(np.asarray(got["b"]), [(0, 0), (0, pad)] + [(0, 0)] * (got["b"].ndim - 2))
+                b = np.pad(np.asarray(got["b"]), [(0, 0)] * lead + [(0, pad)] + [(0, 0)] * (got["b"].ndim - lead - 1))
                 a, b = a.astype(ab["a"].dtype), b.astype(ab["b"].dtype)
             out.setdefault(module, {})[name] = {"a": a, "b": b}
     return {"layers": out}
@@ -246,11 +248,9 @@ def slot_weights(adapter: Adapter, shapes: dict) -> dict:
 
 def stack_slots(config, adapters, rank: int | None = None, dtype=None):
     """(weights, scale) of a per-row table holding `adapters` in slots 1.. (slot 0 empty): linear.LoraSlots'
-    first two fields. rank: the table's (default the largest adapter's); targets: those the adapters adapt (a
-    UserError for one serving_targets does not cover)."""
+    first two fields. rank: the table's (default the largest adapter's); targets: those the adapters adapt."""
     rank = rank or max(a.rank for a in adapters)
-    covered = serving_targets(config)
-    targets = tuple(dict.fromkeys(t for a in adapters for t in a.targets if t in covered))
+    targets = tuple(dict.fromkeys(t for a in adapters for t in a.targets))
     shapes = slot_shapes(config, targets, len(adapters) + 1, rank, dtype or config.compute_dtype)
     per_slot = [slot_weights(a, shapes) for a in adapters]
     weights = jax.tree.map(lambda s, *ws: jnp.stack([jnp.zeros(s.shape[:1] + s.shape[2:], s.dtype), *ws], axis=1),

@@ -6,8 +6,10 @@ scale * B @ A to the weight [out, in], with scale = lora_alpha / r (lora_alpha /
 hf_layout converts a base weight (transposed, heads split out). No rotary permutation: transformers' q/k rows
 are in half-split RoPE order, the order our parameters hold whatever the base's format (the consolidated and
 GGUF readers permute theirs into it, hf_layout.interleaved_to_half_split), so PEFT's q/k updates apply as they are.
-Targets: q/k/v/o/gate/up/down of the dense families and Mixtral's attention (transformers holds Mixtral's experts
-as fused tensors, not Linears, which PEFT's target_modules cannot name).
+Targets: q/k/v/o/gate/up/down of the dense families; Mixtral's attention and its experts in the classic layout our
+export writes (block_sparse_moe.experts.E.w1/w3/w2, one Linear per expert: target_modules w1, w3, w2), each expert's
+factors in its row of our [L, E, ...] ones. transformers >= 5 fuses the experts into tensors PEFT adapts by
+`target_parameters`, refused here.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ FACTOR = re.compile(re.escape(PREFIX) + r"(.+)\.lora_([AB])\.weight")
 # Our LoRA target -> transformers' module name (PEFT's target_modules).
 MODULES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w_gate": "gate_proj",
            "w_up": "up_proj", "w_down": "down_proj"}
+# A mixture of experts' target -> the classic Mixtral expert Linear (block_sparse_moe.experts.E.w1).
+EXPERT_MODULES = {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}
 # adapter_config.json fields that change what the adapter computes in ways we do not apply: any set value is refused.
 UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication", "rank_pattern",
                "alpha_pattern", "target_parameters", "trainable_token_indices", "alora_invocation_tokens")
@@ -48,17 +52,19 @@ def is_peft_dir(path) -> bool:
     return path.is_dir() and (path / CONFIG_FILE).is_file()
 
 
-def _modules(config: ModelConfig, shapes) -> dict[str, tuple[tuple[str, str], int, tuple[int, int]]]:
-    """transformers module name (model.layers.3.self_attn.q_proj) -> ((module, target), layer, its weight's
+def _modules(config: ModelConfig, shapes) -> dict[str, tuple[tuple[str, str], tuple[int, ...], tuple[int, int]]]:
+    """transformers module name (model.layers.3.self_attn.q_proj, model.layers.3.block_sparse_moe.experts.5.w1)
+    -> ((module, target), its place on our factors' leading axes ((layer,) or (layer, expert)), its weight's
     [out, in]) for every weight of `config` (parameter shapes: `shapes`) a PEFT LoRA can adapt."""
     out = {}
-    for leaf in hf_layout.layout(config):
-        if leaf.path[0] != "layers" or leaf.path[-1] not in MODULES or leaf.path[1] == "moe":
+    for leaf in hf_layout.layout(config):  # Mixtral's experts in the classic layout: a Linear per expert
+        if leaf.path[0] != "layers" or leaf.path[-1] not in MODULES:
             continue
         hf_shape = leaf.hf_shape(hf_layout.get_path(shapes, leaf.path).shape[1:])
         for i in range(config.n_layers):
-            (name,) = leaf.names(i)
-            out[name.removesuffix(".weight")] = (leaf.path[1:], i, hf_shape)
+            names = leaf.names(i)
+            for e, name in enumerate(names):
+                out[name.removesuffix(".weight")] = (leaf.path[1:], (i, e) if leaf.path[1] == "moe" else (i,), hf_shape)
     return out
 
 
@@ -72,10 +78,11 @@ def _check_settings(settings: dict, where: str) -> None:
             raise CheckpointError(f"{where}: {field}={settings[field]!r} is not supported")
     targets = settings.get("target_modules")
     if isinstance(targets, list):  # (a string is a regular expression: the tensors below say what it matched)
-        unknown = [t for t in targets if t not in MODULES.values()]
+        known = [*MODULES.values(), *EXPERT_MODULES.values()]
+        unknown = [t for t in targets if t not in known]
         if unknown:
             raise CheckpointError(f"{where}: target module(s) {unknown} are not adapted here "
-                                  f"(targets: {', '.join(MODULES.values())})")
+                                  f"(targets: {', '.join(known)})")
     for field in ("r", "lora_alpha"):
         if not isinstance(settings.get(field), int | float) or settings[field] <= 0:
             raise CheckpointError(f"{where}: {field} must be a positive number, got {settings.get(field)!r}")
@@ -115,8 +122,8 @@ def read(path, config: ModelConfig) -> lora.Adapter:
     for key in tensors:
         match = FACTOR.fullmatch(key)
         if match is None or match[1] not in modules:
-            raise CheckpointError(f"{where}: tensor {key!r} adapts no q/k/v/o/gate/up/down weight of this "
-                                  f"{config.family} base ({config.n_layers} layers)")
+            raise CheckpointError(f"{where}: tensor {key!r} adapts no q/k/v/o/gate/up/down (or expert w1/w3/w2) "
+                                  f"weight of this {config.family} base ({config.n_layers} layers)")
         factors.setdefault(match[1], {})[match[2]] = key
     if not factors:
         raise CheckpointError(f"{where}: {WEIGHTS_FILE} holds no LoRA factors")
@@ -127,7 +134,7 @@ def read(path, config: ModelConfig) -> lora.Adapter:
         if set(keys) != {"A", "B"}:
             (has,) = keys
             raise CheckpointError(f"{where}: {module} has lora_{has} but not lora_{'B' if has == 'A' else 'A'}")
-        (parent, name), layer, (n_out, n_in) = modules[module]
+        (parent, name), place, (n_out, n_in) = modules[module]
         a, b = tensors[keys["A"]], tensors[keys["B"]]
         if a.shape != (rank, n_in) or b.shape != (n_out, rank):
             raise CheckpointError(f"{where}: {module} has lora_A {list(a.shape)}, lora_B {list(b.shape)}; this base's "
@@ -136,41 +143,39 @@ def read(path, config: ModelConfig) -> lora.Adapter:
         if name not in adapters.setdefault(parent, {}):
             adapters[parent][name] = _zeros(shapes, parent, name, rank)
         pair = adapters[parent][name]
-        pair["a"][layer] = a.astype(np.float32).T.reshape(pair["a"].shape[1:])
-        pair["b"][layer] = b.astype(np.float32).T.reshape(pair["b"].shape[1:])
+        pair["a"][place] = a.astype(np.float32).T.reshape(pair["a"].shape[len(place):])
+        pair["b"][place] = b.astype(np.float32).T.reshape(pair["b"].shape[len(place):])
     return lora.Adapter({"layers": adapters}, float(scale), source=where)
 
 
 def _zeros(shapes, module: str, name: str, rank: int) -> dict[str, np.ndarray]:
-    """Zero factors for every layer of one target: a [L, in..., r], b [L, r, out...]."""
+    """Zero factors for every layer of one target: a [L, (E,) in..., r], b [L, (E,) r, out...]."""
     shape = shapes["layers"][module][name].shape
-    n_in = lora.TARGETS[name][1]
-    return {"a": np.zeros((*shape[: 1 + n_in], rank), np.float32),
-            "b": np.zeros((shape[0], rank, *shape[1 + n_in:]), np.float32)}
+    _, n_in, n_out = lora.TARGETS[name]
+    lead = len(shape) - n_in - n_out
+    return {"a": np.zeros((*shape[: lead + n_in], rank), np.float32),
+            "b": np.zeros((*shape[:lead], rank, *shape[lead + n_in:]), np.float32)}
 
 
 def write(config: ModelConfig, adapter: lora.Adapter, out_dir, base_model: str, dtype: str = "float32") -> pathlib.Path:
     """A PEFT LoRA directory of `adapter` (for `config`'s model), which peft.PeftModel.from_pretrained loads onto
-    the base's transformers model; `base_model` goes in base_model_name_or_path. Written to a temporary directory
-    renamed at the end; `out_dir` must not exist yet (or be empty)."""
+    the base's transformers model; `base_model` goes in base_model_name_or_path (Mixtral's experts as the classic
+    per-expert w1/w3/w2 modules, as our export writes the base). Written to a temporary directory renamed at the end;
+    `out_dir` must not exist yet (or be empty)."""
     config = config.replace(scan_layers=True)
     adapter.check_fits(config)
-    experts = [name for name in adapter.weights["layers"].get("moe", {})]
-    if experts:
-        raise CheckpointError(f"{adapter.source}: adapts Mixtral experts ({', '.join(experts)}), which PEFT cannot "
-                              "target by module in transformers' fused expert layout; only attention adapters export")
     out_dir = pathlib.Path(out_dir).expanduser()
     check_new_dir(out_dir)
     tensors, targets = {}, set()
-    for module, ((parent, name), layer, (n_out, n_in)) in _modules(config, param_shapes(config)).items():
+    for module, ((parent, name), place, (n_out, n_in)) in _modules(config, param_shapes(config)).items():
         pair = adapter.weights["layers"].get(parent, {}).get(name)
         if pair is None:
             continue
-        a, b = np.asarray(pair["a"][layer], np.float32), np.asarray(pair["b"][layer], np.float32)
+        a, b = np.asarray(pair["a"][place], np.float32), np.asarray(pair["b"][place], np.float32)
         rank = a.shape[-1]
         tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.reshape(n_in, rank).T)
         tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.reshape(rank, n_out).T)
-        targets.add(MODULES[name])
+        targets.add(module.rsplit(".", 1)[-1])  # q_proj ... or an expert's w1, w3, w2
     np_dtype = np.dtype(DTYPES[dtype])
     tensors = {key: value.astype(np_dtype) for key, value in tensors.items()}
     rank = adapter.rank

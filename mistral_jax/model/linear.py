@@ -3,9 +3,10 @@
 Every dense projection (attention, MLP, LM head) runs `einsum`; a mixture of experts takes its expert weights
 from `expert_weights`. When the batch carries adapters (`LoraSlots`, a pytree: many adapters stacked on a slot
 axis, each row choosing one by index, as BGMV does), a target weight's output gains
-`scale[i] * (x @ A[i]) @ B[i]` for the row's slot i. Slot 0 is the empty slot (zeros): its rows get exactly the
-base model's outputs. Adapters of lower rank sit zero-padded to the table's rank. Without a LoraSlots the
-program is the plain one (a static switch: its absence is the pytree's structure).
+`scale[i] * (x @ A[i]) @ B[i]` for the row's slot i; an expert weight's (`ExpertLora`, for the rows the mixture
+sorted by expert) `scale[i] * (x @ A[i, e]) @ B[i, e]`, e the row's expert. Slot 0 is the empty slot (zeros): its
+rows get exactly the base model's outputs. Adapters of lower rank sit zero-padded to the table's rank. Without a
+LoraSlots the program is the plain one (a static switch: its absence is the pytree's structure).
 
 quant_matmul (ModelConfig, resolved per backend as the attention kernel is):
   int8_dot: activations quantized on the fly (a scale per row and tile of ACTIVATION_TILE contracted values),
@@ -145,17 +146,54 @@ def update(x, a, b, scale, index):
     return y.reshape(bsz, t, *out_shape)
 
 
-def expert_weights(weights, config: ModelConfig, lora=None):
+def expert_weights(weights, config: ModelConfig):
     """A mixture of experts' stacked weights (float or int8, [E, ...]) as the grouped matmuls read them: the
-    compute dtype (int8 experts dequantized whole). Per-row adapters on expert weights are not supported: the
-    grouped dispatch runs each expert on a group of rows of any adapter (merge such an adapter instead)."""
-    if lora is not None:
-        slots, module = lora
-        names = [n for n in ("w_gate", "w_up", "w_down") if slots is not None and slots.factors(module, n)]
-        if names:
-            raise UserError(f"per-row LoRA on expert weights ({', '.join(names)}) is not supported; merge that "
-                            "adapter into the weights (mj.load(base, adapter=...)) instead")
+    compute dtype (int8 experts dequantized whole)."""
     return tuple(dequantize(w, config.compute_dtype) for w in weights)
+
+
+EXPERT_TARGETS = ("w_gate", "w_up", "w_down")  # a mixture of experts' stacked weights [E, in, out]
+
+
+@flax.struct.dataclass
+class ExpertLora:
+    """The adapters of a mixture of experts' stacked weights, for its rows sorted by expert: row m's update through
+    weight `name` is scale[s] * (x @ A[s, e]) @ B[s, e], s its slot and e its expert."""
+
+    factors: dict  # {name: {"a": [N, E, in, R], "b": [N, E, R, out]}}: the adapted ones of EXPERT_TARGETS
+    scale: jax.Array  # float32 [N]
+    slot: jax.Array  # int32 [M]: each sorted row's slot (0: none)
+
+    def add(self, name: str, x, y, expert, slot=None):
+        """y [M, out] plus the update of x [M, in] through `name` (y itself when no adapter adapts it): row m
+        through slot[m] (default self.slot) of expert[m] (int32 [M], or one expert for every row). Slot and expert
+        index one stacked table, so `update` gathers each row's factors or masks every one's, as for dense rows."""
+        ab = self.factors.get(name)
+        if ab is None:
+            return y
+        a, b = ab["a"], ab["b"]
+        n, e = a.shape[:2]
+        index = (self.slot if slot is None else slot) * e + expert  # [M] into the N * E stacked factors
+        a, b = a.reshape(n * e, *a.shape[2:]), b.reshape(n * e, *b.shape[2:])
+        return y + update(x[:, None], a, b, jnp.repeat(self.scale, e), index)[:, 0].astype(y.dtype)
+
+    def one_expert(self, e) -> ExpertLora:
+        """Expert e's factors alone ([N, 1, ...]: `add` with expert 0), sliced once for all its rows."""
+        return self.replace(factors=jax.tree.map(lambda w: jax.lax.dynamic_slice_in_dim(w, e, 1, axis=1),
+                                                 self.factors))
+
+
+def expert_lora(lora, shape: tuple[int, int], token) -> ExpertLora | None:
+    """The expert adapters of `lora` = (LayerLora or None, module) for rows sorted by expert, row m being token
+    token[m] (int32 [M], into the flattened [B, T] = `shape`); None when no adapter in the table adapts an expert
+    weight (the plain program)."""
+    slots, module = lora
+    factors = {} if slots is None else {n: ab for n in EXPERT_TARGETS
+                                        if (ab := slots.weights.get(module, {}).get(n)) is not None}
+    if not factors:
+        return None
+    index = slots.index if slots.index.ndim == 2 else slots.index[:, None]  # [B, T] or [B, 1]
+    return ExpertLora(factors, slots.scale, jnp.broadcast_to(index, shape).reshape(-1)[token])
 
 
 def _base(spec: str, x, w, config: ModelConfig, preferred_element_type):

@@ -16,6 +16,8 @@ of experts. Ways to run the grouped matmuls (ModelConfig.moe_dispatch):
   auto:     the default: "ragged" when lowering for TPU, "blocks" elsewhere (`lax.platform_dependent`,
             so only the chosen one is compiled).
 benchmarks/RESULTS.md has each dispatch's time against the dense layer, on the CPU and on an H200.
+When the batch carries LoRA adapters on the expert weights (model/linear.py's ExpertLora), every dispatch adds each
+sorted row's update from its adapter's factors of its expert, before the SwiGLU (gate, up) and after it (down).
 """
 
 from __future__ import annotations
@@ -93,10 +95,14 @@ def _sort_by_expert(experts, n_experts: int):
     return order, flat[order], group_sizes
 
 
-def _grouped_swiglu_ragged(rows, group_sizes, w_gate, w_up, w_down):
+def _grouped_swiglu_ragged(rows, sorted_experts, group_sizes, w_gate, w_up, w_down, lora=None):
     gate = jax.lax.ragged_dot(rows, w_gate, group_sizes)
     up = jax.lax.ragged_dot(rows, w_up, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)
+    if lora is not None:  # each row's adapter update: its slot's factors of its expert
+        gate, up = lora.add("w_gate", rows, gate, sorted_experts), lora.add("w_up", rows, up, sorted_experts)
+    hidden = jax.nn.silu(gate) * up
+    out = jax.lax.ragged_dot(hidden, w_down, group_sizes)
+    return out if lora is None else lora.add("w_down", hidden, out, sorted_experts)
 
 
 def _rank_in_group(sorted_experts, group_sizes):
@@ -105,7 +111,7 @@ def _rank_in_group(sorted_experts, group_sizes):
     return jnp.arange(sorted_experts.shape[0]) - starts[sorted_experts]
 
 
-def _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, w_gate, w_up, w_down, capacity: int):
+def _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, w_gate, w_up, w_down, capacity: int, lora=None):
     n_experts = w_gate.shape[0]
     rank = _rank_in_group(sorted_experts, group_sizes)
     rank = jnp.where(rank < capacity, rank, capacity)  # past capacity: dropped
@@ -114,7 +120,17 @@ def _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, w_gate, w_up, w_
     buffer = constrain(buffer, ("act_expert", None, "act_embed"))
     gate = jnp.einsum("ecd,edf->ecf", buffer, w_gate)
     up = jnp.einsum("ecd,edf->ecf", buffer, w_up)
-    out = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down)
+    if lora is not None:  # the buffer's rows (empty places: slot 0, no update) through their slot and expert
+        slot = jnp.zeros((n_experts, capacity), jnp.int32).at[sorted_experts, rank].set(lora.slot, mode="drop")
+        lora = lora.replace(slot=slot.reshape(-1))  # [E * C]
+        expert = jnp.repeat(jnp.arange(n_experts, dtype=jnp.int32), capacity)  # [E * C]
+        flat = buffer.reshape(n_experts * capacity, -1)
+        gate, up = (lora.add(name, flat, y.reshape(flat.shape[0], -1), expert).reshape(y.shape)
+                    for name, y in (("w_gate", gate), ("w_up", up)))
+    hidden = jax.nn.silu(gate) * up
+    out = jnp.einsum("ecf,efd->ecd", hidden, w_down)
+    if lora is not None:
+        out = lora.add("w_down", hidden.reshape(flat.shape[0], -1), out.reshape(flat.shape), expert).reshape(out.shape)
     return out.at[sorted_experts, rank].get(mode="fill", fill_value=0)  # [N * k, D]
 
 
@@ -133,8 +149,10 @@ def block_sizes(n_rows: int, n_experts: int) -> tuple[int, ...]:
     return tuple(big >> i for i in range(min(3, big.bit_length() - 1) + 1))
 
 
-def _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, w_gate, w_up, w_down):
-    """Each expert's group padded with zero rows to whole blocks; every block a dense SwiGLU of its expert."""
+def _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, w_gate, w_up, w_down, lora=None):
+    """Each expert's group padded with zero rows to whole blocks; every block a dense SwiGLU of its expert. With
+    `lora` (linear.ExpertLora) each row adds its slot's update of its expert's weights (a serving path: the
+    forward loops, no custom VJP)."""
     n_rows, n_experts = rows.shape[0], w_gate.shape[0]
     blocks = block_sizes(n_rows, n_experts)
     unit = blocks[-1]
@@ -143,7 +161,10 @@ def _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, w_gate, w_up, w_do
     dest = first[sorted_experts] + _rank_in_group(sorted_experts, group_sizes)  # [N * k]
     n_padded = (n_rows + n_experts * (unit - 1)) // unit * unit  # static bound of sum(counts)
     padded = jnp.zeros((n_padded, rows.shape[-1]), rows.dtype).at[dest].set(rows)  # [R, D]
-    return _expert_blocks(blocks, padded, counts, first, w_gate, w_up, w_down)[dest]
+    if lora is None:
+        return _expert_blocks(blocks, padded, counts, first, w_gate, w_up, w_down)[dest]
+    lora = lora.replace(slot=jnp.zeros((n_padded,), jnp.int32).at[dest].set(lora.slot))  # padding rows: slot 0
+    return _blocks_forward(blocks, padded, counts, first, (w_gate, w_up, w_down), save=False, lora=lora)[0][dest]
 
 
 def _each_expert(counts, weights, body, carry):
@@ -173,16 +194,24 @@ def _each_block(blocks, start, n_rows, body, carry):
     return carry
 
 
-def _blocks_forward(blocks, x, counts, first, weights, save: bool):
-    """x: [R, D] -> y [R, D], and with save the gate and up projections [R, H] for the backward."""
+def _blocks_forward(blocks, x, counts, first, weights, save: bool, lora=None):
+    """x: [R, D] -> y [R, D], and with save the gate and up projections [R, H] for the backward. lora: the rows'
+    adapters (linear.ExpertLora, a slot per row of x)."""
 
     def expert(e, w, carry):
         w_gate, w_up, w_down = w
+        own = None if lora is None else lora.one_expert(e)  # this expert's factors, sliced once
 
         def block(row, size, carry):
             xb = jax.lax.dynamic_slice_in_dim(x, row, size)  # [size, D]
             gate, up = xb @ w_gate, xb @ w_up  # [size, H]
-            new = (jax.nn.silu(gate) * up) @ w_down, gate, up
+            if own is None:
+                new = (jax.nn.silu(gate) * up) @ w_down, gate, up
+            else:
+                slot = jax.lax.dynamic_slice_in_dim(own.slot, row, size)  # [size]
+                gate, up = own.add("w_gate", xb, gate, 0, slot), own.add("w_up", xb, up, 0, slot)
+                hidden = jax.nn.silu(gate) * up
+                new = own.add("w_down", hidden, hidden @ w_down, 0, slot), gate, up
             return tuple(jax.lax.dynamic_update_slice_in_dim(c, v, row, 0) for c, v in zip(carry, new))
 
         return _each_block(blocks, first[e], counts[e], block, carry)
@@ -261,12 +290,14 @@ class MoE(nn.Module):
 
         order, sorted_experts, group_sizes = _sort_by_expert(experts, e)
         rows = tokens[order // k]  # [N * k, D], grouped by expert
-        w = linear.expert_weights((w_gate, w_up, w_down), cfg, lora=(lora, "moe"))
+        w = linear.expert_weights((w_gate, w_up, w_down), cfg)
+        rows_lora = linear.expert_lora((lora, "moe"), (b, t), order // k)  # None: no adapter on expert weights
         capacity = expert_capacity(b * t, cfg)
         grouped = {  # each: [N * k, D] rows grouped by expert -> their expert's SwiGLU, [N * k, D]
-            "ragged": lambda: _grouped_swiglu_ragged(rows, group_sizes, *w),
-            "blocks": lambda: _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, *w),
-            "capacity": lambda: _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, *w, capacity),
+            "ragged": lambda: _grouped_swiglu_ragged(rows, sorted_experts, group_sizes, *w, lora=rows_lora),
+            "blocks": lambda: _grouped_swiglu_blocks(rows, sorted_experts, group_sizes, *w, lora=rows_lora),
+            "capacity": lambda: _grouped_swiglu_capacity(rows, sorted_experts, group_sizes, *w, capacity,
+                                                         lora=rows_lora),
             # Chosen when lowering, per platform: only the chosen branch is compiled.
             "auto": lambda: jax.lax.platform_dependent(tpu=grouped["ragged"], default=grouped["blocks"]),
         }

@@ -75,8 +75,6 @@ def unsupported(config: ModelConfig, mesh=None, speculation=None, adapters: Adap
         return "an int8 KV cache is not paged yet (--kv-cache-dtype int8)"
     if adapters is not None and adapters.max_loras < max_batch:  # every running request's adapter stays resident
         return f"LoRA adapters are paged with --max-loras ({adapters.max_loras}) at least --max-batch ({max_batch})"
-    if adapters is not None and (jax.process_count() > 1 or (mesh is not None and mesh.size > 1)):
-        return "LoRA adapters are not paged on a mesh yet"
     return None
 
 
@@ -113,7 +111,7 @@ class PagedEngine(Engine):
         return PagedModelRunner(self.config, params, num_pages=self.pool.num_pages, page_size=self.page_size,
                                 max_batch=self.max_batch, max_num_batched_tokens=self.max_num_batched_tokens,
                                 max_pages_per_seq=self.pool.pages_for(self.max_seq_len, self.max_num_batched_tokens),
-                                mesh=mesh, adapters=self._adapter_table())
+                                mesh=mesh, adapters=self._adapter_table(mesh))
 
     def _new_scheduler(self) -> None:
         self.pool = PagePool.from_tokens(self.max_total_tokens, self.page_size, self.config.window_groups)

@@ -199,8 +199,8 @@ class PagedModelRunner:
                                            for f in dataclasses.fields(Sampled))))
         slot_of = dict(zip((c.request_id for c in plan.chunks), work.adapters))
         for request_id, prompt in work.echo:
-            params = self.params if self.adapters is None else linear.with_lora(
-                self.params, self.adapters.slots(jnp.full((1,), slot_of.get(request_id, 0), jnp.int32)))
+            params = self.params if self.adapters is None else linear.with_lora(self.params, self.adapters.slots(
+                sharding.put_replicated(self.mesh, np.full((1,), slot_of.get(request_id, 0), np.int32))))
             results.echo[request_id] = Sampled(*(np.asarray(x) for x in score_prompt(
                 self.config, self.mesh, params, sharding.put_replicated(self.mesh, prompt))))
         return results

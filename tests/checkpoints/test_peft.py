@@ -190,7 +190,7 @@ def test_adapters_for_another_base_are_refused(tiny_adapter, tmp_path):
         mj.generate(other_config, other_params, [[5, 6]], 2, adapter=mj.load_adapter(directory, config))
 
 
-def test_mixtral_attention_adapters_read_and_expert_adapters_do_not_export(tmp_path):
+def test_mixtral_attention_and_expert_adapters_round_trip(tmp_path):
     config, params = mj.load(FIXTURES / "hf" / "mixtral_top2")
     attention = _random_adapter(config, params, targets=("wq", "wo"))
     directory = peft.write(config, attention, tmp_path / "attention", base_model="mixtral")
@@ -198,7 +198,31 @@ def test_mixtral_attention_adapters_read_and_expert_adapters_do_not_export(tmp_p
     np.testing.assert_allclose(merged["layers"]["attention"]["wo"],
                                lora.merge(params, attention.weights, attention.scale)["layers"]["attention"]["wo"],
                                rtol=1e-5, atol=1e-6)
-    experts = _random_adapter(config, params, targets=("wq", "w_up"))
-    with pytest.raises(CheckpointError, match="Mixtral experts"):
-        peft.write(config, experts, tmp_path / "experts", base_model="mixtral")
-    assert not (tmp_path / "experts").exists()
+    # Experts in the classic layout our export writes: one Linear per expert (w1 gate, w3 up, w2 down).
+    experts = _random_adapter(config, params, targets=("wq", "w_gate", "w_up", "w_down"))
+    directory = peft.write(config, experts, tmp_path / "experts", base_model="mixtral")
+    settings = json.loads((directory / peft.CONFIG_FILE).read_text())
+    assert settings["target_modules"] == ["q_proj", "w1", "w2", "w3"]
+    tensors = load_file(directory / peft.WEIGHTS_FILE)
+    a = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w1.lora_A.weight"]  # [r, in]
+    b = tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w2.lora_B.weight"]  # [out, r]
+    np.testing.assert_array_equal(a, np.asarray(experts.weights["layers"]["moe"]["w_gate"]["a"][1, 3]).T)
+    np.testing.assert_array_equal(b, np.asarray(experts.weights["layers"]["moe"]["w_down"]["b"][1, 3]).T)
+    assert len(tensors) == 2 * config.n_layers * (1 + 3 * config.n_experts)
+    read = mj.load_adapter(directory, config)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, np.asarray(y)), read.weights, experts.weights)
+    merged = mj.load(FIXTURES / "hf" / "mixtral_top2", adapter=directory)[1]
+    np.testing.assert_allclose(merged["layers"]["moe"]["w_up"],
+                               lora.merge(params, experts.weights, experts.scale)["layers"]["moe"]["w_up"],
+                               rtol=1e-5, atol=1e-6)
+    # An expert the base lacks, and an expert factor of another shape, are refused naming the tensor.
+    extra = _edit(directory, tmp_path / "extra")
+    save_file({**tensors, "base_model.model.model.layers.0.block_sparse_moe.experts.4.w1.lora_A.weight": a,
+               "base_model.model.model.layers.0.block_sparse_moe.experts.4.w1.lora_B.weight":
+                   tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w1.lora_B.weight"]},
+              extra / peft.WEIGHTS_FILE)
+    _refused(config, extra, "experts.4.w1.lora_A.weight", "mixtral base (2 layers)")
+    narrow = _edit(directory, tmp_path / "narrow")
+    key = "base_model.model.model.layers.0.block_sparse_moe.experts.2.w3.lora_B.weight"
+    save_file({**tensors, key: tensors[key][:40]}, narrow / peft.WEIGHTS_FILE)
+    _refused(config, narrow, "block_sparse_moe.experts.2.w3 has lora_A [2, 32], lora_B [40, 2]", "[48, 32]")

@@ -82,14 +82,46 @@ def test_adapter_above_the_table_rank_is_refused(model):
         lora.stack_slots(CONFIG, adapters, rank=4)
 
 
-def test_mixture_of_experts_attention_per_row_and_expert_adapters_merged():
+@pytest.mark.parametrize("dispatch", ["blocks", "ragged", "capacity"])
+def test_mixture_of_experts_per_row_adapters_on_expert_weights_equal_merged(dispatch):
+    # capacity_factor 2: every expert takes every row (nothing dropped), so each dispatch is exact
+    config = mj.ModelConfig.from_preset("tiny-mixtral", moe_dispatch=dispatch, moe_capacity_factor=2.0)
+    params = init_params(config, jax.random.key(0))
+    adapters = [_adapter(params, 3, 4, ("wq", "w_up")), _adapter(params, 5, 8, ("w_gate", "w_down")),
+                _adapter(params, 9, 2, lora.TARGETS)]
+    weights, scale = lora.stack_slots(config, adapters)  # ranks 4, 8, 2: zero-padded to 8
+    assert weights["layers"]["moe"]["w_gate"]["a"].shape == (2, 4, 4, 64, 8)  # [L, slots, E, D, R]
+    assert weights["layers"]["moe"]["w_down"]["b"].shape == (2, 4, 4, 8, 64)  # [L, slots, E, R, D]
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 256, (4, 9)))
+    positions = jnp.broadcast_to(jnp.arange(9), (4, 9))
+    expected = [forward(config, m, tokens, positions).logits
+                for m in [params] + [lora.apply(config, params, a) for a in adapters]]
+
+    def ours(index, t=9):
+        slots = linear.LoraSlots(weights, scale, jnp.asarray(index))
+        return forward(config, linear.with_lora(params, slots), tokens[:len(index), :t], positions[:len(index), :t])
+
+    per_row = ours([0, 1, 2, 3]).logits  # 72 sorted rows, 16 (slot, expert) factors: every one's shrink masked
+    per_token = ours([[3] * 9, [2] * 9, [0] * 9, [1] * 9]).logits  # the paged engine's [B, T]
+    np.testing.assert_array_equal(per_row[0], expected[0][0])  # slot 0: the base model, exactly
+    np.testing.assert_array_equal(per_token[2], expected[0][2])
+    for row in (1, 2, 3):
+        assert np.max(np.abs(expected[row][row] - expected[0][row])) > 0.1  # the adapter matters
+        np.testing.assert_allclose(per_row[row], expected[row][row], atol=TOL, rtol=0)
+    for row, slot in ((0, 3), (1, 2), (3, 1)):
+        np.testing.assert_allclose(per_token[row], expected[slot][row], atol=TOL, rtol=0)
+    one = ours([2], t=3).logits  # 6 sorted rows, fewer than the factors: each row's gathered (BGMV)
+    merged = lora.apply(config, params, adapters[1])
+    np.testing.assert_allclose(one[0], forward(config, merged, tokens[:1, :3], positions[:1, :3]).logits[0],
+                               atol=TOL, rtol=0)
+
+
+def test_mixture_of_experts_generate_runs_expert_adapters_unmerged():
     config = mj.ModelConfig.from_preset("tiny-mixtral")
     params = init_params(config, jax.random.key(0))
-    attention, experts = _adapter(params, 3, 4, ("wq", "wo")), _adapter(params, 5, 4, ("wv", "w_up"))
-    assert lora.serving_targets(config) == ("wq", "wk", "wv", "wo")  # expert weights take no per-row update
-    with pytest.raises(mj.UserError, match=r"adapts moe/w_up, which per-row adapters do not cover"):
-        lora.stack_slots(config, [experts])
+    experts = _adapter(params, 5, 4, ("wv", "w_up", "w_down"))
+    assert lora.serving_targets(config) == tuple(lora.TARGETS)  # expert weights too
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
-    for adapter in (attention, experts):  # per row; merged for this call (generate's fallback)
-        expected = mj.generate(config, lora.apply(config, params, adapter), prompts, 6)
-        assert mj.generate(config, params, prompts, 6, adapter=adapter) == expected
+    expected = mj.generate(config, lora.apply(config, params, experts), prompts, 6)
+    assert mj.generate(config, params, prompts, 6, adapter=experts) == expected
+    assert expected != mj.generate(config, params, prompts, 6)

@@ -109,3 +109,45 @@ def test_paged_engine_serves_adapters_per_token(served):
         engine.stop()
     with pytest.raises(mj.UserError, match=r"--max-loras \(2\) at least --max-batch \(4\)"):
         PagedEngine(config, params, max_batch=4, adapters=Adapters(config, {}, max_loras=2), warm_up=False)
+
+
+MIXTRAL_ADAPTERS = {"gates": (2, ("w_gate", "w_up")), "downs": (4, ("wq", "w_down")), "every": (8, lora.TARGETS)}
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """Tiny Mixtral and PEFT directories of adapters on its expert weights (and attention)."""
+    config = mj.ModelConfig.from_preset("tiny-mixtral")
+    params = mj.init_params(config, jax.random.key(0))
+    directory = tmp_path_factory.mktemp("mixtral-adapters")
+    paths = {name: str(peft.write(config, random_adapter(config, params, 20 + seed, rank, tuple(targets)),
+                                  directory / name, base_model="tiny-mixtral"))
+             for seed, (name, (rank, targets)) in enumerate(MIXTRAL_ADAPTERS.items())}
+    return config, params, paths
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["slots", "paged"])
+def test_mixture_of_experts_serves_adapters_on_expert_weights(mixtral, paged):
+    config, params, paths = mixtral
+    if paged:  # each token of the flat row picks its slot
+        adapters = Adapters(config, paths, max_loras=4, max_lora_rank=8)
+        engine = PagedEngine(config, params, page_size=8, max_total_tokens=512, max_num_batched_tokens=32,
+                             max_batch=4, max_seq_len=64, adapters=adapters)
+    else:  # two slots for three adapters: they swap in and out
+        adapters = Adapters(config, paths, max_loras=2, max_lora_rank=8)
+        engine = Engine(config, params, max_batch=4, max_seq_len=64, prefill_chunk=16, adapters=adapters)
+    engine.start()
+    try:
+        rng = np.random.default_rng(11)
+        prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in PROMPT_LENGTHS[:6]]
+        picks = ["gates", "downs", "every", None, "every", "gates"]
+        with CompileStats() as compiled:
+            requests = [engine.submit(p, SamplingParams(max_tokens=m), adapter=a)
+                        for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+            got = [[t for event in r for t in event.token_ids] for r in requests]
+        assert compiled.compilations == 0  # adapters coming, going and swapping compile nothing
+    finally:
+        engine.stop()
+    assert got == [_expected(config, params, paths, a, p, m) for p, m, a in zip(prompts, MAX_TOKENS, picks)]
+    base = [mj.generate(config, params, [p], m)[0] for p, m in zip(prompts, MAX_TOKENS)]
+    assert all(g != b for g, b, a in zip(got, base, picks) if a is not None)  # each adapter changes its tokens
