@@ -221,7 +221,7 @@ def test_mixtral_attention_and_expert_adapters_round_trip(tmp_path):
                "base_model.model.model.layers.0.block_sparse_moe.experts.4.w1.lora_B.weight":
                    tensors["base_model.model.model.layers.1.block_sparse_moe.experts.3.w1.lora_B.weight"]},
               extra / peft.WEIGHTS_FILE)
-    _refused(config, extra, "experts.4.w1.lora_A.weight", "mixtral base (2 layers)")
+    _refused(config, extra, "layers.0.block_sparse_moe.experts.4.w1.lora_", "mixtral base (2 layers)")
     narrow = _edit(directory, tmp_path / "narrow")
     key = "base_model.model.model.layers.0.block_sparse_moe.experts.2.w3.lora_B.weight"
     save_file({**tensors, key: tensors[key][:40]}, narrow / peft.WEIGHTS_FILE)

@@ -78,9 +78,9 @@ def test_two_processes_serve_what_one_process_generates(flags):
 def test_two_processes_serve_lora_adapters_as_one_process_generates(flags, tmp_path):
     config, params = mj.load(CHECKPOINT)
     targets = {"experts": (4, ("wq", "w_gate", "w_up", "w_down")), "attention": (2, ("wk", "wv", "wo"))}
-    paths = {name: str(peft.write(config, random_adapter(config, params, seed, rank, ts), tmp_path / name,
-                                  base_model=str(CHECKPOINT)))
-             for seed, (name, (rank, ts)) in enumerate(targets.items())}
+    strong = lambda seed, rank, ts: random_adapter(config, params, seed, rank, ts).replace(scale=40.0)  # noqa: E731
+    paths = {name: str(peft.write(config, strong(seed, rank, ts), tmp_path / name, base_model=str(CHECKPOINT)))
+             for seed, (name, (rank, ts)) in enumerate(targets.items())}  # (scale 40: each changes the tokens)
     models = ["experts", None, "attention", "experts", "attention", None]
     with two_processes(*flags, "--max-loras", "4", "--max-lora-rank", "4", "--lora-modules",
                        *(f"{name}={path}" for name, path in paths.items())) as (port, procs):
