@@ -15,6 +15,8 @@
 - `mj.generate` one request at a time, in this process, on the same questions.
 - A shared ~1000-token system prompt: TTFT of the first request against the p50 of the next ones (other
   questions behind the same system prompt: a prefix-cache hit where the server caches prefixes).
+- Ours with `--max-seq-len` each of --itl-seq-lens (default 1024 and 32768): 8 clients on the questions (contexts
+  of ~100 tokens), ITL p50 and tokens/s: a step's cost should follow the tokens held, not the longest context.
 - Ours with `--page-size 16 --max-total-tokens 4096` (plus --ours-flags): 24 requests of ~100 prompt tokens at
   once, each --max-tokens: whether all finish, and the tokens/s.
 Tokens are counted by re-tokenizing each answer with our tokenizer (one count for both servers).
@@ -204,6 +206,31 @@ def _burst(args, checkpoint: str, tokenizer) -> dict:
         server.stop()
 
 
+ITL_CLIENTS = 8
+
+
+def _itl_rows(args, checkpoint: str, tokenizer, seq_lens: list[int]) -> list[dict]:
+    """Ours at each --max-seq-len (plus --ours-flags): ITL p50 and tokens/s of ITL_CLIENTS clients on the
+    questions, each a context of ~100 tokens."""
+    rows = []
+    for n in seq_lens:
+        port = _free_port()
+        server = _Server(f"ours-{n}", _ours_command(checkpoint, port, ["--max-seq-len", str(n), *args.ours]), port,
+                         "bench")
+        try:
+            jobs = [_messages(QUESTIONS[i % len(QUESTIONS)]) for i in range(max(args.requests, ITL_CLIENTS))]
+            asyncio.run(_run_clients(server, jobs[:ITL_CLIENTS], ITL_CLIENTS, 4))  # warm
+            records, wall = asyncio.run(_run_clients(server, jobs, ITL_CLIENTS, args.max_tokens))
+            tokens = sum(len(tokenizer.encode(r["text"], bos=False)) for r in records if r["text"])
+            itl = [b - a for r in records for a, b in zip(r["stamps"], r["stamps"][1:])]
+            rows.append({"max_seq_len": n, "tokens_per_s": tokens / wall, "itl_p50_s": float(np.median(itl)),
+                         "startup_s": server.startup_s, "rss": server.rss})
+            print(f"ours --max-seq-len {n}: ITL p50 {rows[-1]['itl_p50_s'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
 def _free_port() -> int:
     import socket
 
@@ -263,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--install-peer", action="store_true",
                         help="pip-install torch, transformers and accelerate into --peer-python's venv if missing")
     parser.add_argument("--no-burst", action="store_true", help="skip the --max-total-tokens 4096 burst")
+    parser.add_argument("--itl-seq-lens", default="1024,32768",
+                        help="ours at each --max-seq-len, 8 clients: ITL p50 ('' skips)")
+    parser.add_argument("--only-itl", action="store_true", help="run only the --itl-seq-lens rows (no peer)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.clients.split(",") if c]
@@ -275,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.checkpoint or str(embedded.default_model_path())
     tokenizer = load_tokenizer(checkpoint)
     result = {"machine": info, "settings": {k: v for k, v in vars(args).items() if k != "ours"}}
+    seq_lens = [int(n) for n in args.itl_seq_lens.split(",") if n]
+    if args.only_itl:
+        result["itl_by_max_seq_len"] = _itl_rows(args, checkpoint, tokenizer, seq_lens)
+        print(_itl_report(result["itl_by_max_seq_len"]))
+        return _common.write_json(args.json, result)
     with tempfile.TemporaryDirectory() as scratch:
         hf_dir = pathlib.Path(scratch) / "hf"
         subprocess.run([sys.executable, "-m", "mistral_jax.cli", "export", checkpoint, str(hf_dir)], check=True)
@@ -298,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 server.stop()
     result["generate_alone_tokens_per_s"] = _generate_alone(checkpoint, tokenizer, args.max_tokens)
     result["burst"] = None if args.no_burst else _burst(args, checkpoint, tokenizer)
+    result["itl_by_max_seq_len"] = _itl_rows(args, checkpoint, tokenizer, seq_lens)
     ours, peer = result["ours"], result["peer"]
     same = [q for q in QUESTIONS if q in ours["answers"] and ours["answers"][q] == peer["answers"].get(q)]
     result["identical_answers"] = {"questions": len(QUESTIONS), "identical": len(same),
@@ -336,7 +372,17 @@ def _report(result: dict, args) -> str:
         lines += ["", f"mistral-jax serve {' '.join(burst['flags'])}: {burst['requests']} requests of "
                       f"~{burst['prompt_tokens_mean']:.0f} prompt tokens at once: {burst['finished']} finished, "
                       f"{burst['tokens_per_s']:.1f} tok/s, RSS {burst['rss'] / 2**30:.2f} GB"]
+    if result["itl_by_max_seq_len"]:
+        lines += ["", _itl_report(result["itl_by_max_seq_len"])]
     return "\n".join(lines)
+
+
+def _itl_report(rows: list[dict]) -> str:
+    base = rows[0]["itl_p50_s"]
+    return "\n".join([f"ITL at {ITL_CLIENTS} clients, ~100-token contexts, by --max-seq-len:", "", _common.table(
+        ["--max-seq-len", "tok/s", "ITL p50 ms", "ITL / first row's", "start-up s", "RSS GB"],
+        [[r["max_seq_len"], f"{r['tokens_per_s']:.1f}", f"{r['itl_p50_s'] * 1e3:.1f}", f"{r['itl_p50_s'] / base:.2f}",
+          f"{r['startup_s']:.0f}", f"{r['rss'] / 2**30:.2f}"] for r in rows])])
 
 
 if __name__ == "__main__":

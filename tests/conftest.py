@@ -110,6 +110,27 @@ def gcs_bucket(gcs_server):
         gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+# The longest files of a full run (seconds of their tests on an idle 2-core AMD EPYC, 2026-12-07), run first.
+LONGEST_FILES = ("serving/test_structured.py", "serving/test_api.py", "serving/test_paged_engine.py",
+                 "train/test_sft_multiprocess.py", "train/test_sft_cli.py", "test_multihost.py",
+                 "serving/test_serve_multihost.py", "train/test_sft_urls.py", "serving/test_lora_engine.py",
+                 "test_notebook.py", "test_speculative.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first (LONGEST_FILES, then files holding slow tests), each file's tests kept together and
+    in order: the two xdist workers take whole files (--dist loadfile) as they free up, so a long file started
+    last no longer leaves one worker running it alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item):
+        name = item.path.as_posix()
+        longest = [i for i, f in enumerate(LONGEST_FILES) if name.endswith("tests/" + f)]
+        return (longest[0] if longest else len(LONGEST_FILES), item.path not in slow_files)
+
+    items.sort(key=rank)  # stable: the order within each file stays
+
+
 def pytest_sessionfinish(session, exitstatus):
     """The session's compilation cache goes with it (in the process that made it: the xdist controller)."""
     if _own_cache and not hasattr(session.config, "workerinput"):

@@ -40,7 +40,10 @@ from mistral_jax.serving.scheduler import Scheduler
 log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 16
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 256
-DEFAULT_KV_BUDGET_BYTES = 2 << 30  # where the device reports no memory limit (the CPU)
+# Where the device reports no memory limit (the CPU): 512 MiB, 11,648 tokens of SmolLM2 in float32, at least one
+# full context (the pool never holds less). Resident, not reserved: a CPU server's RSS is the pool plus weights
+# plus ~64 MB per compiled program (RESULTS.md, issue 24), and 2 GiB took it past 5 GB.
+DEFAULT_KV_BUDGET_BYTES = 512 << 20
 KV_BUDGET_FRACTION = 0.8  # of a device's free memory after the weights, for the pages
 
 

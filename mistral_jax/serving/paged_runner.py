@@ -40,6 +40,10 @@ from mistral_jax.serving.scheduler import Plan
 
 SMALLEST_TOKENS = 16  # the smallest token bucket of a mixed iteration
 SMALLEST_PAGES = 4  # the smallest page-count bucket
+# Queries per attention row of a mixed iteration: a prompt chunk is split into rows of this many queries, each
+# reading its sequence's pages, so attention costs about the tokens run (times the pages read), not every row
+# padded to the longest chunk: 8 rows x 256 queries made a lone 256-token chunk of SmolLM2 take 2.0 s.
+QUERY_TILE = 16
 
 
 @flax.struct.dataclass
@@ -133,10 +137,11 @@ class PagedModelRunner:
         return sum(x.nbytes for x in self.kv_pages) // self.num_pages
 
     def shapes(self) -> list[tuple[int, int, int, int]]:
-        """Every (tokens N, rows S, queries T, pages P) program: decodes, then mixed iterations."""
+        """Every (tokens N, sampled rows S, queries per attention row T, pages P) program: decodes, then mixed
+        iterations (attention_rows(N, S, T) attention rows)."""
         s = pa.bucket(self.max_batch)
         return ([(r, r, 1, p) for r in self.decode_rows for p in self.page_buckets]
-                + [(n, s, n, p) for n in self.token_buckets for p in self.page_buckets])
+                + [(n, s, min(n, QUERY_TILE), p) for n in self.token_buckets for p in self.page_buckets])
 
     @functools.cached_property
     def page_buckets(self) -> tuple[int, ...]:
@@ -162,7 +167,7 @@ class PagedModelRunner:
             rows = _fit(self.decode_rows, len(plan.chunks))
             return rows, rows, 1, pages
         n = _fit(self.token_buckets, plan.num_tokens)
-        return n, pa.bucket(self.max_batch), n, pages
+        return n, pa.bucket(self.max_batch), min(n, QUERY_TILE), pages
 
     def run(self, work: PagedWork) -> Results:
         """Run one iteration -> Results: `decode`, one sampled token (with logprobs) per chunk in the plan's order;
@@ -173,9 +178,9 @@ class PagedModelRunner:
         for slot, path in work.loads:
             self.adapters.load(slot, path)
         n, s, t, p = self.shape_for(plan)
-        meta = tuple(pa.build_metadata([(c.start, len(c.token_ids), c.tables[g].first, c.tables[g].pages)
-                                        for c in plan.chunks], self.page_size, self.num_pages, tokens=n, rows=s,
-                                       queries=t, pages=p) for g in range(len(self.config.window_groups)))
+        meta = tuple(pa.build_metadata(attention_rows(plan.chunks, g, t), self.page_size, self.num_pages, tokens=n,
+                                       rows=row_count(n, s, t), queries=t, pages=p)
+                     for g in range(len(self.config.window_groups)))
         tokens = np.zeros(n, np.int32)
         flat = np.concatenate([c.token_ids for c in plan.chunks]).astype(np.int32)
         tokens[:len(flat)] = flat
@@ -225,7 +230,8 @@ class PagedModelRunner:
         shapes = self.shapes()
         sampling = sampling_stage.metadata([SamplingParams()] * pa.bucket(self.max_batch), self.config.vocab_size)
         for n, s, t, p in shapes:
-            meta = (pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=s, queries=t, pages=p),
+            meta = (pa.build_metadata([], self.page_size, self.num_pages, tokens=n, rows=row_count(n, s, t),
+                                      queries=t, pages=p),
                     ) * len(self.config.window_groups)
             inputs = PagedInputs(np.zeros(n, np.int32), meta, np.zeros(s, np.int32), np.zeros(s, np.int32),
                                  np.zeros(n, np.int32), *self._neutral(s))
@@ -233,6 +239,23 @@ class PagedModelRunner:
         if self.adapters is not None:
             self.adapters.warm_up()
         return len(shapes)
+
+
+def attention_rows(chunks, group: int, queries: int) -> list[tuple[int, int, int, list[int]]]:
+    """The chunks as attention rows of at most `queries` tokens, in flat order: (start, count, first page, page
+    ids of layer group `group`); a chunk's rows share its page table, and causality hides each row's later keys."""
+    rows = []
+    for c in chunks:
+        table = c.tables[group]
+        for j in range(0, len(c.token_ids), queries):
+            rows.append((c.start + j, min(queries, len(c.token_ids) - j), table.first, table.pages))
+    return rows
+
+
+def row_count(tokens: int, sequences: int, queries: int) -> int:
+    """Attention rows enough for any `tokens` tokens of at most `sequences` chunks split `queries` at a time:
+    sum(ceil(c_i / T)) <= (N + S (T - 1)) / T."""
+    return (tokens + sequences * (queries - 1)) // queries
 
 
 def _ladder(smallest: int, largest: int, factor: int) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ import pytest
 
 from mistral_jax.model import paged_attention as pa
 from mistral_jax.model.attention import attend, attention_mask, paged_attention
+from mistral_jax.serving.paged_runner import attention_rows, row_count
 from mistral_jax.serving.pages import PagePool
 from mistral_jax.serving.scheduler import Scheduler
 
@@ -46,8 +47,9 @@ def step(kv_pages, q, k, v, meta, window):
     return kv_pages, paged_attention(q, kv_pages, meta, window)
 
 
-@pytest.mark.parametrize("window, num_pages", [(None, 20), (7, 8)])
-def test_plans_attend_exactly_over_pages(window, num_pages):
+@pytest.mark.parametrize("window, num_pages, tile", [(None, 20, TOKENS), (7, 8, TOKENS), (7, 8, 3)])
+def test_plans_attend_exactly_over_pages(window, num_pages, tile):
+    """tile: queries per attention row (the runner's QUERY_TILE): a chunk longer than it is split into rows."""
     rng = np.random.default_rng(3)
     qkv = embeddings()
     pool = PagePool(num_pages=num_pages, page_size=PAGE_SIZE, windows=(window,))
@@ -66,11 +68,12 @@ def test_plans_attend_exactly_over_pages(window, num_pages):
         preempted += len(plan.preempted)
         if not plan.chunks:
             continue
-        rows = [(c.start, len(c.token_ids), c.tables[0].first, c.tables[0].pages) for c in plan.chunks]
+        rows = attention_rows(plan.chunks, 0, tile)
+        assert len(rows) <= row_count(TOKENS, ROWS, tile)
         pages = pa.bucket(max(len(r[3]) for r in rows))
         page_buckets.add(pages)
-        meta = pa.build_metadata(rows, PAGE_SIZE, pool.num_pages, tokens=TOKENS, rows=ROWS, queries=TOKENS,
-                                 pages=pages)
+        meta = pa.build_metadata(rows, PAGE_SIZE, pool.num_pages, tokens=TOKENS, rows=row_count(TOKENS, ROWS, tile),
+                                 queries=tile, pages=pages)
         n = plan.num_tokens
         tokens = np.concatenate([c.token_ids for c in plan.chunks])
         q, k, v = (np.zeros((TOKENS, *x.shape[1:]), np.float32) for x in qkv(tokens[:1], [0]))
@@ -83,8 +86,8 @@ def test_plans_attend_exactly_over_pages(window, num_pages):
             sequence = scheduler.find(c.request_id).tokens[:c.end]
             ref_q[i, :len(c.token_ids)], _, _ = qkv(c.token_ids, range(c.start, c.end))
             _, ref_k[i, :c.end], ref_v[i, :c.end] = qkv(sequence, range(c.end))
-        starts = np.array([c.start for c in plan.chunks] + [0] * (ROWS - len(rows)))
-        ends = np.array([c.end for c in plan.chunks] + [0] * (ROWS - len(rows)))
+        starts = np.array([c.start for c in plan.chunks] + [0] * (ROWS - len(plan.chunks)))
+        ends = np.array([c.end for c in plan.chunks] + [0] * (ROWS - len(plan.chunks)))
         ref = np.asarray(dense(ref_q, ref_k, ref_v, starts, ends, window=window))
         expected = np.concatenate([ref[i, :len(c.token_ids)] for i, c in enumerate(plan.chunks)])
         np.testing.assert_allclose(np.asarray(out[:n]), expected, rtol=0, atol=1e-6)
