@@ -1,6 +1,7 @@
 """`mistral-jax serve` on a loopback port with the embedded SmolLM2, shared by a module's tests; or an engine's
 app served in this process (uvicorn in a thread), so the test can also call the engine and count compilations."""
 
+import collections
 import contextlib
 import os
 import subprocess
@@ -23,6 +24,8 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "mistral_jax.cli", "serve", "--port", str(port), "--api-key", KEY, *flags]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "XLA_FLAGS": ""})
     wait_until_serving(process)
+    process.log_tail = collections.deque(maxlen=200)  # what it says later: read on, or a full pipe would block it
+    threading.Thread(target=process.log_tail.extend, args=(process.stderr,), daemon=True).start()
     return process, f"http://127.0.0.1:{port}"
 
 

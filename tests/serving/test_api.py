@@ -40,9 +40,18 @@ def smollm2():
     return config, params, load_tokenizer(default_model_path())
 
 
-def _metric(url: str, name: str) -> float:
+def _metric(url: str, name: str, labels: str = "[^}]*") -> float:
+    """The metric's value summed over its series whose labels match `labels` (a regular expression)."""
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{{labels}}})? (\S+)$", text, re.M))
+
+
+def _wait_idle(url: str) -> None:
+    """Until no request holds a slot (at most 10 s): then asserts so."""
+    deadline = time.monotonic() + 10
+    while _metric(url, "mistral_jax_active_slots") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _metric(url, "mistral_jax_active_slots") == 0
 
 
 def test_chat_and_completions_streamed_and_not(client, smollm2):
@@ -154,15 +163,20 @@ def test_api_key_disconnect_and_backpressure(server, client):
     url = server[1]
     assert httpx.get(url + "/v1/models").status_code == 401
     assert client.models.list().data[0].id == MODEL
-    cancelled = _metric(url, "mistral_jax_requests_total")
+    cancelled = _metric(url, "mistral_jax_requests_total", 'finish_reason="cancelled"')
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         next(r.iter_lines())
-        assert _metric(url, "mistral_jax_active_slots") == 1
-    deadline = time.monotonic() + 10
-    while _metric(url, "mistral_jax_active_slots") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _metric(url, "mistral_jax_active_slots") == 0 and _metric(url, "mistral_jax_requests_total") > cancelled
+        assert _metric(url, "mistral_jax_active_slots") == 1, "".join(server[0].log_tail)
+    _wait_idle(url)
+    assert _metric(url, "mistral_jax_requests_total", 'finish_reason="cancelled"') == cancelled + 1
+    cancelled += 1
+    with pytest.raises(httpx.ReadTimeout):  # a client that leaves a request that is not streamed frees it too
+        httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=1.0,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    _wait_idle(url)
+    assert _metric(url, "mistral_jax_requests_total", 'finish_reason="cancelled"') == cancelled + 1, \
+        "".join(server[0].log_tail)
 
     def ask(_):
         return httpx.post(url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
