@@ -18,6 +18,7 @@ from mistral_jax.compile_stats import CompileStats
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 PROMPTS = [[5, 6, 7, 5, 6, 7, 5], [9, 3], [40, 41, 42, 43, 40, 41]]
+REFERENCE_LEN = 32  # the NumPy reference's forward length: the longest prompt and its new tokens fit
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,10 @@ def _reference(config, params, prompt: list[int], n: int, bias: dict, presence: 
     repetition penalty over prompt and output, OpenAI's presence and frequency penalties over the output."""
     sequence, out = list(prompt), []
     for _ in range(n):
-        x = np.asarray(mj.logits(config, params, [sequence]))[0, -1].astype(np.float64)
+        # right-padded to one length, so one compiled forward serves every step (causal: the padding after the
+        # last token does not reach its logits)
+        padded = sequence + [0] * (REFERENCE_LEN - len(sequence))
+        x = np.asarray(mj.logits(config, params, [padded]))[0, len(sequence) - 1].astype(np.float64)
         for token, value in bias.items():
             x[token] += value
         seen = np.zeros(len(x), bool)

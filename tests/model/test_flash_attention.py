@@ -53,8 +53,9 @@ def test_flash_equals_exact_forward_and_gradients(window, causal_blocks, heads):
         return flash_attention(q, k, v, positions, positions, window, segments, segments,
                                causal_blocks=causal_blocks, block=64)
 
-    _close(flash(q, k, v)[real], exact(q, k, v)[real])
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (exact, flash)]
+    _close(jax.jit(flash)(q, k, v)[real], jax.jit(exact)(q, k, v)[real])
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+             for f in (exact, flash)]  # jitted: one program each rather than the blockwise loops run eagerly
     for want, got in zip(*grads):
         _close(got, want)
     if window is not None:  # the window does change the answer: the parity above is not vacuous
@@ -71,11 +72,13 @@ def test_splash_equals_exact_forward_and_gradients():
     real = np.asarray(positions) >= 0
     for window in (None, 64):
         mask = attention_mask(positions, positions, window, segments, segments)
-        _close(splash_attention(q, k, v, positions, window, segments)[real], attend(q, k, v, mask)[real])
+        _close(jax.jit(splash_attention, static_argnums=4)(q, k, v, positions, window, segments)[real],
+               attend(q, k, v, mask)[real])
     weights = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32) * real[:, :, None, None]
     kernels = (lambda q, k, v: attend(q, k, v, mask), lambda q, k, v: splash_attention(q, k, v, positions, 64,
                                                                                        segments))
-    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in kernels]
+    grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2)))(q, k, v)
+             for f in kernels]  # jitted: the interpreted kernel's grid as one program, not op by op
     for want, got in zip(*grads):
         _close(got, want)
 
@@ -103,7 +106,8 @@ def test_flash_reads_a_cache_and_a_chunk_as_the_exact_path():
     keys, values = (jnp.concatenate([x[:, :, ::-1], x], axis=2) for x in (k, v))
     mask = attention_mask(positions, k_pos, 200)
     real = np.asarray(positions) >= 0
-    _close(flash_attention(q, keys, values, positions, k_pos, 200, block=64)[real],
+    _close(jax.jit(flash_attention, static_argnums=5, static_argnames="block")(q, keys, values, positions, k_pos, 200,
+                                                                              block=64)[real],
            attend(q, keys, values, mask)[real])
 
 
@@ -117,7 +121,7 @@ def test_model_logits_equal_the_exact_path(preset):
 
 def test_the_default_takes_flash_for_long_sequences_with_the_same_logits():
     """attention="auto": exact below FLASH_MIN_KEYS keys, flash from there (cuDNN on a GPU in bfloat16); a tiny
-    model's logits on 16k tokens equal the exact path's."""
+    model's logits on FLASH_MIN_KEYS (12k) tokens, the first length that takes flash, equal the exact path's."""
     config = mj.ModelConfig.from_preset("tiny-llama", n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32,
                                         max_seq_len=16384)
     assert config.attention == "auto" and FLASH_MIN_KEYS <= 16384
@@ -126,7 +130,7 @@ def test_the_default_takes_flash_for_long_sequences_with_the_same_logits():
     assert [attention_kernel(half, 16384, "gpu"), attention_kernel(config, 16384, "gpu")] == ["cudnn", "flash"]
     assert attention_kernel(config.replace(attention="xla"), 16384) == "xla"
     params = mj.init_params(config, jax.random.key(0))
-    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 16384), 0, config.vocab_size))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, FLASH_MIN_KEYS), 0, config.vocab_size))
     _close(mj.logits(config, params, tokens), mj.logits(config.replace(attention="xla"), params, tokens))
 
 
