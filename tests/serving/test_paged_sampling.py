@@ -30,8 +30,9 @@ def model():
     tokenizer = load_tokenizer(default_model_path())
     config = mj.ModelConfig.from_preset("tiny-llama").replace(vocab_size=tokenizer.vocab_size, max_seq_len=64)
     config, params = mj.unstack_layers(config, mj.init_params(config, jax.random.key(4)))
-    paged = PagedEngine(config, params, tokenizer, page_size=4, max_total_tokens=48, max_num_batched_tokens=16,
-                        max_batch=4, max_seq_len=32, max_queue=32).start()  # 12 pages: 4 requests of 7 preempt
+    paged = PagedEngine(config, params, tokenizer, page_size=8, max_total_tokens=48, max_num_batched_tokens=16,
+                        max_batch=4, max_seq_len=32, max_queue=32).start()  # 6 pages: 4 requests of 4 preempt
+    # (pages of 8: one page-count bucket, 4 programs to warm up; pages of 4 made 8)
     yield config, params, tokenizer, paged
     paged.stop()
 

@@ -172,9 +172,10 @@ def test_speculation_is_off_for_constrained_rows(served):
     """Prompt lookup on: an answer that copies its prompt keeps drafts when free, none when constrained (its steps
     run at width 0), and the constrained answer is the plain engine's."""
     plain, tokenizer, _ = served
-    config, params = mj.load(default_model_path())
-    engine = Engine(config, params, tokenizer, max_batch=2, max_seq_len=128, prefill_chunk=128,
-                    speculation=speculative.Speculation(4), gate=False).start()
+    # The served engine's weights (no second load); no warm-up: this test counts no compilations (warm-up's
+    # programs are test_engine_speculative's), so only the programs its two requests run compile.
+    engine = Engine(plain.runner.config, plain.runner.params, tokenizer, max_batch=2, max_seq_len=128,
+                    prefill_chunk=128, speculation=speculative.Speculation(2), gate=False, warm_up=False).start()
     try:
         record = '{"name":"Anna","address":{"city":"Paris","zip":75001}}'
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"Repeat exactly: {record} {record}"}])
