@@ -166,7 +166,8 @@ def test_api_key_disconnect_and_backpressure(server, client):
     cancelled = _metric(url, "mistral_jax_requests_total", 'finish_reason="cancelled"')
     body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # held: a dropped iterator closes the connection (httpcore closes on GeneratorExit)
+        next(lines)
         assert _metric(url, "mistral_jax_active_slots") == 1, "".join(server[0].log_tail)
     _wait_idle(url)
     assert _metric(url, "mistral_jax_requests_total", 'finish_reason="cancelled"') == cancelled + 1
