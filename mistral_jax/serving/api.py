@@ -107,41 +107,36 @@ class _Streams:
             raise
         return submitted
 
-    async def events(self, submitted: _Submitted, http: Request | None = None) -> AsyncIterator[tuple[int, Event]]:
+    async def events(self, submitted: _Submitted) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) of every choice as they come, until all finished; cancels them all if the consumer
-        stops early or, given `http`, the client goes away first. A stream leaves `http` out: its response
-        (sse_starlette) is the request's one listener for the disconnect, and stops the stream on it."""
+        stops early. A stream's response (sse_starlette) listens for the client's disconnect and stops it."""
         open_ = len(submitted.requests)
-        gone = asyncio.ensure_future(_disconnected(http)) if http is not None else None
-        get = None
         try:
             while open_:
-                get = asyncio.ensure_future(submitted.events.get())
-                await asyncio.wait([get] if gone is None else [get, gone], return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    return
-                index, event = get.result()
+                index, event = await submitted.events.get()
                 open_ -= event.finish_reason is not None
                 yield index, event
         finally:
-            for task in (get, gone):
-                if task is not None:
-                    task.cancel()
             submitted.cancel()
 
     async def collect(self, http: Request, submitted: _Submitted) -> list[list[Event]] | None:
-        """Each choice's events, or None where the client went away before all finished."""
+        """Each choice's events, or None where the client went away before all finished (a watcher, the request's
+        one listener for the disconnect, cancels them: the engine finishes them within a step)."""
+        async def cancel_when_gone() -> bool:
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            submitted.cancel()
+            return True
+
+        watcher = asyncio.ensure_future(cancel_when_gone())
         out: list[list[Event]] = [[] for _ in submitted.requests]
-        async for index, event in self.events(submitted, http):
-            out[index].append(event)
-        return out if all(e and e[-1].finish_reason is not None for e in out) else None
-
-
-async def _disconnected(http: Request) -> None:
-    """Returns once the client has gone away: a non-streamed request's one listener on its receive channel (it
-    replaced polling Starlette's is_disconnected, a receive under a cancelled scope, every 0.25 s)."""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
+        try:
+            async for index, event in self.events(submitted):
+                out[index].append(event)
+        finally:
+            gone = watcher.done() and watcher.result()
+            watcher.cancel()
+        return None if gone else out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
